@@ -1,0 +1,123 @@
+"""The `recserve` command: serve a tier, ask a question, make tiny models, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from recserve import settings as tier_settings
+from recserve.v1 import tier_pb2 as pb
+from recserve.v1 import tier_pb2_grpc as pb_grpc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run one tier as a gRPC server")
+    try:
+        tier_settings.add_arguments(serve)
+    except ValueError as exc:
+        parser.exit(2, f"recserve: {exc}\n")
+
+    ask = commands.add_parser("ask", help="send one prompt to a tier and print the answer and its hops")
+    ask.add_argument("prompt")
+    ask.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the tier to ask (usually the device)")
+    ask.add_argument("--choice", default="", help="comma-separated options, e.g. A,B,C,D (makes it a CHOICE task)")
+    ask.add_argument("--family", default="", help="task family, e.g. mmlu")
+    ask.add_argument("--reference", default="", help="the correct answer, for the tiers' accuracy metrics")
+    ask.add_argument("--system", default="", help="system prompt")
+    ask.add_argument("--max-tokens", type=int, default=0, help="0: the tier's default")
+    ask.add_argument("--local-only", action="store_true", help="answer at the first tier, never forward")
+    ask.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds, propagated up every hop")
+    ask.add_argument("--json", action="store_true", help="print the whole response as JSON")
+
+    models = commands.add_parser("models", help="tiny generated models for tests and the offline demo")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    make = models_commands.add_parser("make", help="write device < edge < cloud models as GGUF and HF folders")
+    make.add_argument("dir", type=Path)
+    make.add_argument("--seed", type=int, default=0)
+
+    demo = commands.add_parser("demo", help="three local tiers, benchmark questions through the device tier")
+    demo.add_argument("--engine", choices=("replay", "llama_cpp"), default="replay")
+    demo.add_argument("--limit", type=int, default=None, help="questions per benchmark (default: all; 20 for llama_cpp)")
+    demo.add_argument("--concurrency", type=int, default=1, help="requests in flight (1 keeps runs reproducible)")
+    demo.add_argument("--models-dir", type=Path, default=Path("models"), help="where llama_cpp models are made")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return _serve(parser, args)
+    if args.command == "ask":
+        return _ask(args)
+    if args.command == "models":
+        from recserve.models import make_tiny_models
+
+        for tier, paths in make_tiny_models(args.dir, seed=args.seed).items():
+            print(f"{tier}: {paths.gguf} (llama.cpp), {paths.hf_dir} (Hugging Face)")
+        return 0
+    from recserve.demo import run_demo
+
+    run_demo(args.engine, limit=args.limit, concurrency=args.concurrency, model_dir=args.models_dir)
+    return 0
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from recserve.server.app import serve
+
+    try:
+        settings = tier_settings.from_namespace(args)
+    except ValueError as exc:
+        parser.exit(2, f"recserve serve: {exc}\n")
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    options = [o.strip() for o in args.choice.split(",") if o.strip()]
+    request = pb.InferRequest(
+        prompt=args.prompt,
+        system_prompt=args.system,
+        task=pb.TASK_KIND_CHOICE if options else pb.TASK_KIND_GENERATE,
+        options=options,
+        family=args.family,
+        reference=args.reference,
+        sampling=pb.SamplingParams(max_tokens=args.max_tokens),
+        offload=pb.OFFLOAD_MODE_LOCAL_ONLY if args.local_only else pb.OFFLOAD_MODE_AUTO,
+    )
+
+    async def call() -> pb.InferResponse:
+        async with grpc.aio.insecure_channel(args.target) as channel:
+            response: pb.InferResponse = await pb_grpc.TierServiceStub(channel).Infer(request, timeout=args.timeout)
+            return response
+
+    try:
+        response = asyncio.run(call())
+    except grpc.aio.AioRpcError as exc:
+        print(f"recserve ask: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
+        return 0
+    chosen = f" (option {response.chosen_option})" if response.chosen_option else ""
+    print(f"answer{chosen}: {response.answer}")
+    print(f"answered by {response.answered_by} with confidence {response.confidence.value:.4f}")
+    for hop in response.hops:
+        decision = pb.Decision.Name(hop.decision).removeprefix("DECISION_").lower()
+        print(
+            f"  {hop.tier:>8}: confidence {hop.confidence:.4f} threshold {hop.threshold:.4f} {decision:<9} "
+            f"engine {hop.engine_seconds * 1000:.1f} ms, sent {hop.bytes_sent} B, received {hop.bytes_received} B"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

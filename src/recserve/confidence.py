@@ -1,0 +1,98 @@
+"""Confidence scorers: turn an engine's log-probs into the one number a tier compares with its threshold."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from recserve.engines.base import Generation
+
+
+@dataclass(frozen=True)
+class Score:
+    """A confidence in [0, 1] and the diagnostics reported beside it."""
+
+    value: float
+    mean_logprob: float = 0.0
+    min_logprob: float = 0.0
+    first_token_margin: float = 0.0
+    chosen_option: str | None = None
+
+
+def first_token_margin(generation: Generation) -> float:
+    """Log-prob gap between the two most likely first tokens (0 when fewer than two are known)."""
+    top = generation.first_top_logprobs
+    if len(top) < 2:
+        return 0.0
+    return top[0][1] - top[1][1]
+
+
+def choice_probability(options: Sequence[str], option_logprobs: Sequence[float], chosen: str | None) -> Score:
+    """Probability of the chosen option, renormalised over the options (a max-softmax score).
+
+    The chosen option is the engine's own when it knows it (a replayed answer), else the most likely one.
+    """
+    if not options or len(options) != len(option_logprobs):
+        raise ValueError("choice scoring needs one log-prob per option")
+    peak = max(option_logprobs)
+    if peak == -math.inf:
+        # No option had any probability mass: nothing to prefer, so the confidence is 0.
+        return Score(value=0.0, chosen_option=chosen if chosen in options else options[0])
+    # Subtracting the peak keeps exp() in range for very negative log-probs.
+    weights = [math.exp(lp - peak) for lp in option_logprobs]
+    total = sum(weights)
+    index = options.index(chosen) if chosen in options else max(range(len(options)), key=weights.__getitem__)
+    return Score(value=weights[index] / total, chosen_option=options[index])
+
+
+def score_choice(generation: Generation, options: Sequence[str]) -> Score:
+    score = choice_probability(options, generation.option_logprobs, generation.chosen_option)
+    return Score(
+        value=score.value,
+        chosen_option=score.chosen_option,
+        first_token_margin=first_token_margin(generation),
+    )
+
+
+def score_perplexity(generation: Generation) -> Score:
+    """Normalised-perplexity confidence exp(mean token log-prob), i.e. 1 / perplexity, in [0, 1]."""
+    logprobs = generation.token_logprobs
+    if not logprobs:
+        return Score(value=0.0, first_token_margin=first_token_margin(generation))
+    mean = math.fsum(logprobs) / len(logprobs)
+    return Score(
+        value=math.exp(mean),
+        mean_logprob=mean,
+        min_logprob=min(logprobs),
+        first_token_margin=first_token_margin(generation),
+    )
+
+
+def score_min_token(generation: Generation) -> Score:
+    """Probability of the least likely generated token: a stricter score for long generations."""
+    base = score_perplexity(generation)
+    value = math.exp(base.min_logprob) if generation.token_logprobs else 0.0
+    return Score(value, base.mean_logprob, base.min_logprob, base.first_token_margin)
+
+
+def score_margin(generation: Generation) -> Score:
+    """1 - exp(-margin): 0 when the two best first tokens tie, towards 1 as the best one dominates."""
+    base = score_perplexity(generation)
+    return Score(-math.expm1(-base.first_token_margin), base.mean_logprob, base.min_logprob, base.first_token_margin)
+
+
+GenerateScorer = Callable[[Generation], Score]
+
+GENERATE_SCORERS: dict[str, GenerateScorer] = {
+    "perplexity": score_perplexity,
+    "min_token": score_min_token,
+    "margin": score_margin,
+}
+
+
+def generate_scorer(name: str) -> GenerateScorer:
+    try:
+        return GENERATE_SCORERS[name]
+    except KeyError:
+        raise ValueError(f"unknown scorer {name!r}; choose one of: {', '.join(GENERATE_SCORERS)}") from None

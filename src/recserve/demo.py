@@ -1,0 +1,303 @@
+"""`recserve demo`: three tier processes on loopback, benchmark questions through the device tier, a summary.
+
+With the replay engine (the default), each tier replays one real model's recorded answers from the
+bundled trace; the client plays the grader and reports each recorded verdict back as Feedback. With
+llama_cpp, each tier runs a generated tiny model (meaningless answers, real engine) and accuracy comes
+from the reference answers the requests carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+from recserve.cascade import link_tiers
+from recserve.engines import Engine, EngineConfig, create_engine
+from recserve.judge import is_correct
+from recserve.policy import ForwardAllPolicy
+from recserve.traces import TraceQuery, TraceSet
+from recserve.v1 import tier_pb2 as pb
+from recserve.v1 import tier_pb2_grpc as pb_grpc
+
+DEMO_TRACE = Path(__file__).parent / "data" / "traces" / "zellinger-demo"
+DEMO_CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
+TIER_NAMES = ("device", "edge", "cloud")
+CHOICE_OPTIONS = ("A", "B", "C", "D")
+GENERATE_MAX_TOKENS = 48
+
+
+@dataclass
+class Tally:
+    """What the client saw for one benchmark."""
+
+    n: int = 0
+    right: int = 0
+    judged: int = 0
+    answered_by: Counter[str] = field(default_factory=Counter)
+    link_bytes: Counter[str] = field(default_factory=Counter)
+    cloud_only_bytes: int = 0
+
+    def add(self, response: pb.InferResponse, correct: bool | None) -> None:
+        self.n += 1
+        self.answered_by[response.answered_by] += 1
+        for bytes_on_link, link in link_bytes(response):
+            self.link_bytes[link] += bytes_on_link
+        if correct is not None:
+            self.judged += 1
+            self.right += correct
+
+    def merge(self, other: Tally) -> None:
+        self.n += other.n
+        self.right += other.right
+        self.judged += other.judged
+        self.answered_by.update(other.answered_by)
+        self.link_bytes.update(other.link_bytes)
+        self.cloud_only_bytes += other.cloud_only_bytes
+
+
+def link_bytes(response: pb.InferResponse) -> Iterator[tuple[int, str]]:
+    """(bytes, "lower->upper") for every link a response's request crossed, from its hop records."""
+    hops = response.hops
+    for lower, upper in zip(hops, hops[1:], strict=False):
+        yield lower.bytes_sent + lower.bytes_received, f"{lower.tier}->{upper.tier}"
+
+
+def build_request(query: TraceQuery, *, choice: bool, request_id: str, reference: bool) -> pb.InferRequest:
+    return pb.InferRequest(
+        request_id=request_id,
+        prompt=query.user_prompt,
+        system_prompt=query.system_prompt,
+        task=pb.TASK_KIND_CHOICE if choice else pb.TASK_KIND_GENERATE,
+        options=CHOICE_OPTIONS if choice else (),
+        family=query.benchmark,
+        sampling=pb.SamplingParams(max_tokens=1 if choice else GENERATE_MAX_TOKENS),
+        reference=query.gold if reference else "",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class TierProcesses:
+    """`recserve serve` child processes, last tier first, each started once its next tier is ready."""
+
+    def __init__(self, tier_args: Sequence[list[str]], log_dir: Path) -> None:
+        self.ports = [free_port() for _ in tier_args]
+        self.metrics_ports = [free_port() for _ in tier_args]
+        self.log_dir = log_dir
+        self._tier_args = tier_args
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, timeout: float = 120.0) -> None:
+        for index in reversed(range(len(self._tier_args))):
+            args = [
+                sys.executable, "-m", "recserve", "serve",
+                "--host", "127.0.0.1",
+                "--port", str(self.ports[index]),
+                "--metrics-port", str(self.metrics_ports[index]),
+                *self._tier_args[index],
+            ]  # fmt: skip
+            if index + 1 < len(self._tier_args):
+                args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
+            log = (self.log_dir / f"tier{index}.log").open("wb")
+            self._procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
+            self._wait_ready(index, self._procs[-1], timeout)
+
+    def _wait_ready(self, index: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        log = self.log_dir / f"tier{index}.log"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tier {index} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            if b" ready on port " in log.read_bytes():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"tier {index} not ready after {timeout:.0f}s:\n{log.read_text()[-2000:]}")
+
+    def stop(self) -> list[int]:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = []
+        for proc in self._procs:
+            try:
+                codes.append(proc.wait(timeout=30))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+        return codes
+
+    def scrape_bytes(self, index: int) -> dict[tuple[str, str], float]:
+        """recserve_transmitted_bytes_total of one tier, by (peer, direction), over HTTP."""
+        url = f"http://127.0.0.1:{self.metrics_ports[index]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        found: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "recserve_transmitted_bytes_total":
+                    found[(sample.labels["peer"], sample.labels["direction"])] = sample.value
+        return found
+
+
+def tier_arguments(engine: str, model_dir: Path | None) -> list[list[str]]:
+    if engine == "replay":
+        return [
+            ["--tier", tier, "--engine", "replay", "--traces", str(DEMO_TRACE), "--trace-model", model]
+            for tier, model in zip(TIER_NAMES, DEMO_CHAIN, strict=True)
+        ]
+    assert model_dir is not None
+    return [
+        ["--tier", tier, "--engine", "llama_cpp", "--model", str(model_dir / tier / "model.gguf"),
+         "--context-length", "4096", "--threads", "1"]
+        for tier in TIER_NAMES
+    ]  # fmt: skip
+
+
+def engines_for(engine: str, model_dir: Path | None) -> list[Engine]:
+    if engine == "replay":
+        return [create_engine("replay", EngineConfig(traces=str(DEMO_TRACE), trace_model=m)) for m in DEMO_CHAIN]
+    assert model_dir is not None
+    return [
+        create_engine("llama_cpp", EngineConfig(model=str(model_dir / t / "model.gguf"), context_length=4096))
+        for t in TIER_NAMES
+    ]
+
+
+def select_queries(trace_set: TraceSet, limit: int | None) -> list[TraceQuery]:
+    per_benchmark: dict[str, list[TraceQuery]] = defaultdict(list)
+    for query in trace_set.queries:
+        if limit is None or len(per_benchmark[query.benchmark]) < limit:
+            per_benchmark[query.benchmark].append(query)
+    return [q for benchmark in sorted(per_benchmark) for q in per_benchmark[benchmark]]
+
+
+async def _send_all(
+    target: str, queries: list[TraceQuery], trace_set: TraceSet, engine: str, concurrency: int
+) -> dict[str, Tally]:
+    replay = engine == "replay"
+    model_of = dict(zip(TIER_NAMES, DEMO_CHAIN, strict=True))
+    tallies: dict[str, Tally] = defaultdict(Tally)
+    gate = asyncio.Semaphore(concurrency)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.TierServiceStub(channel)
+        progress = tqdm(total=len(queries), desc="demo", unit="q", file=sys.stderr, disable=None)
+
+        async def one(index: int, query: TraceQuery) -> None:
+            answers = trace_set.answers[query.key]
+            choice = answers[DEMO_CHAIN[0]].is_choice
+            request = build_request(query, choice=choice, request_id=f"demo-{index:06d}", reference=not replay)
+            async with gate:
+                response = await stub.Infer(request, timeout=120)
+                if replay:
+                    # The client is the grader: report the recorded verdict for the model that answered.
+                    correct: bool | None = answers[model_of[response.answered_by]].correct
+                    await stub.Feedback(pb.FeedbackRequest(request_id=request.request_id, correct=bool(correct)))
+                elif query.gold:
+                    chosen = response.chosen_option if choice else None
+                    correct = is_correct(query.gold, answer=response.answer, chosen_option=chosen)
+                else:
+                    correct = None
+            tallies[query.benchmark].add(response, correct)
+            progress.update()
+
+        await asyncio.gather(*(one(i, q) for i, q in enumerate(queries)))
+        progress.close()
+    return tallies
+
+
+async def cloud_only_bytes(engines: list[Engine], queries: list[TraceQuery], trace_set: TraceSet) -> Counter[str]:
+    """Bytes per benchmark if every request went to the cloud: the same tiers and messages, in process."""
+    tiers = link_tiers(TIER_NAMES, engines, [ForwardAllPolicy() for _ in engines])
+    for engine in engines:
+        await engine.start()
+    totals: Counter[str] = Counter()
+    try:
+        for index, query in enumerate(queries):
+            choice = trace_set.answers[query.key][DEMO_CHAIN[0]].is_choice
+            # Same id length and fields as the live requests, so the message sizes are comparable.
+            request = build_request(query, choice=choice, request_id=f"demo-{index:06d}", reference=False)
+            response = await tiers[0].infer(request)
+            totals[query.benchmark] += sum(size for size, _ in link_bytes(response))
+    finally:
+        for engine in engines:
+            await engine.shutdown()
+    return totals
+
+
+def format_summary(tallies: dict[str, Tally]) -> str:
+    links = [f"{a}->{b}" for a, b in zip(TIER_NAMES, TIER_NAMES[1:], strict=False)]
+    header = ["benchmark", "n", "accuracy", *(f"{t} share" for t in TIER_NAMES), *(f"{x} bytes" for x in links),
+              "bytes vs cloud-only"]  # fmt: skip
+    overall = Tally()
+    rows = []
+    for name in sorted(tallies):
+        overall.merge(tallies[name])
+        rows.append(_row(name, tallies[name], links))
+    rows.append(_row("overall", overall, links))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _row(name: str, tally: Tally, links: list[str]) -> list[str]:
+    accuracy = f"{tally.right / tally.judged:.3f}" if tally.judged else "n/a"
+    shares = [f"{tally.answered_by[t] / tally.n:.3f}" for t in TIER_NAMES]
+    sent = sum(tally.link_bytes.values())
+    ratio = f"{sent / tally.cloud_only_bytes:.3f}" if tally.cloud_only_bytes else "n/a"
+    return [name, str(tally.n), accuracy, *shares, *(str(tally.link_bytes[x]) for x in links), ratio]
+
+
+def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: int = 1,
+             model_dir: Path | None = None) -> dict[str, Tally]:  # fmt: skip
+    """Run the whole demo and print the summary; returns the per-benchmark tallies."""
+    if engine == "llama_cpp":
+        from recserve.models import make_tiny_models
+
+        model_dir = model_dir or Path("models")
+        make_tiny_models(model_dir)
+        limit = 20 if limit is None else limit
+    trace_set = TraceSet.load(DEMO_TRACE)
+    queries = select_queries(trace_set, limit)
+    with tempfile.TemporaryDirectory(prefix="recserve-demo-") as logs:
+        stack = TierProcesses(tier_arguments(engine, model_dir), Path(logs))
+        try:
+            print(f"starting device -> edge -> cloud tiers ({engine} engines) ...", flush=True)
+            stack.start()
+            print(f"sending {len(queries)} questions to the device tier at 127.0.0.1:{stack.ports[0]}", flush=True)
+            started = time.perf_counter()
+            tallies = asyncio.run(_send_all(f"127.0.0.1:{stack.ports[0]}", queries, trace_set, engine, concurrency))
+            elapsed = time.perf_counter() - started
+            scraped = [stack.scrape_bytes(i) for i in range(len(TIER_NAMES))]
+        finally:
+            codes = stack.stop()
+    for benchmark, total in asyncio.run(cloud_only_bytes(engines_for(engine, model_dir), queries, trace_set)).items():
+        tallies[benchmark].cloud_only_bytes = total
+    print(f"\n{len(queries)} questions in {elapsed:.1f}s; tier exit codes {codes}\n")
+    print(format_summary(tallies))
+    print("\nbytes per link from the tiers' Prometheus counters (Infer and Feedback, sent + received, counted at each end):")
+    for lower in range(len(TIER_NAMES) - 1):
+        upper = TIER_NAMES[lower + 1]
+        at_lower = sum(v for (peer, _), v in scraped[lower].items() if peer == upper)
+        at_upper = sum(v for (peer, _), v in scraped[lower + 1].items() if peer == TIER_NAMES[lower])
+        print(f"  {TIER_NAMES[lower]}->{upper}: {at_lower:.0f} at {TIER_NAMES[lower]}, {at_upper:.0f} at {upper}")
+    return tallies

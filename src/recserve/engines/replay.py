@@ -1,0 +1,113 @@
+"""Replay engine: serves one model's recorded answers and confidence log-probs from a trace folder.
+
+What a trace records, and so what this engine reports:
+- multiple-choice rows record the log-prob p of the chosen answer letter. The engine reports it for
+  that option and spreads the remaining mass 1 - p evenly over the other options, so the choice
+  scorer's renormalised probability equals the recorded p;
+- free-text rows record one log-prob (the model's self-assessed p("Y")). The engine reports it as a
+  one-token sequence, so the perplexity scorer's exp(mean log-prob) equals the recorded p.
+An answer that is none of the options gets equal log-probs on every option: maximally uncertain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from recserve.engines.base import EngineError, Generation, GenerationRequest, UnknownPromptError
+from recserve.traces import TraceAnswer, TraceSet
+
+if TYPE_CHECKING:
+    from recserve.engines import EngineConfig
+
+# "B", "B.", "B:", "B) ..." all choose option B.
+_LEADING_OPTION = re.compile(r"^\s*([^\s.:)]+)")
+
+
+class ReplayEngine:
+    name = "replay"
+
+    def __init__(self, traces: str | Path, model: str) -> None:
+        if not str(traces) or not model:
+            raise EngineError("the replay engine needs a trace folder (--traces) and a model in it (--trace-model)")
+        self.traces = Path(traces)
+        self.model = model
+        self._by_prompt: dict[str, list[tuple[str, TraceAnswer]]] = {}
+        self._ready = False
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> ReplayEngine:
+        return cls(config.traces, config.trace_model)
+
+    async def start(self) -> None:
+        trace_set = await asyncio.to_thread(self._load)
+        for query in trace_set.queries:
+            answer = trace_set.answers[query.key].get(self.model)
+            if answer is not None:
+                self._by_prompt.setdefault(query.user_prompt, []).append((query.system_prompt, answer))
+        self._ready = True
+
+    def _load(self) -> TraceSet:
+        try:
+            return TraceSet.load(self.traces, [self.model])
+        except (OSError, ValueError) as exc:
+            raise EngineError(str(exc)) from exc
+
+    def lookup(self, prompt: str, system_prompt: str = "") -> TraceAnswer:
+        """The recorded answer to a user prompt (and system prompt, when one is given).
+
+        A prompt recorded more than once resolves to its first occurrence in the trace's query order.
+        """
+        candidates = self._by_prompt.get(prompt, [])
+        if system_prompt:
+            candidates = [c for c in candidates if c[0] == system_prompt]
+        if not candidates:
+            preview = prompt[:60].replace("\n", " ")
+            raise UnknownPromptError(
+                f"replay engine ({self.model}) has no recorded answer for the prompt {preview!r}"
+                f"{' with that system prompt' if system_prompt else ''}: the replay engine only answers "
+                f"prompts of its trace folder {self.traces}"
+            )
+        return candidates[0][1]
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        if not self._ready:
+            raise EngineError("replay engine not started")
+        recorded = self.lookup(request.prompt, request.system_prompt)
+        chosen, option_logprobs = _option_logprobs(recorded, request.options) if request.options else (None, ())
+        return Generation(
+            text=recorded.answer,
+            token_logprobs=(recorded.logprob,),
+            option_logprobs=option_logprobs,
+            chosen_option=chosen,
+            prompt_tokens=recorded.tokens_in,
+            completion_tokens=recorded.tokens_out,
+        )
+
+    async def healthy(self) -> bool:
+        return self._ready
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        self._by_prompt.clear()
+
+
+def parse_option(answer: str, options: tuple[str, ...]) -> str | None:
+    """The option an answer text names: the whole text, or its leading token ("B.", "B: ...")."""
+    text = answer.strip()
+    if text in options:
+        return text
+    match = _LEADING_OPTION.match(text)
+    return match.group(1) if match and match.group(1) in options else None
+
+
+def _option_logprobs(recorded: TraceAnswer, options: tuple[str, ...]) -> tuple[str | None, tuple[float, ...]]:
+    chosen = parse_option(recorded.answer, options)
+    if chosen is None:
+        return None, tuple(-math.log(len(options)) for _ in options)
+    p = math.exp(recorded.logprob)
+    rest = math.log((1.0 - p) / (len(options) - 1)) if p < 1.0 else -math.inf
+    return chosen, tuple(recorded.logprob if option == chosen else rest for option in options)

@@ -1,0 +1,31 @@
+"""Domain errors of a tier; the gRPC layer maps each to one status code in one place."""
+
+from __future__ import annotations
+
+
+class RecServeError(Exception):
+    """Base of every error a tier reports to its caller; the message is meant for a person."""
+
+
+class InvalidRequest(RecServeError):
+    """The request cannot be served as sent; the message says what to change."""
+
+
+class NotFound(RecServeError):
+    """What the request names does not exist here (an unknown prompt for a replay engine, a request id)."""
+
+
+class FailedPrecondition(RecServeError):
+    """The request is valid but conflicts with what the tier already knows."""
+
+
+class UpstreamUnavailable(RecServeError):
+    """The next tier could not be reached or failed to answer."""
+
+
+class DeadlineExceeded(RecServeError):
+    """The caller's deadline passed before an answer was ready."""
+
+
+class Unavailable(RecServeError):
+    """The tier is not ready (engine still loading) or is shutting down."""

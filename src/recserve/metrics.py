@@ -1,0 +1,94 @@
+"""Every Prometheus metric a tier exports, declared once over a registry passed in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+CONFIDENCE_BUCKETS = tuple(i / 20 for i in range(1, 21))
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The metric families, registered once per registry; label values are bounded (tier and peer
+    names, task families, fixed enums), never a request id."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.transmitted_bytes = Counter(
+            "recserve_transmitted_bytes",
+            "Serialized protobuf bytes on a link, counted by this tier: sent to or received from the peer.",
+            ["tier", "peer", "direction"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "recserve_requests",
+            "Requests this tier finished, by outcome: answered here, forwarded upstream, or error.",
+            ["tier", "outcome"],
+            registry=registry,
+        )
+        self.judged_answers = Counter(
+            "recserve_judged_answers",
+            "Answers of this tier judged against a reference or by client feedback, by verdict.",
+            ["tier", "family", "verdict"],
+            registry=registry,
+        )
+        self.threshold = Gauge(
+            "recserve_threshold",
+            "Current offload threshold of this tier for a task family.",
+            ["tier", "family"],
+            registry=registry,
+        )
+        self.confidence = Histogram(
+            "recserve_confidence",
+            "Confidence of this tier's own answers, before the offload decision.",
+            ["tier", "family"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=registry,
+        )
+        self.engine_seconds = Histogram(
+            "recserve_engine_seconds",
+            "Time this tier's engine spent generating one answer.",
+            ["tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "recserve_request_seconds",
+            "End-to-end time of a request at this tier, upstream hops included.",
+            ["tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def for_tier(self, tier: str) -> TierMetrics:
+        return TierMetrics(self, tier)
+
+
+class TierMetrics:
+    """The metrics of one tier: the families with the tier label bound."""
+
+    def __init__(self, families: Metrics, tier: str) -> None:
+        self.families = families
+        self.tier = tier
+
+    @classmethod
+    def standalone(cls, registry: CollectorRegistry, tier: str) -> TierMetrics:
+        """For a process that runs a single tier."""
+        return Metrics(registry).for_tier(tier)
+
+    def count_bytes(self, peer: str, *, sent: int, received: int) -> None:
+        self.families.transmitted_bytes.labels(self.tier, peer, "sent").inc(sent)
+        self.families.transmitted_bytes.labels(self.tier, peer, "received").inc(received)
+
+    def count_outcome(self, outcome: str) -> None:
+        self.families.requests.labels(self.tier, outcome).inc()
+
+    def count_verdict(self, family: str, correct: bool) -> None:
+        self.families.judged_answers.labels(self.tier, family, "right" if correct else "wrong").inc()
+
+    def observe_decision(self, family: str, confidence: float, threshold: float, engine_seconds: float) -> None:
+        self.families.confidence.labels(self.tier, family).observe(confidence)
+        self.families.threshold.labels(self.tier, family).set(threshold)
+        self.families.engine_seconds.labels(self.tier).observe(engine_seconds)
+
+    def observe_request_seconds(self, seconds: float) -> None:
+        self.families.request_seconds.labels(self.tier).observe(seconds)

@@ -1,0 +1,99 @@
+"""Offload policies: given a tier's confidence, answer here or forward to the next tier."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from recserve.threshold import WindowedQuantile
+
+POLICY_NAMES = ("recserve", "fixed", "forward-all", "local")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    forward: bool
+    threshold: float
+
+
+class OffloadPolicy(Protocol):
+    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
+        """Record `confidence` and say whether to forward; `is_last` tiers must never forward."""
+
+    def threshold(self, family: str) -> float | None:
+        """The current threshold for `family`, None while there is none."""
+
+
+class RecServePolicy:
+    """RecServe: forward iff confidence < the β-quantile of the family's last W confidences.
+
+    The current confidence joins the window before the comparison, and nothing is forwarded until the
+    window holds two values (a single value is its own quantile, so there is nothing to compare with).
+    """
+
+    def __init__(self, beta: float = 0.3, window: int = 10_000) -> None:
+        WindowedQuantile(beta, window)  # validates the parameters before any request arrives
+        self.beta = beta
+        self.window = window
+        self._windows: dict[str, WindowedQuantile] = {}
+
+    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
+        window = self._windows.get(family)
+        if window is None:
+            window = self._windows[family] = WindowedQuantile(self.beta, self.window)
+        window.add(confidence)
+        threshold = window.quantile()
+        forward = not is_last and len(window) >= 2 and confidence < threshold
+        return Verdict(forward, threshold)
+
+    def threshold(self, family: str) -> float | None:
+        window = self._windows.get(family)
+        return window.quantile() if window else None
+
+
+class FixedThresholdPolicy:
+    """CasServe: one hand-tuned threshold per tier, whatever the traffic."""
+
+    def __init__(self, threshold: float) -> None:
+        if math.isnan(threshold):
+            raise ValueError("threshold is NaN")
+        self._threshold = threshold
+
+    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
+        return Verdict(not is_last and confidence < self._threshold, self._threshold)
+
+    def threshold(self, family: str) -> float | None:
+        return self._threshold
+
+
+class ForwardAllPolicy:
+    """Cloud-only serving: every tier but the last forwards everything."""
+
+    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
+        return Verdict(not is_last, math.inf)
+
+    def threshold(self, family: str) -> float | None:
+        return math.inf
+
+
+class LocalOnlyPolicy:
+    """Never forward: each tier answers what reaches it."""
+
+    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
+        return Verdict(False, -math.inf)
+
+    def threshold(self, family: str) -> float | None:
+        return -math.inf
+
+
+def make_policy(name: str, *, beta: float = 0.3, window: int = 10_000, threshold: float = 0.5) -> OffloadPolicy:
+    if name == "recserve":
+        return RecServePolicy(beta, window)
+    if name == "fixed":
+        return FixedThresholdPolicy(threshold)
+    if name == "forward-all":
+        return ForwardAllPolicy()
+    if name == "local":
+        return LocalOnlyPolicy()
+    raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICY_NAMES)}")

@@ -1,0 +1,1 @@
+"""The gRPC adapter over the tier core: servicer, upstream stub, status mapping and the serve loop."""

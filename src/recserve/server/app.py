@@ -1,0 +1,123 @@
+"""Run a tier as a gRPC server: health, reflection, metrics endpoint and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from recserve.engines import Engine, create_engine
+from recserve.metrics import TierMetrics
+from recserve.policy import make_policy
+from recserve.server.servicer import SERVICE_NAME, TierServicer, add_tier_service
+from recserve.server.upstream import GrpcUpstream
+from recserve.settings import TierSettings
+from recserve.tier import Tier
+
+logger = logging.getLogger(__name__)
+
+SERVER_OPTIONS = [
+    # Tiers forward long prompts with their hop records; match the client's 16 MiB receive limit.
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # Accept the keepalive pings our upstream channels send every 30 s instead of answering GOAWAY.
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass
+class RunningTier:
+    """A started tier: its server, ports and the pieces a graceful shutdown has to stop in order."""
+
+    settings: TierSettings
+    tier: Tier
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    metrics_port: int
+    registry: CollectorRegistry
+    _metrics_server: Any = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking requests, let in-flight ones finish within `grace`, then release the engine."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        await self.tier.engine.shutdown()
+        if self.tier.upstream is not None:
+            await self.tier.upstream.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+
+
+async def start_tier(
+    settings: TierSettings, *, engine: Engine | None = None, registry: CollectorRegistry | None = None
+) -> RunningTier:
+    """Start serving: health says NOT_SERVING until the engine has loaded, then SERVING."""
+    registry = registry or CollectorRegistry()
+    engine = engine or create_engine(settings.engine, settings.engine_config)
+    tier = Tier(
+        settings.tier,
+        engine,
+        make_policy(settings.policy, beta=settings.beta, window=settings.window, threshold=settings.threshold),
+        TierMetrics.standalone(registry, settings.tier),
+        GrpcUpstream(settings.next) if settings.next else None,
+        limits=settings.limits,
+        scorer=settings.scorer,
+    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    servicer = TierServicer(tier)
+    add_tier_service(server, servicer)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+
+    metrics_server, metrics_port = None, 0
+    if settings.metrics_port:
+        metrics_server, _ = start_http_server(settings.metrics_port, registry=registry)
+        metrics_port = metrics_server.server_port
+
+    running = RunningTier(settings, tier, server, health_servicer, port, metrics_port, registry, metrics_server)
+    try:
+        await engine.start()
+    except BaseException:
+        await running.stop(grace=0)
+        raise
+    servicer.ready = True
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    logger.info(
+        "tier %s serving on port %d (metrics %s, next %s, engine %s, policy %s)",
+        settings.tier, port, metrics_port or "off", settings.next or "none", settings.engine, settings.policy,
+    )
+    return running
+
+
+async def serve(settings: TierSettings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    running = await start_tier(settings)
+    # Printed (not only logged) so scripts can wait for this line.
+    print(f"recserve: tier {settings.tier} ready on port {running.port}", flush=True)
+    await stop.wait()
+    logger.info("tier %s shutting down (grace %.1fs)", settings.tier, settings.grace_seconds)
+    await running.stop()

@@ -1,0 +1,47 @@
+"""The one place where domain errors and gRPC status codes meet, in both directions."""
+
+from __future__ import annotations
+
+import grpc
+
+from recserve.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    RecServeError,
+    Unavailable,
+    UpstreamUnavailable,
+)
+
+_CODE_OF: dict[type[RecServeError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    UpstreamUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+# An upstream's verdict on the request itself passes through unchanged; any other failure of the
+# next tier is this tier's upstream being unavailable.
+_ERROR_OF: dict[grpc.StatusCode, type[RecServeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def status_code(error: RecServeError) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        if kind in _CODE_OF:
+            return _CODE_OF[kind]
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> RecServeError:
+    kind = _ERROR_OF.get(error.code())
+    if kind is not None:
+        return kind(error.details() or error.code().name)
+    return UpstreamUnavailable(f"next tier at {target} failed: {error.code().name}: {error.details()}")

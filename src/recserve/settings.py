@@ -1,0 +1,163 @@
+"""Typed tier settings: every option a `recserve serve` flag and a RECSERVE_* variable, validated at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from recserve.engines import ENGINE_NAMES, EngineConfig
+from recserve.policy import POLICY_NAMES
+from recserve.confidence import GENERATE_SCORERS
+from recserve.tier import TierLimits
+
+ENV_PREFIX = "RECSERVE_"
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the dataclass field; the flag is --name-with-dashes, the variable RECSERVE_NAME
+    kind: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("tier", str, "", "tier name, a free-form label (device, edge, cloud, ...); required"),
+    Option("host", str, "[::]", "address to bind the gRPC server to"),
+    Option("port", int, 50051, "gRPC port (0 picks a free one)"),
+    Option("metrics_port", int, 0, "Prometheus /metrics HTTP port (0: no metrics endpoint)"),
+    Option("next", str, "", "HOST:PORT of the next tier; empty for the last tier, which never forwards"),
+    Option("engine", str, "replay", "generation engine", ENGINE_NAMES),
+    Option("model", str, "", "model for the engine: a GGUF file for llama_cpp"),
+    Option("traces", str, "", "trace folder for the replay engine"),
+    Option("trace_model", str, "", "which model of the trace folder the replay engine serves"),
+    Option("threads", int, 0, "engine threads (0: all cores)"),
+    Option("context_length", int, 2048, "engine context window in tokens"),
+    Option("seed", int, 0, "engine sampling seed"),
+    Option("policy", str, "recserve", "offload policy", POLICY_NAMES),
+    Option("beta", float, 0.3, "recserve policy: forward below this quantile of recent confidences"),
+    Option("window", int, 10_000, "recserve policy: confidences kept per task family"),
+    Option("threshold", float, 0.5, "fixed policy: forward below this confidence"),
+    Option("scorer", str, "perplexity", "confidence scorer for GENERATE tasks", tuple(GENERATE_SCORERS)),
+    Option("max_prompt_chars", int, TierLimits.max_prompt_chars, "longest prompt + system prompt accepted"),
+    Option("max_tokens", int, TierLimits.max_tokens, "largest max_tokens a request may ask for"),
+    Option("default_max_tokens", int, TierLimits.default_max_tokens, "max_tokens when a request gives 0"),
+    Option("max_hops", int, TierLimits.max_hops, "requests that crossed this many tiers are rejected"),
+    Option("grace_seconds", float, 10.0, "on SIGTERM, how long in-flight requests may finish"),
+)
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    tier: str
+    host: str
+    port: int
+    metrics_port: int
+    next: str
+    engine: str
+    model: str
+    traces: str
+    trace_model: str
+    threads: int
+    context_length: int
+    seed: int
+    policy: str
+    beta: float
+    window: int
+    threshold: float
+    scorer: str
+    max_prompt_chars: int
+    max_tokens: int
+    default_max_tokens: int
+    max_hops: int
+    grace_seconds: float
+
+    def __post_init__(self) -> None:
+        problems = list(self._problems())
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def _problems(self) -> Sequence[str]:
+        if not self.tier:
+            yield "a tier name is required (--tier or RECSERVE_TIER)"
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                yield f"{name} must be within 0-65535"
+        if self.next and (":" not in self.next or not self.next.rsplit(":", 1)[1].isdigit()):
+            yield f"--next must be HOST:PORT, got {self.next!r}"
+        if not 0.0 <= self.beta <= 1.0:
+            yield f"beta must be within [0, 1], got {self.beta}"
+        if self.window < 1:
+            yield f"window must be at least 1, got {self.window}"
+        if self.engine == "replay" and not (self.traces and self.trace_model):
+            yield "the replay engine needs --traces DIR and --trace-model MODEL"
+        if self.engine == "llama_cpp" and not self.model:
+            yield "the llama_cpp engine needs --model PATH.gguf"
+        if not 1 <= self.default_max_tokens <= self.max_tokens:
+            yield "default_max_tokens must be within 1 and max_tokens"
+        if self.grace_seconds < 0:
+            yield "grace_seconds must not be negative"
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            traces=self.traces,
+            trace_model=self.trace_model,
+            threads=self.threads,
+            context_length=self.context_length,
+            seed=self.seed,
+        )
+
+    @property
+    def limits(self) -> TierLimits:
+        return TierLimits(
+            max_prompt_chars=self.max_prompt_chars,
+            max_tokens=self.max_tokens,
+            default_max_tokens=self.default_max_tokens,
+            max_hops=self.max_hops,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """Add one flag per option; its default comes from the RECSERVE_* variable when that is set."""
+    env = os.environ if env is None else env
+    for option in OPTIONS:
+        raw = env.get(option.env)
+        try:
+            default = option.kind(raw) if raw is not None else option.default
+        except ValueError:
+            raise ValueError(f"{option.env}={raw!r} is not a valid {option.kind.__name__}") from None
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            type=option.kind,
+            default=default,
+            choices=option.choices,
+            help=f"{option.help} [env {option.env}, default {option.default!r}]",
+        )
+
+
+def from_namespace(namespace: argparse.Namespace) -> TierSettings:
+    return TierSettings(**{f.name: getattr(namespace, f.name) for f in fields(TierSettings)})
+
+
+def settings_table() -> str:
+    """The Markdown table of every variable, as the README documents them."""
+    rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for option in OPTIONS:
+        choices = f" ({', '.join(option.choices)})" if option.choices else ""
+        rows.append(f"| `{option.env}` | `{option.flag}` | `{option.default!r}` | {option.help}{choices} |")
+    return "\n".join(rows)

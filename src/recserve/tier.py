@@ -1,0 +1,330 @@
+"""A tier: validate → generate → score → decide → answer or forward. Plain Python, no gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from recserve.confidence import Score, generate_scorer, score_choice
+from recserve.engines.base import Engine, EngineError, GenerationRequest, UnknownPromptError
+from recserve.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    RecServeError,
+    Unavailable,
+)
+from recserve.judge import is_correct
+from recserve.metrics import TierMetrics
+from recserve.policy import OffloadPolicy
+from recserve.transport import Upstream
+from recserve.v1 import tier_pb2 as pb
+
+DEFAULT_FAMILY = "default"
+_FAMILY_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+@dataclass(frozen=True)
+class TierLimits:
+    """What a tier accepts; anything beyond is INVALID_ARGUMENT with the limit named."""
+
+    max_prompt_chars: int = 32_768
+    max_tokens: int = 4096
+    default_max_tokens: int = 64
+    max_options: int = 26
+    max_option_chars: int = 256
+    max_stop_sequences: int = 8
+    max_hops: int = 8
+    max_families: int = 64
+    max_request_id_chars: int = 128
+
+
+@dataclass
+class _Served:
+    """What a tier remembers of a recent request, to route its Feedback."""
+
+    family: str
+    answered_here: bool
+    sender: str  # the previous tier, or "client"
+    judged: bool = False
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Tier:
+    """One tier of the cascade. `upstream` is None for the last tier, which never forwards."""
+
+    def __init__(
+        self,
+        name: str,
+        engine: Engine,
+        policy: OffloadPolicy,
+        metrics: TierMetrics,
+        upstream: Upstream | None = None,
+        *,
+        limits: TierLimits | None = None,
+        scorer: str = "perplexity",
+        feedback_memory: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        new_request_id: Callable[[], str] = _new_request_id,
+    ) -> None:
+        self.name = name
+        self.engine = engine
+        self.policy = policy
+        self.metrics = metrics
+        self.upstream = upstream
+        self.limits = limits or TierLimits()
+        self._score_generation = generate_scorer(scorer)
+        self._feedback_memory = feedback_memory
+        self._served: OrderedDict[str, _Served] = OrderedDict()
+        self._families: set[str] = set()
+        self._clock = clock
+        self._new_request_id = new_request_id
+        # Learned from the first upstream reply, so only the address needs configuring.
+        self.peer_name = "next"
+
+    @property
+    def is_last(self) -> bool:
+        return self.upstream is None
+
+    async def infer(self, request: pb.InferRequest, timeout: float | None = None) -> pb.InferResponse:
+        started = self._clock()
+        try:
+            response = await self._infer(request, None if timeout is None else started + timeout)
+        except BaseException:
+            self.metrics.count_outcome("error")
+            raise
+        self.metrics.observe_request_seconds(self._clock() - started)
+        return response
+
+    async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
+        family = self._validate(request)
+        if not request.request_id:
+            request.request_id = self._new_request_id()
+        started = self._clock()
+        try:
+            generation = await asyncio.wait_for(
+                self.engine.generate(self._generation_request(request)), self._remaining(deadline)
+            )
+        except TimeoutError:
+            raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the engine was generating") from None
+        except UnknownPromptError as exc:
+            raise NotFound(str(exc)) from None
+        except EngineError as exc:
+            raise Unavailable(f"tier {self.name}: engine failed: {exc}") from None
+        engine_seconds = self._clock() - started
+
+        choice = request.task == pb.TASK_KIND_CHOICE
+        score = score_choice(generation, list(request.options)) if choice else self._score_generation(generation)
+        local_only = request.offload == pb.OFFLOAD_MODE_LOCAL_ONLY
+        verdict = self.policy.decide(family, score.value, is_last=self.is_last or local_only)
+        self.metrics.observe_decision(family, score.value, verdict.threshold, engine_seconds)
+        hop = pb.Hop(
+            tier=self.name,
+            confidence=score.value,
+            threshold=verdict.threshold,
+            engine_seconds=engine_seconds,
+            answer=generation.text,
+        )
+
+        if verdict.forward and self.upstream is not None:
+            hop.decision = pb.DECISION_FORWARDED
+            return await self._forward(request, hop, family, deadline)
+
+        hop.decision = pb.DECISION_ANSWERED
+        response = pb.InferResponse(
+            request_id=request.request_id,
+            answer=generation.text,
+            chosen_option=score.chosen_option or "",
+            answered_by=self.name,
+            confidence=_confidence_message(score),
+            hops=[*request.hops, hop],
+            usage=pb.Usage(
+                prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens
+            ),
+        )
+        served = self._remember(request.request_id, _Served(family, answered_here=True, sender=sender(request)))
+        if request.reference:
+            served.judged = True
+            self.metrics.count_verdict(
+                family, is_correct(request.reference, answer=generation.text, chosen_option=score.chosen_option if choice else None)
+            )
+        self.metrics.count_outcome("answered")
+        return response
+
+    async def _forward(
+        self, request: pb.InferRequest, hop: pb.Hop, family: str, deadline: float | None
+    ) -> pb.InferResponse:
+        assert self.upstream is not None
+        forwarded = pb.InferRequest()
+        forwarded.CopyFrom(request)
+        forwarded.hops.append(hop)
+        reply = await self.upstream.infer(forwarded, self._remaining(deadline))
+        response = reply.response
+        own = len(request.hops)
+        if len(response.hops) <= own or response.hops[own].tier != self.name:
+            raise Unavailable(f"tier {self.name}: the next tier returned a response without this tier's hop")
+        response.hops[own].bytes_sent = reply.bytes_sent
+        response.hops[own].bytes_received = reply.bytes_received
+        if len(response.hops) > own + 1:
+            self.peer_name = response.hops[own + 1].tier
+        self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
+        self._remember(request.request_id, _Served(family, answered_here=False, sender=sender(request)))
+        self.metrics.count_outcome("forwarded")
+        return response
+
+    async def feedback(self, request: pb.FeedbackRequest) -> pb.FeedbackResponse:
+        if not request.request_id:
+            raise InvalidRequest("request_id is empty: name the request whose answer you are judging")
+        served = self._served.get(request.request_id)
+        if served is None:
+            raise NotFound(
+                f"tier {self.name} has no record of request {request.request_id!r}: feedback must name a "
+                f"request id returned by this stack, among the last {self._feedback_memory}"
+            )
+        if not served.answered_here:
+            if self.upstream is None:  # pragma: no cover - a last tier answers everything it serves
+                raise FailedPrecondition(f"tier {self.name} forwarded a request but has no next tier")
+            reply = await self.upstream.feedback(request, None)
+            self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
+            return reply.response
+        if served.judged:
+            raise FailedPrecondition(
+                f"request {request.request_id!r} was already judged (from its reference or earlier feedback)"
+            )
+        served.judged = True
+        self.metrics.count_verdict(served.family, request.correct)
+        return pb.FeedbackResponse(recorded_by=self.name)
+
+    def sender_of(self, request_id: str) -> str:
+        served = self._served.get(request_id)
+        return served.sender if served else "client"
+
+    def _remember(self, request_id: str, served: _Served) -> _Served:
+        self._served[request_id] = served
+        self._served.move_to_end(request_id)
+        while len(self._served) > self._feedback_memory:
+            self._served.popitem(last=False)
+        return served
+
+    def _remaining(self, deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"tier {self.name}: the caller's deadline has passed")
+        return remaining
+
+    def _generation_request(self, request: pb.InferRequest) -> GenerationRequest:
+        sampling = request.sampling
+        return GenerationRequest(
+            prompt=request.prompt,
+            system_prompt=request.system_prompt,
+            max_tokens=sampling.max_tokens or self.limits.default_max_tokens,
+            temperature=sampling.temperature,
+            stop=tuple(sampling.stop),
+            options=tuple(request.options),
+        )
+
+    def _validate(self, request: pb.InferRequest) -> str:
+        """Reject what cannot be served, with a message that says what to change; return the family."""
+        limits = self.limits
+        if not request.prompt.strip():
+            raise InvalidRequest("prompt is empty: put the text to answer in `prompt`")
+        size = len(request.prompt) + len(request.system_prompt)
+        if size > limits.max_prompt_chars:
+            raise InvalidRequest(
+                f"prompt and system prompt have {size} characters; tier {self.name} accepts at most "
+                f"{limits.max_prompt_chars}"
+            )
+        if len(request.request_id) > limits.max_request_id_chars:
+            raise InvalidRequest(f"request_id is longer than {limits.max_request_id_chars} characters")
+        if len(request.reference) > limits.max_prompt_chars:
+            raise InvalidRequest(f"reference is longer than {limits.max_prompt_chars} characters")
+        self._validate_task(request)
+        self._validate_sampling(request.sampling)
+        if request.offload not in (pb.OFFLOAD_MODE_AUTO, pb.OFFLOAD_MODE_LOCAL_ONLY):
+            raise InvalidRequest(
+                f"unknown offload mode {request.offload}: use OFFLOAD_MODE_AUTO or OFFLOAD_MODE_LOCAL_ONLY"
+            )
+        if len(request.hops) >= limits.max_hops:
+            raise InvalidRequest(
+                f"request has already crossed {len(request.hops)} tiers; the limit is {limits.max_hops} "
+                "(check the tiers' --next addresses for a loop)"
+            )
+        if any(hop.tier == self.name for hop in request.hops):
+            path = " -> ".join(hop.tier for hop in request.hops)
+            raise InvalidRequest(f"forwarding loop: request came through {path} back to tier {self.name}")
+        return self._validate_family(request.family)
+
+    def _validate_task(self, request: pb.InferRequest) -> None:
+        limits = self.limits
+        if request.task == pb.TASK_KIND_CHOICE:
+            options = list(request.options)
+            if len(options) < 2:
+                raise InvalidRequest('a CHOICE task needs at least two options, e.g. options ["A", "B", "C", "D"]')
+            if len(options) > limits.max_options:
+                raise InvalidRequest(f"{len(options)} options given; at most {limits.max_options} are accepted")
+            if any(not option.strip() or len(option) > limits.max_option_chars for option in options):
+                raise InvalidRequest(f"every option must be non-blank and at most {limits.max_option_chars} characters")
+            if len(set(options)) != len(options):
+                raise InvalidRequest("options must be distinct")
+        elif request.task == pb.TASK_KIND_GENERATE:
+            if request.options:
+                raise InvalidRequest("options are only for CHOICE tasks: set task to TASK_KIND_CHOICE or drop them")
+        elif request.task == pb.TASK_KIND_UNSPECIFIED:
+            raise InvalidRequest("task is unspecified: set it to TASK_KIND_GENERATE or TASK_KIND_CHOICE")
+        else:
+            raise InvalidRequest(f"unknown task kind {request.task}: use TASK_KIND_GENERATE or TASK_KIND_CHOICE")
+
+    def _validate_sampling(self, sampling: pb.SamplingParams) -> None:
+        limits = self.limits
+        if sampling.max_tokens > limits.max_tokens:
+            raise InvalidRequest(
+                f"max_tokens {sampling.max_tokens} is out of range: use 1 to {limits.max_tokens} (0 for the default)"
+            )
+        if not 0.0 <= sampling.temperature <= 2.0:  # also rejects NaN
+            raise InvalidRequest(f"temperature {sampling.temperature} is out of range: use 0 (greedy) to 2")
+        if len(sampling.stop) > limits.max_stop_sequences or any(not s or len(s) > 64 for s in sampling.stop):
+            raise InvalidRequest(
+                f"stop takes at most {limits.max_stop_sequences} non-empty sequences of up to 64 characters"
+            )
+
+    def _validate_family(self, family: str) -> str:
+        family = family or DEFAULT_FAMILY
+        if not _FAMILY_PATTERN.fullmatch(family):
+            raise InvalidRequest(f"family {family!r} must be 1-64 letters, digits, '_', '.' or '-' (e.g. 'mmlu')")
+        if family not in self._families:
+            # Each family gets its own window and metric series, so their number is bounded.
+            if len(self._families) >= self.limits.max_families:
+                raise InvalidRequest(f"tier {self.name} already tracks {self.limits.max_families} task families")
+            self._families.add(family)
+        return family
+
+
+def sender(request: pb.InferRequest) -> str:
+    """Who passed this request to the current tier: the last hop's tier, or the client."""
+    return request.hops[-1].tier if request.hops else "client"
+
+
+def _confidence_message(score: Score) -> pb.Confidence:
+    return pb.Confidence(
+        value=score.value,
+        mean_logprob=_finite(score.mean_logprob),
+        min_logprob=_finite(score.min_logprob),
+        first_token_margin=_finite(score.first_token_margin),
+    )
+
+
+def _finite(value: float) -> float:
+    # -inf log-probs (a token the model deemed impossible) are clamped so JSON clients can read them.
+    return value if math.isfinite(value) else -1e9

@@ -1,0 +1,66 @@
+"""How a tier reaches the next one: the Upstream interface, and an in-process link for offline replay.
+
+Bytes are always counted from the serialized messages themselves, so the in-process link and the
+gRPC link (recserve.server.grpc_upstream) report the same figures for the same traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from recserve.v1 import tier_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An upstream answer and the bytes the link carried for it."""
+
+    response: pb.InferResponse
+    bytes_sent: int
+    bytes_received: int
+
+
+@dataclass(frozen=True)
+class FeedbackReply:
+    response: pb.FeedbackResponse
+    bytes_sent: int
+    bytes_received: int
+
+
+class Upstream(Protocol):
+    """The next tier, as the current tier sees it."""
+
+    async def infer(self, request: pb.InferRequest, timeout: float | None) -> Reply: ...
+
+    async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> FeedbackReply: ...
+
+    async def close(self) -> None: ...
+
+
+class InferHandler(Protocol):
+    async def infer(self, request: pb.InferRequest, timeout: float | None = None) -> pb.InferResponse: ...
+
+    async def feedback(self, request: pb.FeedbackRequest) -> pb.FeedbackResponse: ...
+
+
+class InProcessUpstream:
+    """A link to a tier object in the same process, through the same wire encoding as gRPC."""
+
+    def __init__(self, tier: InferHandler) -> None:
+        self._tier = tier
+
+    async def infer(self, request: pb.InferRequest, timeout: float | None) -> Reply:
+        sent = request.SerializeToString()
+        response = await self._tier.infer(pb.InferRequest.FromString(sent), timeout)
+        received = response.SerializeToString()
+        return Reply(pb.InferResponse.FromString(received), len(sent), len(received))
+
+    async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> FeedbackReply:
+        sent = request.SerializeToString()
+        response = await self._tier.feedback(pb.FeedbackRequest.FromString(sent))
+        received = response.SerializeToString()
+        return FeedbackReply(pb.FeedbackResponse.FromString(received), len(sent), len(received))
+
+    async def close(self) -> None:
+        return None

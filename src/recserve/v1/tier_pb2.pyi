@@ -1,0 +1,141 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
+    TASK_KIND_GENERATE: _ClassVar[TaskKind]
+    TASK_KIND_CHOICE: _ClassVar[TaskKind]
+
+class OffloadMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OFFLOAD_MODE_AUTO: _ClassVar[OffloadMode]
+    OFFLOAD_MODE_LOCAL_ONLY: _ClassVar[OffloadMode]
+
+class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECISION_UNSPECIFIED: _ClassVar[Decision]
+    DECISION_ANSWERED: _ClassVar[Decision]
+    DECISION_FORWARDED: _ClassVar[Decision]
+TASK_KIND_UNSPECIFIED: TaskKind
+TASK_KIND_GENERATE: TaskKind
+TASK_KIND_CHOICE: TaskKind
+OFFLOAD_MODE_AUTO: OffloadMode
+OFFLOAD_MODE_LOCAL_ONLY: OffloadMode
+DECISION_UNSPECIFIED: Decision
+DECISION_ANSWERED: Decision
+DECISION_FORWARDED: Decision
+
+class SamplingParams(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "stop")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Hop(_message.Message):
+    __slots__ = ("tier", "confidence", "threshold", "decision", "engine_seconds", "bytes_sent", "bytes_received", "answer")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    confidence: float
+    threshold: float
+    decision: Decision
+    engine_seconds: float
+    bytes_sent: int
+    bytes_received: int
+    answer: str
+    def __init__(self, tier: _Optional[str] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., engine_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., answer: _Optional[str] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("request_id", "prompt", "system_prompt", "task", "options", "family", "sampling", "reference", "offload", "hops")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt: str
+    system_prompt: str
+    task: TaskKind
+    options: _containers.RepeatedScalarFieldContainer[str]
+    family: str
+    sampling: SamplingParams
+    reference: str
+    offload: OffloadMode
+    hops: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., system_prompt: _Optional[str] = ..., task: _Optional[_Union[TaskKind, str]] = ..., options: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reference: _Optional[str] = ..., offload: _Optional[_Union[OffloadMode, str]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class Confidence(_message.Message):
+    __slots__ = ("value", "mean_logprob", "min_logprob", "first_token_margin")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    MIN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    value: float
+    mean_logprob: float
+    min_logprob: float
+    first_token_margin: float
+    def __init__(self, value: _Optional[float] = ..., mean_logprob: _Optional[float] = ..., min_logprob: _Optional[float] = ..., first_token_margin: _Optional[float] = ...) -> None: ...
+
+class InferResponse(_message.Message):
+    __slots__ = ("request_id", "answer", "chosen_option", "answered_by", "confidence", "hops", "usage", "degraded")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_OPTION_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    answer: str
+    chosen_option: str
+    answered_by: str
+    confidence: Confidence
+    hops: _containers.RepeatedCompositeFieldContainer[Hop]
+    usage: Usage
+    degraded: bool
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., chosen_option: _Optional[str] = ..., answered_by: _Optional[str] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., degraded: _Optional[bool] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("request_id", "correct")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    correct: bool
+    def __init__(self, request_id: _Optional[str] = ..., correct: _Optional[bool] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("recorded_by",)
+    RECORDED_BY_FIELD_NUMBER: _ClassVar[int]
+    recorded_by: str
+    def __init__(self, recorded_by: _Optional[str] = ...) -> None: ...
