@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from recserve.engines import Engine
 from recserve.metrics import Metrics
 from recserve.policy import OffloadPolicy
-from recserve.tier import Tier, TierLimits
+from recserve.tier import Tier, TierLimits, new_request_id
 from recserve.transport import InProcessUpstream
 
 
@@ -20,17 +20,16 @@ def link_tiers(
     *,
     registry: CollectorRegistry | None = None,
     limits: TierLimits | None = None,
-    new_request_id: Callable[[], str] | None = None,
+    new_request_id: Callable[[], str] = new_request_id,
 ) -> list[Tier]:
     """Tiers first to last, each forwarding to the next through an InProcessUpstream."""
     if not len(names) == len(engines) == len(policies) or len(names) < 1:
         raise ValueError("one engine and one policy per tier name, at least one tier")
     metrics = Metrics(registry or CollectorRegistry())
-    extra = {"new_request_id": new_request_id} if new_request_id else {}
     tiers: list[Tier] = []
     upstream: InProcessUpstream | None = None
     for name, engine, policy in reversed(list(zip(names, engines, policies, strict=True))):
-        tier = Tier(name, engine, policy, metrics.for_tier(name), upstream, limits=limits, **extra)
+        tier = Tier(name, engine, policy, metrics.for_tier(name), upstream, limits=limits, new_request_id=new_request_id)
         upstream = InProcessUpstream(tier)
         tiers.insert(0, tier)
     return tiers

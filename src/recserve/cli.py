@@ -48,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="three local tiers, benchmark questions through the device tier")
     demo.add_argument("--engine", choices=("replay", "llama_cpp"), default="replay")
-    demo.add_argument("--limit", type=int, default=None, help="questions per benchmark (default: all; 20 for llama_cpp)")
+    demo.add_argument(
+        "--limit", type=int, default=None, help="questions per benchmark (default: all; 20 for llama_cpp)"
+    )
     demo.add_argument("--concurrency", type=int, default=1, help="requests in flight (1 keeps runs reproducible)")
     demo.add_argument("--models-dir", type=Path, default=Path("models"), help="where llama_cpp models are made")
 

@@ -9,6 +9,7 @@ from the reference answers the requests carry.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import socket
 import subprocess
@@ -72,7 +73,7 @@ class Tally:
 def link_bytes(response: pb.InferResponse) -> Iterator[tuple[int, str]]:
     """(bytes, "lower->upper") for every link a response's request crossed, from its hop records."""
     hops = response.hops
-    for lower, upper in zip(hops, hops[1:], strict=False):
+    for lower, upper in itertools.pairwise(hops):
         yield lower.bytes_sent + lower.bytes_received, f"{lower.tier}->{upper.tier}"
 
 
@@ -244,7 +245,7 @@ async def cloud_only_bytes(engines: list[Engine], queries: list[TraceQuery], tra
 
 
 def format_summary(tallies: dict[str, Tally]) -> str:
-    links = [f"{a}->{b}" for a, b in zip(TIER_NAMES, TIER_NAMES[1:], strict=False)]
+    links = [f"{a}->{b}" for a, b in itertools.pairwise(TIER_NAMES)]
     header = ["benchmark", "n", "accuracy", *(f"{t} share" for t in TIER_NAMES), *(f"{x} bytes" for x in links),
               "bytes vs cloud-only"]  # fmt: skip
     overall = Tally()
@@ -294,7 +295,9 @@ def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: i
         tallies[benchmark].cloud_only_bytes = total
     print(f"\n{len(queries)} questions in {elapsed:.1f}s; tier exit codes {codes}\n")
     print(format_summary(tallies))
-    print("\nbytes per link from the tiers' Prometheus counters (Infer and Feedback, sent + received, counted at each end):")
+    print(
+        "\nbytes per link from the tiers' Prometheus counters (Infer and Feedback, sent + received, counted at each end):"
+    )
     for lower in range(len(TIER_NAMES) - 1):
         upper = TIER_NAMES[lower + 1]
         at_lower = sum(v for (peer, _), v in scraped[lower].items() if peer == upper)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from recserve.confidence import GENERATE_SCORERS
 from recserve.engines import ENGINE_NAMES, EngineConfig
 from recserve.policy import POLICY_NAMES
-from recserve.confidence import GENERATE_SCORERS
 from recserve.tier import TierLimits
 
 ENV_PREFIX = "RECSERVE_"
@@ -89,7 +89,7 @@ class TierSettings:
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
-    def _problems(self) -> Sequence[str]:
+    def _problems(self) -> Iterator[str]:
         if not self.tier:
             yield "a tier name is required (--tier or RECSERVE_TIER)"
         for name in ("port", "metrics_port"):

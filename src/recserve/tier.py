@@ -18,7 +18,6 @@ from recserve.errors import (
     FailedPrecondition,
     InvalidRequest,
     NotFound,
-    RecServeError,
     Unavailable,
 )
 from recserve.judge import is_correct
@@ -56,7 +55,7 @@ class _Served:
     judged: bool = False
 
 
-def _new_request_id() -> str:
+def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
@@ -75,7 +74,7 @@ class Tier:
         scorer: str = "perplexity",
         feedback_memory: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
-        new_request_id: Callable[[], str] = _new_request_id,
+        new_request_id: Callable[[], str] = new_request_id,
     ) -> None:
         self.name = name
         self.engine = engine
@@ -111,10 +110,9 @@ class Tier:
         if not request.request_id:
             request.request_id = self._new_request_id()
         started = self._clock()
+        remaining = self._remaining(deadline)
         try:
-            generation = await asyncio.wait_for(
-                self.engine.generate(self._generation_request(request)), self._remaining(deadline)
-            )
+            generation = await asyncio.wait_for(self.engine.generate(self._generation_request(request)), remaining)
         except TimeoutError:
             raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the engine was generating") from None
         except UnknownPromptError as exc:
@@ -148,15 +146,16 @@ class Tier:
             answered_by=self.name,
             confidence=_confidence_message(score),
             hops=[*request.hops, hop],
-            usage=pb.Usage(
-                prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens
-            ),
+            usage=pb.Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
         )
         served = self._remember(request.request_id, _Served(family, answered_here=True, sender=sender(request)))
         if request.reference:
             served.judged = True
             self.metrics.count_verdict(
-                family, is_correct(request.reference, answer=generation.text, chosen_option=score.chosen_option if choice else None)
+                family,
+                is_correct(
+                    request.reference, answer=generation.text, chosen_option=score.chosen_option if choice else None
+                ),
             )
         self.metrics.count_outcome("answered")
         return response

@@ -87,8 +87,7 @@ class TraceSet:
             )
         if wanted is not None and (missing := wanted - set(seen_models)):
             raise ValueError(
-                f"model(s) {', '.join(sorted(missing))} not in trace folder {folder}; it has: "
-                f"{', '.join(seen_models)}"
+                f"model(s) {', '.join(sorted(missing))} not in trace folder {folder}; it has: {', '.join(seen_models)}"
             )
         queries = tuple(q for q in _read_queries(folder / QUERIES_FILE) if q.key in answers)
         return cls(queries, tuple(m for m in seen_models if wanted is None or m in wanted), answers)
@@ -146,17 +145,19 @@ def write_subset(
         return splits is None or splits.get(benchmark, split) == split
 
     kept = 0
-    with gzip.open(source / QUERIES_FILE, "rt", encoding="utf-8") as src, _reproducible_gzip(
-        destination / QUERIES_FILE
-    ) as dst:
+    with (
+        gzip.open(source / QUERIES_FILE, "rt", encoding="utf-8") as src,
+        _reproducible_gzip(destination / QUERIES_FILE) as dst,
+    ):
         for line in src:
             record = json.loads(line)
             if keep(record["benchmark"], record["split"]):
                 dst.write(json.dumps(record, ensure_ascii=False) + "\n")
                 kept += 1
-    with gzip.open(source / ANSWERS_FILE, "rt", encoding="utf-8", newline="") as src, _reproducible_gzip(
-        destination / ANSWERS_FILE
-    ) as dst:
+    with (
+        gzip.open(source / ANSWERS_FILE, "rt", encoding="utf-8", newline="") as src,
+        _reproducible_gzip(destination / ANSWERS_FILE) as dst,
+    ):
         reader = csv.DictReader(src)
         writer = csv.DictWriter(dst, fieldnames=list(reader.fieldnames or []))
         writer.writeheader()

@@ -104,7 +104,12 @@ async def start_tier(
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
         "tier %s serving on port %d (metrics %s, next %s, engine %s, policy %s)",
-        settings.tier, port, metrics_port or "off", settings.next or "none", settings.engine, settings.policy,
+        settings.tier,
+        port,
+        metrics_port or "off",
+        settings.next or "none",
+        settings.engine,
+        settings.policy,
     )
     return running
 

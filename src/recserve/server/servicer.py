@@ -42,7 +42,9 @@ class TierServicer:
             response = await self.tier.feedback(request)
             encoded = response.SerializeToString()
             # Feedback carries no hops; it comes from whoever sent this tier the request it names.
-            self.tier.metrics.count_bytes(self.tier.sender_of(request.request_id), sent=len(encoded), received=len(data))
+            self.tier.metrics.count_bytes(
+                self.tier.sender_of(request.request_id), sent=len(encoded), received=len(data)
+            )
             return encoded
 
         return await self._guarded(handle, context)

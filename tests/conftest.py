@@ -1,0 +1,63 @@
+"""Shared fixtures: small trace folders in the project's trace schema, written by the tests themselves."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+TRACE_MODELS = ("small", "medium", "large")
+CHOICE_SYSTEM = "Answer with A, B, C or D."
+GENERATE_SYSTEM = "Answer briefly."
+ANSWER_COLUMNS = [
+    "benchmark", "split", "qid", "chain", "model", "tier_in_chain", "answer", "correct", "conf_signal",
+    "raw_conf_logprob", "conf_prob", "cost_usd", "latency_ms", "tokens_in", "tokens_out",
+]  # fmt: skip
+
+
+def write_trace_folder(folder: Path, *, n_per_family: int = 30, seed: int = 0, models=TRACE_MODELS) -> Path:
+    """A trace folder with a CHOICE family ("quiz") and a GENERATE family ("chat"); random confidences."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    queries, rows = [], []
+    for family, system in (("quiz", CHOICE_SYSTEM), ("chat", GENERATE_SYSTEM)):
+        for qid in range(n_per_family):
+            gold = rng.choice("ABCD") if family == "quiz" else f"answer {qid}"
+            queries.append({
+                "benchmark": family, "split": "test", "qid": qid, "system_prompt": system,
+                "user_prompt": f"{family} question number {qid}?", "prompt_chars": 0,
+                "question": f"question {qid}", "gold": gold,
+            })  # fmt: skip
+            for tier, model in enumerate(models):
+                p = rng.uniform(0.05, 0.999)
+                right = rng.random() < 0.4 + 0.2 * tier
+                answer = (
+                    (gold if right else "ABCD"[("ABCD".index(gold) + 1) % 4])
+                    if family == "quiz"
+                    else (gold if right else "something else")
+                )
+                rows.append({
+                    "benchmark": family, "split": "test", "qid": qid, "chain": "test", "model": model,
+                    "tier_in_chain": tier, "answer": answer, "correct": str(right),
+                    "conf_signal": "ModelIntrinsicLogProb" if family == "quiz" else "AskModelConfidence",
+                    "raw_conf_logprob": repr(math.log(p)), "conf_prob": repr(p), "cost_usd": "0",
+                    "latency_ms": "10", "tokens_in": "20", "tokens_out": "1" if family == "quiz" else "3",
+                })  # fmt: skip
+    with gzip.open(folder / "queries.jsonl.gz", "wt", encoding="utf-8") as handle:
+        for query in queries:
+            handle.write(json.dumps(query) + "\n")
+    with gzip.open(folder / "per_model_long.csv.gz", "wt", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=ANSWER_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trace_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_trace_folder(tmp_path_factory.mktemp("traces"))

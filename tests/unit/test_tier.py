@@ -1,0 +1,214 @@
+"""The tier core as plain Python: three tiers linked in process through the wire encoding."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from recserve.cascade import link_tiers
+from recserve.engines import EngineConfig, create_engine
+from recserve.errors import DeadlineExceeded, FailedPrecondition, InvalidRequest, NotFound
+from recserve.metrics import TierMetrics
+from recserve.policy import FixedThresholdPolicy, ForwardAllPolicy, RecServePolicy
+from recserve.tier import Tier
+from recserve.traces import TraceSet
+from recserve.v1 import tier_pb2 as pb
+from tests.conftest import TRACE_MODELS
+
+NAMES = ("device", "edge", "cloud")
+
+
+async def cascade(trace_folder: Path, policies, registry: CollectorRegistry | None = None) -> list[Tier]:
+    engines = [create_engine("replay", EngineConfig(traces=str(trace_folder), trace_model=m)) for m in TRACE_MODELS]
+    for engine in engines:
+        await engine.start()
+    counter = itertools.count()
+    return link_tiers(NAMES, engines, policies, registry=registry, new_request_id=lambda: f"r{next(counter):05d}")
+
+
+def quiz_request(qid: int, **fields) -> pb.InferRequest:
+    return pb.InferRequest(
+        prompt=f"quiz question number {qid}?",
+        task=pb.TASK_KIND_CHOICE,
+        options=["A", "B", "C", "D"],
+        family="quiz",
+        **fields,
+    )
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_forwards_exactly_when_confidence_is_below_the_windowed_quantile(trace_folder: Path) -> None:
+    traces = TraceSet.load(trace_folder)
+    tiers = await cascade(trace_folder, [RecServePolicy(0.3, 8), RecServePolicy(0.3, 8), RecServePolicy(0.3, 8)])
+    windows: dict[str, list[float]] = {name: [] for name in NAMES}
+    forwarded = 0
+    for qid in range(30):
+        response = await tiers[0].infer(quiz_request(qid))
+        for index, hop in enumerate(response.hops):
+            model = TRACE_MODELS[index]
+            recorded = traces.answers[("quiz", "test", qid)][model]
+            assert hop.tier == NAMES[index]
+            assert hop.confidence == pytest.approx(math.exp(recorded.logprob))
+            windows[hop.tier].append(hop.confidence)
+            window = windows[hop.tier][-8:]
+            assert hop.threshold == pytest.approx(float(np.percentile(window, 30.0)))
+            should_forward = hop.tier != "cloud" and len(window) >= 2 and hop.confidence < hop.threshold
+            assert hop.decision == (pb.DECISION_FORWARDED if should_forward else pb.DECISION_ANSWERED)
+        assert response.hops[-1].decision == pb.DECISION_ANSWERED
+        assert response.answered_by == response.hops[-1].tier
+        forwarded += len(response.hops) > 1
+    assert 0 < forwarded < 30
+
+
+async def test_last_tier_never_forwards_and_hops_are_complete(trace_folder: Path) -> None:
+    tiers = await cascade(trace_folder, [ForwardAllPolicy(), ForwardAllPolicy(), ForwardAllPolicy()])
+    response = await tiers[0].infer(quiz_request(3))
+    assert [h.tier for h in response.hops] == list(NAMES)
+    assert [h.decision for h in response.hops] == [pb.DECISION_FORWARDED, pb.DECISION_FORWARDED, pb.DECISION_ANSWERED]
+    assert response.answered_by == "cloud"
+    assert response.request_id == "r00000"
+    assert all(h.engine_seconds > 0 and h.answer for h in response.hops)
+    assert response.hops[2].bytes_sent == response.hops[2].bytes_received == 0
+
+
+async def test_byte_counts_are_the_serialized_sizes(trace_folder: Path) -> None:
+    registry = CollectorRegistry()
+    tiers = await cascade(trace_folder, [ForwardAllPolicy(), ForwardAllPolicy(), ForwardAllPolicy()], registry)
+    request = quiz_request(5, request_id="fixed-id")
+    response = await tiers[0].infer(request)
+    device_hop, edge_hop, cloud_hop = response.hops
+
+    # What the edge sent to the cloud: the request with two hops; what came back: the cloud's response
+    # before the edge filled in its own byte counts.
+    to_cloud = pb.InferRequest()
+    to_cloud.CopyFrom(request)
+    to_cloud.hops.extend([_without_bytes(device_hop), _without_bytes(edge_hop)])
+    from_cloud = pb.InferResponse()
+    from_cloud.CopyFrom(response)
+    from_cloud.hops[0].CopyFrom(_without_bytes(device_hop))
+    from_cloud.hops[1].CopyFrom(_without_bytes(edge_hop))
+    assert edge_hop.bytes_sent == len(to_cloud.SerializeToString())
+    assert edge_hop.bytes_received == len(from_cloud.SerializeToString())
+
+    to_edge = pb.InferRequest()
+    to_edge.CopyFrom(request)
+    to_edge.hops.append(_without_bytes(device_hop))
+    from_edge = pb.InferResponse()
+    from_edge.CopyFrom(response)
+    from_edge.hops[0].CopyFrom(_without_bytes(device_hop))
+    assert device_hop.bytes_sent == len(to_edge.SerializeToString())
+    assert device_hop.bytes_received == len(from_edge.SerializeToString())
+
+    def counted(tier: str, peer: str, direction: str) -> float:
+        labels = {"tier": tier, "peer": peer, "direction": direction}
+        return sample(registry, "recserve_transmitted_bytes_total", **labels)
+
+    assert counted("device", "edge", "sent") == device_hop.bytes_sent
+    assert counted("device", "edge", "received") == device_hop.bytes_received
+    assert counted("edge", "cloud", "sent") == edge_hop.bytes_sent
+    assert counted("edge", "cloud", "received") == edge_hop.bytes_received
+    assert cloud_hop.bytes_sent == 0
+
+
+def _without_bytes(hop: pb.Hop) -> pb.Hop:
+    copy = pb.Hop()
+    copy.CopyFrom(hop)
+    copy.bytes_sent = copy.bytes_received = 0
+    return copy
+
+
+async def test_local_only_requests_stay_on_the_first_tier(trace_folder: Path) -> None:
+    tiers = await cascade(trace_folder, [ForwardAllPolicy(), ForwardAllPolicy(), ForwardAllPolicy()])
+    response = await tiers[0].infer(quiz_request(1, offload=pb.OFFLOAD_MODE_LOCAL_ONLY))
+    assert response.answered_by == "device"
+    assert len(response.hops) == 1
+
+
+async def test_references_and_feedback_feed_the_answering_tiers_accuracy(trace_folder: Path) -> None:
+    registry = CollectorRegistry()
+    never, always = FixedThresholdPolicy(0.0), FixedThresholdPolicy(2.0)
+    tiers = await cascade(trace_folder, [always, never, never], registry)
+    traces = TraceSet.load(trace_folder)
+    gold = traces.queries[0].gold
+    judged = await tiers[0].infer(quiz_request(0, reference=gold))
+    assert judged.answered_by == "edge"
+    verdict = "right" if judged.chosen_option == gold else "wrong"
+    labels = {"tier": "edge", "family": "quiz", "verdict": verdict}
+    assert sample(registry, "recserve_judged_answers_total", **labels) == 1
+
+    response = await tiers[0].infer(quiz_request(1))
+    reply = await tiers[0].feedback(pb.FeedbackRequest(request_id=response.request_id, correct=True))
+    assert reply.recorded_by == "edge"
+    assert sample(registry, "recserve_judged_answers_total", tier="edge", family="quiz", verdict="right") == 1 + (
+        verdict == "right"
+    )
+    with pytest.raises(FailedPrecondition, match="already judged"):
+        await tiers[0].feedback(pb.FeedbackRequest(request_id=response.request_id, correct=False))
+    with pytest.raises(FailedPrecondition, match="already judged"):
+        await tiers[0].feedback(pb.FeedbackRequest(request_id=judged.request_id, correct=False))
+    with pytest.raises(NotFound, match="no record of request"):
+        await tiers[0].feedback(pb.FeedbackRequest(request_id="unknown", correct=True))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompt": ""}, "prompt is empty"),
+        ({"prompt": "x" * 40_000}, "accepts at most"),
+        ({"task": pb.TASK_KIND_UNSPECIFIED}, "task is unspecified"),
+        ({"task": 7}, "unknown task kind 7"),
+        ({"options": []}, "at least two options"),
+        ({"options": ["A", "A"]}, "distinct"),
+        ({"options": [str(i) for i in range(30)]}, "at most 26"),
+        ({"sampling": pb.SamplingParams(max_tokens=100_000)}, "max_tokens 100000 is out of range"),
+        ({"sampling": pb.SamplingParams(temperature=-1)}, "temperature"),
+        ({"sampling": pb.SamplingParams(temperature=math.nan)}, "temperature"),
+        ({"family": "no spaces please"}, "family"),
+        ({"offload": 5}, "unknown offload mode"),
+        ({"hops": [pb.Hop(tier=f"t{i}") for i in range(8)]}, "limit is 8"),
+        ({"hops": [pb.Hop(tier="device")]}, "forwarding loop"),
+    ],
+)
+async def test_bad_requests_are_rejected_with_a_clear_message(trace_folder: Path, change, message: str) -> None:
+    tiers = await cascade(trace_folder, [RecServePolicy(), RecServePolicy(), RecServePolicy()])
+    request = quiz_request(0)
+    for field, value in change.items():
+        if isinstance(value, list):
+            del getattr(request, field)[:]
+            getattr(request, field).extend(value)
+        elif field == "sampling":
+            request.sampling.CopyFrom(value)
+        else:
+            setattr(request, field, value)
+    with pytest.raises(InvalidRequest, match=message):
+        await tiers[0].infer(request)
+    # The tier keeps serving.
+    assert (await tiers[0].infer(quiz_request(0))).answer
+
+
+async def test_generate_with_options_and_unknown_prompts(trace_folder: Path) -> None:
+    tiers = await cascade(trace_folder, [RecServePolicy(), RecServePolicy(), RecServePolicy()])
+    with pytest.raises(InvalidRequest, match="only for CHOICE"):
+        await tiers[0].infer(
+            pb.InferRequest(prompt="chat question number 1?", task=pb.TASK_KIND_GENERATE, options=["A"])
+        )
+    with pytest.raises(NotFound, match="no recorded answer"):
+        await tiers[0].infer(pb.InferRequest(prompt="unrecorded", task=pb.TASK_KIND_GENERATE))
+
+
+async def test_an_expired_deadline_is_reported(trace_folder: Path) -> None:
+    engine = create_engine("replay", EngineConfig(traces=str(trace_folder), trace_model="small"))
+    await engine.start()
+    times = iter([0.0, 0.0, 5.0])  # request starts, engine starts, deadline checked after 5 s
+    metrics = TierMetrics.standalone(CollectorRegistry(), "device")
+    tier = Tier("device", engine, RecServePolicy(), metrics, clock=lambda: next(times))
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        await tier.infer(quiz_request(0), timeout=1.0)
