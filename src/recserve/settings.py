@@ -110,6 +110,12 @@ class TierSettings:
         if self.grace_seconds < 0:
             yield "grace_seconds must not be negative"
 
+    @classmethod
+    def with_defaults(cls, **overrides: Any) -> TierSettings:
+        """Settings from the documented defaults, ignoring the environment (for embedding and tests)."""
+        values = {option.name: option.default for option in OPTIONS}
+        return cls(**(values | overrides))
+
     @property
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
