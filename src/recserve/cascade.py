@@ -29,7 +29,9 @@ def link_tiers(
     tiers: list[Tier] = []
     upstream: InProcessUpstream | None = None
     for name, engine, policy in reversed(list(zip(names, engines, policies, strict=True))):
-        tier = Tier(name, engine, policy, metrics.for_tier(name), upstream, limits=limits, new_request_id=new_request_id)
+        tier = Tier(
+            name, engine, policy, metrics.for_tier(name), upstream, limits=limits, new_request_id=new_request_id
+        )
         upstream = InProcessUpstream(tier)
         tiers.insert(0, tier)
     return tiers

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -50,7 +51,6 @@ class Tally:
     judged: int = 0
     answered_by: Counter[str] = field(default_factory=Counter)
     link_bytes: Counter[str] = field(default_factory=Counter)
-    cloud_only_bytes: int = 0
 
     def add(self, response: pb.InferResponse, correct: bool | None) -> None:
         self.n += 1
@@ -67,7 +67,14 @@ class Tally:
         self.judged += other.judged
         self.answered_by.update(other.answered_by)
         self.link_bytes.update(other.link_bytes)
-        self.cloud_only_bytes += other.cloud_only_bytes
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.right / self.judged if self.judged else None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.link_bytes.values())
 
 
 def link_bytes(response: pb.InferResponse) -> Iterator[tuple[int, str]]:
@@ -106,6 +113,7 @@ class TierProcesses:
         self.log_dir = log_dir
         self._tier_args = tier_args
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[BinaryIO] = []
 
     def start(self, timeout: float = 120.0) -> None:
         for index in reversed(range(len(self._tier_args))):
@@ -118,8 +126,8 @@ class TierProcesses:
             ]  # fmt: skip
             if index + 1 < len(self._tier_args):
                 args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
-            log = (self.log_dir / f"tier{index}.log").open("wb")
-            self._procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
+            self._logs.append((self.log_dir / f"tier{index}.log").open("wb"))
+            self._procs.append(subprocess.Popen(args, stdout=self._logs[-1], stderr=subprocess.STDOUT))
             self._wait_ready(index, self._procs[-1], timeout)
 
     def _wait_ready(self, index: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -144,6 +152,8 @@ class TierProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes.append(proc.wait())
+        for log in self._logs:
+            log.close()
         return codes
 
     def scrape_bytes(self, index: int) -> dict[tuple[str, str], float]:
@@ -191,11 +201,28 @@ def select_queries(trace_set: TraceSet, limit: int | None) -> list[TraceQuery]:
     return [q for benchmark in sorted(per_benchmark) for q in per_benchmark[benchmark]]
 
 
-async def _send_all(
-    target: str, queries: list[TraceQuery], trace_set: TraceSet, engine: str, concurrency: int
-) -> dict[str, Tally]:
-    replay = engine == "replay"
-    model_of = dict(zip(TIER_NAMES, DEMO_CHAIN, strict=True))
+class Grader:
+    """Judges the demo's answers: the trace's recorded verdicts (replay) or the reference (llama_cpp)."""
+
+    def __init__(self, trace_set: TraceSet, engine: str) -> None:
+        self.trace_set = trace_set
+        self.replay = engine == "replay"
+        self._model_of = dict(zip(TIER_NAMES, DEMO_CHAIN, strict=True))
+
+    def request(self, index: int, query: TraceQuery) -> pb.InferRequest:
+        choice = self.trace_set.answers[query.key][DEMO_CHAIN[0]].is_choice
+        # Ids of one length, so live and in-process runs send messages of the same size.
+        return build_request(query, choice=choice, request_id=f"demo-{index:06d}", reference=not self.replay)
+
+    def verdict(self, query: TraceQuery, response: pb.InferResponse) -> bool | None:
+        if self.replay:
+            return self.trace_set.answers[query.key][self._model_of[response.answered_by]].correct
+        if not query.gold:
+            return None
+        return is_correct(query.gold, answer=response.answer, chosen_option=response.chosen_option or None)
+
+
+async def _send_all(target: str, queries: list[TraceQuery], grader: Grader, concurrency: int) -> dict[str, Tally]:
     tallies: dict[str, Tally] = defaultdict(Tally)
     gate = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(target) as channel:
@@ -203,20 +230,13 @@ async def _send_all(
         progress = tqdm(total=len(queries), desc="demo", unit="q", file=sys.stderr, disable=None)
 
         async def one(index: int, query: TraceQuery) -> None:
-            answers = trace_set.answers[query.key]
-            choice = answers[DEMO_CHAIN[0]].is_choice
-            request = build_request(query, choice=choice, request_id=f"demo-{index:06d}", reference=not replay)
+            request = grader.request(index, query)
             async with gate:
                 response = await stub.Infer(request, timeout=120)
-                if replay:
-                    # The client is the grader: report the recorded verdict for the model that answered.
-                    correct: bool | None = answers[model_of[response.answered_by]].correct
-                    await stub.Feedback(pb.FeedbackRequest(request_id=request.request_id, correct=bool(correct)))
-                elif query.gold:
-                    chosen = response.chosen_option if choice else None
-                    correct = is_correct(query.gold, answer=response.answer, chosen_option=chosen)
-                else:
-                    correct = None
+                correct = grader.verdict(query, response)
+                if grader.replay and correct is not None:
+                    # The client is the grader here: it reports the recorded verdict back to the tiers.
+                    await stub.Feedback(pb.FeedbackRequest(request_id=request.request_id, correct=correct))
             tallies[query.benchmark].add(response, correct)
             progress.update()
 
@@ -225,47 +245,48 @@ async def _send_all(
     return tallies
 
 
-async def cloud_only_bytes(engines: list[Engine], queries: list[TraceQuery], trace_set: TraceSet) -> Counter[str]:
-    """Bytes per benchmark if every request went to the cloud: the same tiers and messages, in process."""
+async def cloud_only(engines: list[Engine], queries: list[TraceQuery], grader: Grader) -> dict[str, Tally]:
+    """What sending every request to the cloud gives: the same tiers and messages, linked in process."""
     tiers = link_tiers(TIER_NAMES, engines, [ForwardAllPolicy() for _ in engines])
     for engine in engines:
         await engine.start()
-    totals: Counter[str] = Counter()
+    tallies: dict[str, Tally] = defaultdict(Tally)
     try:
         for index, query in enumerate(queries):
-            choice = trace_set.answers[query.key][DEMO_CHAIN[0]].is_choice
-            # Same id length and fields as the live requests, so the message sizes are comparable.
-            request = build_request(query, choice=choice, request_id=f"demo-{index:06d}", reference=False)
-            response = await tiers[0].infer(request)
-            totals[query.benchmark] += sum(size for size, _ in link_bytes(response))
+            response = await tiers[0].infer(grader.request(index, query))
+            tallies[query.benchmark].add(response, grader.verdict(query, response))
     finally:
         for engine in engines:
             await engine.shutdown()
-    return totals
+    return tallies
 
 
-def format_summary(tallies: dict[str, Tally]) -> str:
+def format_summary(tallies: dict[str, Tally], cloud_only: dict[str, Tally]) -> str:
     links = [f"{a}->{b}" for a, b in itertools.pairwise(TIER_NAMES)]
-    header = ["benchmark", "n", "accuracy", *(f"{t} share" for t in TIER_NAMES), *(f"{x} bytes" for x in links),
-              "bytes vs cloud-only"]  # fmt: skip
-    overall = Tally()
+    header = ["benchmark", "n", "accuracy", "cloud-only accuracy", *(f"{t} share" for t in TIER_NAMES),
+              *(f"{x} bytes" for x in links), "bytes vs cloud-only"]  # fmt: skip
+    overall, overall_cloud = Tally(), Tally()
     rows = []
     for name in sorted(tallies):
         overall.merge(tallies[name])
-        rows.append(_row(name, tallies[name], links))
-    rows.append(_row("overall", overall, links))
+        overall_cloud.merge(cloud_only[name])
+        rows.append(_row(name, tallies[name], cloud_only[name], links))
+    rows.append(_row("overall", overall, overall_cloud, links))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
-def _row(name: str, tally: Tally, links: list[str]) -> list[str]:
-    accuracy = f"{tally.right / tally.judged:.3f}" if tally.judged else "n/a"
+def _row(name: str, tally: Tally, cloud: Tally, links: list[str]) -> list[str]:
     shares = [f"{tally.answered_by[t] / tally.n:.3f}" for t in TIER_NAMES]
-    sent = sum(tally.link_bytes.values())
-    ratio = f"{sent / tally.cloud_only_bytes:.3f}" if tally.cloud_only_bytes else "n/a"
-    return [name, str(tally.n), accuracy, *shares, *(str(tally.link_bytes[x]) for x in links), ratio]
+    ratio = f"{tally.total_bytes / cloud.total_bytes:.3f}" if cloud.total_bytes else "n/a"
+    per_link = [str(tally.link_bytes[x]) for x in links]
+    return [name, str(tally.n), _fraction(tally.accuracy), _fraction(cloud.accuracy), *shares, *per_link, ratio]
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: int = 1,
@@ -279,6 +300,7 @@ def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: i
         limit = 20 if limit is None else limit
     trace_set = TraceSet.load(DEMO_TRACE)
     queries = select_queries(trace_set, limit)
+    grader = Grader(trace_set, engine)
     with tempfile.TemporaryDirectory(prefix="recserve-demo-") as logs:
         stack = TierProcesses(tier_arguments(engine, model_dir), Path(logs))
         try:
@@ -286,18 +308,15 @@ def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: i
             stack.start()
             print(f"sending {len(queries)} questions to the device tier at 127.0.0.1:{stack.ports[0]}", flush=True)
             started = time.perf_counter()
-            tallies = asyncio.run(_send_all(f"127.0.0.1:{stack.ports[0]}", queries, trace_set, engine, concurrency))
+            tallies = asyncio.run(_send_all(f"127.0.0.1:{stack.ports[0]}", queries, grader, concurrency))
             elapsed = time.perf_counter() - started
             scraped = [stack.scrape_bytes(i) for i in range(len(TIER_NAMES))]
         finally:
             codes = stack.stop()
-    for benchmark, total in asyncio.run(cloud_only_bytes(engines_for(engine, model_dir), queries, trace_set)).items():
-        tallies[benchmark].cloud_only_bytes = total
+    reference = asyncio.run(cloud_only(engines_for(engine, model_dir), queries, grader))
     print(f"\n{len(queries)} questions in {elapsed:.1f}s; tier exit codes {codes}\n")
-    print(format_summary(tallies))
-    print(
-        "\nbytes per link from the tiers' Prometheus counters (Infer and Feedback, sent + received, counted at each end):"
-    )
+    print(format_summary(tallies, reference))
+    print("\nbytes per link from the tiers' Prometheus counters (Infer and Feedback, sent + received, at each end):")
     for lower in range(len(TIER_NAMES) - 1):
         upper = TIER_NAMES[lower + 1]
         at_lower = sum(v for (peer, _), v in scraped[lower].items() if peer == upper)

@@ -94,7 +94,8 @@ async def test_decisions_hops_and_bytes_across_three_tiers(stack: Stack) -> None
         for hop in response.hops[:-1]:
             assert hop.decision == pb.DECISION_FORWARDED
             assert hop.confidence < hop.threshold
-            assert hop.bytes_sent > 0 and hop.bytes_received > 0
+            assert hop.bytes_sent > 0
+            assert hop.bytes_received > 0
         last = response.hops[-1]
         assert last.decision == pb.DECISION_ANSWERED
         assert last.tier == "cloud" or not last.confidence < last.threshold or qid == 0
