@@ -30,9 +30,12 @@ def _root(models: dict[str, TinyModelPaths]) -> Path:
     return models["device"].gguf.parent.parent
 
 
-def test_same_seed_gives_identical_bytes_across_processes(models: dict[str, TinyModelPaths], tmp_path: Path) -> None:
+def test_same_seed_gives_identical_bytes_across_processes(
+    models: dict[str, TinyModelPaths],
+    tmp_path: Path,
+) -> None:
     # Another process: tokenizers' Rust hash maps are seeded per process, so this catches ordering drift.
-    code = "import sys; from pathlib import Path; from recserve.models import make_tiny_models as m; m(Path(sys.argv[1]))"
+    code = "import sys, pathlib, recserve.models as m; m.make_tiny_models(pathlib.Path(sys.argv[1]))"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "again")], check=True)
     first, second = _files(_root(models)), _files(tmp_path / "again")
     assert first.keys() == second.keys()
@@ -46,7 +49,9 @@ def test_other_seed_gives_other_weights(models: dict[str, TinyModelPaths], tmp_p
         assert other[tier].gguf.read_bytes() != models[tier].gguf.read_bytes()
         a = load_file(str(models[tier].hf_dir / "model.safetensors"))
         b = load_file(str(other[tier].hf_dir / "model.safetensors"))
-        assert not np.array_equal(a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"])
+        assert not np.array_equal(
+            a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"]
+        )
         # The tokenizer does not depend on the seed, so tiers of any seed share one vocabulary.
         assert (other[tier].hf_dir / "tokenizer.json").read_bytes() == (
             models[tier].hf_dir / "tokenizer.json"
@@ -94,14 +99,20 @@ def test_hf_folder_is_complete_and_consistent(models: dict[str, TinyModelPaths])
         assert (config["num_attention_heads"], config["num_key_value_heads"]) == (size.heads, size.kv_heads)
         tensors = load_file(str(folder / "model.safetensors"))
         assert tensors["model.embed_tokens.weight"].shape == (config["vocab_size"], size.hidden)
-        assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (size.kv_heads * size.head_dim, size.hidden)
+        assert tensors["model.layers.0.self_attn.k_proj.weight"].shape == (
+            size.kv_heads * size.head_dim,
+            size.hidden,
+        )
         assert all(t.dtype == np.float32 for t in tensors.values())
         tok_config = json.loads((folder / "tokenizer_config.json").read_text())
         assert "messages" in tok_config["chat_template"]
         assert tok_config["bos_token"] == "<s>"
         assert json.loads((folder / "special_tokens_map.json").read_text())["eos_token"] == "</s>"
         generation = json.loads((folder / "generation_config.json").read_text())
-        assert (generation["bos_token_id"], generation["eos_token_id"]) == (config["bos_token_id"], config["eos_token_id"])
+        assert (generation["bos_token_id"], generation["eos_token_id"]) == (
+            config["bos_token_id"],
+            config["eos_token_id"],
+        )
 
 
 def test_tokenizer_is_printable_ascii_with_special_tokens(models: dict[str, TinyModelPaths]) -> None:
@@ -137,5 +148,10 @@ def test_gguf_has_llama_metadata_and_gpt2_tokenizer(models: dict[str, TinyModelP
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (0, 1)
     assert "messages" in fields["tokenizer.chat_template"]
     names = {t.name for t in reader.tensors}
-    assert {"token_embd.weight", "output.weight", "output_norm.weight", f"blk.{size.layers - 1}.ffn_down.weight"} <= names
+    assert {
+        "token_embd.weight",
+        "output.weight",
+        "output_norm.weight",
+        f"blk.{size.layers - 1}.ffn_down.weight",
+    } <= names
     assert len(names) == 3 + 9 * size.layers

@@ -15,7 +15,8 @@ What is reported, and how it matches vLLM's conventions:
   completes a stop string; the text excludes both (it is cut where the stop string starts);
 - CHOICE option log-probs are log-softmax values at the first generated position of each option's
   first token, the option tokenized on its own ("A", not " A"): the answer is expected to start the
-  completion, as with a system prompt like "Answer with A, B, C or D.".
+  completion, as with a system prompt like "Answer with A, B, C or D.". A CHOICE request asking for 0
+  tokens still generates 1, since only sampling produces the first position's logits.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +36,8 @@ from recserve.engines.base import EngineError, Generation, GenerationRequest
 
 if TYPE_CHECKING:
     from recserve.engines import EngineConfig
+
+T = TypeVar("T")
 
 
 def _log_softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
@@ -45,7 +50,14 @@ def _log_softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float6
 class LlamaCppEngine:
     name = "llama_cpp"
 
-    def __init__(self, model: str | Path, *, threads: int = 0, context_length: int = 2048, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        threads: int = 0,
+        context_length: int = 2048,
+        seed: int = 0,
+    ) -> None:
         if not str(model):
             raise EngineError("the llama_cpp engine needs a GGUF model file (--model)")
         self.model = Path(model)
@@ -55,20 +67,34 @@ class LlamaCppEngine:
         self._llm: Any = None
         # One llama.cpp context serves one request at a time: it is not thread-safe.
         self._lock = asyncio.Lock()
+        # Every llama.cpp call runs on this one thread. llama.cpp parallelises with OpenMP, whose thread
+        # team belongs to the calling thread and spins after each call: calls hopping between
+        # asyncio.to_thread workers leave idle teams spinning, and 2 threads then ran 10x slower.
+        self._executor: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LlamaCppEngine:
-        return cls(config.model, threads=config.threads, context_length=config.context_length, seed=config.seed)
+        return cls(
+            config.model,
+            threads=config.threads,
+            context_length=config.context_length,
+            seed=config.seed,
+        )
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-cpp")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     async def start(self) -> None:
         async with self._lock:
             if self._llm is None:
-                self._llm = await asyncio.to_thread(self._load)
+                self._llm = await self._run(self._load)
 
     def _load(self) -> Any:
         if not self.model.is_file():
             raise EngineError(f"llama_cpp engine: model file {self.model} does not exist")
-        import llama_cpp  # type: ignore[import-untyped]
+        import llama_cpp
 
         try:
             return llama_cpp.Llama(
@@ -91,13 +117,16 @@ class LlamaCppEngine:
         async with self._lock:
             llm, self._llm = self._llm, None
             if llm is not None:
-                await asyncio.to_thread(llm.close)
+                await self._run(llm.close)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
 
     async def generate(self, request: GenerationRequest) -> Generation:
         async with self._lock:
             if self._llm is None:
                 raise EngineError("llama_cpp engine not started")
-            return await asyncio.to_thread(self._generate, self._llm, request)
+            return await self._run(self._generate, self._llm, request)
 
     def _generate(self, llm: Any, request: GenerationRequest) -> Generation:
         import llama_cpp
@@ -106,10 +135,10 @@ class LlamaCppEngine:
         prompt_tokens: list[int] = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
         room = self.context_length - len(prompt_tokens)
         if room <= 0:
-            raise EngineError(
-                f"prompt of {len(prompt_tokens)} tokens does not fit the context of {self.context_length} tokens"
-            )
-        max_tokens = min(request.max_tokens, room)
+            size = f"{len(prompt_tokens)} tokens"
+            raise EngineError(f"prompt of {size} does not fit the context of {self.context_length} tokens")
+        # Option log-probs need the first position's logits, which only sampling one token produces.
+        max_tokens = min(max(request.max_tokens, 1 if request.options else 0), room)
 
         rows: list[npt.NDArray[np.float32]] = []
 
@@ -123,14 +152,20 @@ class LlamaCppEngine:
         text_bytes = b""
         finish = "length"
         first_row: npt.NDArray[np.float32] | None = None
-        sampling: dict[str, Any] = {"temp": request.temperature}
+        sampling: dict[str, Any] = {"temp": max(request.temperature, 0.0)}  # 0: greedy
         if request.temperature > 0:
             # Plain temperature sampling: no top-k/top-p/min-p truncation of the model's distribution.
             sampling.update(top_k=0, top_p=1.0, min_p=0.0)
         # reset() empties the context so nothing (not even batch-shape-dependent rounding of a reused
         # prefix) carries between requests: the same request always yields the same tokens and log-probs.
         llm.reset()
-        stream = llm.generate(prompt_tokens, reset=True, repeat_penalty=1.0, logits_processor=[capture], **sampling)
+        stream = llm.generate(
+            prompt_tokens,
+            reset=True,
+            repeat_penalty=1.0,
+            logits_processor=[capture],
+            **sampling,
+        )
         try:
             while len(tokens) < max_tokens:
                 token = int(next(stream))
@@ -174,9 +209,8 @@ class LlamaCppEngine:
         # argpartition is O(vocab); only the k winners get sorted. Ties break by token id for stability.
         best = np.argpartition(-logprobs, k - 1)[:k]
         order = sorted(best.tolist(), key=lambda i: (-logprobs[i], i))
-        return tuple(
-            (llm.detokenize([i], special=True).decode("utf-8", errors="replace"), float(logprobs[i])) for i in order
-        )
+        names = [llm.detokenize([i], special=True).decode("utf-8", errors="replace") for i in order]
+        return tuple((name, float(logprobs[i])) for name, i in zip(names, order, strict=True))
 
     @staticmethod
     def _first_token(llm: Any, option: str) -> int:
