@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from recserve.engines.base import Generation
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,25 @@ def choice_probability(options: Sequence[str], option_logprobs: Sequence[float],
 
 
 def score_choice(generation: Generation, options: Sequence[str]) -> Score:
+    """The renormalised probability of the chosen option (RecServe's maximum softmax score)."""
     score = choice_probability(options, generation.option_logprobs, generation.chosen_option)
     return Score(
         value=score.value,
         chosen_option=score.chosen_option,
         first_token_margin=first_token_margin(generation),
     )
+
+
+def score_choice_margin(generation: Generation, options: Sequence[str]) -> Score:
+    """Chosen option's renormalised probability minus the best other option's: low when two options tie."""
+    chosen = score_choice(generation, options)
+    peak = max(generation.option_logprobs)
+    weights = [math.exp(lp - peak) if peak > -math.inf else 0.0 for lp in generation.option_logprobs]
+    total = sum(weights) or 1.0
+    index = options.index(chosen.chosen_option) if chosen.chosen_option in options else 0
+    runner_up = max((w for i, w in enumerate(weights) if i != index), default=0.0) / total
+    return Score(max(0.0, chosen.value - runner_up), chosen_option=chosen.chosen_option,
+                 first_token_margin=chosen.first_token_margin)  # fmt: skip
 
 
 def score_perplexity(generation: Generation) -> Score:
@@ -83,6 +99,12 @@ def score_margin(generation: Generation) -> Score:
 
 
 GenerateScorer = Callable[[Generation], Score]
+ChoiceScorer = Callable[[Generation, Sequence[str]], Score]
+
+CHOICE_SCORERS: dict[str, ChoiceScorer] = {
+    "option_probability": score_choice,
+    "option_margin": score_choice_margin,
+}
 
 GENERATE_SCORERS: dict[str, GenerateScorer] = {
     "perplexity": score_perplexity,
@@ -92,7 +114,15 @@ GENERATE_SCORERS: dict[str, GenerateScorer] = {
 
 
 def generate_scorer(name: str) -> GenerateScorer:
+    return _pick(GENERATE_SCORERS, name)
+
+
+def choice_scorer(name: str) -> ChoiceScorer:
+    return _pick(CHOICE_SCORERS, name)
+
+
+def _pick(scorers: dict[str, T], name: str) -> T:
     try:
-        return GENERATE_SCORERS[name]
+        return scorers[name]
     except KeyError:
-        raise ValueError(f"unknown scorer {name!r}; choose one of: {', '.join(GENERATE_SCORERS)}") from None
+        raise ValueError(f"unknown scorer {name!r}; choose one of: {', '.join(scorers)}") from None

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from recserve.confidence import GENERATE_SCORERS
+from recserve.confidence import CHOICE_SCORERS, GENERATE_SCORERS
 from recserve.engines import ENGINE_NAMES, EngineConfig
 from recserve.policy import POLICY_NAMES
 from recserve.tier import TierLimits
@@ -51,6 +51,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("window", int, 10_000, "recserve policy: confidences kept per task family"),
     Option("threshold", float, 0.5, "fixed policy: forward below this confidence"),
     Option("scorer", str, "perplexity", "confidence scorer for GENERATE tasks", tuple(GENERATE_SCORERS)),
+    Option("choice_scorer", str, "option_probability", "confidence scorer for CHOICE tasks", tuple(CHOICE_SCORERS)),
     Option("max_prompt_chars", int, TierLimits.max_prompt_chars, "longest prompt + system prompt accepted"),
     Option("max_tokens", int, TierLimits.max_tokens, "largest max_tokens a request may ask for"),
     Option("default_max_tokens", int, TierLimits.default_max_tokens, "max_tokens when a request gives 0"),
@@ -78,6 +79,7 @@ class TierSettings:
     window: int
     threshold: float
     scorer: str
+    choice_scorer: str
     max_prompt_chars: int
     max_tokens: int
     default_max_tokens: int

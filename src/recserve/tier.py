@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from recserve.confidence import Score, generate_scorer, score_choice
+from recserve.confidence import Score, choice_scorer, generate_scorer
 from recserve.engines.base import Engine, EngineError, GenerationRequest, UnknownPromptError
 from recserve.errors import (
     DeadlineExceeded,
@@ -72,6 +72,7 @@ class Tier:
         *,
         limits: TierLimits | None = None,
         scorer: str = "perplexity",
+        choice_scorer_name: str = "option_probability",
         feedback_memory: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = new_request_id,
@@ -83,6 +84,7 @@ class Tier:
         self.upstream = upstream
         self.limits = limits or TierLimits()
         self._score_generation = generate_scorer(scorer)
+        self._score_choice = choice_scorer(choice_scorer_name)
         self._feedback_memory = feedback_memory
         self._served: OrderedDict[str, _Served] = OrderedDict()
         self._families: set[str] = set()
@@ -122,7 +124,7 @@ class Tier:
         engine_seconds = self._clock() - started
 
         choice = request.task == pb.TASK_KIND_CHOICE
-        score = score_choice(generation, list(request.options)) if choice else self._score_generation(generation)
+        score = self._score_choice(generation, list(request.options)) if choice else self._score_generation(generation)
         local_only = request.offload == pb.OFFLOAD_MODE_LOCAL_ONLY
         verdict = self.policy.decide(family, score.value, is_last=self.is_last or local_only)
         self.metrics.observe_decision(family, score.value, verdict.threshold, engine_seconds)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from recserve.confidence import choice_probability, generate_scorer, score_choice, score_perplexity
+from recserve.confidence import choice_probability, choice_scorer, generate_scorer, score_choice, score_perplexity
 from recserve.engines.base import Generation
 
 OPTIONS = ("A", "B", "C", "D")
@@ -68,3 +68,12 @@ def test_score_choice_reports_the_first_token_margin() -> None:
     score = score_choice(generation, OPTIONS)
     assert score.chosen_option == "A"
     assert score.first_token_margin == pytest.approx(1.0)
+
+
+def test_choice_margin_scorer_is_low_when_options_tie() -> None:
+    tie = Generation(text="A", token_logprobs=(), option_logprobs=(math.log(0.4), math.log(0.4), -9.0, -9.0))
+    clear = Generation(text="A", token_logprobs=(), option_logprobs=(math.log(0.9), math.log(0.05), -9.0, -9.0))
+    margin = choice_scorer("option_margin")
+    assert margin(tie, OPTIONS).value == pytest.approx(0.0, abs=1e-3)
+    assert margin(clear, OPTIONS).value > 0.8
+    assert choice_scorer("option_probability")(tie, OPTIONS).value == pytest.approx(0.5, abs=1e-3)

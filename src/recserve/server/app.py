@@ -74,6 +74,7 @@ async def start_tier(
         GrpcUpstream(settings.next) if settings.next else None,
         limits=settings.limits,
         scorer=settings.scorer,
+        choice_scorer_name=settings.choice_scorer,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     servicer = TierServicer(tier)
