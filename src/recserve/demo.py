@@ -10,27 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from recserve.cascade import link_tiers
 from recserve.engines import Engine, EngineConfig, create_engine
 from recserve.judge import is_correct
 from recserve.policy import ForwardAllPolicy
+from recserve.processes import TierProcesses
+from recserve.replay_requests import build_request, link_bytes
 from recserve.traces import TraceQuery, TraceSet
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
@@ -38,8 +33,6 @@ from recserve.v1 import tier_pb2_grpc as pb_grpc
 DEMO_TRACE = Path(__file__).parent / "data" / "traces" / "zellinger-demo"
 DEMO_CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
 TIER_NAMES = ("device", "edge", "cloud")
-CHOICE_OPTIONS = ("A", "B", "C", "D")
-GENERATE_MAX_TOKENS = 48
 
 
 @dataclass
@@ -75,98 +68,6 @@ class Tally:
     @property
     def total_bytes(self) -> int:
         return sum(self.link_bytes.values())
-
-
-def link_bytes(response: pb.InferResponse) -> Iterator[tuple[int, str]]:
-    """(bytes, "lower->upper") for every link a response's request crossed, from its hop records."""
-    hops = response.hops
-    for lower, upper in itertools.pairwise(hops):
-        yield lower.bytes_sent + lower.bytes_received, f"{lower.tier}->{upper.tier}"
-
-
-def build_request(query: TraceQuery, *, choice: bool, request_id: str, reference: bool) -> pb.InferRequest:
-    return pb.InferRequest(
-        request_id=request_id,
-        prompt=query.user_prompt,
-        system_prompt=query.system_prompt,
-        task=pb.TASK_KIND_CHOICE if choice else pb.TASK_KIND_GENERATE,
-        options=CHOICE_OPTIONS if choice else (),
-        family=query.benchmark,
-        sampling=pb.SamplingParams(max_tokens=1 if choice else GENERATE_MAX_TOKENS),
-        reference=query.gold if reference else "",
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class TierProcesses:
-    """`recserve serve` child processes, last tier first, each started once its next tier is ready."""
-
-    def __init__(self, tier_args: Sequence[list[str]], log_dir: Path) -> None:
-        self.ports = [free_port() for _ in tier_args]
-        self.metrics_ports = [free_port() for _ in tier_args]
-        self.log_dir = log_dir
-        self._tier_args = tier_args
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._logs: list[BinaryIO] = []
-
-    def start(self, timeout: float = 120.0) -> None:
-        for index in reversed(range(len(self._tier_args))):
-            args = [
-                sys.executable, "-m", "recserve", "serve",
-                "--host", "127.0.0.1",
-                "--port", str(self.ports[index]),
-                "--metrics-port", str(self.metrics_ports[index]),
-                *self._tier_args[index],
-            ]  # fmt: skip
-            if index + 1 < len(self._tier_args):
-                args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
-            self._logs.append((self.log_dir / f"tier{index}.log").open("wb"))
-            self._procs.append(subprocess.Popen(args, stdout=self._logs[-1], stderr=subprocess.STDOUT))
-            self._wait_ready(index, self._procs[-1], timeout)
-
-    def _wait_ready(self, index: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        log = self.log_dir / f"tier{index}.log"
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"tier {index} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            if b" ready on port " in log.read_bytes():
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"tier {index} not ready after {timeout:.0f}s:\n{log.read_text()[-2000:]}")
-
-    def stop(self) -> list[int]:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        codes = []
-        for proc in self._procs:
-            try:
-                codes.append(proc.wait(timeout=30))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                codes.append(proc.wait())
-        for log in self._logs:
-            log.close()
-        return codes
-
-    def scrape_bytes(self, index: int) -> dict[tuple[str, str], float]:
-        """recserve_transmitted_bytes_total of one tier, by (peer, direction), over HTTP."""
-        url = f"http://127.0.0.1:{self.metrics_ports[index]}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            text = reply.read().decode()
-        found: dict[tuple[str, str], float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "recserve_transmitted_bytes_total":
-                    found[(sample.labels["peer"], sample.labels["direction"])] = sample.value
-        return found
 
 
 def tier_arguments(engine: str, model_dir: Path | None) -> list[list[str]]:

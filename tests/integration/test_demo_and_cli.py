@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from recserve.demo import TierProcesses, tier_arguments
+from recserve.demo import tier_arguments
+from recserve.processes import TierProcesses
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,87 @@
+"""Tier processes on loopback: `recserve serve` children for the demo, live evaluation and tests."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class TierProcesses:
+    """`recserve serve` child processes, last tier first, each started once its next tier is ready."""
+
+    def __init__(self, tier_args: Sequence[list[str]], log_dir: Path) -> None:
+        self.ports = [free_port() for _ in tier_args]
+        self.metrics_ports = [free_port() for _ in tier_args]
+        self.log_dir = log_dir
+        self._tier_args = tier_args
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[BinaryIO] = []
+
+    def start(self, timeout: float = 120.0) -> None:
+        for index in reversed(range(len(self._tier_args))):
+            args = [
+                sys.executable, "-m", "recserve", "serve",
+                "--host", "127.0.0.1",
+                "--port", str(self.ports[index]),
+                "--metrics-port", str(self.metrics_ports[index]),
+                *self._tier_args[index],
+            ]  # fmt: skip
+            if index + 1 < len(self._tier_args):
+                args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
+            self._logs.append((self.log_dir / f"tier{index}.log").open("wb"))
+            self._procs.append(subprocess.Popen(args, stdout=self._logs[-1], stderr=subprocess.STDOUT))
+            self._wait_ready(index, self._procs[-1], timeout)
+
+    def _wait_ready(self, index: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        log = self.log_dir / f"tier{index}.log"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tier {index} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            if b" ready on port " in log.read_bytes():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"tier {index} not ready after {timeout:.0f}s:\n{log.read_text()[-2000:]}")
+
+    def stop(self) -> list[int]:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = []
+        for proc in self._procs:
+            try:
+                codes.append(proc.wait(timeout=30))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+        for log in self._logs:
+            log.close()
+        return codes
+
+    def scrape_bytes(self, index: int) -> dict[tuple[str, str], float]:
+        """recserve_transmitted_bytes_total of one tier, by (peer, direction), over HTTP."""
+        url = f"http://127.0.0.1:{self.metrics_ports[index]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        found: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "recserve_transmitted_bytes_total":
+                    found[(sample.labels["peer"], sample.labels["direction"])] = sample.value
+        return found
