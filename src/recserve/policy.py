@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,18 +54,34 @@ class RecServePolicy:
 
 
 class FixedThresholdPolicy:
-    """CasServe: one hand-tuned threshold per tier, whatever the traffic."""
+    """CasServe: hand-tuned thresholds, one per tier (optionally one per task family), whatever the traffic."""
 
-    def __init__(self, threshold: float) -> None:
-        if math.isnan(threshold):
+    def __init__(self, threshold: float, per_family: Mapping[str, float] | None = None) -> None:
+        self._per_family = dict(per_family or {})
+        if any(math.isnan(t) for t in (threshold, *self._per_family.values())):
             raise ValueError("threshold is NaN")
         self._threshold = threshold
 
     def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
-        return Verdict(not is_last and confidence < self._threshold, self._threshold)
+        threshold = self._per_family.get(family, self._threshold)
+        return Verdict(not is_last and confidence < threshold, threshold)
 
     def threshold(self, family: str) -> float | None:
-        return self._threshold
+        return self._per_family.get(family, self._threshold)
+
+
+def parse_family_thresholds(text: str) -> dict[str, float]:
+    """ "mmlu=0.42,medmcqa=0.5" -> {"mmlu": 0.42, "medmcqa": 0.5}; raises ValueError saying what is wrong."""
+    thresholds: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        family, sep, value = item.partition("=")
+        try:
+            thresholds[family.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not family.strip():
+            raise ValueError(f"family thresholds must look like 'mmlu=0.42,medmcqa=0.5', got {item!r}")
+    return thresholds
 
 
 class ForwardAllPolicy:
@@ -87,11 +104,18 @@ class LocalOnlyPolicy:
         return -math.inf
 
 
-def make_policy(name: str, *, beta: float = 0.3, window: int = 10_000, threshold: float = 0.5) -> OffloadPolicy:
+def make_policy(
+    name: str,
+    *,
+    beta: float = 0.3,
+    window: int = 10_000,
+    threshold: float = 0.5,
+    family_thresholds: Mapping[str, float] | None = None,
+) -> OffloadPolicy:
     if name == "recserve":
         return RecServePolicy(beta, window)
     if name == "fixed":
-        return FixedThresholdPolicy(threshold)
+        return FixedThresholdPolicy(threshold, family_thresholds)
     if name == "forward-all":
         return ForwardAllPolicy()
     if name == "local":

@@ -10,7 +10,7 @@ from typing import Any
 
 from recserve.confidence import CHOICE_SCORERS, GENERATE_SCORERS
 from recserve.engines import ENGINE_NAMES, EngineConfig
-from recserve.policy import POLICY_NAMES
+from recserve.policy import POLICY_NAMES, parse_family_thresholds
 from recserve.tier import TierLimits
 
 ENV_PREFIX = "RECSERVE_"
@@ -50,6 +50,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("beta", float, 0.3, "recserve policy: forward below this quantile of recent confidences"),
     Option("window", int, 10_000, "recserve policy: confidences kept per task family"),
     Option("threshold", float, 0.5, "fixed policy: forward below this confidence"),
+    Option("family_thresholds", str, "", "fixed policy: per-family thresholds, e.g. mmlu=0.42,medmcqa=0.5"),
     Option("scorer", str, "perplexity", "confidence scorer for GENERATE tasks", tuple(GENERATE_SCORERS)),
     Option("choice_scorer", str, "option_probability", "confidence scorer for CHOICE tasks", tuple(CHOICE_SCORERS)),
     Option("max_prompt_chars", int, TierLimits.max_prompt_chars, "longest prompt + system prompt accepted"),
@@ -78,6 +79,7 @@ class TierSettings:
     beta: float
     window: int
     threshold: float
+    family_thresholds: str
     scorer: str
     choice_scorer: str
     max_prompt_chars: int
@@ -109,6 +111,10 @@ class TierSettings:
             yield "the llama_cpp engine needs --model PATH.gguf"
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             yield "default_max_tokens must be within 1 and max_tokens"
+        try:
+            parse_family_thresholds(self.family_thresholds)
+        except ValueError as exc:
+            yield str(exc)
         if self.grace_seconds < 0:
             yield "grace_seconds must not be negative"
 

@@ -8,7 +8,15 @@ import random
 import numpy as np
 import pytest
 
-from recserve.policy import FixedThresholdPolicy, ForwardAllPolicy, LocalOnlyPolicy, RecServePolicy, make_policy
+from recserve.policy import (
+    FixedThresholdPolicy,
+    ForwardAllPolicy,
+    LocalOnlyPolicy,
+    RecServePolicy,
+    Verdict,
+    make_policy,
+    parse_family_thresholds,
+)
 
 
 def test_recserve_forwards_iff_below_the_windowed_quantile_including_the_current_value() -> None:
@@ -59,3 +67,12 @@ def test_make_policy_by_name() -> None:
         make_policy("oracle")
     with pytest.raises(ValueError, match="beta"):
         make_policy("recserve", beta=2.0)
+
+
+def test_fixed_thresholds_per_family() -> None:
+    policy = make_policy("fixed", threshold=0.5, family_thresholds=parse_family_thresholds("mmlu=0.9, gsm8k=0.1"))
+    assert policy.decide("mmlu", 0.8, is_last=False).forward
+    assert not policy.decide("gsm8k", 0.2, is_last=False).forward
+    assert policy.decide("other", 0.4, is_last=False) == Verdict(True, 0.5)
+    with pytest.raises(ValueError, match="must look like"):
+        parse_family_thresholds("mmlu:0.3")

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from recserve.engines import Engine, create_engine
 from recserve.metrics import TierMetrics
-from recserve.policy import make_policy
+from recserve.policy import make_policy, parse_family_thresholds
 from recserve.server.servicer import SERVICE_NAME, TierServicer, add_tier_service
 from recserve.server.upstream import GrpcUpstream
 from recserve.settings import TierSettings
@@ -69,7 +69,13 @@ async def start_tier(
     tier = Tier(
         settings.tier,
         engine,
-        make_policy(settings.policy, beta=settings.beta, window=settings.window, threshold=settings.threshold),
+        make_policy(
+            settings.policy,
+            beta=settings.beta,
+            window=settings.window,
+            threshold=settings.threshold,
+            family_thresholds=parse_family_thresholds(settings.family_thresholds),
+        ),
         TierMetrics.standalone(registry, settings.tier),
         GrpcUpstream(settings.next) if settings.next else None,
         limits=settings.limits,
