@@ -20,17 +20,20 @@ ANSWER_COLUMNS = [
 ]  # fmt: skip
 
 
-def write_trace_folder(folder: Path, *, n_per_family: int = 30, seed: int = 0, models=TRACE_MODELS) -> Path:
+def write_trace_folder(
+    folder: Path, *, n_per_family: int = 30, seed: int = 0, models=TRACE_MODELS, splits=("test",)
+) -> Path:
     """A trace folder with a CHOICE family ("quiz") and a GENERATE family ("chat"); random confidences."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     queries, rows = [], []
     for family, system in (("quiz", CHOICE_SYSTEM), ("chat", GENERATE_SYSTEM)):
-        for qid in range(n_per_family):
+        for split, qid in ((split, qid) for split in splits for qid in range(n_per_family)):
             gold = rng.choice("ABCD") if family == "quiz" else f"answer {qid}"
             queries.append({
-                "benchmark": family, "split": "test", "qid": qid, "system_prompt": system,
-                "user_prompt": f"{family} question number {qid}?", "prompt_chars": 0,
+                "benchmark": family, "split": split, "qid": qid, "system_prompt": system,
+                "user_prompt": f"{family} question number {qid}?" + ("" if split == "test" else " (train)"),
+                "prompt_chars": 0,
                 "question": f"question {qid}", "gold": gold,
             })  # fmt: skip
             for tier, model in enumerate(models):
@@ -42,7 +45,7 @@ def write_trace_folder(folder: Path, *, n_per_family: int = 30, seed: int = 0, m
                     else (gold if right else "something else")
                 )
                 rows.append({
-                    "benchmark": family, "split": "test", "qid": qid, "chain": "test", "model": model,
+                    "benchmark": family, "split": split, "qid": qid, "chain": "test", "model": model,
                     "tier_in_chain": tier, "answer": answer, "correct": str(right),
                     "conf_signal": "ModelIntrinsicLogProb" if family == "quiz" else "AskModelConfidence",
                     "raw_conf_logprob": repr(math.log(p)), "conf_prob": repr(p), "cost_usd": "0",

@@ -1,0 +1,88 @@
+"""`recserve eval`: replay a trace set through the tier code and report accuracy and bytes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from recserve.evaluation import POLICY_NAMES, EvalRequest, Summary, evaluate, tier_names
+from recserve.sweep import DEFAULT_BETAS, SweepRequest, plot, sweep
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--traces", type=Path, required=True, help="a folder in the trace format (docs/traces.md)")
+    parser.add_argument("--chain", required=True, help="models from cheapest to largest, e.g. llama3.2-1b,llama3.1-70b")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--policy", choices=POLICY_NAMES, default="recserve")
+    parser.add_argument("--beta", type=float, default=0.3, help="recserve: forward below this quantile")
+    parser.add_argument("--window", type=int, default=10_000, help="recserve: confidences kept per benchmark")
+    parser.add_argument("--thresholds", default="", help="casserve: one per forwarding tier; default: tuned on train")
+    parser.add_argument(
+        "--budget", type=float, default=None,
+        help="casserve tuning: bytes as a share of cloud-only (default: what recserve at --beta spends on train)",
+    )  # fmt: skip
+    parser.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="serve queries in a seeded order")
+    parser.add_argument("--live", action="store_true", help="through real tier processes over gRPC on loopback")
+    parser.add_argument("--json", default=None, metavar="FILE|-", help="write the figures as JSON")
+    parser.add_argument("--sweep", action="store_true", help="the accuracy-versus-bytes frontier instead")
+    parser.add_argument("--plot", type=Path, default=None, help="with --sweep: write the frontier as a PNG")
+    parser.add_argument("--betas", default=",".join(map(str, DEFAULT_BETAS)), help="with --sweep: the β values")
+
+
+def run(args: argparse.Namespace) -> int:
+    chain = tuple(m.strip() for m in args.chain.split(",") if m.strip())
+    try:
+        if args.sweep:
+            return _sweep(args, chain)
+        thresholds = tuple(float(t) for t in args.thresholds.split(",") if t.strip())
+        request = EvalRequest(
+            traces=args.traces, chain=chain, split=args.split, policy=args.policy, beta=args.beta,
+            window=args.window, thresholds=thresholds, budget=args.budget, shuffle=args.shuffle, live=args.live,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="recserve-eval-") as logs:
+            results = asyncio.run(evaluate(request, Path(logs)))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"recserve eval: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(results, tier_names(len(chain))))
+    if args.json:
+        _write_json({name: s.as_json() for name, s in results.items()}, args.json)
+    return 0
+
+
+def _sweep(args: argparse.Namespace, chain: tuple[str, ...]) -> int:
+    betas = tuple(float(b) for b in args.betas.split(","))
+    request = SweepRequest(args.traces, chain, args.split, args.window, betas, shuffle=args.shuffle)
+    result = asyncio.run(sweep(request))
+    if args.plot:
+        plot(result, args.plot)
+    _write_json(result, args.json or "-")
+    return 0
+
+
+def _write_json(data: object, target: str) -> None:
+    text = json.dumps(data, indent=2)
+    if target == "-":
+        print(text)
+    else:
+        Path(target).write_text(text + "\n")
+
+
+def format_table(results: dict[str, Summary], names: tuple[str, ...]) -> str:
+    links = [f"{a}->{b}" for a, b in itertools.pairwise(names)]
+    header = ["benchmark", "n", "accuracy", *(f"{t} share" for t in names), *(f"{x} bytes" for x in links),
+              "bytes total", "vs cloud-only"]  # fmt: skip
+    rows = [
+        [name, str(s.n), f"{s.accuracy:.3f}", *(f"{x:.3f}" for x in s.share_by_tier), *map(str, s.bytes_by_link),
+         str(s.bytes_total), f"{s.bytes_vs_cloud_only:.3f}"]
+        for name, s in results.items()
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

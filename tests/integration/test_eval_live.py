@@ -1,0 +1,60 @@
+"""`recserve eval --live` gives the same decisions, accuracy and bytes as the offline replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recserve.demo import DEMO_CHAIN, DEMO_TRACE
+from recserve.evaluation import TraceReplay, recserve_plan
+from tests.conftest import write_trace_folder
+
+pytestmark = pytest.mark.integration
+
+
+def eval_json(folder: Path, chain: str, out: Path, *extra: str) -> dict:
+    command = [sys.executable, "-m", "recserve", "eval", "--traces", str(folder), "--chain", chain, "--json", str(out)]
+    result = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "overall" in result.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ["--policy", "recserve", "--beta", "0.4", "--window", "7"],
+        ["--policy", "recserve", "--shuffle", "11"],
+        ["--policy", "casserve", "--thresholds", "0.6,0.5"],
+        ["--policy", "cloud-only"],
+    ],
+)
+def test_live_equals_offline(tmp_path: Path, policy: list[str]) -> None:
+    folder = write_trace_folder(tmp_path / "traces", n_per_family=25, seed=5)
+    offline = eval_json(folder, "small,medium,large", tmp_path / "offline.json", *policy)
+    live = eval_json(folder, "small,medium,large", tmp_path / "live.json", *policy, "--live")
+    assert live == offline
+    assert offline["overall"]["n"] == 50
+
+
+def test_live_equals_offline_per_query_on_real_traces(tmp_path: Path) -> None:
+    """Query by query on 60 real questions per benchmark: same answering tier, verdict and bytes per link."""
+    replay = TraceReplay.load(DEMO_TRACE, DEMO_CHAIN)
+    queries = [q for b in ("mmlu", "triviaqa") for q in replay.queries("test") if q.benchmark == b][:120]
+    offline = asyncio.run(replay.run_offline(queries, recserve_plan(3, 0.3, 10_000).offline))
+    live = replay.run_live(queries, recserve_plan(3, 0.3, 10_000).flags, tmp_path)
+    assert live == offline
+    assert {o.depth for o in offline} == {0, 1, 2}
+
+
+def test_bad_chain_is_a_clear_error(tmp_path: Path) -> None:
+    folder = write_trace_folder(tmp_path / "traces", n_per_family=3)
+    command = [sys.executable, "-m", "recserve", "eval", "--traces", str(folder), "--chain", "small,gpt-9"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "gpt-9" in result.stderr

@@ -1,0 +1,131 @@
+"""The evaluation harness replays traces through the tier code and reports honest figures."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recserve.evaluation import EvalRequest, TraceReplay, evaluate, tune_fixed_thresholds
+from recserve.sweep import SweepRequest, pareto, plot, sweep
+from recserve.traces import TraceSet
+from tests.conftest import write_trace_folder
+
+CHAIN = ("small", "medium", "large")
+FIELDS = {"n", "accuracy", "share_by_tier", "bytes_total", "bytes_vs_cloud_only"}
+
+
+async def run(folder: Path, **fields: object) -> dict:
+    return await evaluate(EvalRequest(traces=folder, chain=fields.pop("chain", CHAIN), **fields))  # type: ignore[arg-type]
+
+
+async def test_cloud_only_and_device_only_bound_the_bytes(trace_folder: Path) -> None:
+    traces = TraceSet.load(trace_folder)
+    cloud = await run(trace_folder, policy="cloud-only")
+    device = await run(trace_folder, policy="device-only")
+    for name in ("quiz", "chat", "overall"):
+        assert cloud[name].share_by_tier == [0.0, 0.0, 1.0]
+        assert cloud[name].bytes_vs_cloud_only == 1.0
+        assert device[name].share_by_tier == [1.0, 0.0, 0.0]
+        assert device[name].bytes_total == 0
+    small_right = np.mean([traces.answers[q.key]["small"].correct for q in traces.queries])
+    assert device["overall"].accuracy == pytest.approx(small_right)
+    assert cloud["overall"].n == len(traces.queries)
+
+
+async def test_oracle_answers_at_the_cheapest_right_tier(trace_folder: Path) -> None:
+    traces = TraceSet.load(trace_folder)
+    oracle = await run(trace_folder, policy="oracle")
+    right = [[traces.answers[q.key][m].correct for m in CHAIN] for q in traces.queries]
+    depths = [row.index(True) if any(row) else 0 for row in right]
+    assert oracle["overall"].accuracy == pytest.approx(np.mean([any(row) for row in right]))
+    assert oracle["overall"].share_by_tier == pytest.approx([depths.count(d) / len(depths) for d in range(3)])
+
+
+async def test_recserve_matches_an_independent_numpy_replay(trace_folder: Path) -> None:
+    traces = TraceSet.load(trace_folder)
+    beta, window = 0.4, 6
+    result = await run(trace_folder, policy="recserve", beta=beta, window=window)
+    windows: dict[tuple[str, int], list[float]] = defaultdict(list)
+    depths, right = [], []
+    queries = sorted((q for q in traces.queries if q.split == "test"), key=lambda q: (q.benchmark, q.qid))
+    for query in queries:
+        depth = 0
+        while True:
+            confidence = math.exp(traces.answers[query.key][CHAIN[depth]].logprob)
+            seen = windows[(query.benchmark, depth)]
+            seen.append(confidence)
+            recent = seen[-window:]
+            if depth == 2 or len(recent) < 2 or confidence >= np.percentile(recent, 100 * beta):
+                break
+            depth += 1
+        depths.append(depth)
+        right.append(traces.answers[query.key][CHAIN[depth]].correct)
+    overall = result["overall"]
+    assert overall.share_by_tier == pytest.approx([depths.count(d) / len(depths) for d in range(3)])
+    assert overall.accuracy == pytest.approx(np.mean(right))
+    assert 0 < overall.bytes_vs_cloud_only < 1
+
+
+async def test_casserve_with_given_thresholds_and_tuned_on_train(tmp_path: Path) -> None:
+    folder = write_trace_folder(tmp_path / "t", n_per_family=40, splits=("train", "test"))
+    given = await run(folder, policy="casserve", thresholds=(0.5, 0.5))
+    replay = TraceReplay.load(folder, CHAIN)
+    queries = replay.queries("test")
+    table = await replay.depth_table(queries)
+    depths = table.fixed_threshold_depths(np.array([0.5, 0.5]))
+    assert given["overall"].share_by_tier == pytest.approx([float(np.mean(depths == d)) for d in range(3)])
+
+    train_table = await replay.depth_table(replay.queries("train"))
+    for budget in (0.0, 0.3, 1.0):
+        tuned = tune_fixed_thresholds(train_table, budget, points=11)
+        for benchmark, thresholds in tuned.items():
+            mask = train_table.benchmarks == benchmark
+            chosen = train_table.fixed_threshold_depths(np.array(thresholds))[mask]
+            spent = train_table.link_bytes[mask][np.arange(mask.sum()), chosen].sum()
+            assert spent <= budget * train_table.cloud_only_bytes[mask].sum() + 1e-9
+    tuned_run = await run(folder, policy="casserve", budget=0.3)
+    assert tuned_run["overall"].n == len(queries)
+    with pytest.raises(ValueError, match="one value per forwarding tier"):
+        await run(folder, policy="casserve", thresholds=(0.5,))
+
+
+async def test_json_fields_shuffle_and_chains_of_any_length(tmp_path: Path) -> None:
+    folder = write_trace_folder(tmp_path / "t", models=("a", "b", "c", "d"))
+    four = await run(folder, chain=("a", "b", "c", "d"), policy="cloud-only")
+    assert four["overall"].share_by_tier == [0.0, 0.0, 0.0, 1.0]
+    assert set(four["overall"].as_json()) == FIELDS
+    two = await run(folder, chain=("a", "d"), beta=0.5)
+    assert len(two["overall"].share_by_tier) == 2
+    replay = TraceReplay.load(folder, ("a", "d"))
+    assert replay.queries("test", shuffle=3) == replay.queries("test", shuffle=3) != replay.queries("test")
+    with pytest.raises(ValueError, match="at least two models"):
+        TraceReplay.load(folder, ("a",))
+    with pytest.raises(ValueError, match="not in trace folder"):
+        TraceReplay.load(folder, ("a", "zz"))
+
+
+async def test_sweep_frontier_and_plot(trace_folder: Path, tmp_path: Path) -> None:
+    result = await sweep(SweepRequest(trace_folder, CHAIN, betas=(0.0, 0.5, 1.0), grid_points=6))
+    overall = result["benchmarks"]["overall"]
+    assert [p["beta"] for p in overall["recserve"]] == [0.0, 0.5, 1.0]
+    assert overall["recserve"][0]["bytes_vs_cloud_only"] == 0.0
+    assert overall["cloud_only"]["bytes_vs_cloud_only"] == 1.0
+    assert overall["oracle"]["accuracy"] >= max(p["accuracy"] for p in overall["casserve_hindsight"])
+    front = overall["casserve_hindsight"]
+    assert all(a["accuracy"] < b["accuracy"] for a, b in itertools.pairwise(front))
+    plot(result, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_keeps_only_undominated_points() -> None:
+    points = [
+        {"accuracy": 0.5, "bytes_vs_cloud_only": 0.1},
+        {"accuracy": 0.4, "bytes_vs_cloud_only": 0.2},
+        {"accuracy": 0.7, "bytes_vs_cloud_only": 0.3},
+    ]
+    assert pareto(points) == [points[0], points[2]]
