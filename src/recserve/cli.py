@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from recserve import eval_command
 from recserve import settings as tier_settings
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
@@ -46,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("dir", type=Path)
     make.add_argument("--seed", type=int, default=0)
 
+    evaluation = commands.add_parser("eval", help="replay a trace set: accuracy and bytes of an offloading policy")
+    eval_command.add_arguments(evaluation)
+
     demo = commands.add_parser("demo", help="three local tiers, benchmark questions through the device tier")
     demo.add_argument("--engine", choices=("replay", "llama_cpp"), default="replay")
     demo.add_argument(
@@ -56,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "eval":
+        return eval_command.run(args)
     if args.command == "serve":
         return _serve(parser, args)
     if args.command == "ask":
