@@ -1,0 +1,149 @@
+"""Write docs/results.md: every benchmark of a trace set, several chains, every policy, frontiers as PNG.
+
+Run with `make results` (or `python -m recserve.report --traces DIR --out docs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from recserve.evaluation import EvalRequest, Summary, evaluate
+from recserve.sweep import SweepRequest, plot, sweep
+
+DEFAULT_CHAINS = (
+    ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b"),
+    ("llama3.2-3b", "llama3.1-70b", "llama3.1-405b"),
+    ("gpt-4o-mini", "qwen2.5-72b-instruct", "gpt-4o"),
+)
+POLICIES = ("device-only", "recserve", "casserve", "cloud-only", "oracle")
+
+
+def bytes_to_reach(points: list[dict[str, float]], target: float) -> float | None:
+    """The fewest bytes (share of cloud-only) among points with accuracy >= target."""
+    reaching = [p["bytes_vs_cloud_only"] for p in points if p["accuracy"] >= target - 1e-12]
+    return min(reaching) if reaching else None
+
+
+def accuracy_at(points: list[dict[str, float]], budget: float) -> float | None:
+    """The best accuracy among points spending at most `budget` (share of cloud-only bytes)."""
+    within = [p["accuracy"] for p in points if p["bytes_vs_cloud_only"] <= budget + 1e-12]
+    return max(within) if within else None
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: float) -> str:
+    name = " → ".join(chain)
+    slug = "_".join(chain).replace(".", "")
+    results: dict[str, dict[str, Summary]] = {}
+    for policy in POLICIES:
+        results[policy] = await evaluate(EvalRequest(traces=traces, chain=tuple(chain), policy=policy, beta=beta))
+    frontier = await sweep(SweepRequest(traces, tuple(chain)))
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    plot(frontier, out / "results" / f"{slug}.png")
+    (out / "results" / f"{slug}.json").write_text(json.dumps(frontier, indent=1) + "\n")
+
+    lines = [f"## {name}", "", f"![frontier](results/{slug}.png)", ""]
+    lines += [
+        f"At β = {beta} (RecServe's default), CasServe tuned on the train split for the same byte share that RecServe "
+        "spends there:",
+        "",
+        "| benchmark | n | policy | accuracy | share per tier | bytes | bytes vs cloud-only |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for benchmark in results["recserve"]:
+        for policy in POLICIES:
+            s = results[policy][benchmark]
+            shares = " / ".join(f"{x:.2f}" for x in s.share_by_tier)
+            lines.append(
+                f"| {benchmark} | {s.n} | {policy} | {s.accuracy:.3f} | {shares} | {s.bytes_total} | "
+                f"{s.bytes_vs_cloud_only:.3f} |"
+            )
+    lines += [
+        "",
+        "Along the frontiers: bytes (share of cloud-only) needed to get within 2 points of cloud-only accuracy, and "
+        "the best accuracy at 40% of cloud-only bytes:",
+        "",
+        "| benchmark | cloud-only accuracy | bytes within 2 pts: RecServe / CasServe tuned on train / best fixed in "
+        "hindsight / oracle | accuracy at 0.4 bytes: RecServe / CasServe tuned on train / best fixed in hindsight |",
+        "| --- | --- | --- | --- |",
+    ]
+    for benchmark, entry in frontier["benchmarks"].items():
+        target = entry["cloud_only"]["accuracy"] - 0.02
+        oracle = [entry["oracle"]] if entry["oracle"]["accuracy"] >= target else []
+        reach = [bytes_to_reach(entry[k], target) for k in ("recserve", "casserve_train", "casserve_hindsight")]
+        at_budget = [accuracy_at(entry[k], 0.4) for k in ("recserve", "casserve_train", "casserve_hindsight")]
+        lines.append(
+            f"| {benchmark} | {entry['cloud_only']['accuracy']:.3f} | "
+            f"{' / '.join(_fmt(x) for x in [*reach, bytes_to_reach(oracle, target)])} | "
+            f"{' / '.join(_fmt(x) for x in at_budget)} |"
+        )
+    lines += ["", _verdict(frontier), ""]
+    return "\n".join(lines)
+
+
+def _verdict(frontier: dict[str, Any]) -> str:
+    """Say plainly, per benchmark, whether RecServe's β sweep beats the train-tuned fixed cascade at 40% bytes."""
+    wins: list[str] = []
+    losses: list[str] = []
+    for benchmark, entry in frontier["benchmarks"].items():
+        ours, theirs = accuracy_at(entry["recserve"], 0.4), accuracy_at(entry["casserve_train"], 0.4)
+        if ours is None or theirs is None:
+            continue
+        (wins if ours > theirs else losses).append(f"{benchmark} ({ours:.3f} vs {theirs:.3f})")
+    parts = []
+    if losses:
+        parts.append(
+            "RecServe loses to the train-tuned fixed cascade at 40% of cloud-only bytes on " + ", ".join(losses)
+        )
+    if wins:
+        parts.append("it wins on " + ", ".join(wins))
+    return ("; ".join(parts) + ".") if parts else ""
+
+
+async def write_report(traces: Path, chains: Sequence[Sequence[str]], out: Path, beta: float) -> Path:
+    sections = [await chain_section(traces, chain, out, beta) for chain in chains]
+    command = f"python -m recserve.report --traces TRACE_FOLDER --out {out}"
+    header = f"""# Results: RecServe against CasServe, cloud-only and the oracle on recorded traces
+
+Produced by `make results TRACES=TRACE_FOLDER` (that is, `{command}`), from the recorded outputs of real models in the
+trace set (see docs/traces.md; origin: mzelling/rational-llm-cascades, arXiv 2501.09345). Every figure
+replays the test split through the tier code: the live tiers' policies, the real protobuf messages, bytes
+counted per link (request up, response down). `recserve eval --live` gives the same figures through real
+tier processes over gRPC (tests/integration/test_eval_live.py checks this).
+
+Policies: **recserve** (windowed β-quantile per tier and benchmark, W = 10 000), **casserve** (fixed
+thresholds per tier and benchmark, tuned by grid search on the train split for a byte budget, then applied
+to test), **cloud-only** (every request to the last tier), **device-only**, **oracle** (the cheapest tier
+that answers right: a bound no online policy reaches). In the plots, "best fixed thresholds in hindsight"
+is the Pareto front of a threshold grid evaluated on the test split itself (per benchmark; the overall panel
+uses thresholds shared by all benchmarks), and "CasServe tuned on train" uses, as budgets, the byte shares
+of the RecServe points.
+
+"""
+    path = out / "results.md"
+    path.write_text(header + "\n".join(sections))
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--traces", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--beta", type=float, default=0.3)
+    parser.add_argument("--chain", action="append", default=None, help="comma-separated; repeat for several chains")
+    args = parser.parse_args(argv)
+    chains = [c.split(",") for c in args.chain] if args.chain else DEFAULT_CHAINS
+    print(asyncio.run(write_report(args.traces, chains, args.out, args.beta)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
