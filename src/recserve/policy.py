@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,14 +19,28 @@ class Verdict:
 
 
 class OffloadPolicy(Protocol):
-    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
-        """Record `confidence` and say whether to forward; `is_last` tiers must never forward."""
+    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
+        """Record `confidence` and say whether to forward; `is_last` tiers must never forward.
+
+        `lower` holds the confidences of the tiers below, first tier first (what they saw before forwarding).
+        """
 
     def threshold(self, family: str) -> float | None:
         """The current threshold for `family`, None while there is none."""
 
+    def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
+        """Learn that the answer to a request this tier scored at `confidence` was right or wrong: its own
+        answer (`answered_here`) or, for a request it forwarded, the answer of a tier above."""
 
-class RecServePolicy:
+
+class _Stateless:
+    """Policies that learn nothing from verdicts."""
+
+    def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
+        return None
+
+
+class RecServePolicy(_Stateless):
     """RecServe: forward iff confidence < the β-quantile of the family's last W confidences.
 
     The current confidence joins the window before the comparison, and nothing is forwarded until the
@@ -39,7 +53,7 @@ class RecServePolicy:
         self.window = window
         self._windows: dict[str, WindowedQuantile] = {}
 
-    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
+    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
         window = self._windows.get(family)
         if window is None:
             window = self._windows[family] = WindowedQuantile(self.beta, self.window)
@@ -53,7 +67,7 @@ class RecServePolicy:
         return window.quantile() if window else None
 
 
-class FixedThresholdPolicy:
+class FixedThresholdPolicy(_Stateless):
     """CasServe: hand-tuned thresholds, one per tier (optionally one per task family), whatever the traffic."""
 
     def __init__(self, threshold: float, per_family: Mapping[str, float] | None = None) -> None:
@@ -62,7 +76,7 @@ class FixedThresholdPolicy:
             raise ValueError("threshold is NaN")
         self._threshold = threshold
 
-    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
+    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
         threshold = self._per_family.get(family, self._threshold)
         return Verdict(not is_last and confidence < threshold, threshold)
 
@@ -84,20 +98,20 @@ def parse_family_thresholds(text: str) -> dict[str, float]:
     return thresholds
 
 
-class ForwardAllPolicy:
+class ForwardAllPolicy(_Stateless):
     """Cloud-only serving: every tier but the last forwards everything."""
 
-    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
+    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
         return Verdict(not is_last, math.inf)
 
     def threshold(self, family: str) -> float | None:
         return math.inf
 
 
-class LocalOnlyPolicy:
+class LocalOnlyPolicy(_Stateless):
     """Never forward: each tier answers what reaches it."""
 
-    def decide(self, family: str, confidence: float, *, is_last: bool) -> Verdict:
+    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
         return Verdict(False, -math.inf)
 
     def threshold(self, family: str) -> float | None:

@@ -52,6 +52,7 @@ class _Served:
     family: str
     answered_here: bool
     sender: str  # the previous tier, or "client"
+    confidence: float  # this tier's own confidence, for the policy to learn from verdicts
     judged: bool = False
 
 
@@ -126,7 +127,8 @@ class Tier:
         choice = request.task == pb.TASK_KIND_CHOICE
         score = self._score_choice(generation, list(request.options)) if choice else self._score_generation(generation)
         local_only = request.offload == pb.OFFLOAD_MODE_LOCAL_ONLY
-        verdict = self.policy.decide(family, score.value, is_last=self.is_last or local_only)
+        lower = tuple(hop.confidence for hop in request.hops)
+        verdict = self.policy.decide(family, score.value, is_last=self.is_last or local_only, lower=lower)
         self.metrics.observe_decision(family, score.value, verdict.threshold, engine_seconds)
         hop = pb.Hop(
             tier=self.name,
@@ -138,7 +140,7 @@ class Tier:
 
         if verdict.forward and self.upstream is not None:
             hop.decision = pb.DECISION_FORWARDED
-            return await self._forward(request, hop, family, deadline)
+            return await self._forward(request, hop, family, score.value, deadline)
 
         hop.decision = pb.DECISION_ANSWERED
         response = pb.InferResponse(
@@ -150,20 +152,15 @@ class Tier:
             hops=[*request.hops, hop],
             usage=pb.Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
         )
-        served = self._remember(request.request_id, _Served(family, answered_here=True, sender=sender(request)))
+        served = _Served(family, answered_here=True, sender=sender(request), confidence=score.value)
+        self._remember(request.request_id, served)
         if request.reference:
-            served.judged = True
-            self.metrics.count_verdict(
-                family,
-                is_correct(
-                    request.reference, answer=generation.text, chosen_option=score.chosen_option if choice else None
-                ),
-            )
+            self._record_verdict(served, _judge(request, response))
         self.metrics.count_outcome("answered")
         return response
 
     async def _forward(
-        self, request: pb.InferRequest, hop: pb.Hop, family: str, deadline: float | None
+        self, request: pb.InferRequest, hop: pb.Hop, family: str, confidence: float, deadline: float | None
     ) -> pb.InferResponse:
         assert self.upstream is not None
         forwarded = pb.InferRequest()
@@ -179,7 +176,11 @@ class Tier:
         if len(response.hops) > own + 1:
             self.peer_name = response.hops[own + 1].tier
         self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
-        self._remember(request.request_id, _Served(family, answered_here=False, sender=sender(request)))
+        served = _Served(family, answered_here=False, sender=sender(request), confidence=confidence)
+        self._remember(request.request_id, served)
+        if request.reference:
+            # Judged here too, so this tier's policy learns how the tiers above fare on what it forwards.
+            self.policy.observe_verdict(family, confidence, _judge(request, response), answered_here=False)
         self.metrics.count_outcome("forwarded")
         return response
 
@@ -197,14 +198,19 @@ class Tier:
                 raise FailedPrecondition(f"tier {self.name} forwarded a request but has no next tier")
             reply = await self.upstream.feedback(request, None)
             self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
+            self.policy.observe_verdict(served.family, served.confidence, request.correct, answered_here=False)
             return reply.response
         if served.judged:
             raise FailedPrecondition(
                 f"request {request.request_id!r} was already judged (from its reference or earlier feedback)"
             )
-        served.judged = True
-        self.metrics.count_verdict(served.family, request.correct)
+        self._record_verdict(served, request.correct)
         return pb.FeedbackResponse(recorded_by=self.name)
+
+    def _record_verdict(self, served: _Served, correct: bool) -> None:
+        served.judged = True
+        self.metrics.count_verdict(served.family, correct)
+        self.policy.observe_verdict(served.family, served.confidence, correct, answered_here=True)
 
     def sender_of(self, request_id: str) -> str:
         served = self._served.get(request_id)
@@ -310,6 +316,11 @@ class Tier:
                 raise InvalidRequest(f"tier {self.name} already tracks {self.limits.max_families} task families")
             self._families.add(family)
         return family
+
+
+def _judge(request: pb.InferRequest, response: pb.InferResponse) -> bool:
+    chosen = response.chosen_option if request.task == pb.TASK_KIND_CHOICE else None
+    return is_correct(request.reference, answer=response.answer, chosen_option=chosen)
 
 
 def sender(request: pb.InferRequest) -> str:

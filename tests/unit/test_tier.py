@@ -212,3 +212,36 @@ async def test_an_expired_deadline_is_reported(trace_folder: Path) -> None:
     tier = Tier("device", engine, RecServePolicy(), metrics, clock=lambda: next(times))
     with pytest.raises(DeadlineExceeded, match="deadline"):
         await tier.infer(quiz_request(0), timeout=1.0)
+
+
+class RecordingPolicy(FixedThresholdPolicy):
+    """A fixed-threshold policy that keeps what it is told, to check the verdict plumbing."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__(threshold)
+        self.verdicts: list[tuple[str, float, bool, bool]] = []
+        self.lower_seen: list[tuple[float, ...]] = []
+
+    def decide(self, family: str, confidence: float, *, is_last: bool, lower=()):  # type: ignore[no-untyped-def]
+        self.lower_seen.append(tuple(lower))
+        return super().decide(family, confidence, is_last=is_last, lower=lower)
+
+    def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
+        self.verdicts.append((family, confidence, correct, answered_here))
+
+
+async def test_policies_learn_verdicts_and_see_the_lower_confidences(trace_folder: Path) -> None:
+    policies = [RecordingPolicy(2.0), RecordingPolicy(0.0), RecordingPolicy(0.0)]
+    tiers = await cascade(trace_folder, policies)
+    by_feedback = await tiers[0].infer(quiz_request(6))
+    await tiers[0].feedback(pb.FeedbackRequest(request_id=by_feedback.request_id, correct=True))
+    device_hop, edge_hop = by_feedback.hops
+    assert policies[0].verdicts == [("quiz", device_hop.confidence, True, False)]
+    assert policies[1].verdicts == [("quiz", edge_hop.confidence, True, True)]
+    assert policies[1].lower_seen == [(device_hop.confidence,)]
+
+    by_reference = await tiers[0].infer(quiz_request(7, reference=by_feedback.chosen_option or "A"))
+    right = by_reference.chosen_option == (by_feedback.chosen_option or "A")
+    assert policies[0].verdicts[-1] == ("quiz", by_reference.hops[0].confidence, right, False)
+    assert policies[1].verdicts[-1] == ("quiz", by_reference.hops[1].confidence, right, True)
+    assert policies[2].verdicts == []
