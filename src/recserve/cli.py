@@ -47,6 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("dir", type=Path)
     make.add_argument("--seed", type=int, default=0)
 
+    certs = commands.add_parser("certs", help="development TLS certificates (a private CA, one per tier)")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+    certs_make = certs_commands.add_parser("make", help="write a CA, device/edge/cloud and client certificates")
+    certs_make.add_argument("dir", type=Path)
+    certs_make.add_argument("--names", default="device,edge,cloud", help="tier names (certificate DNS names)")
+
     evaluation = commands.add_parser("eval", help="replay a trace set: accuracy and bytes of an offloading policy")
     eval_command.add_arguments(evaluation)
 
@@ -66,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(parser, args)
     if args.command == "ask":
         return _ask(args)
+    if args.command == "certs":
+        from recserve.certs import make_certificates
+
+        for name, path in make_certificates(args.dir, args.names.split(",")).items():
+            print(f"{name}: {path}")
+        return 0
     if args.command == "models":
         from recserve.models import make_tiny_models
 

@@ -29,3 +29,11 @@ class DeadlineExceeded(RecServeError):
 
 class Unavailable(RecServeError):
     """The tier is not ready (engine still loading) or is shutting down."""
+
+
+class Overloaded(RecServeError):
+    """The tier already serves as many requests as it may; the caller should retry later, with backoff."""
+
+
+class Unauthenticated(RecServeError):
+    """The caller did not present the credentials this tier requires."""

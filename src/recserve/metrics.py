@@ -21,7 +21,8 @@ class Metrics:
         )
         self.requests = Counter(
             "recserve_requests",
-            "Requests this tier finished, by outcome: answered here, forwarded upstream, or error.",
+            "Requests this tier finished, by outcome: answered, forwarded, degraded (answered here because the "
+            "next tier failed), rejected (overload) or error.",
             ["tier", "outcome"],
             registry=registry,
         )
@@ -29,6 +30,18 @@ class Metrics:
             "recserve_judged_answers",
             "Answers of this tier judged against a reference or by client feedback, by verdict.",
             ["tier", "family", "verdict"],
+            registry=registry,
+        )
+        self.breaker_open = Gauge(
+            "recserve_upstream_breaker_open",
+            "1 while this tier's circuit breaker to the next tier is open (it answers itself, degraded).",
+            ["tier"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "recserve_in_flight_requests",
+            "Requests this tier is serving now (bounded by its max in flight).",
+            ["tier"],
             registry=registry,
         )
         self.threshold = Gauge(
@@ -89,6 +102,9 @@ class TierMetrics:
         self.families.confidence.labels(self.tier, family).observe(confidence)
         self.families.threshold.labels(self.tier, family).set(threshold)
         self.families.engine_seconds.labels(self.tier).observe(engine_seconds)
+
+    def set_breaker_open(self, is_open: bool) -> None:
+        self.families.breaker_open.labels(self.tier).set(1 if is_open else 0)
 
     def observe_request_seconds(self, seconds: float) -> None:
         self.families.request_seconds.labels(self.tier).observe(seconds)

@@ -42,6 +42,8 @@ class TierProcesses:
                 "--metrics-port", str(self.metrics_ports[index]),
                 *self._tier_args[index],
             ]  # fmt: skip
+            if "--tls-cert" not in args:
+                args.append("--plaintext")  # loopback only: the tiers never leave this machine
             if index + 1 < len(self._tier_args):
                 args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
             self._logs.append((self.log_dir / f"tier{index}.log").open("wb"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -16,10 +16,22 @@ from recserve.tier import TierLimits
 ENV_PREFIX = "RECSERVE_"
 
 
+def bool_flag(text: str | bool) -> bool:
+    """Booleans from flags and variables: true/false, yes/no, on/off, 1/0."""
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
 @dataclass(frozen=True)
 class Option:
     name: str  # the dataclass field; the flag is --name-with-dashes, the variable RECSERVE_NAME
-    kind: type
+    kind: Callable[[str], Any]
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
@@ -58,6 +70,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("default_max_tokens", int, TierLimits.default_max_tokens, "max_tokens when a request gives 0"),
     Option("max_hops", int, TierLimits.max_hops, "requests that crossed this many tiers are rejected"),
     Option("grace_seconds", float, 10.0, "on SIGTERM, how long in-flight requests may finish"),
+    Option("max_in_flight", int, 256, "requests served at once; beyond, RESOURCE_EXHAUSTED at once"),
+    Option("forward_timeout", float, 30.0, "longest wait for the next tier before answering here, degraded"),
+    Option("breaker_failures", int, 3, "consecutive failures of the next tier that open the circuit breaker"),
+    Option("breaker_cooldown", float, 2.0, "seconds before an open breaker lets a probe through (doubles, to 30 s)"),
+    Option("tls_cert", str, "", "PEM certificate chain this tier serves with (TLS)"),
+    Option("tls_key", str, "", "PEM private key for --tls-cert"),
+    Option("tls_client_ca", str, "", "PEM CA bundle; when set, callers must present a certificate it signed (mTLS)"),
+    Option("upstream_ca", str, "", "PEM CA bundle that signed the next tier's certificate (TLS to the next tier)"),
+    Option("upstream_cert", str, "", "PEM certificate this tier presents to the next tier (mTLS)"),
+    Option("upstream_key", str, "", "PEM private key for --upstream-cert"),
+    Option("upstream_server_name", str, "", "name expected in the next tier's certificate (default: its host)"),
+    Option("auth_token", str, "", "when set, callers must send 'authorization: Bearer TOKEN' metadata"),
+    Option("upstream_auth_token", str, "", "bearer token this tier sends to the next tier"),
+    Option("plaintext", bool_flag, False, "serve and forward without TLS; required when no certificates are given"),
+    Option("metrics_host", str, "0.0.0.0", "address the metrics endpoint binds to, apart from the gRPC port"),
 )
 
 
@@ -87,6 +114,21 @@ class TierSettings:
     default_max_tokens: int
     max_hops: int
     grace_seconds: float
+    max_in_flight: int
+    forward_timeout: float
+    breaker_failures: int
+    breaker_cooldown: float
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    upstream_ca: str
+    upstream_cert: str
+    upstream_key: str
+    upstream_server_name: str
+    auth_token: str
+    upstream_auth_token: str
+    plaintext: bool
+    metrics_host: str
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
@@ -115,8 +157,32 @@ class TierSettings:
             parse_family_thresholds(self.family_thresholds)
         except ValueError as exc:
             yield str(exc)
+        yield from self._security_problems()
+        if self.max_in_flight < 1 or self.forward_timeout <= 0:
+            yield "max_in_flight must be at least 1 and forward_timeout positive"
+        if self.breaker_failures < 1 or self.breaker_cooldown <= 0:
+            yield "breaker_failures must be at least 1 and breaker_cooldown positive"
         if self.grace_seconds < 0:
             yield "grace_seconds must not be negative"
+
+    def _security_problems(self) -> Iterator[str]:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            yield "--tls-cert and --tls-key go together"
+        if self.tls_client_ca and not self.tls_cert:
+            yield "--tls-client-ca (mTLS) needs --tls-cert and --tls-key"
+        if bool(self.upstream_cert) != bool(self.upstream_key):
+            yield "--upstream-cert and --upstream-key go together"
+        if (self.upstream_cert or self.upstream_server_name) and not self.upstream_ca:
+            yield "--upstream-cert and --upstream-server-name need --upstream-ca"
+        if not self.plaintext and not self.tls_cert:
+            yield ("no TLS certificate given: pass --tls-cert and --tls-key (`make certs` makes development ones), "
+                   "or --plaintext to serve unencrypted")  # fmt: skip
+        if not self.plaintext and self.next and not self.upstream_ca:
+            yield "--next without --upstream-ca would forward unencrypted: give --upstream-ca, or --plaintext"
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "upstream_ca", "upstream_cert", "upstream_key"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                yield f"{name} file {path!r} does not exist"
 
     @classmethod
     def with_defaults(cls, **overrides: Any) -> TierSettings:
@@ -154,6 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
             default = option.kind(raw) if raw is not None else option.default
         except ValueError:
             raise ValueError(f"{option.env}={raw!r} is not a valid {option.kind.__name__}") from None
+        # A boolean flag alone means true (`--plaintext`); it also takes a value (`--plaintext false`).
+        switch: dict[str, Any] = {"nargs": "?", "const": True} if option.kind is bool_flag else {}
         parser.add_argument(
             option.flag,
             dest=option.name,
@@ -161,6 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
             default=default,
             choices=option.choices,
             help=f"{option.help} [env {option.env}, default {option.default!r}]",
+            **switch,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -11,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from recserve.breaker import CircuitBreaker
 from recserve.confidence import Score, choice_scorer, generate_scorer
 from recserve.engines.base import Engine, EngineError, GenerationRequest, UnknownPromptError
 from recserve.errors import (
@@ -19,6 +21,7 @@ from recserve.errors import (
     InvalidRequest,
     NotFound,
     Unavailable,
+    UpstreamUnavailable,
 )
 from recserve.judge import is_correct
 from recserve.metrics import TierMetrics
@@ -26,6 +29,7 @@ from recserve.policy import OffloadPolicy
 from recserve.transport import Upstream
 from recserve.v1 import tier_pb2 as pb
 
+logger = logging.getLogger(__name__)
 DEFAULT_FAMILY = "default"
 _FAMILY_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
@@ -75,6 +79,8 @@ class Tier:
         scorer: str = "perplexity",
         choice_scorer_name: str = "option_probability",
         feedback_memory: int = 100_000,
+        breaker: CircuitBreaker | None = None,
+        forward_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = new_request_id,
     ) -> None:
@@ -87,6 +93,8 @@ class Tier:
         self._score_generation = generate_scorer(scorer)
         self._score_choice = choice_scorer(choice_scorer_name)
         self._feedback_memory = feedback_memory
+        self.breaker = breaker
+        self.forward_timeout = forward_timeout
         self._served: OrderedDict[str, _Served] = OrderedDict()
         self._families: set[str] = set()
         self._clock = clock
@@ -138,11 +146,25 @@ class Tier:
             answer=generation.text,
         )
 
+        degraded = False
         if verdict.forward and self.upstream is not None:
             hop.decision = pb.DECISION_FORWARDED
-            return await self._forward(request, hop, family, score.value, deadline)
+            if self.breaker is None or self.breaker.allow():
+                try:
+                    response = await self._forward(request, hop, family, score.value, deadline)
+                except UpstreamUnavailable as exc:
+                    if self.breaker is not None:
+                        self.breaker.record_failure()
+                    logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
+                else:
+                    if self.breaker is not None:
+                        self.breaker.record_success()
+                    return response
+            # The next tier is down, too slow or overloaded: the client still gets this tier's answer.
+            degraded = True
+            self.metrics.set_breaker_open(self.breaker is not None and not self.breaker.closed)
 
-        hop.decision = pb.DECISION_ANSWERED
+        hop.decision = pb.DECISION_DEGRADED if degraded else pb.DECISION_ANSWERED
         response = pb.InferResponse(
             request_id=request.request_id,
             answer=generation.text,
@@ -151,12 +173,13 @@ class Tier:
             confidence=_confidence_message(score),
             hops=[*request.hops, hop],
             usage=pb.Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
+            degraded=degraded,
         )
         served = _Served(family, answered_here=True, sender=sender(request), confidence=score.value)
         self._remember(request.request_id, served)
         if request.reference:
             self._record_verdict(served, _judge(request, response))
-        self.metrics.count_outcome("answered")
+        self.metrics.count_outcome("degraded" if degraded else "answered")
         return response
 
     async def _forward(
@@ -166,7 +189,10 @@ class Tier:
         forwarded = pb.InferRequest()
         forwarded.CopyFrom(request)
         forwarded.hops.append(hop)
-        reply = await self.upstream.infer(forwarded, self._remaining(deadline))
+        remaining = self._remaining(deadline)
+        # Keep a little of the caller's time to answer locally if the next tier does not answer in time.
+        budget = self.forward_timeout if remaining is None else min(self.forward_timeout, remaining * 0.9)
+        reply = await self.upstream.infer(forwarded, budget)
         response = reply.response
         own = len(request.hops)
         if len(response.hops) <= own or response.hops[own].tier != self.name:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ async def start_stack(trace_folder: Path, **policy: object) -> Stack:
     for name, model in reversed(list(zip(NAMES, TRACE_MODELS, strict=True))):
         settings = TierSettings.with_defaults(
             tier=name, host="127.0.0.1", port=0, next=next_address,
-            engine="replay", traces=str(trace_folder), trace_model=model, **policy,
+            engine="replay", traces=str(trace_folder), trace_model=model, plaintext=True, **policy,
         )  # fmt: skip
         running = await start_tier(settings)
         tiers.insert(0, running)
@@ -181,20 +182,58 @@ async def test_feedback_reaches_the_tier_that_answered(trace_folder: Path) -> No
         await stop_stack(stack)
 
 
-async def test_a_dead_next_tier_is_unavailable_with_its_address(trace_folder: Path) -> None:
-    stack = await start_stack(trace_folder, policy="forward-all")
+async def test_a_dead_next_tier_gives_degraded_answers_and_the_breaker_stops_waiting(trace_folder: Path) -> None:
+    stack = await start_stack(trace_folder, policy="forward-all", breaker_failures=2, breaker_cooldown=60.0)
     try:
         await stack.tiers[1].stop(grace=0)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stack.stub.Infer(quiz(1), timeout=10)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert stack.tiers[1].address in (caught.value.details() or "")
-        local = await stack.stub.Infer(quiz(1, offload=pb.OFFLOAD_MODE_LOCAL_ONLY))
-        assert local.answered_by == "device"
+        for qid in range(4):
+            response = await stack.stub.Infer(quiz(qid), timeout=10)
+            assert response.answered_by == "device"
+            assert response.degraded
+            assert [h.decision for h in response.hops] == [pb.DECISION_DEGRADED]
+        device = stack.tiers[0].registry
+        assert device.get_sample_value("recserve_requests_total", {"tier": "device", "outcome": "degraded"}) == 4
+        assert device.get_sample_value("recserve_upstream_breaker_open", {"tier": "device"}) == 1
+        assert stack.tiers[0].tier.breaker is not None
+        assert not stack.tiers[0].tier.breaker.closed
     finally:
         await stack.channel.close()
         for running in (stack.tiers[0], stack.tiers[2]):
             await running.stop(grace=1)
+
+
+async def test_overload_is_refused_at_once_with_resource_exhausted(trace_folder: Path) -> None:
+    stack = await start_stack(trace_folder, policy="local")
+    try:
+        servicer_limit = 1
+        stack.tiers[0].tier.engine = SlowEngine(stack.tiers[0].tier.engine, seconds=0.5)
+        stack.tiers[0].servicer.max_in_flight = servicer_limit
+        first = asyncio.ensure_future(stack.stub.Infer(quiz(1), timeout=10))
+        await asyncio.sleep(0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub.Infer(quiz(2), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 1 requests" in (caught.value.details() or "")
+        assert (await first).answered_by == "device"
+        assert (await stack.stub.Infer(quiz(3), timeout=10)).answered_by == "device"
+        rejected = {"tier": "device", "outcome": "rejected"}
+        assert stack.tiers[0].registry.get_sample_value("recserve_requests_total", rejected) == 1
+    finally:
+        await stop_stack(stack)
+
+
+class SlowEngine:
+    """Wraps an engine to take a fixed time per request, to hold requests in flight."""
+
+    def __init__(self, inner, seconds: float) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.seconds, self.name = inner, seconds, "slow"
+
+    async def generate(self, request):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(self.seconds)
+        return await self.inner.generate(request)
+
+    async def shutdown(self) -> None:
+        await self.inner.shutdown()
 
 
 async def test_graceful_shutdown_reports_not_serving(trace_folder: Path) -> None:

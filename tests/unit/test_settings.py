@@ -19,8 +19,11 @@ def parse(argv: list[str], env: dict[str, str]) -> TierSettings:
 
 
 def test_environment_gives_defaults_and_flags_override_them() -> None:
-    env = {"RECSERVE_TIER": "edge", "RECSERVE_BETA": "0.2", "RECSERVE_TRACES": "t", "RECSERVE_TRACE_MODEL": "m"}
+    env = {"RECSERVE_TIER": "edge", "RECSERVE_BETA": "0.2", "RECSERVE_TRACES": "t", "RECSERVE_TRACE_MODEL": "m",
+           "RECSERVE_PLAINTEXT": "yes"}  # fmt: skip
     settings = parse(["--beta", "0.4", "--next", "cloud:50051"], env)
+    assert settings.plaintext is True
+    assert parse(["--plaintext", "false", "--tls-cert", __file__, "--tls-key", __file__], env).plaintext is False
     assert (settings.tier, settings.beta, settings.next, settings.window) == ("edge", 0.4, "cloud:50051", 10_000)
     assert parse([], env).beta == 0.2
 
@@ -35,10 +38,16 @@ def test_environment_gives_defaults_and_flags_override_them() -> None:
         ({"port": 70_000}, "port must be within 0-65535"),
         ({"engine": "llama_cpp"}, "needs --model PATH.gguf"),
         ({"traces": ""}, "needs --traces DIR and --trace-model MODEL"),
+        ({"plaintext": False}, "no TLS certificate given"),
+        ({"plaintext": False, "tls_cert": __file__, "tls_key": __file__, "next": "e:1"}, "would forward unencrypted"),
+        ({"tls_cert": __file__}, "--tls-cert and --tls-key go together"),
+        ({"tls_client_ca": __file__}, "mTLS"),
+        ({"upstream_ca": "/nonexistent/ca.pem"}, "does not exist"),
+        ({"max_in_flight": 0}, "max_in_flight"),
     ],
 )
 def test_invalid_settings_say_what_is_wrong(overrides: dict[str, object], message: str) -> None:
-    values: dict[str, object] = {"tier": "device", "traces": "t", "trace_model": "m"} | overrides
+    values: dict[str, object] = {"tier": "device", "traces": "t", "trace_model": "m", "plaintext": True} | overrides
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         TierSettings.with_defaults(**values)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,9 +14,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from recserve.breaker import CircuitBreaker
 from recserve.engines import Engine, create_engine
 from recserve.metrics import TierMetrics
 from recserve.policy import make_policy, parse_family_thresholds
+from recserve.server.security import server_credentials, upstream_credentials
 from recserve.server.servicer import SERVICE_NAME, TierServicer, add_tier_service
 from recserve.server.upstream import GrpcUpstream
 from recserve.settings import TierSettings
@@ -43,6 +46,7 @@ class RunningTier:
     port: int
     metrics_port: int
     registry: CollectorRegistry
+    servicer: TierServicer
     _metrics_server: Any = None
 
     @property
@@ -77,13 +81,20 @@ async def start_tier(
             family_thresholds=parse_family_thresholds(settings.family_thresholds),
         ),
         TierMetrics.standalone(registry, settings.tier),
-        GrpcUpstream(settings.next) if settings.next else None,
+        _upstream(settings),
         limits=settings.limits,
         scorer=settings.scorer,
         choice_scorer_name=settings.choice_scorer,
+        breaker=CircuitBreaker(
+            time.monotonic,
+            failures=settings.breaker_failures,
+            cooldown=settings.breaker_cooldown,
+            max_cooldown=max(30.0, settings.breaker_cooldown),
+        ),
+        forward_timeout=settings.forward_timeout,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    servicer = TierServicer(tier)
+    servicer = TierServicer(tier, max_in_flight=settings.max_in_flight, auth_token=settings.auth_token)
     add_tier_service(server, servicer)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -92,15 +103,19 @@ async def start_tier(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    credentials = server_credentials(settings)
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
 
     metrics_server, metrics_port = None, 0
     if settings.metrics_port:
-        metrics_server, _ = start_http_server(settings.metrics_port, registry=registry)
+        metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
         metrics_port = metrics_server.server_port
 
-    running = RunningTier(settings, tier, server, health_servicer, port, metrics_port, registry, metrics_server)
+    running = RunningTier(
+        settings, tier, server, health_servicer, port, metrics_port, registry, servicer, metrics_server
+    )
     try:
         await engine.start()
     except BaseException:
@@ -119,6 +134,17 @@ async def start_tier(
         settings.policy,
     )
     return running
+
+
+def _upstream(settings: TierSettings) -> GrpcUpstream | None:
+    if not settings.next:
+        return None
+    return GrpcUpstream(
+        settings.next,
+        credentials=upstream_credentials(settings),
+        server_name=settings.upstream_server_name,
+        auth_token=settings.upstream_auth_token,
+    )
 
 
 async def serve(settings: TierSettings) -> None:

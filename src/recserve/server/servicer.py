@@ -10,6 +10,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from recserve.errors import InvalidRequest, RecServeError
+from recserve.server.security import token_matches
 from recserve.server.status import status_code
 from recserve.tier import Tier, sender
 from recserve.v1 import tier_pb2 as pb
@@ -22,9 +23,12 @@ M = TypeVar("M", bound=Message)
 class TierServicer:
     """Handlers take and return raw bytes, so the ingress byte counts are the bytes on the wire."""
 
-    def __init__(self, tier: Tier) -> None:
+    def __init__(self, tier: Tier, *, max_in_flight: int = 256, auth_token: str = "") -> None:
         self.tier = tier
         self.ready = False  # set once the engine has loaded
+        self.max_in_flight = max_in_flight
+        self._auth_token = auth_token
+        self._in_flight = 0
 
     async def infer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async def handle() -> bytes:
@@ -52,6 +56,20 @@ class TierServicer:
     async def _guarded(self, handle: Callable[[], Awaitable[bytes]], context: grpc.aio.ServicerContext) -> bytes:
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"tier {self.tier.name} is still loading its engine")
+        if self._auth_token and not token_matches(context.invocation_metadata(), self._auth_token):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"tier {self.tier.name} needs 'authorization: Bearer <token>' metadata with its token",
+            )
+        if self._in_flight >= self.max_in_flight:
+            # Refuse at once rather than queue: a bounded tier keeps bounded memory and latency.
+            self.tier.metrics.count_outcome("rejected")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"tier {self.tier.name} is serving its limit of {self.max_in_flight} requests; retry with backoff",
+            )
+        self._in_flight += 1
+        self.tier.metrics.families.in_flight.labels(self.tier.name).set(self._in_flight)
         try:
             return await handle()
         except RecServeError as exc:
@@ -60,6 +78,9 @@ class TierServicer:
             # The traceback goes to the log, never to the caller.
             logger.exception("unexpected error in tier %s", self.tier.name)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in tier {self.tier.name}; see its log")
+        finally:
+            self._in_flight -= 1
+            self.tier.metrics.families.in_flight.labels(self.tier.name).set(self._in_flight)
         raise AssertionError("unreachable: context.abort raises")
 
 

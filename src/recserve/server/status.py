@@ -9,7 +9,9 @@ from recserve.errors import (
     FailedPrecondition,
     InvalidRequest,
     NotFound,
+    Overloaded,
     RecServeError,
+    Unauthenticated,
     Unavailable,
     UpstreamUnavailable,
 )
@@ -21,15 +23,16 @@ _CODE_OF: dict[type[RecServeError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     UpstreamUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
-# An upstream's verdict on the request itself passes through unchanged; any other failure of the
-# next tier is this tier's upstream being unavailable.
+# An upstream's verdict on the request itself passes through unchanged; any other failure of the next tier
+# (down, too slow, overloaded, broken) is this tier's upstream being unavailable, which it answers degraded.
 _ERROR_OF: dict[grpc.StatusCode, type[RecServeError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 
 

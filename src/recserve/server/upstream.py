@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
+from recserve.server.security import bearer_metadata
 from recserve.server.status import error_from_rpc
 from recserve.transport import FeedbackReply, Reply
 from recserve.v1 import tier_pb2 as pb
@@ -22,12 +25,48 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# Retry Infer only where it is safe: UNAVAILABLE means the next tier did not take the call (it was down or
+# refused the connection). Feedback is not retried: a repeat would be judged twice.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "recserve.v1.TierService", "method": "Infer"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
 class GrpcUpstream:
     """Calls the next tier's TierService; failures become domain errors (see server.status)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
+        auth_token: str = "",
+    ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        options = [*CHANNEL_OPTIONS, ("grpc.service_config", RETRY_SERVICE_CONFIG)]
+        if server_name:
+            # Lets tiers reach each other by address while checking the name their certificates carry.
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=options)
+        )
+        self._metadata = bearer_metadata(auth_token)
         # No (de)serializers: we send and receive bytes, so len() is exactly what crossed the link.
         self._infer = self._channel.unary_unary(INFER_METHOD)
         self._feedback = self._channel.unary_unary(FEEDBACK_METHOD)
@@ -44,7 +83,7 @@ class GrpcUpstream:
 
     async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable, data: bytes, timeout: float | None) -> bytes:
         try:
-            result: bytes = await method(data, timeout=timeout)
+            result: bytes = await method(data, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, self.target) from None
         return result

@@ -23,6 +23,7 @@ class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_UNSPECIFIED: _ClassVar[Decision]
     DECISION_ANSWERED: _ClassVar[Decision]
     DECISION_FORWARDED: _ClassVar[Decision]
+    DECISION_DEGRADED: _ClassVar[Decision]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_GENERATE: TaskKind
 TASK_KIND_CHOICE: TaskKind
@@ -31,6 +32,7 @@ OFFLOAD_MODE_LOCAL_ONLY: OffloadMode
 DECISION_UNSPECIFIED: Decision
 DECISION_ANSWERED: Decision
 DECISION_FORWARDED: Decision
+DECISION_DEGRADED: Decision
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "stop")

@@ -1,0 +1,52 @@
+"""TLS, mutual TLS and bearer tokens for the tiers' gRPC links, from the files the settings name."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import grpc
+
+from recserve.settings import TierSettings
+
+
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def server_credentials(settings: TierSettings) -> grpc.ServerCredentials | None:
+    """TLS for callers when a certificate is given; mTLS (callers must present a certificate signed by
+    --tls-client-ca) when that CA is given too. None means plaintext, which settings only allow when asked."""
+    if not settings.tls_cert:
+        return None
+    client_ca = _read(settings.tls_client_ca)
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def upstream_credentials(settings: TierSettings) -> grpc.ChannelCredentials | None:
+    """TLS to the next tier, verified against --upstream-ca, presenting --upstream-cert for mTLS."""
+    if not settings.upstream_ca:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(settings.upstream_ca),
+        private_key=_read(settings.upstream_key),
+        certificate_chain=_read(settings.upstream_cert),
+    )
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def token_matches(metadata: tuple[tuple[str, str | bytes], ...] | None, token: str) -> bool:
+    """Whether the call carries 'authorization: Bearer <token>'; compared in constant time."""
+    expected = f"Bearer {token}".encode()
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            given = value if isinstance(value, bytes) else value.encode()
+            return hmac.compare_digest(given, expected)
+    return False
