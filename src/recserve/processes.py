@@ -30,48 +30,71 @@ class TierProcesses:
         self.metrics_ports = [free_port() for _ in tier_args]
         self.log_dir = log_dir
         self._tier_args = tier_args
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._logs: list[BinaryIO] = []
 
     def start(self, timeout: float = 120.0) -> None:
-        for index in reversed(range(len(self._tier_args))):
-            args = [
-                sys.executable, "-m", "recserve", "serve",
-                "--host", "127.0.0.1",
-                "--port", str(self.ports[index]),
-                "--metrics-port", str(self.metrics_ports[index]),
-                *self._tier_args[index],
-            ]  # fmt: skip
-            if "--tls-cert" not in args:
-                args.append("--plaintext")  # loopback only: the tiers never leave this machine
-            if index + 1 < len(self._tier_args):
-                args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
-            self._logs.append((self.log_dir / f"tier{index}.log").open("wb"))
-            self._procs.append(subprocess.Popen(args, stdout=self._logs[-1], stderr=subprocess.STDOUT))
-            self._wait_ready(index, self._procs[-1], timeout)
+        try:
+            for index in reversed(range(len(self._tier_args))):
+                self.start_one(index, timeout)
+        except BaseException:
+            self.stop()  # no orphans, no open logs, when one tier fails to start
+            raise
 
-    def _wait_ready(self, index: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    def start_one(self, index: int, timeout: float = 120.0) -> None:
+        """(Re)start tier `index` on its port and wait until it reports ready."""
+        args = [
+            sys.executable, "-m", "recserve", "serve",
+            "--host", "127.0.0.1",
+            "--port", str(self.ports[index]),
+            "--metrics-port", str(self.metrics_ports[index]),
+            *self._tier_args[index],
+        ]  # fmt: skip
+        if "--tls-cert" not in args:
+            args.append("--plaintext")  # loopback only: the tiers never leave this machine
+        if index + 1 < len(self._tier_args):
+            args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
+        log_path = self.log_dir / f"tier{index}.log"
+        self._logs.append(log_path.open("ab"))
+        start = log_path.stat().st_size
+        self._procs[index] = subprocess.Popen(args, stdout=self._logs[-1], stderr=subprocess.STDOUT)
+        self._wait_ready(index, log_path, start, timeout)
+
+    def stop_one(self, index: int, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        proc = self._procs[index]
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        return self._wait(proc, timeout)
+
+    @staticmethod
+    def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:
+        # Signal once only: a second SIGTERM reaching a tier after its event loop closed would kill it.
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def _wait_ready(self, index: int, log: Path, offset: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        log = self.log_dir / f"tier{index}.log"
+        proc = self._procs[index]
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"tier {index} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            if b" ready on port " in log.read_bytes():
+            if b" ready on port " in log.read_bytes()[offset:]:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"tier {index} not ready after {timeout:.0f}s:\n{log.read_text()[-2000:]}")
 
+    def pid(self, index: int) -> int:
+        return self._procs[index].pid
+
     def stop(self) -> list[int]:
-        for proc in self._procs:
+        """SIGTERM every tier at once (graceful), then collect exit codes, first tier first."""
+        for proc in self._procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        codes = []
-        for proc in self._procs:
-            try:
-                codes.append(proc.wait(timeout=30))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                codes.append(proc.wait())
+        codes = [self._wait(self._procs[index], 30.0) for index in sorted(self._procs)]
         for log in self._logs:
             log.close()
         return codes

@@ -22,6 +22,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     # Prompt size is bounded by the tier limits; 16 MiB leaves room for long generations plus hops.
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # Reconnect to a restarted tier within two seconds; gRPC's default backoff grows to two minutes, during
+    # which the circuit breaker's probes would all fail.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 

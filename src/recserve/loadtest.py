@@ -1,0 +1,218 @@
+"""Load and chaos runs against a local three-tier stack: nothing lost, memory bounded, recovery after faults.
+
+`python -m recserve.loadtest load --clients 200 --seconds 60` (make load) and
+`python -m recserve.loadtest chaos` (make chaos). Tiers run as `recserve serve` processes on loopback with
+replay engines over the bundled trace, so the serving path, not a model, is under test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import signal
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from recserve.demo import DEMO_CHAIN, DEMO_TRACE
+from recserve.processes import TierProcesses
+from recserve.replay_requests import build_request
+from recserve.traces import TraceSet
+from recserve.v1 import tier_pb2 as pb
+from recserve.v1 import tier_pb2_grpc as pb_grpc
+
+TIER_NAMES = ("device", "edge", "cloud")
+
+
+@dataclass
+class LoadReport:
+    """Every request sent, and what came of it."""
+
+    sent: int = 0
+    answered: int = 0
+    degraded: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    answered_by: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    # (seconds since start, answering tier, degraded) per answer, to see recovery over time.
+    timeline: list[tuple[float, str, bool]] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lost(self) -> int:
+        """Requests that got neither an answer nor an explicit error (must be 0 by construction)."""
+        return self.sent - self.answered - sum(self.errors.values())
+
+    def summary(self) -> str:
+        p50 = statistics.median(self.latencies) if self.latencies else 0.0
+        p99 = statistics.quantiles(self.latencies, n=100)[98] if len(self.latencies) > 1 else p50
+        rss = ", ".join(f"{t} {b / 2**20:.0f} MiB" for t, b in self.peak_rss_bytes.items())
+        return (
+            f"{self.sent} sent, {self.answered} answered ({self.degraded} degraded), errors {dict(self.errors)}, "
+            f"lost {self.lost}; {self.answered / self.seconds:.0f} answers/s, p50 {p50 * 1e3:.1f} ms, "
+            f"p99 {p99 * 1e3:.1f} ms; answered by {dict(self.answered_by)}; peak RSS {rss}"
+        )
+
+
+def demo_requests(limit: int = 400) -> list[pb.InferRequest]:
+    traces = TraceSet.load(DEMO_TRACE, DEMO_CHAIN)
+    queries = [q for q in traces.queries if q.split == "test"][:limit]
+    return [
+        build_request(q, choice=traces.answers[q.key][DEMO_CHAIN[0]].is_choice, request_id="", reference=False)
+        for q in queries
+    ]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def run_load(
+    target: str,
+    requests: Sequence[pb.InferRequest],
+    *,
+    clients: int,
+    seconds: float,
+    timeout: float = 30.0,
+    channels: int = 4,
+    watch_pids: dict[str, int] | None = None,
+) -> LoadReport:
+    """`clients` closed-loop callers for `seconds`; every call ends in an answer or a counted error."""
+    report = LoadReport()
+    pool = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    stubs = [pb_grpc.TierServiceStub(channel) for channel in pool]
+    started = time.perf_counter()
+    stop_at = started + seconds
+
+    async def client(number: int) -> None:
+        stub = stubs[number % len(stubs)]
+        for request in itertools.cycle(requests[number % len(requests) :] or requests):
+            if time.perf_counter() >= stop_at:
+                return
+            report.sent += 1
+            sent_at = time.perf_counter()
+            try:
+                response = await stub.Infer(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                report.errors[exc.code().name] += 1
+                continue
+            now = time.perf_counter()
+            report.answered += 1
+            report.degraded += response.degraded
+            report.answered_by[response.answered_by] += 1
+            report.latencies.append(now - sent_at)
+            report.timeline.append((now - started, response.answered_by, response.degraded))
+
+    async def watch_memory() -> None:
+        while time.perf_counter() < stop_at:
+            for name, pid in (watch_pids or {}).items():
+                with contextlib.suppress(FileNotFoundError):  # a tier killed on purpose
+                    report.peak_rss_bytes[name] = max(report.peak_rss_bytes.get(name, 0), rss_bytes(pid))
+            await asyncio.sleep(0.5)
+
+    try:
+        await asyncio.gather(watch_memory(), *(client(i) for i in range(clients)))
+    finally:
+        for channel in pool:
+            await channel.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def stack_for(log_dir: Path, policy: list[str]) -> TierProcesses:
+    """Three replay tiers over the bundled trace; breakers probe every second so recovery shows quickly."""
+    common = ["--engine", "replay", "--traces", str(DEMO_TRACE), "--breaker-cooldown", "1", "--max-in-flight", "512"]
+    tiers = [
+        ["--tier", name, "--trace-model", model, *common, *policy]
+        for name, model in zip(TIER_NAMES, DEMO_CHAIN, strict=True)
+    ]
+    return TierProcesses(tiers, log_dir)
+
+
+def load(clients: int, seconds: float) -> LoadReport:
+    with tempfile.TemporaryDirectory(prefix="recserve-load-") as logs:
+        stack = stack_for(Path(logs), ["--policy", "recserve", "--beta", "0.5"])
+        stack.start()
+        try:
+            pids = {name: stack.pid(i) for i, name in enumerate(TIER_NAMES)}
+            target = f"127.0.0.1:{stack.ports[0]}"
+            return asyncio.run(run_load(target, demo_requests(), clients=clients, seconds=seconds, watch_pids=pids))
+        finally:
+            stack.stop()
+
+
+@dataclass
+class ChaosReport:
+    load: LoadReport
+    killed_at: float
+    restarted_at: float
+    forwarded_after_restart: int
+
+
+def chaos(clients: int = 32, seconds: float = 12.0, kill: int = signal.SIGKILL) -> ChaosReport:
+    """Kill the edge a quarter of the way into a load, restart it at half time; every request must be answered,
+    and the device must forward again once the edge is back."""
+    with tempfile.TemporaryDirectory(prefix="recserve-chaos-") as logs:
+        # Device and edge forward everything, so every request needs the edge while it is down.
+        stack = stack_for(Path(logs), ["--policy", "forward-all"])
+        stack.start()
+        try:
+            target = f"127.0.0.1:{stack.ports[0]}"
+            marks: dict[str, float] = {}
+
+            async def scenario() -> LoadReport:
+                started = time.perf_counter()
+                running = asyncio.ensure_future(run_load(target, demo_requests(), clients=clients, seconds=seconds))
+                await asyncio.sleep(seconds / 4)
+                marks["killed"] = time.perf_counter() - started
+                await asyncio.to_thread(stack.stop_one, 1, kill)
+                await asyncio.sleep(seconds / 4)
+                marks["restarted"] = time.perf_counter() - started
+                await asyncio.to_thread(stack.start_one, 1)
+                return await running
+
+            report = asyncio.run(scenario())
+        finally:
+            stack.stop()
+    # Allow the breaker's probe interval for the device to notice the edge is back.
+    recovered = sum(1 for at, tier, _ in report.timeline if at > marks["restarted"] + 3 and tier != "device")
+    return ChaosReport(report, marks["killed"], marks["restarted"], recovered)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    load_parser = commands.add_parser("load", help="many concurrent clients against three tiers")
+    load_parser.add_argument("--clients", type=int, default=200)
+    load_parser.add_argument("--seconds", type=float, default=60.0)
+    chaos_parser = commands.add_parser("chaos", help="kill and restart the edge tier under load")
+    chaos_parser.add_argument("--clients", type=int, default=32)
+    chaos_parser.add_argument("--seconds", type=float, default=15.0)
+    chaos_parser.add_argument("--signal", choices=("KILL", "TERM"), default="KILL")
+    args = parser.parse_args(argv)
+    if args.command == "load":
+        report = load(args.clients, args.seconds)
+        print(f"load, {args.clients} clients for {args.seconds:.0f}s: {report.summary()}")
+        return 0 if report.lost == 0 and not report.errors else 1
+    result = chaos(args.clients, args.seconds, getattr(signal, f"SIG{args.signal}"))
+    print(
+        f"chaos, edge SIG{args.signal} at {result.killed_at:.1f}s, restarted at {result.restarted_at:.1f}s: "
+        f"{result.load.summary()}; answered above the device after the restart: {result.forwarded_after_restart}"
+    )
+    return 0 if result.load.lost == 0 and not result.load.errors and result.forwarded_after_restart else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

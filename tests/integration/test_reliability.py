@@ -1,0 +1,35 @@
+"""Faults under load: a tier killed and restarted mid-load, and many concurrent clients; nothing is lost."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from recserve.loadtest import chaos, load
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["edge killed", "edge stopped gracefully"])
+def test_edge_down_mid_load_every_request_is_answered_and_forwarding_resumes(kill: int) -> None:
+    result = chaos(clients=16, seconds=14.0, kill=kill)
+    report = result.load
+    assert report.sent > 100
+    assert report.lost == 0
+    assert not report.errors, report.summary()
+    assert report.answered == report.sent
+    # While the edge was down, the device answered itself, marked degraded.
+    down = [degraded for at, _, degraded in report.timeline if result.killed_at + 0.5 < at < result.restarted_at]
+    assert down
+    assert all(down)
+    assert result.forwarded_after_restart > 0, report.summary()
+
+
+def test_two_hundred_concurrent_clients_lose_nothing_with_bounded_memory() -> None:
+    report = load(clients=200, seconds=8.0)
+    assert report.lost == 0
+    assert not report.errors, report.summary()
+    assert report.answered == report.sent > 200
+    assert set(report.peak_rss_bytes) == {"device", "edge", "cloud"}
+    assert max(report.peak_rss_bytes.values()) < 600 * 2**20, report.summary()
