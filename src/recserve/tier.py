@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from recserve.breaker import CircuitBreaker
+from recserve.breaker import BreakerState, CircuitBreaker
 from recserve.confidence import Score, choice_scorer, generate_scorer
 from recserve.engines.base import Engine, EngineError, GenerationRequest, UnknownPromptError
 from recserve.errors import (
@@ -31,6 +31,7 @@ from recserve.v1 import tier_pb2 as pb
 
 logger = logging.getLogger(__name__)
 DEFAULT_FAMILY = "default"
+PROBE_WAIT_SECONDS = 2.0
 _FAMILY_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
@@ -150,8 +151,9 @@ class Tier:
         if verdict.forward and self.upstream is not None:
             hop.decision = pb.DECISION_FORWARDED
             if self.breaker is None or self.breaker.allow():
+                probe = self.breaker is not None and self.breaker.state is BreakerState.HALF_OPEN
                 try:
-                    response = await self._forward(request, hop, family, score.value, deadline)
+                    response = await self._forward(request, hop, family, score.value, deadline, probe=probe)
                 except UpstreamUnavailable as exc:
                     if self.breaker is not None:
                         self.breaker.record_failure()
@@ -183,7 +185,14 @@ class Tier:
         return response
 
     async def _forward(
-        self, request: pb.InferRequest, hop: pb.Hop, family: str, confidence: float, deadline: float | None
+        self,
+        request: pb.InferRequest,
+        hop: pb.Hop,
+        family: str,
+        confidence: float,
+        deadline: float | None,
+        *,
+        probe: bool = False,
     ) -> pb.InferResponse:
         assert self.upstream is not None
         forwarded = pb.InferRequest()
@@ -192,7 +201,11 @@ class Tier:
         remaining = self._remaining(deadline)
         # Keep a little of the caller's time to answer locally if the next tier does not answer in time.
         budget = self.forward_timeout if remaining is None else min(self.forward_timeout, remaining * 0.9)
-        reply = await self.upstream.infer(forwarded, budget)
+        if probe:
+            # A breaker's probe waits a little for the link to come up instead of failing at once on a
+            # connection still backing off; otherwise a tier that came back could be missed for a long time.
+            budget = min(budget, PROBE_WAIT_SECONDS)
+        reply = await self.upstream.infer(forwarded, budget, wait_for_ready=probe)
         response = reply.response
         own = len(request.hops)
         if len(response.hops) <= own or response.hops[own].tier != self.name:

@@ -31,7 +31,8 @@ class FeedbackReply:
 class Upstream(Protocol):
     """The next tier, as the current tier sees it."""
 
-    async def infer(self, request: pb.InferRequest, timeout: float | None) -> Reply: ...
+    async def infer(self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False) -> Reply:
+        """Send `request` up; with `wait_for_ready`, wait (within `timeout`) for the link to come up."""
 
     async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> FeedbackReply: ...
 
@@ -50,7 +51,7 @@ class InProcessUpstream:
     def __init__(self, tier: InferHandler) -> None:
         self._tier = tier
 
-    async def infer(self, request: pb.InferRequest, timeout: float | None) -> Reply:
+    async def infer(self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False) -> Reply:
         sent = request.SerializeToString()
         response = await self._tier.infer(pb.InferRequest.FromString(sent), timeout)
         received = response.SerializeToString()

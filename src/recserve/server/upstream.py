@@ -75,9 +75,9 @@ class GrpcUpstream:
         self._infer = self._channel.unary_unary(INFER_METHOD)
         self._feedback = self._channel.unary_unary(FEEDBACK_METHOD)
 
-    async def infer(self, request: pb.InferRequest, timeout: float | None) -> Reply:
+    async def infer(self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False) -> Reply:
         sent = request.SerializeToString()
-        received = await self._call(self._infer, sent, timeout)
+        received = await self._call(self._infer, sent, timeout, wait_for_ready)
         return Reply(pb.InferResponse.FromString(received), len(sent), len(received))
 
     async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> FeedbackReply:
@@ -85,9 +85,11 @@ class GrpcUpstream:
         received = await self._call(self._feedback, sent, timeout)
         return FeedbackReply(pb.FeedbackResponse.FromString(received), len(sent), len(received))
 
-    async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable, data: bytes, timeout: float | None) -> bytes:
+    async def _call(
+        self, method: grpc.aio.UnaryUnaryMultiCallable, data: bytes, timeout: float | None, wait_for_ready: bool = False
+    ) -> bytes:
         try:
-            result: bytes = await method(data, timeout=timeout, metadata=self._metadata)
+            result: bytes = await method(data, timeout=timeout, metadata=self._metadata, wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, self.target) from None
         return result
