@@ -244,3 +244,19 @@ async def test_graceful_shutdown_reports_not_serving(trace_folder: Path) -> None
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await stop_stack(stack)
+
+
+async def test_the_deadline_propagates_and_a_too_slow_cloud_gives_a_degraded_answer_in_time(trace_folder: Path) -> None:
+    stack = await start_stack(trace_folder, policy="forward-all")
+    try:
+        stack.tiers[2].tier.engine = SlowEngine(stack.tiers[2].tier.engine, seconds=3.0)
+        started = asyncio.get_running_loop().time()
+        response = await stack.stub.Infer(quiz(5), timeout=1.0)
+        elapsed = asyncio.get_running_loop().time() - started
+        # The edge gave up on the cloud within its share of the client's deadline and answered itself.
+        assert response.answered_by == "edge"
+        assert response.degraded
+        assert [h.decision for h in response.hops] == [pb.DECISION_FORWARDED, pb.DECISION_DEGRADED]
+        assert elapsed < 1.0
+    finally:
+        await stop_stack(stack)
