@@ -22,14 +22,12 @@ from pathlib import Path
 
 import grpc
 
-from recserve.demo import DEMO_CHAIN, DEMO_TRACE
+from recserve.demo import DEMO_CHAIN, DEMO_TRACE, TIER_NAMES
 from recserve.processes import TierProcesses
 from recserve.replay_requests import build_request
 from recserve.traces import TraceSet
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
-
-TIER_NAMES = ("device", "edge", "cloud")
 
 
 @dataclass
