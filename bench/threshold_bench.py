@@ -63,8 +63,10 @@ def main() -> None:
     print(f"  numpy.percentile per request  : {per_numpy:8.2f} us per request")
     per_ring = ring_seconds / args.requests * 1e6
     print(f"  numpy.percentile, ring buffer : {per_ring:8.2f} us per request")
-    print(f"  speed-up: {per_numpy / per_tracker:.0f}x over the reference (target >= 50x), "
-          f"{per_ring / per_tracker:.0f}x over the ring buffer; identical thresholds: {identical}")
+    print(
+        f"  speed-up: {per_numpy / per_tracker:.0f}x over the reference (target >= 50x), "
+        f"{per_ring / per_tracker:.0f}x over the ring buffer; identical thresholds: {identical}"
+    )
     if not identical:
         raise SystemExit("thresholds differ")
 

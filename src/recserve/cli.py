@@ -15,6 +15,7 @@ from google.protobuf.json_format import MessageToDict
 
 from recserve import eval_command
 from recserve import settings as tier_settings
+from recserve.health_check import add_health_command, check_health
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
@@ -41,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ask.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds, propagated up every hop")
     ask.add_argument("--json", action="store_true", help="print the whole response as JSON")
 
+    add_health_command(commands)
+
     models = commands.add_parser("models", help="tiny generated models for tests and the offline demo")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     make = models_commands.add_parser("make", help="write device < edge < cloud models as GGUF and HF folders")
@@ -57,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_command.add_arguments(evaluation)
 
     demo = commands.add_parser("demo", help="three local tiers, benchmark questions through the device tier")
-    demo.add_argument("--engine", choices=("replay", "llama_cpp"), default="replay")
+    demo.add_argument("--engine", choices=("replay", "llama_cpp", "vllm"), default="replay")
     demo.add_argument(
         "--limit", type=int, default=None, help="questions per benchmark (default: all; 20 for llama_cpp)"
     )
@@ -72,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(parser, args)
     if args.command == "ask":
         return _ask(args)
+    if args.command == "health":
+        return check_health(args)
     if args.command == "certs":
         from recserve.certs import make_certificates
 

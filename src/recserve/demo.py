@@ -77,17 +77,29 @@ def tier_arguments(engine: str, model_dir: Path | None) -> list[list[str]]:
             for tier, model in zip(TIER_NAMES, DEMO_CHAIN, strict=True)
         ]
     assert model_dir is not None
-    return [
+    llama = [
         ["--tier", tier, "--engine", "llama_cpp", "--model", str(model_dir / tier / "model.gguf"),
          "--context-length", "4096", "--threads", "1"]
         for tier in TIER_NAMES
     ]  # fmt: skip
+    if engine == "vllm":
+        # llama.cpp on the device, vLLM above it; vLLM keeps to the models' 2048 positions.
+        vllm = [["--tier", t, "--engine", "vllm", "--model", str(model_dir / t / "hf"), "--context-length", "2048"]
+                for t in TIER_NAMES[1:]]  # fmt: skip
+        return [llama[0], *vllm]
+    return llama
 
 
 def engines_for(engine: str, model_dir: Path | None) -> list[Engine]:
     if engine == "replay":
         return [create_engine("replay", EngineConfig(traces=str(DEMO_TRACE), trace_model=m)) for m in DEMO_CHAIN]
     assert model_dir is not None
+    if engine == "vllm":
+        device = create_engine(
+            "llama_cpp", EngineConfig(model=str(model_dir / "device" / "model.gguf"), context_length=4096)
+        )
+        vllm = [create_engine("vllm", EngineConfig(model=str(model_dir / t / "hf"))) for t in TIER_NAMES[1:]]
+        return [device, *vllm]
     return [
         create_engine("llama_cpp", EngineConfig(model=str(model_dir / t / "model.gguf"), context_length=4096))
         for t in TIER_NAMES
@@ -193,7 +205,7 @@ def _fraction(value: float | None) -> str:
 def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: int = 1,
              model_dir: Path | None = None) -> dict[str, Tally]:  # fmt: skip
     """Run the whole demo and print the summary; returns the per-benchmark tallies."""
-    if engine == "llama_cpp":
+    if engine in ("llama_cpp", "vllm"):
         from recserve.models import make_tiny_models
 
         model_dir = model_dir or Path("models")
@@ -206,7 +218,8 @@ def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: i
         stack = TierProcesses(tier_arguments(engine, model_dir), Path(logs))
         try:
             print(f"starting device -> edge -> cloud tiers ({engine} engines) ...", flush=True)
-            stack.start()
+            # vLLM engines take 30-60 s each to load on a small CPU host.
+            stack.start(timeout=600.0 if engine == "vllm" else 120.0)
             print(f"sending {len(queries)} questions to the device tier at 127.0.0.1:{stack.ports[0]}", flush=True)
             started = time.perf_counter()
             tallies = asyncio.run(_send_all(f"127.0.0.1:{stack.ports[0]}", queries, grader, concurrency))

@@ -52,12 +52,30 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_port", int, 0, "Prometheus /metrics HTTP port (0: no metrics endpoint)"),
     Option("next", str, "", "HOST:PORT of the next tier; empty for the last tier, which never forwards"),
     Option("engine", str, "replay", "generation engine", ENGINE_NAMES),
-    Option("model", str, "", "model for the engine: a GGUF file for llama_cpp"),
+    Option(
+        "model",
+        str,
+        "",
+        "model for the engine: a GGUF file (llama_cpp), a Hugging Face folder or hub id (vllm), "
+        "the served model name (openai; empty: the server's first)",
+    ),
     Option("traces", str, "", "trace folder for the replay engine"),
     Option("trace_model", str, "", "which model of the trace folder the replay engine serves"),
     Option("threads", int, 0, "engine threads (0: all cores)"),
-    Option("context_length", int, 2048, "engine context window in tokens"),
+    Option("context_length", int, 2048, "engine context window in tokens (vllm: max_model_len)"),
     Option("seed", int, 0, "engine sampling seed"),
+    Option("dtype", str, "auto", "vllm: weight and activation dtype (auto: the checkpoint's on GPU, float32 on CPU)"),
+    Option(
+        "gpu_memory_utilization",
+        float,
+        0.0,
+        "vllm: fraction of GPU memory (of RAM on CPU) for weights and KV cache; 0: 0.9 on GPU, a 1 GiB KV cache on CPU",
+    ),
+    Option("tensor_parallel_size", int, 1, "vllm: GPUs one model is split across"),
+    Option("max_num_seqs", int, 0, "vllm: most requests batched together (0: vLLM's default)"),
+    Option("base_url", str, "", "openai: base URL of an OpenAI-compatible server, e.g. http://HOST:8000/v1"),
+    Option("api_key", str, "", "openai: bearer token for the server (empty: none)"),
+    Option("request_timeout", float, 60.0, "openai: seconds to wait for the server, per request and at start-up"),
     Option("policy", str, "recserve", "offload policy", POLICY_NAMES),
     Option("beta", float, 0.3, "recserve policy: forward below this quantile of recent confidences"),
     Option("window", int, 10_000, "recserve policy: confidences kept per task family"),
@@ -102,6 +120,13 @@ class TierSettings:
     threads: int
     context_length: int
     seed: int
+    dtype: str
+    gpu_memory_utilization: float
+    tensor_parallel_size: int
+    max_num_seqs: int
+    base_url: str
+    api_key: str
+    request_timeout: float
     policy: str
     beta: float
     window: int
@@ -151,6 +176,18 @@ class TierSettings:
             yield "the replay engine needs --traces DIR and --trace-model MODEL"
         if self.engine == "llama_cpp" and not self.model:
             yield "the llama_cpp engine needs --model PATH.gguf"
+        if self.engine == "vllm" and not self.model:
+            yield "the vllm engine needs --model (a Hugging Face folder or hub id)"
+        if self.engine == "openai" and not self.base_url:
+            yield "the openai engine needs --base-url (an OpenAI-compatible server, e.g. http://HOST:8000/v1)"
+        if not 0.0 <= self.gpu_memory_utilization <= 1.0:
+            yield f"gpu_memory_utilization must be within [0, 1], got {self.gpu_memory_utilization}"
+        if self.tensor_parallel_size < 1:
+            yield f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"
+        if self.max_num_seqs < 0:
+            yield f"max_num_seqs must not be negative, got {self.max_num_seqs}"
+        if self.request_timeout <= 0:
+            yield f"request_timeout must be positive, got {self.request_timeout}"
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             yield "default_max_tokens must be within 1 and max_tokens"
         try:
@@ -199,6 +236,13 @@ class TierSettings:
             threads=self.threads,
             context_length=self.context_length,
             seed=self.seed,
+            dtype=self.dtype,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            tensor_parallel_size=self.tensor_parallel_size,
+            max_num_seqs=self.max_num_seqs,
+            base_url=self.base_url,
+            api_key=self.api_key,
+            request_timeout=self.request_timeout,
         )
 
     @property

