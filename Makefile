@@ -27,9 +27,12 @@ COMPOSE ?= $(if $(shell docker compose version 2>/dev/null),docker compose,docke
 PROJECT ?= recserve
 SERVICES ?=
 DOWN_FLAGS ?= --remove-orphans
+# Kubernetes (README, "Kubernetes"): the API version the rendered overlays are validated against.
+K8S_VERSION ?= 1.32.0
+K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
 .PHONY: help install proto proto-check lint typecheck check test test-unit test-integration demo bench models demo-trace clean
-.PHONY: docker-ready base-image wheels images up down results certs chaos load
+.PHONY: docker-ready base-image wheels images up down results certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -64,7 +67,7 @@ typecheck: install ## mypy on the library
 
 check: proto-check lint typecheck ## everything but the tests
 
-test: install docker-ready ## stub check, lint, types, then all tests (unit, in-process gRPC, integration, containers)
+test: install docker-ready podman-ready ## stub check, lint, types, then all tests (unit, in-process gRPC, integration, containers)
 	$(MAKE) --no-print-directory check
 	$(BIN)/pytest
 
@@ -113,12 +116,13 @@ wheels: install ## build what the images install offline: build/wheels/EXTRA/ (E
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and \
 		"wheels: the images run Python 3.11, so the wheels must be cp311: make the venv with PYTHON=python3.11")'
 	rm -rf build/dist build/lib && mkdir -p build/dist
+	@# The models extra too: the Kubernetes pods' init step runs `recserve models make` from the tier image.
 	@# Wheels from pip's cache when it has them (llama.cpp is compiled once); SOURCE_DATE_EPOCH makes the
 	@# recserve wheel byte-identical for identical sources, so Docker's layer cache holds across rebuilds.
 	for extra in $(ENGINE_EXTRAS); do \
 		rm -rf build/wheels/$$extra; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" SOURCE_DATE_EPOCH=315532800 \
-			$(BIN)/pip wheel --quiet --wheel-dir build/wheels/$$extra ".[$$extra]"; \
+			$(BIN)/pip wheel --quiet --wheel-dir build/wheels/$$extra ".[$$extra,models]"; \
 		mv build/wheels/$$extra/recserve-*.whl build/dist/; \
 	done
 
@@ -130,6 +134,19 @@ up: models images ## start the stack: tiers, Prometheus, Grafana (SERVICES=devic
 
 down: ## stop the stack, remove its containers and network (volumes stay; DOWN_FLAGS=--volumes drops them)
 	$(COMPOSE) -p $(PROJECT) -f deploy/docker-compose.yml down $(DOWN_FLAGS)
+
+podman-ready: ## install podman and catatonit when missing (root, apt), for the Kubernetes pod test
+	deploy/podman-ready.sh
+
+k8s-validate: install ## render every deploy/k8s overlay and validate it strictly (K8S_VERSION)
+	@# The ServiceMonitor (a CRD kubernetes-validate has no schema for) is only rendered here; the k8s tests
+	@# check its structure against the Services.
+	kubectl kustomize deploy/k8s/prometheus-operator >/dev/null
+	for overlay in $(K8S_OVERLAYS); do \
+		kubectl kustomize $$overlay | $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) - \
+			|| { echo "k8s-validate: $$overlay is not valid for Kubernetes $(K8S_VERSION)"; exit 1; }; \
+		echo "k8s-validate: $$overlay valid for Kubernetes $(K8S_VERSION)"; \
+	done
 
 clean: ## remove the virtualenv, caches and generated models
 	rm -rf $(VENV) models certs .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,10 @@ SERVER_OPTIONS = [
     # Accept the keepalive pings our upstream channels send every 30 s instead of answering GOAWAY.
     ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A lower tier keeps one long-lived connection to this one, and a Kubernetes Service balances connections,
+    # not requests: ending connections after a few minutes makes callers reconnect and spread over new replicas.
+    ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+    ("grpc.max_connection_age_grace_ms", 30 * 1000),
 ]
 
 
