@@ -154,8 +154,9 @@ def load(clients: int, seconds: float) -> LoadReport:
 @dataclass
 class ChaosReport:
     load: LoadReport
-    killed_at: float
-    restarted_at: float
+    killed_at: float  # the edge has exited
+    restarting_at: float  # its restart begins
+    restarted_at: float  # it reports ready again
     forwarded_after_restart: int
 
 
@@ -174,19 +175,20 @@ def chaos(clients: int = 32, seconds: float = 12.0, kill: int = signal.SIGKILL) 
                 started = time.perf_counter()
                 running = asyncio.ensure_future(run_load(target, demo_requests(), clients=clients, seconds=seconds))
                 await asyncio.sleep(seconds / 4)
-                marks["killed"] = time.perf_counter() - started
                 await asyncio.to_thread(stack.stop_one, 1, kill)
+                # Marked once the edge is gone: a graceful stop first finishes what it had in flight.
+                marks["killed"] = time.perf_counter() - started
                 await asyncio.sleep(seconds / 4)
-                marks["restarted"] = time.perf_counter() - started
+                marks["restarting"] = time.perf_counter() - started
                 await asyncio.to_thread(stack.start_one, 1)
+                marks["restarted"] = time.perf_counter() - started
                 return await running
 
             report = asyncio.run(scenario())
         finally:
             stack.stop()
-    # Allow the breaker's probe interval for the device to notice the edge is back.
-    recovered = sum(1 for at, tier, _ in report.timeline if at > marks["restarted"] + 3 and tier != "device")
-    return ChaosReport(report, marks["killed"], marks["restarted"], recovered)
+    recovered = sum(1 for at, tier, _ in report.timeline if at > marks["restarted"] and tier != "device")
+    return ChaosReport(report, marks["killed"], marks["restarting"], marks["restarted"], recovered)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ def test_edge_down_mid_load_every_request_is_answered_and_forwarding_resumes(kil
     assert not report.errors, report.summary()
     assert report.answered == report.sent
     # While the edge was down, the device answered itself, marked degraded.
-    down = [degraded for at, _, degraded in report.timeline if result.killed_at + 0.5 < at < result.restarted_at]
+    down = [degraded for at, _, degraded in report.timeline if result.killed_at + 0.5 < at < result.restarting_at]
     assert down
     assert all(down)
     assert result.forwarded_after_restart > 0, report.summary()
