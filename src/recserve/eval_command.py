@@ -24,8 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thresholds", default="", help="casserve: one per forwarding tier; default: tuned on train")
     parser.add_argument(
         "--budget", type=float, default=None,
-        help="casserve tuning: bytes as a share of cloud-only (default: what recserve at --beta spends on train)",
+        help="casserve tuning, and the budget policy's target: bytes as a share of cloud-only (casserve default: "
+             "what recserve at --beta spends on train; budget default: 0.4)",
     )  # fmt: skip
+    parser.add_argument("--gap", type=float, default=0.02, help="quality: accuracy share it may lose vs cloud-only")
+    parser.add_argument("--fill-cap", type=float, default=0.85, help="budget: most a lower link forwards first")
     parser.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="serve queries in a seeded order")
     parser.add_argument("--live", action="store_true", help="through real tier processes over gRPC on loopback")
     parser.add_argument("--json", default=None, metavar="FILE|-", help="write the figures as JSON")
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         request = EvalRequest(
             traces=args.traces, chain=chain, split=args.split, policy=args.policy, beta=args.beta,
             window=args.window, thresholds=thresholds, budget=args.budget, shuffle=args.shuffle, live=args.live,
+            gap=args.gap, fill_cap=args.fill_cap,
         )  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="recserve-eval-") as logs:
             results = asyncio.run(evaluate(request, Path(logs)))

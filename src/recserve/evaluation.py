@@ -27,7 +27,9 @@ from recserve.traces import TraceQuery, TraceSet
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
-POLICY_NAMES = ("recserve", "casserve", "cloud-only", "device-only", "oracle")
+POLICY_NAMES = ("recserve", "casserve", "cloud-only", "device-only", "oracle", "budget", "quality")
+# Policies that learn from verdicts: their runs send each recorded verdict back as Feedback.
+FEEDBACK_POLICIES = ("quality",)
 
 
 @dataclass(frozen=True)
@@ -156,19 +158,38 @@ class TraceReplay:
     def engines(self) -> list[Engine]:
         return [ReplayEngine(self.traces_dir, model) for model in self.chain]
 
-    async def run_offline(self, queries: Sequence[TraceQuery], policies: Sequence[OffloadPolicy]) -> list[Outcome]:
-        """Serve `queries` in order through in-process tiers; the policies keep their state across queries."""
+    def feedback(self, query: TraceQuery, response: pb.InferResponse) -> pb.FeedbackRequest:
+        """The recorded verdict on the answering model's answer, as the client (the grader) reports it."""
+        correct = self.trace_set.answers[query.key][self.chain[self.names.index(response.answered_by)]].correct
+        return pb.FeedbackRequest(request_id=response.request_id, correct=correct)
+
+    async def run_offline(
+        self, queries: Sequence[TraceQuery], policies: Sequence[OffloadPolicy], *, feedback: bool = False
+    ) -> list[Outcome]:
+        """Serve `queries` in order through in-process tiers; the policies keep their state across queries.
+
+        With `feedback`, each response's recorded verdict goes back through the first tier's Feedback before
+        the next query, as the live run sends it (Feedback bytes are not link bytes of the figures).
+        """
         engines = self.engines()
         for engine in engines:
             await engine.start()
         tiers = link_tiers(self.names, engines, policies)
         try:
-            return [self.outcome(q, await tiers[0].infer(self.request(i, q))) for i, q in enumerate(queries)]
+            outcomes = []
+            for index, query in enumerate(queries):
+                response = await tiers[0].infer(self.request(index, query))
+                if feedback:
+                    await tiers[0].feedback(self.feedback(query, response))
+                outcomes.append(self.outcome(query, response))
+            return outcomes
         finally:
             for engine in engines:
                 await engine.shutdown()
 
-    def run_live(self, queries: Sequence[TraceQuery], policy_args: Sequence[list[str]], log_dir: Path) -> list[Outcome]:
+    def run_live(
+        self, queries: Sequence[TraceQuery], policy_args: Sequence[list[str]], log_dir: Path, *, feedback: bool = False
+    ) -> list[Outcome]:
         """Serve `queries` in order through `recserve serve` processes on loopback, one request at a time."""
         args = [
             ["--tier", name, "--engine", "replay", "--traces", str(self.traces_dir), "--trace-model", model, *extra]
@@ -177,14 +198,20 @@ class TraceReplay:
         stack = TierProcesses(args, log_dir)
         try:
             stack.start()
-            return asyncio.run(self._send(f"127.0.0.1:{stack.ports[0]}", queries))
+            return asyncio.run(self._send(f"127.0.0.1:{stack.ports[0]}", queries, feedback))
         finally:
             stack.stop()
 
-    async def _send(self, target: str, queries: Sequence[TraceQuery]) -> list[Outcome]:
+    async def _send(self, target: str, queries: Sequence[TraceQuery], feedback: bool = False) -> list[Outcome]:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.TierServiceStub(channel)
-            return [self.outcome(q, await stub.Infer(self.request(i, q), timeout=60)) for i, q in enumerate(queries)]
+            outcomes = []
+            for index, query in enumerate(queries):
+                response = await stub.Infer(self.request(index, query), timeout=60)
+                if feedback:
+                    await stub.Feedback(self.feedback(query, response), timeout=60)
+                outcomes.append(self.outcome(query, response))
+            return outcomes
 
     async def depth_table(self, queries: Sequence[TraceQuery]) -> DepthTable:
         """Run the real tiers once per answering depth (tiers below forward, that one answers)."""
@@ -308,6 +335,20 @@ def fixed_plan(tiers: int, per_family: dict[str, tuple[float, ...]] | None, defa
     return PolicyPlan(offline, flags)
 
 
+def target_plan(name: str, tiers: int, target: float, window: int, fill_cap: float = 0.85) -> PolicyPlan:
+    """`budget` (target: share of cloud-only bytes) or `quality` (target: accuracy share below cloud-only)."""
+    from recserve.policy import make_policy
+
+    value = "--byte-budget" if name == "budget" else "--quality-gap"
+    flags = ["--policy", name, value, repr(target), "--window", str(window), "--links", str(tiers - 1)]
+    flags += ["--fill-cap", repr(fill_cap)] if name == "budget" else []
+    offline = [
+        make_policy(name, byte_budget=target, quality_gap=target, window=window, links=tiers - 1, fill_cap=fill_cap)
+        for _ in range(tiers)
+    ]
+    return PolicyPlan(offline, [flags] * tiers)
+
+
 def simple_plan(name: str, tiers: int) -> PolicyPlan:
     if name == "cloud-only":
         return PolicyPlan([ForwardAllPolicy() for _ in range(tiers)], [["--policy", "forward-all"]] * tiers)
@@ -326,6 +367,8 @@ class EvalRequest:
     budget: float | None = None
     shuffle: int | None = None
     live: bool = False
+    gap: float = 0.02  # quality policy: accuracy share below cloud-only it may lose
+    fill_cap: float = 0.85  # budget policy: most a lower link forwards before the links above get any
 
 
 async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
@@ -334,6 +377,11 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
         return recserve_plan(tiers, request.beta, request.window)
     if request.policy in ("cloud-only", "device-only"):
         return simple_plan(request.policy, tiers)
+    if request.policy == "budget":
+        share = 0.4 if request.budget is None else request.budget
+        return target_plan("budget", tiers, share, request.window, request.fill_cap)
+    if request.policy == "quality":
+        return target_plan("quality", tiers, request.gap, request.window)
     if request.policy != "casserve":
         raise ValueError(f"unknown policy {request.policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
     if request.thresholds:
@@ -367,10 +415,11 @@ async def evaluate(request: EvalRequest, log_dir: Path | None = None) -> dict[st
             raise ValueError("the oracle knows the answers in advance: it is an offline bound, not a live policy")
         return summaries(table.outcomes(table.oracle_depths()), tiers, cloud_only)
     plan = await plan_for(request, replay)
+    feedback = request.policy in FEEDBACK_POLICIES
     if request.live:
         if log_dir is None:
             raise ValueError("a live run needs a folder for the tier logs")
-        outcomes = await asyncio.to_thread(replay.run_live, queries, plan.flags, log_dir)
+        outcomes = await asyncio.to_thread(replay.run_live, queries, plan.flags, log_dir, feedback=feedback)
     else:
-        outcomes = await replay.run_offline(queries, plan.offline)
+        outcomes = await replay.run_offline(queries, plan.offline, feedback=feedback)
     return summaries(outcomes, tiers, cloud_only)

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from recserve.threshold import WindowedQuantile
 
-POLICY_NAMES = ("recserve", "fixed", "forward-all", "local")
+POLICY_NAMES = ("recserve", "fixed", "forward-all", "local", "budget", "quality")
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,20 @@ def make_policy(
     window: int = 10_000,
     threshold: float = 0.5,
     family_thresholds: Mapping[str, float] | None = None,
+    byte_budget: float = 0.4,
+    quality_gap: float = 0.02,
+    links: int = 2,
+    fill_cap: float = 0.85,
+    explore: float = 0.05,
+    cold_rate: float = 0.5,
+    seed: int = 0,
 ) -> OffloadPolicy:
+    if name in ("budget", "quality"):
+        from recserve.budget import BudgetPolicy, QualityPolicy  # budget.py builds on this module
+
+        if name == "budget":
+            return BudgetPolicy(byte_budget, links=links, fill_cap=fill_cap, window=window)
+        return QualityPolicy(quality_gap, links=links, window=window, explore=explore, cold_rate=cold_rate, seed=seed)
     if name == "recserve":
         return RecServePolicy(beta, window)
     if name == "fixed":

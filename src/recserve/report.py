@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from recserve.budget_eval import TARGETS_NOTE, plot_tracking, target_lines
 from recserve.evaluation import EvalRequest, Summary, evaluate
 from recserve.sweep import SweepRequest, plot, sweep
 
@@ -45,7 +46,7 @@ async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: flo
     results: dict[str, dict[str, Summary]] = {}
     for policy in POLICIES:
         results[policy] = await evaluate(EvalRequest(traces=traces, chain=tuple(chain), policy=policy, beta=beta))
-    frontier = await sweep(SweepRequest(traces, tuple(chain)))
+    frontier = await sweep(SweepRequest(traces, tuple(chain), targets=True))
     (out / "results").mkdir(parents=True, exist_ok=True)
     plot(frontier, out / "results" / f"{slug}.png")
     (out / "results" / f"{slug}.json").write_text(json.dumps(frontier, indent=1) + "\n")
@@ -85,7 +86,9 @@ async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: flo
             f"{' / '.join(_fmt(x) for x in [*reach, bytes_to_reach(oracle, target)])} | "
             f"{' / '.join(_fmt(x) for x in at_budget)} |"
         )
-    lines += ["", _verdict(frontier), ""]
+    lines += ["", _verdict(frontier)]
+    plot_tracking([frontier], out / "results" / f"{slug}_budget_tracking.png")
+    lines += [*target_lines(frontier, f"results/{slug}_budget_tracking.png"), ""]
     return "\n".join(lines)
 
 
@@ -129,7 +132,7 @@ of the RecServe points.
 
 """
     path = out / "results.md"
-    path.write_text(header + "\n".join(sections))
+    path.write_text(header + TARGETS_NOTE + "\n".join(sections))
     return path
 
 

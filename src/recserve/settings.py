@@ -81,6 +81,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("window", int, 10_000, "recserve policy: confidences kept per task family"),
     Option("threshold", float, 0.5, "fixed policy: forward below this confidence"),
     Option("family_thresholds", str, "", "fixed policy: per-family thresholds, e.g. mmlu=0.42,medmcqa=0.5"),
+    Option("byte_budget", float, 0.4, "budget policy: bytes to spend, as a share of cloud-only serving"),
+    Option(
+        "quality_gap", float, 0.02, "quality policy: accuracy it may lose against the tiers above (0.02 = 2 points)"
+    ),
+    Option("links", int, 2, "budget and quality policies: links in the chain (tiers - 1), to split the target over"),
+    Option("fill_cap", float, 0.85, "budget policy: the most a tier below the last link forwards before links above"),
+    Option(
+        "explore", float, 0.05, "quality policy: share of would-be-kept requests forwarded to measure the tiers above"
+    ),
+    Option("cold_rate", float, 0.5, "quality policy: forward rate until verdicts arrive (and if they never do)"),
     Option("scorer", str, "perplexity", "confidence scorer for GENERATE tasks", tuple(GENERATE_SCORERS)),
     Option("choice_scorer", str, "option_probability", "confidence scorer for CHOICE tasks", tuple(CHOICE_SCORERS)),
     Option("max_prompt_chars", int, TierLimits.max_prompt_chars, "longest prompt + system prompt accepted"),
@@ -132,6 +142,12 @@ class TierSettings:
     window: int
     threshold: float
     family_thresholds: str
+    byte_budget: float
+    quality_gap: float
+    links: int
+    fill_cap: float
+    explore: float
+    cold_rate: float
     scorer: str
     choice_scorer: str
     max_prompt_chars: int
@@ -172,6 +188,11 @@ class TierSettings:
             yield f"beta must be within [0, 1], got {self.beta}"
         if self.window < 1:
             yield f"window must be at least 1, got {self.window}"
+        for name in ("byte_budget", "quality_gap", "explore", "cold_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                yield f"{name} must be a share within [0, 1], got {getattr(self, name)}"
+        if self.links < 1 or not 0.0 < self.fill_cap <= 1.0:
+            yield f"links must be at least 1 and fill_cap within (0, 1], got {self.links} and {self.fill_cap}"
         if self.engine == "replay" and not (self.traces and self.trace_model):
             yield "the replay engine needs --traces DIR and --trace-model MODEL"
         if self.engine == "llama_cpp" and not self.model:

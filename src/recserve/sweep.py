@@ -38,6 +38,7 @@ class SweepRequest:
     betas: tuple[float, ...] = DEFAULT_BETAS
     grid_points: int = 21
     shuffle: int | None = None
+    targets: bool = False  # also the budget and quality policies' frontiers and budget tracking
 
 
 def pareto(points: list[Point]) -> list[Point]:
@@ -95,6 +96,11 @@ async def sweep(request: SweepRequest) -> dict[str, Any]:
         entry["device_only"] = _table_point(table, mask, np.zeros(len(queries), dtype=np.int64))
         entry["oracle"] = _table_point(table, mask, table.oracle_depths())
 
+    if request.targets:
+        from recserve.budget_eval import add_target_points  # builds on evaluation, as this module does
+
+        await add_target_points(result, replay, queries, table, cloud_only, window=request.window)
+
     train = replay.queries("train")
     if train:
         train_table = await replay.depth_table(train)
@@ -128,6 +134,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         _line(axis, entry["recserve"], "RecServe (β sweep)", "C0", "o-")
         _line(axis, entry["casserve_hindsight"], "CasServe, best fixed thresholds in hindsight", "C1", "--")
         _line(axis, entry["casserve_train"], "CasServe tuned on train", "C2", "s:")
+        _line(axis, entry.get("budget", []), "budget policy (byte-budget sweep)", "C3", "d-")
+        _line(axis, entry.get("budget_tuned", []), "budget policy, fill cap tuned on train", "C5", "d--")
+        _line(axis, entry.get("quality", []), "quality policy (gap sweep)", "C4", "v-.")
         for key, label, marker in (("cloud_only", "cloud-only", "k*"), ("oracle", "oracle", "r^"),
                                    ("device_only", "device-only", "kx")):  # fmt: skip
             axis.plot(entry[key]["bytes_vs_cloud_only"], entry[key]["accuracy"], marker, markersize=10, label=label)

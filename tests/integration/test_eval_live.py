@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from recserve.budget import QualityPolicy
 from recserve.demo import DEMO_CHAIN, DEMO_TRACE
-from recserve.evaluation import TraceReplay, recserve_plan
+from recserve.evaluation import TraceReplay, recserve_plan, target_plan
 from tests.conftest import write_trace_folder
 
 pytestmark = pytest.mark.integration
@@ -32,6 +33,8 @@ def eval_json(folder: Path, chain: str, out: Path, *extra: str) -> dict:
         ["--policy", "recserve", "--shuffle", "11"],
         ["--policy", "casserve", "--thresholds", "0.6,0.5"],
         ["--policy", "cloud-only"],
+        ["--policy", "budget", "--budget", "0.45", "--window", "9"],
+        ["--policy", "quality", "--gap", "0.02", "--shuffle", "4"],
     ],
 )
 def test_live_equals_offline(tmp_path: Path, policy: list[str]) -> None:
@@ -58,3 +61,16 @@ def test_bad_chain_is_a_clear_error(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
     assert "gpt-9" in result.stderr
+
+
+def test_quality_policy_with_feedback_live_equals_offline_once_calibrated(tmp_path: Path) -> None:
+    """Feedback goes back identically in both modes, so the calibrated thresholds and decisions match."""
+    replay = TraceReplay.load(DEMO_TRACE, DEMO_CHAIN)
+    queries = [q for q in replay.queries("test") if q.benchmark == "mmlu"][:240]
+    plan = target_plan("quality", 3, 0.02, 10_000)
+    offline = asyncio.run(replay.run_offline(queries, plan.offline, feedback=True))
+    live = replay.run_live(queries, plan.flags, tmp_path, feedback=True)
+    assert live == offline
+    device = plan.offline[0]
+    assert isinstance(device, QualityPolicy)
+    assert device.calibrated("mmlu")

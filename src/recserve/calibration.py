@@ -1,0 +1,119 @@
+"""Online calibration: P(right | confidence) from recent verdicts, by windowed Platt scaling with a prior."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+import numpy.typing as npt
+
+# Recorded confidences of exactly 0 or 1 are not certainties; clipping keeps the fit from extrapolating them
+# to ±∞ in logit space, where one two-parameter curve cannot follow them.
+_EPSILON = 0.01
+
+
+def logit(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    clipped = np.clip(np.asarray(p, dtype=np.float64), _EPSILON, 1.0 - _EPSILON)
+    result: npt.NDArray[np.float64] = np.log(clipped / (1.0 - clipped))
+    return result
+
+
+def sigmoid(z: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """1 / (1 + e^-z) without overflow for large |z|."""
+    result: npt.NDArray[np.float64] = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
+    return result
+
+
+def fit_platt(
+    confidences: npt.ArrayLike,
+    outcomes: npt.ArrayLike,
+    prior: tuple[float, float] = (0.0, 1.0),
+    strength: float = 1.0,
+    steps: int = 50,
+) -> tuple[float, float]:
+    """(a, b) of P(right | c) = sigmoid(a + b·logit c), by Newton's method on the log-likelihood plus a ridge
+    penalty `strength`·|θ - prior|² / 2; the prior (0, 1) means "the confidence is already calibrated".
+
+    The penalty keeps the fit defined with few or one-sided verdicts (all right, all wrong, one value).
+    """
+    x = logit(confidences)
+    y = np.asarray(outcomes, dtype=np.float64)
+    design = np.column_stack([np.ones_like(x), x])
+    centre = np.asarray(prior, dtype=np.float64)
+    theta = centre.copy()
+    for _ in range(steps):
+        p = sigmoid(design @ theta)
+        gradient = design.T @ (p - y) + strength * (theta - centre)
+        hessian = design.T @ (design * (p * (1.0 - p))[:, None]) + strength * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        # A trust region: plain Newton steps can overshoot and diverge on nearly separable verdicts.
+        largest = float(np.abs(step).max())
+        if largest > 1.0:
+            step /= largest
+        theta -= step
+        if float(np.abs(step).max()) < 1e-9:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+class WindowedCalibration:
+    """P(right | confidence) from the last `window` (confidence, verdict) pairs, refitted every `refit_every`.
+
+    Before any verdict it returns the prior (by default the confidence itself).
+    """
+
+    def __init__(
+        self, window: int = 1000, refit_every: int = 20, prior: tuple[float, float] = (0.0, 1.0), strength: float = 1.0
+    ) -> None:
+        if window < 1 or refit_every < 1:
+            raise ValueError("window and refit_every must be at least 1")
+        self.window = window
+        self.refit_every = refit_every
+        self.prior = prior
+        self.strength = strength
+        self.params = prior
+        self._pairs: deque[tuple[float, bool]] = deque(maxlen=window)
+        self._since_fit = 0
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def add(self, confidence: float, correct: bool) -> None:
+        if math.isnan(confidence):
+            raise ValueError("confidence is NaN")
+        self._pairs.append((confidence, correct))
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every:
+            self.refit()
+
+    def refit(self) -> None:
+        self._since_fit = 0
+        if self._pairs:
+            confidences, outcomes = zip(*self._pairs, strict=True)
+            self.params = fit_platt(confidences, outcomes, self.prior, self.strength)
+
+    def predict(self, confidences: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        a, b = self.params
+        return sigmoid(a + b * logit(confidences))
+
+
+def keep_threshold(confidences: npt.ArrayLike, gain: npt.ArrayLike, allowed_loss: float) -> float:
+    """The lowest threshold t such that keeping every confidence ≥ t loses at most `allowed_loss` accuracy
+    (a share of all requests), where `gain[i]` is what forwarding request i would win (P_up - P_own).
+
+    Keeping starts from the most confident request and stops before the cumulative loss exceeds the allowance;
+    requests where forwarding wins nothing (gain ≤ 0) cost nothing to keep. Returns +inf when nothing can be
+    kept, and the lowest confidence when everything can.
+    """
+    values = np.asarray(confidences, dtype=np.float64)
+    if values.size == 0:
+        return math.inf
+    order = np.argsort(-values, kind="stable")
+    losses = np.cumsum(np.maximum(np.asarray(gain, dtype=np.float64)[order], 0.0)) / values.size
+    within = losses <= allowed_loss + 1e-12
+    if not within[0]:
+        return math.inf
+    # Keep the longest prefix (highest confidences first) whose loss stays within the allowance.
+    last = int(np.argmin(within)) - 1 if not within.all() else values.size - 1
+    return float(values[order][last])

@@ -1,0 +1,100 @@
+"""Target-driven policies: the budget split, the rate controller, and the quality controller on synthetic streams."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from recserve.budget import BudgetPolicy, ControlledQuantile, QualityPolicy, split_budget
+from recserve.policy import make_policy
+
+
+def spent(rates: list[float]) -> float:
+    """Share of cloud-only bytes when every link carries the same bytes per request."""
+    return sum(math.prod(rates[: k + 1]) for k in range(len(rates))) / len(rates)
+
+
+@pytest.mark.parametrize("links", [1, 2, 3])
+def test_split_spends_exactly_the_budget_lower_links_first(links: int) -> None:
+    for budget in [i / 20 for i in range(21)]:
+        rates = split_budget(budget, links, fill_cap=0.85)
+        assert all(0.0 <= r <= 1.0 for r in rates)
+        assert spent(rates) == pytest.approx(budget, abs=1e-9)
+    assert split_budget(0.4, 2) == pytest.approx([0.8, 0.0])
+    assert split_budget(0.5, 2) == pytest.approx([0.85, 0.15 / 0.85])
+    with pytest.raises(ValueError, match="share of cloud-only"):
+        split_budget(1.5)
+
+
+def test_controller_holds_the_rate_on_a_drifting_stream() -> None:
+    """Confidences rise steadily (a drifting mix): a plain windowed quantile lags, the controller does not."""
+    rng = random.Random(3)
+    controller = ControlledQuantile(window=2000)
+    for i in range(8000):
+        controller.decide(min(1.0, rng.random() * 0.5 + i / 16000), target=0.3)
+    assert controller.forward_rate == pytest.approx(0.3, abs=0.01)
+
+
+def test_controller_reaches_extreme_and_tied_targets() -> None:
+    tied = ControlledQuantile(window=500)
+    for _ in range(3000):
+        tied.decide(1.0, target=0.4)  # every confidence equal: only the controller can forward any
+    assert tied.forward_rate == pytest.approx(0.4, abs=0.03)
+    everything = ControlledQuantile(window=10)
+    assert all(everything.decide(0.5, target=1.0)[0] for _ in range(20))
+
+
+def test_budget_policy_finds_its_link_from_the_lower_confidences_and_never_forwards_from_the_last_tier() -> None:
+    rng = random.Random(0)
+    policy = BudgetPolicy(0.5, window=1000)
+    device = [policy.decide("mmlu", rng.random(), is_last=False).forward for _ in range(4000)]
+    edge = [policy.decide("mmlu", rng.random(), is_last=False, lower=(0.1,)).forward for _ in range(4000)]
+    assert sum(device) / 4000 == pytest.approx(0.85, abs=0.01)
+    assert sum(edge) / 4000 == pytest.approx(0.15 / 0.85, abs=0.01)
+    last = BudgetPolicy(1.0, window=10)
+    assert not any(last.decide("x", rng.random(), is_last=True, lower=low).forward for low in [(), (0.2,)] * 50)
+
+
+def synthetic_quality_run(policy: QualityPolicy, n: int, *, feedback: bool, seed: int = 7) -> float:
+    """Own answers right with probability = confidence; the tiers above right 90% of the time."""
+    rng = random.Random(seed)
+    forwards = 0
+    for _ in range(n):
+        confidence = rng.random()
+        verdict = policy.decide("quiz", confidence, is_last=False)
+        forwards += verdict.forward
+        if feedback:
+            correct = rng.random() < (0.9 if verdict.forward else confidence)
+            policy.observe_verdict("quiz", confidence, correct, answered_here=not verdict.forward)
+    return forwards / n
+
+
+def test_quality_controller_converges_to_its_share_of_the_gap() -> None:
+    """Gap 0.04 over two links: this tier may lose 0.02 against the tiers above."""
+    policy = QualityPolicy(0.04, links=2, window=2000, explore=0.1, seed=1)
+    true_losses = []
+    for chunk in range(6):
+        synthetic_quality_run(policy, 4000, feedback=True, seed=chunk)
+        threshold = policy.threshold("quiz")
+        assert threshold is not None
+        # The true loss of keeping confidences at or above t: the integral of (0.9 - c) from t to 1.
+        true_losses.append(0.9 * (1 - threshold) - (1 - threshold**2) / 2)
+    settled = true_losses[2:]
+    assert sum(settled) / len(settled) == pytest.approx(0.02, abs=0.012)
+    assert max(settled) < 0.06
+
+
+def test_quality_cold_start_and_no_feedback_keep_the_cold_rate() -> None:
+    policy = QualityPolicy(0.02, cold_rate=0.5, explore=0.05, window=500)
+    rate = synthetic_quality_run(policy, 4000, feedback=False)
+    # The cold rate plus the probes (5% of the half it keeps).
+    assert rate == pytest.approx(0.5 + 0.05 * 0.5, abs=0.03)
+    assert policy.estimated_loss("quiz") is None
+    assert not any(policy.decide("quiz", 0.01, is_last=True).forward for _ in range(100))
+
+
+def test_make_policy_builds_the_target_policies() -> None:
+    assert isinstance(make_policy("budget", byte_budget=0.3), BudgetPolicy)
+    assert isinstance(make_policy("quality", quality_gap=0.01), QualityPolicy)
