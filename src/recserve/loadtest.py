@@ -86,9 +86,13 @@ async def run_load(
     timeout: float = 30.0,
     channels: int = 4,
     watch_pids: dict[str, int] | None = None,
+    report: LoadReport | None = None,
+    stop: asyncio.Event | None = None,
 ) -> LoadReport:
-    """`clients` closed-loop callers for `seconds`; every call ends in an answer or a counted error."""
-    report = LoadReport()
+    """`clients` closed-loop callers for `seconds` (or until `stop` is set); every call ends in an answer or a
+    counted error. Pass `report` to watch it fill while the load runs."""
+    report = report if report is not None else LoadReport()
+    stop = stop or asyncio.Event()
     pool = [grpc.aio.insecure_channel(target) for _ in range(channels)]
     stubs = [pb_grpc.TierServiceStub(channel) for channel in pool]
     started = time.perf_counter()
@@ -97,7 +101,7 @@ async def run_load(
     async def client(number: int) -> None:
         stub = stubs[number % len(stubs)]
         for request in itertools.cycle(requests[number % len(requests) :] or requests):
-            if time.perf_counter() >= stop_at:
+            if time.perf_counter() >= stop_at or stop.is_set():
                 return
             report.sent += 1
             sent_at = time.perf_counter()
@@ -114,7 +118,7 @@ async def run_load(
             report.timeline.append((now - started, response.answered_by, response.degraded))
 
     async def watch_memory() -> None:
-        while time.perf_counter() < stop_at:
+        while time.perf_counter() < stop_at and not stop.is_set():
             for name, pid in (watch_pids or {}).items():
                 with contextlib.suppress(FileNotFoundError):  # a tier killed on purpose
                     report.peak_rss_bytes[name] = max(report.peak_rss_bytes.get(name, 0), rss_bytes(pid))
@@ -157,12 +161,15 @@ class ChaosReport:
     killed_at: float  # the edge has exited
     restarting_at: float  # its restart begins
     restarted_at: float  # it reports ready again
-    forwarded_after_restart: int
+    recovered_after: float | None  # seconds from the restart to the first answer from above the device again
 
 
-def chaos(clients: int = 32, seconds: float = 12.0, kill: int = signal.SIGKILL) -> ChaosReport:
-    """Kill the edge a quarter of the way into a load, restart it at half time; every request must be answered,
-    and the device must forward again once the edge is back."""
+def chaos(
+    clients: int = 32, phase: float = 5.0, kill: int = signal.SIGKILL, recovery_timeout: float = 45.0
+) -> ChaosReport:
+    """Load for `phase` seconds, kill (or stop) the edge, load `phase` more seconds with it gone, restart it, and keep
+    the load on until the device forwards again (at most `recovery_timeout`, which covers the breaker's longest
+    cool-down). Every request must be answered."""
     with tempfile.TemporaryDirectory(prefix="recserve-chaos-") as logs:
         # Device and edge forward everything, so every request needs the edge while it is down.
         stack = stack_for(Path(logs), ["--policy", "forward-all"])
@@ -170,25 +177,42 @@ def chaos(clients: int = 32, seconds: float = 12.0, kill: int = signal.SIGKILL) 
         try:
             target = f"127.0.0.1:{stack.ports[0]}"
             marks: dict[str, float] = {}
+            report = LoadReport()
 
-            async def scenario() -> LoadReport:
+            async def scenario() -> None:
+                stop = asyncio.Event()
                 started = time.perf_counter()
-                running = asyncio.ensure_future(run_load(target, demo_requests(), clients=clients, seconds=seconds))
-                await asyncio.sleep(seconds / 4)
+                longest = 2 * phase + 30 + recovery_timeout  # an upper bound; `stop` ends the run earlier
+                running = asyncio.ensure_future(
+                    run_load(target, demo_requests(), clients=clients, seconds=longest, report=report, stop=stop)
+                )
+                await asyncio.sleep(phase)
                 await asyncio.to_thread(stack.stop_one, 1, kill)
                 # Marked once the edge is gone: a graceful stop first finishes what it had in flight.
                 marks["killed"] = time.perf_counter() - started
-                await asyncio.sleep(seconds / 4)
+                await asyncio.sleep(phase)
                 marks["restarting"] = time.perf_counter() - started
                 await asyncio.to_thread(stack.start_one, 1)
                 marks["restarted"] = time.perf_counter() - started
-                return await running
+                deadline = marks["restarted"] + recovery_timeout
+                # Polling the report the clients fill is simpler than signalling from every answer.
+                while time.perf_counter() - started < deadline and _recovered(report, marks["restarted"]) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1.0)  # a little forwarding after recovery, then stop
+                stop.set()
+                await running
 
-            report = asyncio.run(scenario())
+            asyncio.run(scenario())
         finally:
             stack.stop()
-    recovered = sum(1 for at, tier, _ in report.timeline if at > marks["restarted"] and tier != "device")
-    return ChaosReport(report, marks["killed"], marks["restarting"], marks["restarted"], recovered)
+    recovered = _recovered(report, marks["restarted"])
+    after = None if recovered is None else recovered - marks["restarted"]
+    return ChaosReport(report, marks["killed"], marks["restarting"], marks["restarted"], after)
+
+
+def _recovered(report: LoadReport, since: float) -> float | None:
+    """When the first answer from above the device arrived after `since`, if one did."""
+    return next((at for at, tier, _ in report.timeline if at > since and tier != "device"), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,19 +223,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_parser.add_argument("--seconds", type=float, default=60.0)
     chaos_parser = commands.add_parser("chaos", help="kill and restart the edge tier under load")
     chaos_parser.add_argument("--clients", type=int, default=32)
-    chaos_parser.add_argument("--seconds", type=float, default=15.0)
+    chaos_parser.add_argument("--phase", type=float, default=5.0, help="seconds before the fault, and of the fault")
     chaos_parser.add_argument("--signal", choices=("KILL", "TERM"), default="KILL")
     args = parser.parse_args(argv)
     if args.command == "load":
         report = load(args.clients, args.seconds)
         print(f"load, {args.clients} clients for {args.seconds:.0f}s: {report.summary()}")
         return 0 if report.lost == 0 and not report.errors else 1
-    result = chaos(args.clients, args.seconds, getattr(signal, f"SIG{args.signal}"))
+    result = chaos(args.clients, args.phase, getattr(signal, f"SIG{args.signal}"))
+    recovery = "never" if result.recovered_after is None else f"{result.recovered_after:.1f}s after the restart"
     print(
-        f"chaos, edge SIG{args.signal} at {result.killed_at:.1f}s, restarted at {result.restarted_at:.1f}s: "
-        f"{result.load.summary()}; answered above the device after the restart: {result.forwarded_after_restart}"
+        f"chaos, edge SIG{args.signal}, gone at {result.killed_at:.1f}s, ready again at {result.restarted_at:.1f}s: "
+        f"{result.load.summary()}; forwarding resumed {recovery}"
     )
-    return 0 if result.load.lost == 0 and not result.load.errors and result.forwarded_after_restart else 1
+    return 0 if result.load.lost == 0 and not result.load.errors and result.recovered_after is not None else 1
 
 
 if __name__ == "__main__":

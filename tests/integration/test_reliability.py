@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["edge killed", "edge stopped gracefully"])
 def test_edge_down_mid_load_every_request_is_answered_and_forwarding_resumes(kill: int) -> None:
-    result = chaos(clients=16, seconds=14.0, kill=kill)
+    result = chaos(clients=16, phase=4.0, kill=kill)
     report = result.load
     assert report.sent > 100
     assert report.lost == 0
@@ -23,7 +23,7 @@ def test_edge_down_mid_load_every_request_is_answered_and_forwarding_resumes(kil
     down = [degraded for at, _, degraded in report.timeline if result.killed_at + 0.5 < at < result.restarting_at]
     assert down
     assert all(down)
-    assert result.forwarded_after_restart > 0, report.summary()
+    assert result.recovered_after is not None, report.summary()
 
 
 def test_two_hundred_concurrent_clients_lose_nothing_with_bounded_memory() -> None:
