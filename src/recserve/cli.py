@@ -16,6 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from recserve import eval_command
 from recserve import settings as tier_settings
 from recserve.health_check import add_health_command, check_health
+from recserve.server.security import bearer_metadata
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ask.add_argument("--local-only", action="store_true", help="answer at the first tier, never forward")
     ask.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds, propagated up every hop")
     ask.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    ask.add_argument("--ca", default="", help="PEM CA bundle that signed the tier's certificate (TLS)")
+    ask.add_argument("--cert", default="", help="PEM client certificate, for a tier that requires mTLS")
+    ask.add_argument("--key", default="", help="PEM private key for --cert")
+    ask.add_argument("--token", default="", help="bearer token, for a tier started with --auth-token")
 
     add_health_command(commands)
 
@@ -106,6 +111,17 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _channel(target: str, ca: str, cert: str, key: str) -> grpc.aio.Channel:
+    if not ca:
+        return grpc.aio.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+    return grpc.aio.secure_channel(target, credentials)
+
+
 def _ask(args: argparse.Namespace) -> int:
     options = [o.strip() for o in args.choice.split(",") if o.strip()]
     request = pb.InferRequest(
@@ -120,8 +136,10 @@ def _ask(args: argparse.Namespace) -> int:
     )
 
     async def call() -> pb.InferResponse:
-        async with grpc.aio.insecure_channel(args.target) as channel:
-            response: pb.InferResponse = await pb_grpc.TierServiceStub(channel).Infer(request, timeout=args.timeout)
+        async with _channel(args.target, args.ca, args.cert, args.key) as channel:
+            response: pb.InferResponse = await pb_grpc.TierServiceStub(channel).Infer(
+                request, timeout=args.timeout, metadata=bearer_metadata(args.token)
+            )
             return response
 
     try:

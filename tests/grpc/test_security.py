@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 
 import grpc
@@ -113,3 +115,24 @@ async def test_token_authentication_on_the_client_facing_tier(trace_folder: Path
             assert response.answered_by == "device"
     finally:
         await device.stop(grace=0)
+
+
+async def test_recserve_ask_speaks_mutual_tls(certs: Path, trace_folder: Path) -> None:
+    tiers = await two_tiers(certs, trace_folder, certs / "recserve-dev-ca.pem", str(certs / "device.key"))
+    try:
+        command = [sys.executable, "-m", "recserve", "ask", "--target", tiers[0].address, "--choice", "A,B,C,D",
+                   "--ca", str(certs / "recserve-dev-ca.pem"), "--cert", str(certs / "client.pem"),
+                   "--key", str(certs / "client.key"), "quiz question number 2?"]  # fmt: skip
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+        out, _ = await process.communicate()
+        assert process.returncode == 0
+        assert "answered by cloud" in out.decode()
+        anonymous = await asyncio.create_subprocess_exec(
+            *command[:-7], command[-1], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await anonymous.communicate()
+        assert anonymous.returncode == 1
+        assert "UNAVAILABLE" in err.decode()
+    finally:
+        for running in tiers:
+            await running.stop(grace=0)
