@@ -7,9 +7,12 @@ import gzip
 import json
 import math
 import random
+import time
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 TRACE_MODELS = ("small", "medium", "large")
 CHOICE_SYSTEM = "Answer with A, B, C or D."
@@ -64,3 +67,19 @@ def write_trace_folder(
 @pytest.fixture(scope="session")
 def trace_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_trace_folder(tmp_path_factory.mktemp("traces"))
+
+
+def wait_serving(port: int, timeout: float) -> None:
+    """Wait until the tier on 127.0.0.1:`port` says SERVING on the standard gRPC health service."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"tier on 127.0.0.1:{port} not SERVING after {timeout:.0f}s")
+        time.sleep(0.5)

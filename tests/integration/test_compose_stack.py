@@ -25,11 +25,11 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
+from tests.conftest import wait_serving
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 
@@ -87,21 +87,6 @@ def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
     return sum(value for found, value in samples.get(name, []) if labels.items() <= found.items())
-
-
-def wait_serving(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"device tier on 127.0.0.1:{port} not SERVING after {timeout:.0f}s")
-        time.sleep(0.5)
 
 
 @dataclass

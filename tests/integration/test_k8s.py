@@ -16,7 +16,6 @@ import resource
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +24,10 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
+from tests.conftest import wait_serving
 
 pytestmark = pytest.mark.k8s
 
@@ -296,21 +295,6 @@ def podman_pods(docs: list[Manifest], prefix: str) -> dict[str, tuple[list[Manif
         }
         pods[tier] = ([config, pod], grpc_port, metrics_port)
     return pods
-
-
-def wait_serving(port: int, timeout: float) -> None:
-    """What the readiness probe asks: the standard gRPC health service says SERVING."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        assert time.monotonic() < deadline, f"tier on 127.0.0.1:{port} not SERVING after {timeout:.0f}s"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
