@@ -2,7 +2,7 @@
 
 Log-probs are the model's own distribution (log-softmax of the raw logits, temperature 1), whatever
 sampling temperature is asked, as vLLM reports them. They are computed in numpy from logits captured
-by a logits processor, so `logits_all` stays off (see BUILD-NOTES: 15-40x faster than
+by a logits processor, so `logits_all` stays off (measured 15-40x faster than
 `create_completion(logprobs=...)`, without a context x vocabulary table).
 
 Prompt format: the user prompt alone, or "SYSTEM\n\nUSER" when a system prompt is given, sent as a
