@@ -155,16 +155,13 @@ class Tier:
                 try:
                     response = await self._forward(request, hop, family, score.value, deadline, probe=probe)
                 except UpstreamUnavailable as exc:
-                    if self.breaker is not None:
-                        self.breaker.record_failure()
+                    self._record_upstream(ok=False)
                     logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
                 else:
-                    if self.breaker is not None:
-                        self.breaker.record_success()
+                    self._record_upstream(ok=True)
                     return response
             # The next tier is down, too slow or overloaded: the client still gets this tier's answer.
             degraded = True
-            self.metrics.set_breaker_open(self.breaker is not None and not self.breaker.closed)
 
         hop.decision = pb.DECISION_DEGRADED if degraded else pb.DECISION_ANSWERED
         response = pb.InferResponse(
@@ -183,6 +180,15 @@ class Tier:
             self._record_verdict(served, _judge(request, response))
         self.metrics.count_outcome("degraded" if degraded else "answered")
         return response
+
+    def _record_upstream(self, *, ok: bool) -> None:
+        if self.breaker is None:
+            return
+        if ok:
+            self.breaker.record_success()
+        else:
+            self.breaker.record_failure()
+        self.metrics.set_breaker_open(not self.breaker.closed)
 
     async def _forward(
         self,
