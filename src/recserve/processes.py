@@ -15,19 +15,29 @@ from typing import BinaryIO
 from prometheus_client.parser import text_string_to_metric_families
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports. All sockets stay open until every port is known: closing each
+    before asking for the next lets the kernel hand out the same port twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 class TierProcesses:
     """`recserve serve` child processes, last tier first, each started once its next tier is ready."""
 
     def __init__(self, tier_args: Sequence[list[str]], log_dir: Path) -> None:
-        self.ports = [free_port() for _ in tier_args]
-        self.metrics_ports = [free_port() for _ in tier_args]
+        ports = free_ports(2 * len(tier_args))
+        self.ports, self.metrics_ports = ports[: len(tier_args)], ports[len(tier_args) :]
         self.log_dir = log_dir
         self._tier_args = tier_args
         self._procs: dict[int, subprocess.Popen[bytes]] = {}

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import pytest
 
 from recserve.cli import main
+from recserve.processes import free_port
 from recserve.server.app import start_tier
 from recserve.settings import TierSettings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def test_health_is_zero_while_serving_and_one_once_shutting_down(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import resource
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -25,6 +24,7 @@ import grpc
 import pytest
 import yaml
 
+from recserve.processes import free_ports
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 from tests.conftest import wait_serving
@@ -216,13 +216,6 @@ def test_the_service_monitor_scrapes_every_tier_service() -> None:
 # -- The pods, run for real with podman ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def podman_env(folder: Path) -> dict[str, str]:
     """Podman with a containers.conf whose ulimits stay within this machine's (raising one needs
     CAP_SYS_RESOURCE, which CI machines lack): open files at the hard limit, processes at most pid_max."""
@@ -266,7 +259,8 @@ def load_images(env: dict[str, str]) -> None:
 def podman_pods(docs: list[Manifest], prefix: str) -> dict[str, tuple[list[Manifest], int, int]]:
     """Per tier, a Pod (the workload's own pod template) and its ConfigMap, rewired for podman: host network,
     127.0.0.1 on free ports, RECSERVE_NEXT the next pod's port. Returns tier -> (documents, grpc, metrics)."""
-    ports = {tier: (free_port(), free_port()) for tier in TIERS}
+    free = iter(free_ports(2 * len(TIERS)))
+    ports = {tier: (next(free), next(free)) for tier in TIERS}
     pods: dict[str, tuple[list[Manifest], int, int]] = {}
     for workload in workloads(docs).values():
         tier = tier_of(workload)

@@ -27,6 +27,9 @@ from recserve.tier import Tier
 logger = logging.getLogger(__name__)
 
 SERVER_OPTIONS = [
+    # gRPC sets SO_REUSEPORT by default: two tiers given the same port would then share it silently, the kernel
+    # splitting connections between them. A port clash must fail at start-up instead.
+    ("grpc.so_reuseport", 0),
     # Tiers forward long prompts with their hop records; match the client's 16 MiB receive limit.
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     # Accept the keepalive pings our upstream channels send every 30 s instead of answering GOAWAY.
