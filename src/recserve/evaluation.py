@@ -22,7 +22,7 @@ from recserve.engines import Engine
 from recserve.engines.replay import ReplayEngine
 from recserve.policy import ForwardAllPolicy, LocalOnlyPolicy, OffloadPolicy
 from recserve.processes import TierProcesses
-from recserve.replay_requests import build_request
+from recserve.replay_requests import build_request, link_bytes
 from recserve.traces import TraceQuery, TraceSet
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
@@ -149,9 +149,8 @@ class TraceReplay:
 
     def outcome(self, query: TraceQuery, response: pb.InferResponse) -> Outcome:
         depth = self.names.index(response.answered_by)
-        sizes = [0] * (len(self.chain) - 1)
-        for index, hop in enumerate(response.hops[:-1]):
-            sizes[index] = hop.bytes_sent + hop.bytes_received
+        crossed = [size for size, _ in link_bytes(response)]
+        sizes = crossed + [0] * (len(self.chain) - 1 - len(crossed))  # links above the answering tier: none
         correct = self.trace_set.answers[query.key][self.chain[depth]].correct
         return Outcome(query.benchmark, depth, correct, tuple(sizes))
 
