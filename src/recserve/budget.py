@@ -68,8 +68,9 @@ class ControlledQuantile:
     def __len__(self) -> int:
         return len(self._arrivals)
 
-    def decide(self, confidence: float, target: float) -> tuple[bool, float]:
-        """(forward, threshold) for `confidence` under a target forward rate; learns from the decision."""
+    def decide(self, confidence: float, target: float, *, hold_rate: bool = True) -> tuple[bool, float]:
+        """(forward, threshold) for `confidence` under a target forward rate; learns from the decision unless
+        the caller holds something else (`hold_rate` False) and feeds its own errors to `correct`."""
         if math.isnan(confidence):
             raise ValueError("confidence is NaN")
         if len(self._arrivals) == self.window:
@@ -87,9 +88,14 @@ class ControlledQuantile:
             forward = len(self._arrivals) >= 2 and confidence < threshold
         self.decisions += 1
         self.forwards += forward
-        # Bounded so that a long stretch at an unreachable target cannot wind the level up for ever.
-        self.integral = min(1.0, max(-1.0, self.integral + self.gain * (target - forward)))
+        if hold_rate:
+            self.correct(target - forward)
         return forward, threshold
+
+    def correct(self, error: float) -> None:
+        """Integrate `error` (what the level should rise by, in shares of a request) into the level."""
+        # Bounded so that a long stretch at an unreachable target cannot wind the level up for ever.
+        self.integral = min(1.0, max(-1.0, self.integral + self.gain * error))
 
     def quantile(self, level: float) -> float:
         """The `level`-quantile of the window: +inf at 1 (forward all), -inf at 0 (forward none)."""
@@ -107,37 +113,127 @@ class ControlledQuantile:
         return self.forwards / self.decisions if self.decisions else 0.0
 
 
-class BudgetPolicy:
-    """Hold a byte budget (share of cloud-only bytes): each tier holds its link's forward rate per family.
+class ByteLedger:
+    """A first tier's estimate of what cloud-only serving would spend on its requests, from measured replies.
 
-    A tier knows its place in the chain from the confidences of the tiers below (`lower`), so every tier
-    takes the same settings. Needs no feedback: the rates are what the budget buys.
+    Every link carries the request up (its size, plus the hops below) and a reply down whose size depends on
+    the answers rather than on the prompt, so cloud-only bytes are taken as `links` times size plus an overhead:
+    the mean, over the last `window` requests that crossed every link, of what they took beyond `links` times size
+    (their bytes are exactly what cloud-only serving spends on them). Until `min_samples` such requests have
+    come back there is no estimate.
     """
 
-    def __init__(self, budget: float, *, links: int = 2, fill_cap: float = 0.85, window: int = 10_000) -> None:
+    def __init__(self, links: int, window: int = 1000, min_samples: int = 5) -> None:
+        if links < 1 or window < 1 or min_samples < 1:
+            raise ValueError("links, window and min_samples must be at least 1")
+        self.links = links
+        self.min_samples = min_samples
+        self._overheads: deque[int] = deque(maxlen=window)
+        self._overhead_total = 0
+        self._requests = 0
+        self._reference_total = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return len(self._overheads) >= self.min_samples
+
+    def cloud_only_estimate(self, size: int) -> float:
+        return self.links * size + self._overhead_total / max(len(self._overheads), 1)
+
+    def record(self, size: int, spent: Sequence[int]) -> tuple[float, float] | None:
+        """Book one served request: (its estimated cloud-only bytes, the bytes it took), both in units of the
+        mean estimate so far, so that errors weigh alike whatever the message sizes; None before an estimate."""
+        if len(spent) == self.links:
+            if len(self._overheads) == self._overheads.maxlen:
+                self._overhead_total -= self._overheads[0]
+            overhead = sum(spent) - self.links * size
+            self._overheads.append(overhead)
+            self._overhead_total += overhead
+        if not self.ready:
+            return None
+        reference = self.cloud_only_estimate(size)
+        self._requests += 1
+        self._reference_total += reference
+        mean = self._reference_total / self._requests
+        return reference / mean, sum(spent) / mean
+
+
+@dataclass
+class _FamilyBudget:
+    controller: ControlledQuantile
+    ledger: ByteLedger
+    holding_bytes: bool = False  # whether the last decision left the controller to the measured bytes
+
+
+class BudgetPolicy:
+    """Hold a byte budget (share of cloud-only bytes): each tier holds its link's forward rate per family, and
+    the first tier, which sees the bytes of every link in its replies, holds the measured bytes.
+
+    A tier knows its place in the chain from the confidences of the tiers below (`lower`), so every tier
+    takes the same settings. Needs no feedback: the rates are what the budget buys. The rates alone land a few
+    points under the budget (requests answered below the last tier carry shorter replies than cloud-only
+    ones), so once its replies give an estimate of cloud-only bytes (`ByteLedger`) the first tier's controller
+    integrates the byte error instead of the rate error, and spends what the tiers above leave unspent.
+    """
+
+    def __init__(
+        self,
+        budget: float,
+        *,
+        links: int = 2,
+        fill_cap: float = 0.85,
+        window: int = 10_000,
+        min_rate: float = 0.02,
+    ) -> None:
+        if not 0.0 <= min_rate <= 1.0:
+            raise ValueError(f"min_rate is a share of requests within [0, 1], got {min_rate}")
         self.rates = split_budget(budget, links, fill_cap)
         self.budget = budget
+        self.links = links
         self.window = window
+        self.min_rate = min_rate
         ControlledQuantile(window)  # validates before any request arrives
-        self._controllers: dict[str, ControlledQuantile] = {}
+        self._families: dict[str, _FamilyBudget] = {}
         self._depth = 0  # this tier's place in the chain, learned from the first request
 
     def target_rate(self, depth: int) -> float:
-        return self.rates[depth] if depth < len(self.rates) else 0.0
+        if depth >= len(self.rates):
+            return 0.0
+        # The links above the first forward at least `min_rate`: the first tier needs some requests to cross
+        # every link to know what cloud-only serving costs, and these are the ones the tiers above doubt most.
+        return max(self.rates[depth], self.min_rate) if depth > 0 else self.rates[depth]
+
+    def _family(self, family: str) -> _FamilyBudget:
+        state = self._families.get(family)
+        if state is None:
+            state = self._families[family] = _FamilyBudget(ControlledQuantile(self.window), ByteLedger(self.links))
+        return state
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
-        controller = self._controllers.get(family)
-        if controller is None:
-            controller = self._controllers[family] = ControlledQuantile(self.window)
+        state = self._family(family)
         self._depth = len(lower)
-        forward, threshold = controller.decide(confidence, self.target_rate(self._depth))
+        state.holding_bytes = self._depth == 0 and not is_last and state.ledger.ready
+        target = self.target_rate(self._depth)
+        forward, threshold = state.controller.decide(confidence, target, hold_rate=not state.holding_bytes)
         return Verdict(forward and not is_last, threshold)
 
+    def holds_bytes(self, family: str) -> bool:
+        """Whether this tier's last decision for `family` was held to measured bytes rather than a rate."""
+        state = self._families.get(family)
+        return state is not None and state.holding_bytes
+
+    def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
+        state = self._family(family)
+        booked = state.ledger.record(size, spent) if self._depth == 0 else None
+        if booked is not None and state.holding_bytes:
+            reference, cost = booked
+            state.controller.correct(self.budget * reference - cost)
+
     def threshold(self, family: str) -> float | None:
-        controller = self._controllers.get(family)
-        if controller is None or not len(controller):
+        state = self._families.get(family)
+        if state is None or not len(state.controller):
             return None
-        return controller.quantile(self.target_rate(self._depth) + controller.integral)
+        return state.controller.quantile(self.target_rate(self._depth) + state.controller.integral)
 
     def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
         return None
@@ -252,6 +348,9 @@ class QualityPolicy:
         if state.threshold is not None:
             return state.threshold
         return state.window.quantile(self.cold_rate)
+
+    def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
+        return None
 
     def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
         state = self._state(family)

@@ -32,11 +32,19 @@ class OffloadPolicy(Protocol):
         """Learn that the answer to a request this tier scored at `confidence` was right or wrong: its own
         answer (`answered_here`) or, for a request it forwarded, the answer of a tier above."""
 
+    def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
+        """Learn what a request cost once it is served: `size` is its bytes as this tier received it, `spent`
+        the bytes measured on each link from this tier up to the tier that answered (empty when this tier
+        answered it, or when the next tier did not answer)."""
+
 
 class _Stateless:
-    """Policies that learn nothing from verdicts."""
+    """Policies that learn nothing from verdicts or costs."""
 
     def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
+        return None
+
+    def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
         return None
 
 

@@ -164,6 +164,7 @@ class Tier:
             degraded = True
 
         hop.decision = pb.DECISION_DEGRADED if degraded else pb.DECISION_ANSWERED
+        self.policy.observe_cost(family, size=request.ByteSize() + hop.ByteSize(), spent=())
         response = pb.InferResponse(
             request_id=request.request_id,
             answer=generation.text,
@@ -221,6 +222,9 @@ class Tier:
         if len(response.hops) > own + 1:
             self.peer_name = response.hops[own + 1].tier
         self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
+        # Each hop below the answering one records the bytes of the link above it: what this request cost.
+        spent = [h.bytes_sent + h.bytes_received for h in response.hops[own:-1]]
+        self.policy.observe_cost(family, size=request.ByteSize() + hop.ByteSize(), spent=spent)
         served = _Served(family, answered_here=False, sender=sender(request), confidence=confidence)
         self._remember(request.request_id, served)
         if request.reference:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from recserve.budget import QualityPolicy
+from recserve.budget import BudgetPolicy, QualityPolicy
 from recserve.demo import DEMO_CHAIN, DEMO_TRACE
 from recserve.evaluation import TraceReplay, recserve_plan, target_plan
 from tests.conftest import write_trace_folder
@@ -74,3 +74,16 @@ def test_quality_policy_with_feedback_live_equals_offline_once_calibrated(tmp_pa
     device = plan.offline[0]
     assert isinstance(device, QualityPolicy)
     assert device.calibrated("mmlu")
+
+
+def test_budget_policy_holding_measured_bytes_live_equals_offline(tmp_path: Path) -> None:
+    """The device learns reply bytes in both modes alike, so once it holds measured bytes the decisions match."""
+    replay = TraceReplay.load(DEMO_TRACE, DEMO_CHAIN)
+    queries = [q for q in replay.queries("test") if q.benchmark == "mmlu"][:240]
+    plan = target_plan("budget", 3, 0.6, 10_000)
+    offline = asyncio.run(replay.run_offline(queries, plan.offline))
+    live = replay.run_live(queries, plan.flags, tmp_path)
+    assert live == offline
+    device = plan.offline[0]
+    assert isinstance(device, BudgetPolicy)
+    assert device.holds_bytes("mmlu")

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from recserve.budget import BudgetPolicy, ControlledQuantile, QualityPolicy, split_budget
+from recserve.budget import BudgetPolicy, ByteLedger, ControlledQuantile, QualityPolicy, split_budget
 from recserve.policy import make_policy
 
 
@@ -55,6 +55,53 @@ def test_budget_policy_finds_its_link_from_the_lower_confidences_and_never_forwa
     assert sum(edge) / 4000 == pytest.approx(0.15 / 0.85, abs=0.01)
     last = BudgetPolicy(1.0, window=10)
     assert not any(last.decide("x", rng.random(), is_last=True, lower=low).forward for low in [(), (0.2,)] * 50)
+
+
+def test_ledger_estimates_cloud_only_bytes_from_the_requests_that_crossed_every_link() -> None:
+    ledger = ByteLedger(links=2, window=2, min_samples=2)
+    assert ledger.record(100, [150]) is None  # answered below the last tier: says nothing of cloud-only bytes
+    assert ledger.record(100, [260, 240]) is None
+    assert not ledger.ready
+    assert ledger.record(200, [430, 420]) == pytest.approx((1.0, 850 / 775))  # overheads 300 and 450: 400 + 375
+    assert ledger.cloud_only_estimate(50) == pytest.approx(100 + 375)
+    assert ledger.record(50, []) == pytest.approx((475 / ((775 + 475) / 2), 0.0))
+    ledger.record(100, [300, 300])  # the window of 2 forgets the overhead of 300: now 450 and 400
+    assert ledger.cloud_only_estimate(0) == pytest.approx(425)
+
+
+def serve_two_links(device: BudgetPolicy, edge: BudgetPolicy, n: int, seed: int = 5) -> tuple[float, float]:
+    """A device → edge → cloud stream whose bytes follow the wire format: each link carries the request (its
+    size plus a 40-byte hop per tier below) up and a reply of 60 bytes plus 40 per hop down, so a request the
+    edge answers costs the first link less than a cloud-only one. Returns (bytes / cloud-only bytes, device
+    forward rate)."""
+    rng = random.Random(seed)
+    spent = cloud_only = forwards = 0
+    for _ in range(n):
+        size = rng.randint(200, 600) + 40  # what the device would forward: the request and its hop
+        reply = [60 + 40 * hops for hops in (1, 2, 3)]
+        cloud_only += 2 * size + 40 + 2 * reply[2]
+        links: list[int] = []
+        if device.decide("quiz", rng.random(), is_last=False).forward:
+            forwards += 1
+            if edge.decide("quiz", rng.random(), is_last=False, lower=(0.5,)).forward:
+                links = [size + reply[2], size + 40 + reply[2]]
+                edge.observe_cost("quiz", size=size + 40, spent=links[1:])
+            else:
+                links = [size + reply[1]]
+                edge.observe_cost("quiz", size=size + 40, spent=())
+        device.observe_cost("quiz", size=size, spent=links)
+        spent += sum(links)
+    return spent / cloud_only, forwards / n
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.4, 0.6])
+def test_first_tier_holds_the_measured_bytes_not_just_the_rates(budget: float) -> None:
+    device, edge = BudgetPolicy(budget, window=2000), BudgetPolicy(budget, window=2000)
+    share, device_rate = serve_two_links(device, edge, 8000)
+    assert share == pytest.approx(budget, abs=0.01)
+    # Forwarding at the split's rates alone would land under the budget: the device spends what is left.
+    assert device_rate > device.rates[0] + 0.02
+    assert edge.target_rate(1) == max(edge.rates[1], 0.02)
 
 
 def synthetic_quality_run(policy: QualityPolicy, n: int, *, feedback: bool, seed: int = 7) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,7 @@ class RecordingPolicy(FixedThresholdPolicy):
         super().__init__(threshold)
         self.verdicts: list[tuple[str, float, bool, bool]] = []
         self.lower_seen: list[tuple[float, ...]] = []
+        self.costs: list[tuple[str, int, tuple[int, ...]]] = []
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower=()):  # type: ignore[no-untyped-def]
         self.lower_seen.append(tuple(lower))
@@ -228,6 +230,9 @@ class RecordingPolicy(FixedThresholdPolicy):
 
     def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
         self.verdicts.append((family, confidence, correct, answered_here))
+
+    def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
+        self.costs.append((family, size, tuple(spent)))
 
 
 async def test_policies_learn_verdicts_and_see_the_lower_confidences(trace_folder: Path) -> None:
@@ -245,3 +250,21 @@ async def test_policies_learn_verdicts_and_see_the_lower_confidences(trace_folde
     assert policies[0].verdicts[-1] == ("quiz", by_reference.hops[0].confidence, right, False)
     assert policies[1].verdicts[-1] == ("quiz", by_reference.hops[1].confidence, right, True)
     assert policies[2].verdicts == []
+
+
+async def test_policies_learn_the_bytes_each_request_took_on_every_link_above(trace_folder: Path) -> None:
+    """The device forwards, the edge answers; then the device forwards, the edge forwards, the cloud answers."""
+    policies = [RecordingPolicy(2.0), RecordingPolicy(0.0), RecordingPolicy(0.0)]
+    tiers = await cascade(trace_folder, policies)
+    to_edge = await tiers[0].infer(quiz_request(6))
+    policies[1] = tiers[1].policy = RecordingPolicy(2.0)
+    to_cloud = await tiers[0].infer(quiz_request(7))
+    device_hop, edge_hop, _ = to_cloud.hops
+    link = [to_edge.hops[0].bytes_sent + to_edge.hops[0].bytes_received]
+    links = [device_hop.bytes_sent + device_hop.bytes_received, edge_hop.bytes_sent + edge_hop.bytes_received]
+    # The size a tier reports is what it would forward: the request it received plus its own hop.
+    device_size = quiz_request(7, request_id="r00001").ByteSize() + _without_bytes(device_hop).ByteSize()
+    assert [c[2] for c in policies[0].costs] == [tuple(link), tuple(links)]
+    assert policies[0].costs[1][1] == device_size
+    assert policies[1].costs == [("quiz", policies[1].costs[0][1], (links[1],))]
+    assert [c[2] for c in policies[2].costs] == [()]
