@@ -123,12 +123,15 @@ class ByteLedger:
     come back there is no estimate.
     """
 
-    def __init__(self, links: int, window: int = 1000, min_samples: int = 5) -> None:
+    def __init__(self, links: int, window: int = 1000, min_samples: int = 5, outlier_factor: float = 4.0) -> None:
         if links < 1 or window < 1 or min_samples < 1:
             raise ValueError("links, window and min_samples must be at least 1")
         self.links = links
         self.min_samples = min_samples
+        self.outlier_factor = outlier_factor
         self._overheads: deque[int] = deque(maxlen=window)
+        self._sorted = SortedList()
+        self._pending: list[tuple[int, int]] = []  # (size, bytes taken) of requests not yet booked
         self._overhead_total = 0
         self._requests = 0
         self._reference_total = 0.0
@@ -140,22 +143,34 @@ class ByteLedger:
     def cloud_only_estimate(self, size: int) -> float:
         return self.links * size + self._overhead_total / max(len(self._overheads), 1)
 
-    def record(self, size: int, spent: Sequence[int]) -> tuple[float, float] | None:
-        """Book one served request: (its estimated cloud-only bytes, the bytes it took), both in units of the
-        mean estimate so far, so that errors weigh alike whatever the message sizes; None before an estimate."""
+    def record(self, size: int, spent: Sequence[int]) -> list[tuple[float, float]]:
+        """Book one served request, and return what can now be booked: (estimated cloud-only bytes, bytes taken)
+        per request, in units of the mean estimate so far (so errors weigh alike whatever the message sizes).
+        Requests served before there is an estimate are kept and returned together once there is one."""
         if len(spent) == self.links:
             if len(self._overheads) == self._overheads.maxlen:
                 self._overhead_total -= self._overheads[0]
+                self._sorted.remove(self._overheads[0])
             overhead = sum(spent) - self.links * size
+            if self._sorted:
+                # A rare giant reply (a model rambling on) would otherwise inflate every later estimate: the
+                # requests that cross every link are the ones most doubted, where such replies concentrate.
+                overhead = min(overhead, self.outlier_factor * max(self._sorted[len(self._sorted) // 2], 1))
             self._overheads.append(overhead)
+            self._sorted.add(overhead)
             self._overhead_total += overhead
+        self._pending.append((size, sum(spent)))
         if not self.ready:
-            return None
-        reference = self.cloud_only_estimate(size)
-        self._requests += 1
-        self._reference_total += reference
-        mean = self._reference_total / self._requests
-        return reference / mean, sum(spent) / mean
+            return []
+        booked = []
+        for pending_size, cost in self._pending:
+            reference = self.cloud_only_estimate(pending_size)
+            self._requests += 1
+            self._reference_total += reference
+            mean = self._reference_total / self._requests
+            booked.append((reference / mean, cost / mean))
+        self._pending.clear()
+        return booked
 
 
 @dataclass
@@ -224,9 +239,9 @@ class BudgetPolicy:
 
     def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
         state = self._family(family)
-        booked = state.ledger.record(size, spent) if self._depth == 0 else None
-        if booked is not None and state.holding_bytes:
-            reference, cost = booked
+        if self._depth > 0:
+            return
+        for reference, cost in state.ledger.record(size, spent):
             state.controller.correct(self.budget * reference - cost)
 
     def threshold(self, family: str) -> float | None:

@@ -59,14 +59,27 @@ def test_budget_policy_finds_its_link_from_the_lower_confidences_and_never_forwa
 
 def test_ledger_estimates_cloud_only_bytes_from_the_requests_that_crossed_every_link() -> None:
     ledger = ByteLedger(links=2, window=2, min_samples=2)
-    assert ledger.record(100, [150]) is None  # answered below the last tier: says nothing of cloud-only bytes
-    assert ledger.record(100, [260, 240]) is None
+    assert ledger.record(100, [150]) == []  # answered below the last tier: says nothing of cloud-only bytes
+    assert ledger.record(100, [260, 240]) == []
     assert not ledger.ready
-    assert ledger.record(200, [430, 420]) == pytest.approx((1.0, 850 / 775))  # overheads 300 and 450: 400 + 375
+    # Overheads 300 and 450 (beyond 2 x size): 375. The requests served before the estimate are booked with it.
+    booked = ledger.record(200, [430, 420])
+    estimates = [2 * 100 + 375, 2 * 100 + 375, 2 * 200 + 375]
+    means = [sum(estimates[: i + 1]) / (i + 1) for i in range(3)]
+    taken = [150, 500, 850]
+    expected = [(e / m, t / m) for e, m, t in zip(estimates, means, taken, strict=True)]
+    assert [value for pair in booked for value in pair] == pytest.approx([v for pair in expected for v in pair])
     assert ledger.cloud_only_estimate(50) == pytest.approx(100 + 375)
-    assert ledger.record(50, []) == pytest.approx((475 / ((775 + 475) / 2), 0.0))
     ledger.record(100, [300, 300])  # the window of 2 forgets the overhead of 300: now 450 and 400
     assert ledger.cloud_only_estimate(0) == pytest.approx(425)
+
+
+def test_ledger_caps_a_giant_reply_at_a_multiple_of_the_median_overhead() -> None:
+    ledger = ByteLedger(links=1, min_samples=1, outlier_factor=4.0)
+    for _ in range(9):
+        ledger.record(100, [200])  # overhead 100
+    ledger.record(100, [50_100])  # a rambling answer: counted as 400 in the estimate, all 50 100 bytes as taken
+    assert ledger.cloud_only_estimate(100) == pytest.approx(100 + (9 * 100 + 400) / 10)
 
 
 def serve_two_links(device: BudgetPolicy, edge: BudgetPolicy, n: int, seed: int = 5) -> tuple[float, float]:
