@@ -10,43 +10,36 @@ from typing import Any
 
 import numpy as np
 
-from recserve.budget import split_budget
-from recserve.evaluation import DepthTable, Outcome, TraceReplay, summaries, target_plan
+from recserve.evaluation import DepthTable, Outcome, TraceReplay, cloud_only_by_benchmark, summaries, target_plan
 from recserve.traces import TraceQuery
 
-DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.35, 0.4, 0.425, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.35, 0.375, 0.39, 0.4, 0.425, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_GAPS = (0.0, 0.02, 0.05, 0.1)
 TRACKED_BUDGET = 0.4
-FILL_CAPS = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+FILL_CAPS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
-def tune_fill_cap(
-    table: DepthTable, caps: Sequence[float] = FILL_CAPS, budgets: Sequence[float] = (0.3, 0.4, 0.5, 0.6)
+async def tune_fill_cap(
+    replay: TraceReplay,
+    queries: Sequence[TraceQuery],
+    window: int,
+    caps: Sequence[float] = FILL_CAPS,
+    budgets: Sequence[float] = (0.3, 0.4, 0.5, 0.6),
 ) -> float:
-    """The fill cap of best mean accuracy over `budgets` and the benchmarks of `table` (the train split).
-
-    The budget policy is approximated by what its rates mean on a known sample: per benchmark, the first tier
-    forwards below its rates[0]-quantile, the next below the rates[1]-quantile of what reaches it, and so on.
-    One number per chain, where CasServe tunes one threshold per tier and benchmark on the same split.
-    """
-    tiers = table.confidence.shape[1]
+    """The fill cap of best mean accuracy over `budgets` and the benchmarks of `queries` (the train split),
+    each run through the budget policy itself: one number per chain, where CasServe tunes one threshold per
+    tier and benchmark on the same split."""
+    tiers = len(replay.chain)
+    table = await replay.depth_table(queries)
+    cloud_only = cloud_only_by_benchmark(table)
     scores = []
     for cap in caps:
         accuracies = []
         for budget in budgets:
-            rates = split_budget(budget, tiers - 1, cap)
-            for benchmark in np.unique(table.benchmarks):
-                rows = np.flatnonzero(table.benchmarks == benchmark)
-                depths = np.zeros(len(rows), dtype=np.int64)
-                reaching = np.ones(len(rows), dtype=bool)
-                for tier, rate in enumerate(rates):
-                    confidence = table.confidence[rows, tier]
-                    if rate <= 0 or not reaching.any():
-                        break
-                    cut = np.quantile(confidence[reaching], rate) if rate < 1 else np.inf
-                    reaching &= confidence < cut
-                    depths[reaching] = tier + 1
-                accuracies.append(float(table.correct[rows, depths].mean()))
+            outcomes = await replay.run_offline(queries, target_plan("budget", tiers, budget, window, cap).offline)
+            accuracies += [
+                s.accuracy for group, s in summaries(outcomes, tiers, cloud_only).items() if group != "overall"
+            ]
         scores.append(float(np.mean(accuracies)))
     return float(caps[int(np.argmax(scores))])
 
@@ -82,7 +75,7 @@ async def add_target_points(
     train = replay.queries("train")
     if train:
         # One number per chain from the train split: how far to fill the lower links first.
-        cap = tune_fill_cap(await replay.depth_table(train))
+        cap = await tune_fill_cap(replay, train, window)
         result["fill_cap_tuned_on_train"] = cap
         runs.append(("budget_tuned", "budget", budgets, cap))
     for key, policy, targets, fill_cap in runs:
@@ -209,9 +202,14 @@ def target_lines(frontier: dict[str, Any], tracking_png: str) -> list[str]:
 TARGETS_NOTE = """Target-driven policies (`recserve.budget`, the same objects `recserve serve --policy budget|quality`
 builds): **budget** takes a byte budget B (share of cloud-only bytes) and turns it into one forward rate per link,
 filling the lower link first up to a fill cap of the requests (0.85 by default; "cap tuned on train" picks it
-from 0.6-1.0 on the train split, one number per chain), taking every link to carry about the same bytes per
-request; each tier holds its rate per benchmark with a windowed quantile whose level an integral controller
-moves until the cumulative forward rate equals the target. It needs no feedback. **quality** takes an accuracy
+from 0.4-1.0 by running the policy on the train split, one number per chain); each tier holds its rate per
+benchmark with a windowed quantile whose level an integral controller moves. The first tier holds *measured
+bytes* instead of its rate: every tier learns what each request it served took on each link above it (from the
+hop records of the reply), and the first tier estimates what cloud-only serving would have spent on each of its
+requests (links times the request, plus the mean reply overhead of the requests that crossed every link, a giant
+reply capped at 4x the median), so its controller spends exactly what the links above leave of the budget. The
+links above the first forward at least 2% (their least confident requests) so that estimate exists. It needs
+no feedback. **quality** takes an accuracy
 gap, split evenly over the links, and calibrates online per tier and benchmark (windowed Platt scaling from
 Feedback verdicts) P(own answer right | confidence) and P(tiers above right | confidence), the latter also on
 *probes* (a seeded 5% of the requests it would keep, forwarded anyway); it keeps the most confident requests
@@ -219,8 +217,5 @@ while the summed expected loss max(0, P_up - P_own) stays within its share of th
 (before 30 verdicts of each kind, or without Feedback, it forwards below the median of its window). Its runs
 send each response's recorded verdict back as Feedback (offline through the first tier, live over gRPC);
 Feedback messages are not counted in the link bytes reported here, which are the Infer requests and responses.
-The budget policy holds the cumulative forward rate per link, which the harness's bytes follow only
-approximately (a request answered at the edge costs less on the first link than one answered by the cloud,
-whose response carries every hop), so achieved bytes land a few points under the budget.
 
 """

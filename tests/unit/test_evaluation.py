@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recserve.evaluation import EvalRequest, TraceReplay, evaluate, tune_fixed_thresholds
+from recserve.budget_eval import tune_fill_cap
+from recserve.evaluation import (
+    EvalRequest,
+    TraceReplay,
+    cloud_only_by_benchmark,
+    evaluate,
+    summaries,
+    target_plan,
+    tune_fixed_thresholds,
+)
 from recserve.sweep import SweepRequest, pareto, plot, sweep
 from recserve.traces import TraceSet
 from tests.conftest import write_trace_folder
@@ -92,6 +101,23 @@ async def test_casserve_with_given_thresholds_and_tuned_on_train(tmp_path: Path)
     assert tuned_run["overall"].n == len(queries)
     with pytest.raises(ValueError, match="one value per forwarding tier"):
         await run(folder, policy="casserve", thresholds=(0.5,))
+
+
+async def test_fill_cap_is_tuned_by_running_the_budget_policy_on_train(tmp_path: Path) -> None:
+    folder = write_trace_folder(tmp_path / "t", n_per_family=40, splits=("train", "test"))
+    replay = TraceReplay.load(folder, CHAIN)
+    train = replay.queries("train")
+    caps, budgets = (0.4, 0.7, 1.0), (0.3, 0.5)
+    cloud_only = cloud_only_by_benchmark(await replay.depth_table(train))
+    scores = []
+    for cap in caps:
+        accuracies = []
+        for budget in budgets:
+            outcomes = await replay.run_offline(train, target_plan("budget", 3, budget, 100, cap).offline)
+            accuracies += [s.accuracy for g, s in summaries(outcomes, 3, cloud_only).items() if g != "overall"]
+        scores.append(sum(accuracies) / len(accuracies))
+    assert len(set(scores)) > 1  # the caps make a difference here, so the choice below means something
+    assert await tune_fill_cap(replay, train, 100, caps, budgets) == caps[scores.index(max(scores))]
 
 
 async def test_json_fields_shuffle_and_chains_of_any_length(tmp_path: Path) -> None:
