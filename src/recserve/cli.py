@@ -107,8 +107,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         settings = tier_settings.from_namespace(args)
     except ValueError as exc:
         parser.exit(2, f"recserve serve: {exc}\n")
-    asyncio.run(serve(settings))
-    return 0
+    return asyncio.run(serve(settings))
 
 
 def _channel(target: str, ca: str, cert: str, key: str) -> grpc.aio.Channel:

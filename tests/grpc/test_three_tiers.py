@@ -255,6 +255,24 @@ async def test_graceful_shutdown_reports_not_serving(trace_folder: Path) -> None
     await stop_stack(stack)
 
 
+async def test_an_engine_that_stops_working_turns_health_not_serving(trace_folder: Path) -> None:
+    stack = await start_stack(trace_folder)
+    edge = stack.tiers[1]
+    try:
+        watch = asyncio.create_task(edge.watch_engine(interval=0.05))
+        await asyncio.sleep(0.2)
+        assert not watch.done(), "a working engine keeps the tier serving"
+        await edge.tier.engine.shutdown()  # the engine is gone, as when vLLM's engine core dies
+        await asyncio.wait_for(watch, timeout=5)
+        async with grpc.aio.insecure_channel(edge.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "recserve.v1.TierService"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await stop_stack(stack)
+
+
 async def test_the_deadline_propagates_and_a_too_slow_cloud_gives_a_degraded_answer_in_time(trace_folder: Path) -> None:
     stack = await start_stack(trace_folder, policy="forward-all")
     try:

@@ -26,6 +26,9 @@ from recserve.tier import Tier
 
 logger = logging.getLogger(__name__)
 
+# How often a serving tier asks its engine whether it still works.
+ENGINE_CHECK_SECONDS = 5.0
+
 SERVER_OPTIONS = [
     # gRPC sets SO_REUSEPORT by default: two tiers given the same port would then share it silently, the kernel
     # splitting connections between them. A port clash must fail at start-up instead.
@@ -59,6 +62,18 @@ class RunningTier:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    async def watch_engine(self, interval: float) -> None:
+        """Return once the engine says it can no longer serve (a crashed vLLM engine core does not come back),
+        with health already NOT_SERVING so that probes and load balancers stop sending requests here."""
+        # Polled: engines answer whether they are healthy; none announces its failure.
+        while True:
+            if not await self.tier.engine.healthy():
+                break
+            await asyncio.sleep(interval)
+        logger.error("tier %s: the %s engine stopped working", self.settings.tier, self.settings.engine)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish within `grace`, then release the engine."""
@@ -161,8 +176,9 @@ def _upstream(settings: TierSettings) -> GrpcUpstream | None:
     )
 
 
-async def serve(settings: TierSettings) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(settings: TierSettings) -> int:
+    """Serve until SIGTERM or SIGINT (exit status 0) or until the engine fails (1: the container's or pod's
+    restart policy then brings up a fresh process), shutting down gracefully either way."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -170,6 +186,12 @@ async def serve(settings: TierSettings) -> None:
     running = await start_tier(settings)
     # Printed (not only logged) so scripts can wait for this line.
     print(f"recserve: tier {settings.tier} ready on port {running.port}", flush=True)
-    await stop.wait()
+    signalled = asyncio.create_task(stop.wait())
+    engine_failed = asyncio.create_task(running.watch_engine(ENGINE_CHECK_SECONDS))
+    await asyncio.wait((signalled, engine_failed), return_when=asyncio.FIRST_COMPLETED)
+    failed = engine_failed.done()
+    for task in (signalled, engine_failed):
+        task.cancel()
     logger.info("tier %s shutting down (grace %.1fs)", settings.tier, settings.grace_seconds)
     await running.stop()
+    return 1 if failed else 0
