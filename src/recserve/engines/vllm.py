@@ -124,7 +124,13 @@ class VllmEngine:
             raise EngineError(f"the vllm engine needs vLLM: {VLLM_INSTALL_HINT} ({exc})") from exc
         self._vllm = vllm
         self._final_only = RequestOutputKind.FINAL_ONLY
-        args = vllm.AsyncEngineArgs(**self.engine_args(current_platform.is_cpu()))
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            # Even eager, vLLM compiles a few helpers (the sampler's log-prob gather) with torch.compile on first
+            # use: seconds of start-up, and a C++ compiler at run time, which the images leave out. The engine's
+            # processes start after this and run those helpers eagerly.
+            os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+        args = vllm.AsyncEngineArgs(**self.engine_args(on_cpu))
         try:
             return vllm.AsyncLLMEngine.from_engine_args(args)
         except Exception as exc:
