@@ -207,10 +207,12 @@ benchmark with a windowed quantile whose level an integral controller moves. The
 bytes* instead of its rate: every tier learns what each request it served took on each link above it (from the
 hop records of the reply), and the first tier estimates what cloud-only serving would have spent on each of its
 requests (links times the request, plus the mean reply overhead of the requests that crossed every link, a giant
-reply capped at 4x the median), so its controller spends exactly what the links above leave of the budget. The
-links above the first forward at least 2% (their least confident requests) so that estimate exists. It needs
-no feedback. **quality** takes an accuracy
-gap, split evenly over the links, and calibrates online per tier and benchmark (windowed Platt scaling from
+reply capped at 4x the median), and its controller holds budget x estimate, spending what the links above leave.
+The links above the first forward at least 2% (their least confident requests) so that estimate exists. The
+estimate is close on the multiple-choice benchmarks; on the free-text ones few requests cross every link and
+their replies vary, so a benchmark's bytes can land a few points off the budget. It needs no feedback.
+**quality** takes an accuracy gap, split evenly over the links, and calibrates online per tier and benchmark
+(windowed Platt scaling from
 Feedback verdicts) P(own answer right | confidence) and P(tiers above right | confidence), the latter also on
 *probes* (a seeded 5% of the requests it would keep, forwarded anyway); it keeps the most confident requests
 while the summed expected loss max(0, P_up - P_own) stays within its share of the gap, and forwards the rest
