@@ -36,7 +36,7 @@ K8S_VERSION ?= 1.32.0
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
 .PHONY: help install proto proto-check lint typecheck check test test-unit test-integration demo bench models demo-trace clean
-.PHONY: docker-ready base-image wheels images up down results certs chaos load podman-ready k8s-validate
+.PHONY: docker-ready base-image wheels images up down results ceiling certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -102,6 +102,10 @@ load: install ## 200 concurrent clients for 60 s against three tiers: nothing lo
 
 models: install ## generate the tiny device < edge < cloud models into models/
 	$(BIN)/recserve models make models
+
+ceiling: install ## hindsight bounds of other rankings (prompt words, agreement, lower confidence) (TRACES=DIR; ~1 min)
+	@test -n "$(TRACES)" || { echo "ceiling: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
+	$(BIN)/python -m recserve.ceiling --traces "$(TRACES)"
 
 demo-trace: install ## rebuild the bundled demo trace from a full trace folder (TRACES=DIR)
 	@test -n "$(TRACES)" || { echo "demo-trace: give TRACES=DIR, the full trace folder"; exit 2; }

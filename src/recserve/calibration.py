@@ -32,20 +32,33 @@ def fit_platt(
     strength: float = 1.0,
     steps: int = 50,
 ) -> tuple[float, float]:
-    """(a, b) of P(right | c) = sigmoid(a + b·logit c), by Newton's method on the log-likelihood plus a ridge
-    penalty `strength`·|θ - prior|² / 2; the prior (0, 1) means "the confidence is already calibrated".
+    """(a, b) of P(right | c) = sigmoid(a + b·logit c), fitted with `fit_logistic`; the prior (0, 1) means
+    "the confidence is already calibrated"."""
+    x = logit(confidences)
+    a, b = fit_logistic(np.column_stack([np.ones_like(x), x]), outcomes, prior, strength, steps)
+    return float(a), float(b)
+
+
+def fit_logistic(
+    design: npt.ArrayLike,
+    outcomes: npt.ArrayLike,
+    prior: npt.ArrayLike | None = None,
+    strength: float = 1.0,
+    steps: int = 50,
+) -> npt.NDArray[np.float64]:
+    """θ of P(right | x) = sigmoid(x·θ), by Newton's method on the log-likelihood plus a ridge penalty
+    `strength`·|θ - prior|² / 2 (prior 0 when not given).
 
     The penalty keeps the fit defined with few or one-sided verdicts (all right, all wrong, one value).
     """
-    x = logit(confidences)
+    features = np.asarray(design, dtype=np.float64)
     y = np.asarray(outcomes, dtype=np.float64)
-    design = np.column_stack([np.ones_like(x), x])
-    centre = np.asarray(prior, dtype=np.float64)
+    centre = np.zeros(features.shape[1]) if prior is None else np.asarray(prior, dtype=np.float64)
     theta = centre.copy()
     for _ in range(steps):
-        p = sigmoid(design @ theta)
-        gradient = design.T @ (p - y) + strength * (theta - centre)
-        hessian = design.T @ (design * (p * (1.0 - p))[:, None]) + strength * np.eye(2)
+        p = sigmoid(features @ theta)
+        gradient = features.T @ (p - y) + strength * (theta - centre)
+        hessian = features.T @ (features * (p * (1.0 - p))[:, None]) + strength * np.eye(theta.size)
         step = np.linalg.solve(hessian, gradient)
         # A trust region: plain Newton steps can overshoot and diverge on nearly separable verdicts.
         largest = float(np.abs(step).max())
@@ -54,7 +67,7 @@ def fit_platt(
         theta -= step
         if float(np.abs(step).max()) < 1e-9:
             break
-    return float(theta[0]), float(theta[1])
+    return theta
 
 
 class WindowedCalibration:
