@@ -24,7 +24,7 @@ from recserve.cascade import link_tiers
 from recserve.engines import Engine, EngineConfig, create_engine
 from recserve.judge import is_correct
 from recserve.policy import ForwardAllPolicy
-from recserve.processes import TierProcesses
+from recserve.processes import TierProcesses, replay_tiers
 from recserve.replay_requests import build_request, link_bytes
 from recserve.traces import TraceQuery, TraceSet
 from recserve.v1 import tier_pb2 as pb
@@ -72,10 +72,7 @@ class Tally:
 
 def tier_arguments(engine: str, model_dir: Path | None) -> list[list[str]]:
     if engine == "replay":
-        return [
-            ["--tier", tier, "--engine", "replay", "--traces", str(DEMO_TRACE), "--trace-model", model]
-            for tier, model in zip(TIER_NAMES, DEMO_CHAIN, strict=True)
-        ]
+        return replay_tiers(TIER_NAMES, DEMO_CHAIN, DEMO_TRACE)
     assert model_dir is not None
     llama = [
         ["--tier", tier, "--engine", "llama_cpp", "--model", str(model_dir / tier / "model.gguf"),

@@ -21,7 +21,7 @@ from recserve.cascade import link_tiers
 from recserve.engines import Engine
 from recserve.engines.replay import ReplayEngine
 from recserve.policy import ForwardAllPolicy, LocalOnlyPolicy, OffloadPolicy
-from recserve.processes import TierProcesses
+from recserve.processes import TierProcesses, replay_tiers
 from recserve.replay_requests import build_request, link_bytes
 from recserve.traces import TraceQuery, TraceSet
 from recserve.v1 import tier_pb2 as pb
@@ -191,8 +191,8 @@ class TraceReplay:
     ) -> list[Outcome]:
         """Serve `queries` in order through `recserve serve` processes on loopback, one request at a time."""
         args = [
-            ["--tier", name, "--engine", "replay", "--traces", str(self.traces_dir), "--trace-model", model, *extra]
-            for name, model, extra in zip(self.names, self.chain, policy_args, strict=True)
+            [*tier, *extra]
+            for tier, extra in zip(replay_tiers(self.names, self.chain, self.traces_dir), policy_args, strict=True)
         ]
         stack = TierProcesses(args, log_dir)
         try:

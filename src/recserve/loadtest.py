@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from recserve.demo import DEMO_CHAIN, DEMO_TRACE, TIER_NAMES
-from recserve.processes import TierProcesses
+from recserve.processes import TierProcesses, replay_tiers
 from recserve.replay_requests import build_request
 from recserve.traces import TraceSet
 from recserve.v1 import tier_pb2 as pb
@@ -135,12 +135,10 @@ async def run_load(
 
 def stack_for(log_dir: Path, policy: list[str]) -> TierProcesses:
     """Three replay tiers over the bundled trace; breakers probe every second so recovery shows quickly."""
-    common = ["--engine", "replay", "--traces", str(DEMO_TRACE), "--breaker-cooldown", "1", "--max-in-flight", "512"]
-    tiers = [
-        ["--tier", name, "--trace-model", model, *common, *policy]
-        for name, model in zip(TIER_NAMES, DEMO_CHAIN, strict=True)
-    ]
-    return TierProcesses(tiers, log_dir)
+    tuning = ["--breaker-cooldown", "1", "--max-in-flight", "512"]
+    return TierProcesses(
+        [[*tier, *tuning, *policy] for tier in replay_tiers(TIER_NAMES, DEMO_CHAIN, DEMO_TRACE)], log_dir
+    )
 
 
 def load(clients: int, seconds: float) -> LoadReport:

@@ -32,6 +32,14 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def replay_tiers(names: Sequence[str], chain: Sequence[str], traces: Path) -> list[list[str]]:
+    """`recserve serve` arguments of tiers that replay recorded answers from `traces`, one model of `chain` each."""
+    return [
+        ["--tier", name, "--engine", "replay", "--traces", str(traces), "--trace-model", model]
+        for name, model in zip(names, chain, strict=True)
+    ]
+
+
 class TierProcesses:
     """`recserve serve` child processes, last tier first, each started once its next tier is ready."""
 
