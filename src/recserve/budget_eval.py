@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from recserve.evaluation import DepthTable, Outcome, TraceReplay, cloud_only_by_benchmark, summaries, target_plan
+from recserve.sweep import accuracy_at, bytes_to_reach, format_share
 from recserve.traces import TraceQuery
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.35, 0.375, 0.39, 0.4, 0.425, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -124,20 +125,6 @@ def plot_tracking(results: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def _best_at(points: list[dict[str, float]], budget: float) -> float | None:
-    within = [p["accuracy"] for p in points if p["bytes_vs_cloud_only"] <= budget + 1e-12]
-    return max(within) if within else None
-
-
-def _fewest_for(points: list[dict[str, float]], accuracy: float) -> float | None:
-    reaching = [p["bytes_vs_cloud_only"] for p in points if p["accuracy"] >= accuracy - 1e-12]
-    return min(reaching) if reaching else None
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
 def target_lines(frontier: dict[str, Any], tracking_png: str) -> list[str]:
     """Markdown: the goal check of the budget policy against RecServe and CasServe, and budget tracking."""
     ours = "budget_tuned" if "fill_cap_tuned_on_train" in frontier else "budget"
@@ -161,15 +148,15 @@ def target_lines(frontier: dict[str, Any], tracking_png: str) -> list[str]:
     for benchmark, entry in frontier["benchmarks"].items():
         cloud = entry["cloud_only"]["accuracy"]
         keys = ("budget", "budget_tuned", "quality", "recserve", "casserve_train")
-        reach = [_fewest_for(entry.get(k, []), cloud - 0.02) for k in keys]
-        at_half = _best_at(entry.get(ours, []), 0.5)
+        reach = [bytes_to_reach(entry.get(k, []), cloud - 0.02) for k in keys]
+        at_half = accuracy_at(entry.get(ours, []), 0.5)
         met = (
             "—"
             if at_half is None
             else ("yes" if at_half >= cloud - 0.02 - 1e-12 else f"no, {cloud - at_half:.3f} below")
         )
-        at = [_best_at(entry.get(k, []), 0.4) for k in (*keys, "casserve_hindsight")]
-        mine = _best_at(entry.get(ours, []), 0.4)
+        at = [accuracy_at(entry.get(k, []), 0.4) for k in (*keys, "casserve_hindsight")]
+        mine = accuracy_at(entry.get(ours, []), 0.4)
         rivals = [a for a in at[3:5] if a is not None]
         if mine is None or not rivals:
             verdict = "—"
@@ -177,8 +164,8 @@ def target_lines(frontier: dict[str, Any], tracking_png: str) -> list[str]:
             margin = mine - max(rivals)
             verdict = f"{'yes' if margin > 0 else 'no'} ({margin:+.3f})"
         lines.append(
-            f"| {benchmark} | {cloud:.3f} | {' / '.join(map(_fmt, reach))} | {met} ({_fmt(at_half)}) | "
-            f"{' / '.join(map(_fmt, at))} | {verdict} |"
+            f"| {benchmark} | {cloud:.3f} | {' / '.join(map(format_share, reach))} | {met} ({format_share(at_half)}) | "
+            f"{' / '.join(map(format_share, at))} | {verdict} |"
         )
     tracking = frontier.get("budget_tracking")
     if tracking:

@@ -29,6 +29,8 @@ import numpy.typing as npt
 
 from recserve.calibration import fit_logistic, logit, sigmoid
 from recserve.evaluation import DepthTable, TraceReplay, fixed_threshold_grid
+from recserve.judge import normalise
+from recserve.sweep import accuracy_at, bytes_to_reach, format_share
 from recserve.traces import TraceQuery
 
 Scores = npt.NDArray[np.float64]
@@ -51,38 +53,34 @@ def learned_gain(
     """P(own answer right | x) - P(a tier above right | x) on `test`, both fitted on `train` (rows of features;
     an intercept is added). High means keep, like a confidence."""
 
+    design = np.column_stack([np.ones(len(train)), train])
+    applied = np.column_stack([np.ones(len(test)), test])
+
     def predict(outcomes: npt.ArrayLike) -> Scores:
-        theta = fit_logistic(np.column_stack([np.ones(len(train)), train]), outcomes, strength=ridge)
-        return sigmoid(np.column_stack([np.ones(len(test)), test]) @ theta)
+        return sigmoid(applied @ fit_logistic(design, outcomes, strength=ridge))
 
     return predict(own_right) - predict(above_right)
 
 
-def same_answer(a: str, b: str) -> bool:
-    return " ".join(a.lower().split()).rstrip(".") == " ".join(b.lower().split()).rstrip(".")
+@dataclass(frozen=True)
+class Bound:
+    accuracy: float | None  # best accuracy within the byte budget
+    bytes_within_gap: float | None  # fewest bytes (share of cloud-only) within the gap of cloud-only accuracy
 
 
 def hindsight(table: DepthTable, mask: npt.NDArray[np.bool_], budget: float, gap: float, points: int) -> Bound:
     """The best accuracy at ≤ `budget` bytes, and the fewest bytes within `gap` of cloud-only accuracy, over a grid
     of fixed thresholds on the table's scores, judged on the same rows."""
-    grid = fixed_threshold_grid(table, mask, points)
+    grid = [{"accuracy": a, "bytes_vs_cloud_only": b} for _, a, b in fixed_threshold_grid(table, mask, points)]
     target = float(table.correct[mask, -1].mean()) - gap
-    best = max(accuracy for _, accuracy, spent in grid if spent <= budget + 1e-12)
-    reaching = [spent for _, accuracy, spent in grid if accuracy >= target - 1e-12]
-    return Bound(best, min(reaching) if reaching else None)
+    return Bound(accuracy_at(grid, budget), bytes_to_reach(grid, target))
 
 
 def agreement(replay: TraceReplay, queries: Sequence[TraceQuery], tier: int) -> Scores:
-    """1 where `tier` gives the same answer as the tier below it, else 0."""
+    """1 where `tier` gives the same answer as the tier below it (after the judge's normalisation), else 0."""
     models = replay.chain[tier - 1], replay.chain[tier]
-    answers = [[replay.trace_set.answers[q.key][m].answer for m in models] for q in queries]
-    return np.array([same_answer(below, own) for below, own in answers], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Bound:
-    accuracy: float  # best accuracy within the byte budget
-    bytes_within_gap: float | None  # fewest bytes (share of cloud-only) within the gap of cloud-only accuracy
+    answers = [[normalise(replay.trace_set.answers[q.key][m].answer) for m in models] for q in queries]
+    return np.array([below == own for below, own in answers], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -151,8 +149,8 @@ def markdown(chain: Sequence[str], rows: Sequence[BenchmarkBounds], budget: floa
     ]
     for row in rows:
         bounds = [row.by_ranking[n] for n in names]
-        accuracy = " / ".join(f"{b.accuracy:.3f}" for b in bounds)
-        spent = " / ".join("—" if b.bytes_within_gap is None else f"{b.bytes_within_gap:.3f}" for b in bounds)
+        accuracy = " / ".join(format_share(b.accuracy) for b in bounds)
+        spent = " / ".join(format_share(b.bytes_within_gap) for b in bounds)
         lines.append(f"| {row.benchmark} | {row.cloud_only:.3f} | {accuracy} | {spent} |")
     return "\n".join(lines)
 

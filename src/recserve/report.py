@@ -14,7 +14,7 @@ from typing import Any
 
 from recserve.budget_eval import TARGETS_NOTE, plot_tracking, target_lines
 from recserve.evaluation import EvalRequest, Summary, evaluate
-from recserve.sweep import SweepRequest, plot, sweep
+from recserve.sweep import SweepRequest, accuracy_at, bytes_to_reach, format_share, plot, sweep
 
 DEFAULT_CHAINS = (
     ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b"),
@@ -22,22 +22,6 @@ DEFAULT_CHAINS = (
     ("gpt-4o-mini", "qwen2.5-72b-instruct", "gpt-4o"),
 )
 POLICIES = ("device-only", "recserve", "casserve", "cloud-only", "oracle")
-
-
-def bytes_to_reach(points: list[dict[str, float]], target: float) -> float | None:
-    """The fewest bytes (share of cloud-only) among points with accuracy >= target."""
-    reaching = [p["bytes_vs_cloud_only"] for p in points if p["accuracy"] >= target - 1e-12]
-    return min(reaching) if reaching else None
-
-
-def accuracy_at(points: list[dict[str, float]], budget: float) -> float | None:
-    """The best accuracy among points spending at most `budget` (share of cloud-only bytes)."""
-    within = [p["accuracy"] for p in points if p["bytes_vs_cloud_only"] <= budget + 1e-12]
-    return max(within) if within else None
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
 
 async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: float) -> str:
@@ -83,8 +67,8 @@ async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: flo
         at_budget = [accuracy_at(entry[k], 0.4) for k in ("recserve", "casserve_train", "casserve_hindsight")]
         lines.append(
             f"| {benchmark} | {entry['cloud_only']['accuracy']:.3f} | "
-            f"{' / '.join(_fmt(x) for x in [*reach, bytes_to_reach(oracle, target)])} | "
-            f"{' / '.join(_fmt(x) for x in at_budget)} |"
+            f"{' / '.join(format_share(x) for x in [*reach, bytes_to_reach(oracle, target)])} | "
+            f"{' / '.join(format_share(x) for x in at_budget)} |"
         )
     lines += ["", _verdict(frontier)]
     plot_tracking([frontier], out / "results" / f"{slug}_budget_tracking.png")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from recserve.calibration import fit_logistic, sigmoid
-from recserve.ceiling import ceilings, hashed_words, hindsight, learned_gain, markdown, rescored, same_answer
+from recserve.ceiling import agreement, ceilings, hashed_words, hindsight, learned_gain, markdown, rescored
 from recserve.evaluation import DepthTable, TraceReplay, fixed_threshold_grid
 from tests.conftest import TRACE_MODELS, write_trace_folder
 
@@ -26,11 +26,6 @@ def test_fit_logistic_recovers_planted_coefficients() -> None:
 def test_hashed_words_are_stable_and_case_blind() -> None:
     assert np.array_equal(hashed_words("Which organ makes insulin?"), hashed_words("which ORGAN makes insulin"))
     assert hashed_words("a a b").sum() == pytest.approx(np.log(3) + np.log(2))
-
-
-def test_same_answer_ignores_case_spacing_and_a_final_full_stop() -> None:
-    assert same_answer("Paris.", " paris ")
-    assert not same_answer("Paris", "Lyon")
 
 
 def test_a_prompt_word_that_decides_correctness_lifts_the_bound() -> None:
@@ -80,8 +75,18 @@ async def test_ceilings_of_a_trace_folder(tmp_path: Path) -> None:
             "lower confidence (edge)",
         }
         for bound in row.by_ranking.values():
+            assert bound.accuracy is not None
             assert 0.0 <= bound.accuracy <= 1.0
             assert bound.bytes_within_gap is None or 0.0 <= bound.bytes_within_gap <= 1.0
+    # Agreement with the tier below, read from the recorded answers.
+    queries = replay.queries("test")
+    agrees = agreement(replay, queries, 1)
+    answers = replay.trace_set.answers
+    assert agrees.tolist() == [
+        float(answers[q.key][TRACE_MODELS[0]].answer.lower() == answers[q.key][TRACE_MODELS[1]].answer.lower())
+        for q in queries
+    ]
+    assert 0 < agrees.sum() < len(queries)
     table = markdown(TRACE_MODELS, rows, 0.4, 0.02)
     assert table.count("\n| quiz |") == 1
     assert "bytes within 2 pts" in table
