@@ -259,9 +259,23 @@ class _QualityState:
     window: ControlledQuantile  # recent confidences; its quantile gives the cold-start threshold
     own: WindowedCalibration  # P(this tier's answer is right | confidence), from its own answers' verdicts
     upstream: WindowedCalibration  # P(the tiers above answer right | confidence), from forwarded requests
-    pending_probes: dict[float, int] = field(default_factory=dict)
+    kept: deque[float | None]  # per recent decision: the confidence of a request kept here, None if forwarded
+    pending_probes: dict[float, list[float]] = field(default_factory=dict)  # confidence -> probe rates
+    probes_sent: int = 0
+    probe_verdicts: int = 0
+    probe_right: int = 0
+    own_verdicts: int = 0
+    own_right: int = 0
     threshold: float | None = None  # the calibrated keep threshold, once both calibrations have data
     since_update: int = 0
+
+
+# The first MIN_PROBES probes are sent at EARLY_PROBE_RATE, so that the curve of the tiers above
+# is measured where this tier keeps before much allowance is spent; MIN_DIRECT verdicts of each kind make the
+# direct (curve-free) estimate of the kept requests' loss usable.
+MIN_PROBES = 30
+EARLY_PROBE_RATE = 0.5
+MIN_DIRECT = 10
 
 
 class QualityPolicy:
@@ -275,6 +289,12 @@ class QualityPolicy:
     the tier keeps, from the most confident down, as many as its share of the gap (`gap` / `links`) allows, and
     forwards the rest. Before `min_verdicts` verdicts of each kind (cold start, or when Feedback never comes)
     it forwards the `cold_rate` quantile of its window, like RecServe at β = cold_rate.
+
+    The allowance is held over the stream, not only request by request: the requests kept while the curves
+    were still learning (or before, at the cold rate) are re-priced with the current curves, and what they lost
+    beyond the share is taken back from the allowance of the requests to come (and what they saved, given to
+    them), so the loss of the recent window converges to the share. Without this, early keeps, priced by
+    curves fitted on a few verdicts, spend the allowance several times over.
     """
 
     def __init__(
@@ -311,6 +331,7 @@ class QualityPolicy:
                 ControlledQuantile(self.window, gain=0.0),
                 WindowedCalibration(self.verdict_window),
                 WindowedCalibration(self.verdict_window),
+                deque(maxlen=self.window),
             )
         return state
 
@@ -327,10 +348,30 @@ class QualityPolicy:
         gain = np.maximum(state.upstream.predict(values) - state.own.predict(values), 0.0)
         return float(gain[values >= state.threshold].sum() / max(values.size, 1))
 
-    def _update(self, state: _QualityState) -> None:
+    def kept_loss(self, family: str) -> float:
+        """The estimated accuracy lost so far (a share of the recent decisions) on the requests kept here, priced
+        with the current curves."""
+        state = self._state(family)
+        kept = np.array([c for c in state.kept if c is not None], dtype=np.float64)
+        if not state.kept or not kept.size:
+            return 0.0
+        gain = np.maximum(state.upstream.predict(kept) - state.own.predict(kept), 0.0)
+        curve = float(gain.sum() / len(state.kept))
+        if state.probe_verdicts < MIN_DIRECT or state.own_verdicts < MIN_DIRECT:
+            return curve
+        # Probes are a random sample of what this tier keeps, so their verdicts against the kept answers' give
+        # the loss without the curves' shape; a two-parameter curve misprices ties (many confidences of 1.0).
+        probe_accuracy = state.probe_right / state.probe_verdicts
+        direct = kept.size / len(state.kept) * max(0.0, probe_accuracy - state.own_right / state.own_verdicts)
+        return max(direct, curve)
+
+    def _update(self, family: str, state: _QualityState) -> None:
         values = state.window.sorted_values()
         gain = state.upstream.predict(values) - state.own.predict(values)
-        state.threshold = keep_threshold(values, gain, self.tier_gap)
+        # Proportional to the cumulative error: the requests to come may lose the share plus what the recent
+        # ones left unspent (or minus what they overspent).
+        allowance = min(1.0, max(0.0, 2 * self.tier_gap - self.kept_loss(family)))
+        state.threshold = keep_threshold(values, gain, allowance)
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
         state = self._state(family)
@@ -341,15 +382,18 @@ class QualityPolicy:
             state.since_update -= 1
             if state.threshold is None or state.since_update <= 0:
                 # The threshold scan is O(W): redone every few requests, not on every one.
-                self._update(state)
+                self._update(family, state)
                 state.since_update = self.update_every
             assert state.threshold is not None
             forward, threshold = self._calibrated_forward(state, confidence), state.threshold
         else:
             forward, threshold = cold_forward, cold_threshold
-        probe = not forward and self._random.random() < self.explore
+        rate = self.explore if state.probes_sent >= MIN_PROBES else max(self.explore, EARLY_PROBE_RATE)
+        probe = not forward and self._random.random() < rate
         if probe:
-            state.pending_probes[confidence] = state.pending_probes.get(confidence, 0) + 1
+            state.probes_sent += 1
+            state.pending_probes.setdefault(confidence, []).append(rate)
+        state.kept.append(None if forward or probe else confidence)
         return Verdict(forward or probe, threshold)
 
     def _calibrated_forward(self, state: _QualityState, confidence: float) -> bool:
@@ -371,10 +415,15 @@ class QualityPolicy:
         state = self._state(family)
         if answered_here:
             state.own.add(confidence, correct)
+            state.own_verdicts += 1
+            state.own_right += correct
             return
-        state.upstream.add(confidence, correct)
-        pending = state.pending_probes.get(confidence, 0)
-        if pending == 1:
-            del state.pending_probes[confidence]
-        elif pending:
-            state.pending_probes[confidence] = pending - 1
+        rates = state.pending_probes.get(confidence)
+        weight = 1.0
+        if rates:
+            weight = 1.0 / rates.pop(0)  # inverse propensity: a probe stands for the requests kept
+            state.probe_verdicts += 1
+            state.probe_right += correct
+            if not rates:
+                del state.pending_probes[confidence]
+        state.upstream.add(confidence, correct, weight)

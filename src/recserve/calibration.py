@@ -31,11 +31,12 @@ def fit_platt(
     prior: tuple[float, float] = (0.0, 1.0),
     strength: float = 1.0,
     steps: int = 50,
+    weights: npt.ArrayLike | None = None,
 ) -> tuple[float, float]:
     """(a, b) of P(right | c) = sigmoid(a + b·logit c), fitted with `fit_logistic`; the prior (0, 1) means
     "the confidence is already calibrated"."""
     x = logit(confidences)
-    a, b = fit_logistic(np.column_stack([np.ones_like(x), x]), outcomes, prior, strength, steps)
+    a, b = fit_logistic(np.column_stack([np.ones_like(x), x]), outcomes, prior, strength, steps, weights)
     return float(a), float(b)
 
 
@@ -45,6 +46,7 @@ def fit_logistic(
     prior: npt.ArrayLike | None = None,
     strength: float = 1.0,
     steps: int = 50,
+    weights: npt.ArrayLike | None = None,
 ) -> npt.NDArray[np.float64]:
     """θ of P(right | x) = sigmoid(x·θ), by Newton's method on the log-likelihood plus a ridge penalty
     `strength`·|θ - prior|² / 2 (prior 0 when not given).
@@ -53,12 +55,13 @@ def fit_logistic(
     """
     features = np.asarray(design, dtype=np.float64)
     y = np.asarray(outcomes, dtype=np.float64)
+    w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=np.float64)
     centre = np.zeros(features.shape[1]) if prior is None else np.asarray(prior, dtype=np.float64)
     theta = centre.copy()
     for _ in range(steps):
         p = sigmoid(features @ theta)
-        gradient = features.T @ (p - y) + strength * (theta - centre)
-        hessian = features.T @ (features * (p * (1.0 - p))[:, None]) + strength * np.eye(theta.size)
+        gradient = features.T @ (w * (p - y)) + strength * (theta - centre)
+        hessian = features.T @ (features * (w * p * (1.0 - p))[:, None]) + strength * np.eye(theta.size)
         step = np.linalg.solve(hessian, gradient)
         # A trust region: plain Newton steps can overshoot and diverge on nearly separable verdicts.
         largest = float(np.abs(step).max())
@@ -86,16 +89,16 @@ class WindowedCalibration:
         self.prior = prior
         self.strength = strength
         self.params = prior
-        self._pairs: deque[tuple[float, bool]] = deque(maxlen=window)
+        self._pairs: deque[tuple[float, bool, float]] = deque(maxlen=window)
         self._since_fit = 0
 
     def __len__(self) -> int:
         return len(self._pairs)
 
-    def add(self, confidence: float, correct: bool) -> None:
+    def add(self, confidence: float, correct: bool, weight: float = 1.0) -> None:
         if math.isnan(confidence):
             raise ValueError("confidence is NaN")
-        self._pairs.append((confidence, correct))
+        self._pairs.append((confidence, correct, weight))
         self._since_fit += 1
         if self._since_fit >= self.refit_every:
             self.refit()
@@ -103,8 +106,8 @@ class WindowedCalibration:
     def refit(self) -> None:
         self._since_fit = 0
         if self._pairs:
-            confidences, outcomes = zip(*self._pairs, strict=True)
-            self.params = fit_platt(confidences, outcomes, self.prior, self.strength)
+            confidences, outcomes, weights = zip(*self._pairs, strict=True)
+            self.params = fit_platt(confidences, outcomes, self.prior, self.strength, weights=weights)
 
     def predict(self, confidences: npt.ArrayLike) -> npt.NDArray[np.float64]:
         a, b = self.params
