@@ -294,7 +294,10 @@ class QualityPolicy:
     were still learning (or before, at the cold rate) are re-priced with the current curves, and what they lost
     beyond the share is taken back from the allowance of the requests to come (and what they saved, given to
     them), so the loss of the recent window converges to the share. Without this, early keeps, priced by
-    curves fitted on a few verdicts, spend the allowance several times over.
+    curves fitted on a few verdicts, spend the allowance several times over. The re-priced loss is the larger
+    of the curves' and a direct estimate (probes' accuracy minus kept answers', times the kept share), and
+    each probe's verdict is weighted by the inverse of the rate it was sent at, so the upper curve fits where
+    this tier keeps.
     """
 
     def __init__(
