@@ -58,7 +58,7 @@ def test_keep_threshold_keeps_the_most_confident_within_the_allowance() -> None:
 def test_a_weight_counts_like_repeated_verdicts() -> None:
     confidences = [0.2, 0.4, 0.6, 0.9, 0.9]
     outcomes = [0, 1, 0, 1, 1]
-    repeated = fit_platt(confidences + [0.9, 0.9], outcomes + [1, 1])
+    repeated = fit_platt([*confidences, 0.9, 0.9], [*outcomes, 1, 1])
     weighted = fit_platt(confidences, outcomes, weights=[1, 1, 1, 2, 2])
     assert weighted == pytest.approx(repeated, abs=1e-6)
     assert fit_platt(confidences, outcomes) != pytest.approx(repeated, abs=1e-3)
