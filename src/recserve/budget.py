@@ -6,7 +6,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -250,7 +250,9 @@ class BudgetPolicy:
             return None
         return state.controller.quantile(self.target_rate(self._depth) + state.controller.integral)
 
-    def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
+    def observe_verdict(
+        self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
+    ) -> None:
         return None
 
 
@@ -260,13 +262,11 @@ class _QualityState:
     own: WindowedCalibration  # P(this tier's answer is right | confidence), from its own answers' verdicts
     upstream: WindowedCalibration  # P(the tiers above answer right | confidence), from forwarded requests
     kept: deque[float | None]  # per recent decision: the confidence of a request kept here, None if forwarded
-    pending_probes: dict[float, list[float]] = field(default_factory=dict)  # confidence -> probe rates
+    own_outcomes: deque[bool]  # recent verdicts on the answers kept here
+    probe_outcomes: deque[bool]  # recent verdicts of the tiers above on probes
     probes_sent: int = 0
-    probe_verdicts: int = 0
-    probe_right: int = 0
-    own_verdicts: int = 0
-    own_right: int = 0
     threshold: float | None = None  # the calibrated keep threshold, once both calibrations have data
+    tie_keep: float = 1.0  # the share of requests exactly at the threshold to keep
     since_update: int = 0
 
 
@@ -335,6 +335,8 @@ class QualityPolicy:
                 WindowedCalibration(self.verdict_window),
                 WindowedCalibration(self.verdict_window),
                 deque(maxlen=self.window),
+                deque(maxlen=self.verdict_window),
+                deque(maxlen=self.verdict_window),
             )
         return state
 
@@ -360,12 +362,12 @@ class QualityPolicy:
             return 0.0
         gain = np.maximum(state.upstream.predict(kept) - state.own.predict(kept), 0.0)
         curve = float(gain.sum() / len(state.kept))
-        if state.probe_verdicts < MIN_DIRECT or state.own_verdicts < MIN_DIRECT:
+        if len(state.probe_outcomes) < MIN_DIRECT or len(state.own_outcomes) < MIN_DIRECT:
             return curve
         # Probes are a random sample of what this tier keeps, so their verdicts against the kept answers' give
         # the loss without the curves' shape; a two-parameter curve misprices ties (many confidences of 1.0).
-        probe_accuracy = state.probe_right / state.probe_verdicts
-        direct = kept.size / len(state.kept) * max(0.0, probe_accuracy - state.own_right / state.own_verdicts)
+        lift = np.mean(state.probe_outcomes) - np.mean(state.own_outcomes)
+        direct = kept.size / len(state.kept) * max(0.0, float(lift))
         return max(direct, curve)
 
     def _update(self, family: str, state: _QualityState) -> None:
@@ -375,6 +377,13 @@ class QualityPolicy:
         # ones left unspent (or minus what they overspent).
         allowance = min(1.0, max(0.0, 2 * self.tier_gap - self.kept_loss(family)))
         state.threshold = keep_threshold(values, gain, allowance)
+        # Confidences tie (a small model is often certain: 1.0 on half the requests), and the threshold keeps a
+        # tied block whole; keeping a random share of the block spends exactly the allowance instead of all of
+        # it or none, which would make the loss swing around twice its share.
+        cost = np.maximum(gain, 0.0) / max(values.size, 1)
+        at_threshold = cost[values == state.threshold].sum()
+        left = allowance - cost[values > state.threshold].sum()
+        state.tie_keep = 1.0 if at_threshold <= left else max(0.0, left / at_threshold)
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
         state = self._state(family)
@@ -393,14 +402,14 @@ class QualityPolicy:
             forward, threshold = cold_forward, cold_threshold
         rate = self.explore if state.probes_sent >= MIN_PROBES else max(self.explore, EARLY_PROBE_RATE)
         probe = not forward and self._random.random() < rate
-        if probe:
-            state.probes_sent += 1
-            state.pending_probes.setdefault(confidence, []).append(rate)
+        state.probes_sent += probe
         state.kept.append(None if forward or probe else confidence)
-        return Verdict(forward or probe, threshold)
+        return Verdict(forward or probe, threshold, rate if probe else None)
 
     def _calibrated_forward(self, state: _QualityState, confidence: float) -> bool:
         assert state.threshold is not None
+        if confidence == state.threshold:
+            return self._random.random() >= state.tie_keep
         return confidence < state.threshold
 
     def threshold(self, family: str) -> float | None:
@@ -414,19 +423,16 @@ class QualityPolicy:
     def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
         return None
 
-    def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
+    def observe_verdict(
+        self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
+    ) -> None:
         state = self._state(family)
         if answered_here:
             state.own.add(confidence, correct)
-            state.own_verdicts += 1
-            state.own_right += correct
+            state.own_outcomes.append(correct)
             return
-        rates = state.pending_probes.get(confidence)
         weight = 1.0
-        if rates:
-            weight = 1.0 / rates.pop(0)  # inverse propensity: a probe stands for the requests kept
-            state.probe_verdicts += 1
-            state.probe_right += correct
-            if not rates:
-                del state.pending_probes[confidence]
+        if probe_rate:
+            weight = 1.0 / probe_rate  # inverse propensity: a probe stands for the requests kept
+            state.probe_outcomes.append(correct)
         state.upstream.add(confidence, correct, weight)

@@ -16,6 +16,9 @@ POLICY_NAMES = ("recserve", "fixed", "forward-all", "local", "budget", "quality"
 class Verdict:
     forward: bool
     threshold: float
+    # Set when the forward is a probe: a request the policy would have kept, forwarded at this rate to measure
+    # the tiers above. The tier hands it back with the request's verdict (`observe_verdict`).
+    probe_rate: float | None = None
 
 
 class OffloadPolicy(Protocol):
@@ -28,9 +31,12 @@ class OffloadPolicy(Protocol):
     def threshold(self, family: str) -> float | None:
         """The current threshold for `family`, None while there is none."""
 
-    def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
+    def observe_verdict(
+        self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
+    ) -> None:
         """Learn that the answer to a request this tier scored at `confidence` was right or wrong: its own
-        answer (`answered_here`) or, for a request it forwarded, the answer of a tier above."""
+        answer (`answered_here`) or, for a request it forwarded, the answer of a tier above; `probe_rate` is
+        the decision's `Verdict.probe_rate`."""
 
     def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
         """Learn what a request cost once it is served: `size` is its bytes as this tier received it, `spent`
@@ -41,7 +47,9 @@ class OffloadPolicy(Protocol):
 class _Stateless:
     """Policies that learn nothing from verdicts or costs."""
 
-    def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
+    def observe_verdict(
+        self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
+    ) -> None:
         return None
 
     def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:

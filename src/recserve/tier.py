@@ -58,6 +58,7 @@ class _Served:
     answered_here: bool
     sender: str  # the previous tier, or "client"
     confidence: float  # this tier's own confidence, for the policy to learn from verdicts
+    probe_rate: float | None = None  # the policy's Verdict.probe_rate, handed back with the verdict
     judged: bool = False
 
 
@@ -151,9 +152,16 @@ class Tier:
         if verdict.forward and self.upstream is not None:
             hop.decision = pb.DECISION_FORWARDED
             if self.breaker is None or self.breaker.allow():
-                probe = self.breaker is not None and self.breaker.state is BreakerState.HALF_OPEN
+                breaker_probe = self.breaker is not None and self.breaker.state is BreakerState.HALF_OPEN
+                served = _Served(
+                    family,
+                    answered_here=False,
+                    sender=sender(request),
+                    confidence=score.value,
+                    probe_rate=verdict.probe_rate,
+                )
                 try:
-                    response = await self._forward(request, hop, family, score.value, deadline, probe=probe)
+                    response = await self._forward(request, hop, served, deadline, breaker_probe=breaker_probe)
                 except UpstreamUnavailable as exc:
                     self._record_upstream(ok=False)
                     logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
@@ -195,11 +203,10 @@ class Tier:
         self,
         request: pb.InferRequest,
         hop: pb.Hop,
-        family: str,
-        confidence: float,
+        served: _Served,
         deadline: float | None,
         *,
-        probe: bool = False,
+        breaker_probe: bool = False,
     ) -> pb.InferResponse:
         assert self.upstream is not None
         forwarded = pb.InferRequest()
@@ -208,11 +215,11 @@ class Tier:
         remaining = self._remaining(deadline)
         # Keep a little of the caller's time to answer locally if the next tier does not answer in time.
         budget = self.forward_timeout if remaining is None else min(self.forward_timeout, remaining * 0.9)
-        if probe:
+        if breaker_probe:
             # A breaker's probe waits a little for the link to come up instead of failing at once on a
             # connection still backing off; otherwise a tier that came back could be missed for a long time.
             budget = min(budget, PROBE_WAIT_SECONDS)
-        reply = await self.upstream.infer(forwarded, budget, wait_for_ready=probe)
+        reply = await self.upstream.infer(forwarded, budget, wait_for_ready=breaker_probe)
         response = reply.response
         own = len(request.hops)
         if len(response.hops) <= own or response.hops[own].tier != self.name:
@@ -224,12 +231,11 @@ class Tier:
         self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
         # Each hop below the answering one records the bytes of the link above it: what this request cost.
         spent = [h.bytes_sent + h.bytes_received for h in response.hops[own:-1]]
-        self.policy.observe_cost(family, size=request.ByteSize() + hop.ByteSize(), spent=spent)
-        served = _Served(family, answered_here=False, sender=sender(request), confidence=confidence)
+        self.policy.observe_cost(served.family, size=request.ByteSize() + hop.ByteSize(), spent=spent)
         self._remember(request.request_id, served)
         if request.reference:
             # Judged here too, so this tier's policy learns how the tiers above fare on what it forwards.
-            self.policy.observe_verdict(family, confidence, _judge(request, response), answered_here=False)
+            self._observe_upstream_verdict(served, _judge(request, response))
         self.metrics.count_outcome("forwarded")
         return response
 
@@ -247,7 +253,7 @@ class Tier:
                 raise FailedPrecondition(f"tier {self.name} forwarded a request but has no next tier")
             reply = await self.upstream.feedback(request, None)
             self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
-            self.policy.observe_verdict(served.family, served.confidence, request.correct, answered_here=False)
+            self._observe_upstream_verdict(served, request.correct)
             return reply.response
         if served.judged:
             raise FailedPrecondition(
@@ -255,6 +261,11 @@ class Tier:
             )
         self._record_verdict(served, request.correct)
         return pb.FeedbackResponse(recorded_by=self.name)
+
+    def _observe_upstream_verdict(self, served: _Served, correct: bool) -> None:
+        self.policy.observe_verdict(
+            served.family, served.confidence, correct, answered_here=False, probe_rate=served.probe_rate
+        )
 
     def _record_verdict(self, served: _Served, correct: bool) -> None:
         served.judged = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -216,39 +217,45 @@ async def test_an_expired_deadline_is_reported(trace_folder: Path) -> None:
 
 
 class RecordingPolicy(FixedThresholdPolicy):
-    """A fixed-threshold policy that keeps what it is told, to check the verdict plumbing."""
+    """A fixed-threshold policy that keeps what it is told, to check the verdict plumbing; its forwards are
+    probes sent at `probe_rate` when one is given."""
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, probe_rate: float | None = None) -> None:
         super().__init__(threshold)
-        self.verdicts: list[tuple[str, float, bool, bool]] = []
+        self.probe_rate = probe_rate
+        self.verdicts: list[tuple[str, float, bool, bool, float | None]] = []
         self.lower_seen: list[tuple[float, ...]] = []
         self.costs: list[tuple[str, int, tuple[int, ...]]] = []
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower=()):  # type: ignore[no-untyped-def]
         self.lower_seen.append(tuple(lower))
-        return super().decide(family, confidence, is_last=is_last, lower=lower)
+        verdict = super().decide(family, confidence, is_last=is_last, lower=lower)
+        return replace(verdict, probe_rate=self.probe_rate if verdict.forward else None)
 
-    def observe_verdict(self, family: str, confidence: float, correct: bool, *, answered_here: bool) -> None:
-        self.verdicts.append((family, confidence, correct, answered_here))
+    def observe_verdict(
+        self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
+    ) -> None:
+        self.verdicts.append((family, confidence, correct, answered_here, probe_rate))
 
     def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
         self.costs.append((family, size, tuple(spent)))
 
 
 async def test_policies_learn_verdicts_and_see_the_lower_confidences(trace_folder: Path) -> None:
-    policies = [RecordingPolicy(2.0), RecordingPolicy(0.0), RecordingPolicy(0.0)]
+    """Verdicts reach each tier's policy with the decision's probe rate, by Feedback and by reference."""
+    policies = [RecordingPolicy(2.0, probe_rate=0.25), RecordingPolicy(0.0), RecordingPolicy(0.0)]
     tiers = await cascade(trace_folder, policies)
     by_feedback = await tiers[0].infer(quiz_request(6))
     await tiers[0].feedback(pb.FeedbackRequest(request_id=by_feedback.request_id, correct=True))
     device_hop, edge_hop = by_feedback.hops
-    assert policies[0].verdicts == [("quiz", device_hop.confidence, True, False)]
-    assert policies[1].verdicts == [("quiz", edge_hop.confidence, True, True)]
+    assert policies[0].verdicts == [("quiz", device_hop.confidence, True, False, 0.25)]
+    assert policies[1].verdicts == [("quiz", edge_hop.confidence, True, True, None)]
     assert policies[1].lower_seen == [(device_hop.confidence,)]
 
     by_reference = await tiers[0].infer(quiz_request(7, reference=by_feedback.chosen_option or "A"))
     right = by_reference.chosen_option == (by_feedback.chosen_option or "A")
-    assert policies[0].verdicts[-1] == ("quiz", by_reference.hops[0].confidence, right, False)
-    assert policies[1].verdicts[-1] == ("quiz", by_reference.hops[1].confidence, right, True)
+    assert policies[0].verdicts[-1] == ("quiz", by_reference.hops[0].confidence, right, False, 0.25)
+    assert policies[1].verdicts[-1] == ("quiz", by_reference.hops[1].confidence, right, True, None)
     assert policies[2].verdicts == []
 
 
