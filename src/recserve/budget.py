@@ -296,8 +296,9 @@ class QualityPolicy:
     them), so the loss of the recent window converges to the share. Without this, early keeps, priced by
     curves fitted on a few verdicts, spend the allowance several times over. The re-priced loss is the larger
     of the curves' and a direct estimate (probes' accuracy minus kept answers', times the kept share), and
-    each probe's verdict is weighted by the inverse of the rate it was sent at, so the upper curve fits where
-    this tier keeps.
+    each probe's verdict is weighted by the inverse of the rate it was sent at (`Verdict.probe_rate`, handed
+    back with the verdict), so the upper curve fits where this tier keeps. Requests tied at the threshold are
+    kept at random in the share the allowance leaves for them.
     """
 
     def __init__(
