@@ -203,7 +203,10 @@ their replies vary, so a benchmark's bytes can land a few points off the budget.
 Feedback verdicts) P(own answer right | confidence) and P(tiers above right | confidence), the latter also on
 *probes* (a seeded 5% of the requests it would keep, forwarded anyway); it keeps the most confident requests
 while the summed expected loss max(0, P_up - P_own) stays within its share of the gap, and forwards the rest
-(before 30 verdicts of each kind, or without Feedback, it forwards below the median of its window). Its runs
+(before 30 verdicts of each kind, or without Feedback, it forwards below the median of its window). It holds
+that share over the stream (the recent kept requests re-priced, an overspend taken back from the requests to
+come), weights each probe's verdict by the inverse of its rate, and keeps a random part of a block of
+confidences tied at its threshold (docs/evaluation.md, "Known limits"). Its runs
 send each response's recorded verdict back as Feedback (offline through the first tier, live over gRPC);
 Feedback messages are not counted in the link bytes reported here, which are the Infer requests and responses.
 
