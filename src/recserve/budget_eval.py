@@ -15,7 +15,7 @@ from recserve.sweep import accuracy_at, bytes_to_reach, format_share
 from recserve.traces import TraceQuery
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.35, 0.375, 0.39, 0.4, 0.425, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-DEFAULT_GAPS = (0.0, 0.02, 0.05, 0.1)
+DEFAULT_GAPS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1)
 TRACKED_BUDGET = 0.4
 FILL_CAPS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 
