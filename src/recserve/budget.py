@@ -359,7 +359,7 @@ class QualityPolicy:
         with the current curves."""
         state = self._state(family)
         kept = np.array([c for c in state.kept if c is not None], dtype=np.float64)
-        if not state.kept or not kept.size:
+        if not kept.size:
             return 0.0
         gain = np.maximum(state.upstream.predict(kept) - state.own.predict(kept), 0.0)
         curve = float(gain.sum() / len(state.kept))
@@ -377,14 +377,7 @@ class QualityPolicy:
         # Proportional to the cumulative error: the requests to come may lose the share plus what the recent
         # ones left unspent (or minus what they overspent).
         allowance = min(1.0, max(0.0, 2 * self.tier_gap - self.kept_loss(family)))
-        state.threshold = keep_threshold(values, gain, allowance)
-        # Confidences tie (a small model is often certain: 1.0 on half the requests), and the threshold keeps a
-        # tied block whole; keeping a random share of the block spends exactly the allowance instead of all of
-        # it or none, which would make the loss swing around twice its share.
-        cost = np.maximum(gain, 0.0) / max(values.size, 1)
-        at_threshold = cost[values == state.threshold].sum()
-        left = allowance - cost[values > state.threshold].sum()
-        state.tie_keep = 1.0 if at_threshold <= left else max(0.0, left / at_threshold)
+        state.threshold, state.tie_keep = keep_threshold(values, gain, allowance)
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
         state = self._state(family)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -114,22 +115,36 @@ class WindowedCalibration:
         return sigmoid(a + b * logit(confidences))
 
 
-def keep_threshold(confidences: npt.ArrayLike, gain: npt.ArrayLike, allowed_loss: float) -> float:
-    """The lowest threshold t such that keeping every confidence ≥ t loses at most `allowed_loss` accuracy
+class KeepRule(NamedTuple):
+    """Keep every confidence above `threshold`, and a random `tie_share` of those equal to it."""
+
+    threshold: float
+    tie_share: float = 1.0
+
+
+def keep_threshold(confidences: npt.ArrayLike, gain: npt.ArrayLike, allowed_loss: float) -> KeepRule:
+    """The lowest threshold t such that keeping the confidences ≥ t loses at most `allowed_loss` accuracy
     (a share of all requests), where `gain[i]` is what forwarding request i would win (P_up - P_own).
 
     Keeping starts from the most confident request and stops before the cumulative loss exceeds the allowance;
     requests where forwarding wins nothing (gain ≤ 0) cost nothing to keep. Returns +inf when nothing can be
-    kept, and the lowest confidence when everything can.
+    kept, and the lowest confidence when everything can. Confidences tie (a small model is often certain: 1.0
+    on half the requests), so the allowance can end inside a block of equal confidences: the rule then keeps a
+    share of that block, the share whose loss the allowance still covers, instead of all of it or none, which
+    would make the loss swing around twice the allowance.
     """
     values = np.asarray(confidences, dtype=np.float64)
     if values.size == 0:
-        return math.inf
+        return KeepRule(math.inf)
     order = np.argsort(-values, kind="stable")
-    losses = np.cumsum(np.maximum(np.asarray(gain, dtype=np.float64)[order], 0.0)) / values.size
-    within = losses <= allowed_loss + 1e-12
+    ranked = values[order]
+    costs = np.maximum(np.asarray(gain, dtype=np.float64)[order], 0.0) / values.size
+    within = np.cumsum(costs) <= allowed_loss + 1e-12
     if not within[0]:
-        return math.inf
+        return KeepRule(math.inf)
     # Keep the longest prefix (highest confidences first) whose loss stays within the allowance.
     last = int(np.argmin(within)) - 1 if not within.all() else values.size - 1
-    return float(values[order][last])
+    threshold = float(ranked[last])
+    at_threshold = costs[ranked == threshold].sum()
+    left = allowed_loss - costs[ranked > threshold].sum()
+    return KeepRule(threshold, 1.0 if at_threshold <= left else max(0.0, left / at_threshold))

@@ -47,12 +47,20 @@ def test_keep_threshold_keeps_the_most_confident_within_the_allowance() -> None:
     confidences = [0.9, 0.8, 0.7, 0.6]
     gains = [0.0, 0.2, 0.2, 0.4]  # forwarding the most confident request wins nothing
     # Keeping 0.9 costs 0, 0.8 adds 0.2/4 = 0.05, 0.7 adds another 0.05, 0.6 adds 0.1.
-    assert keep_threshold(confidences, gains, 0.0) == 0.9
-    assert keep_threshold(confidences, gains, 0.05) == 0.8
-    assert keep_threshold(confidences, gains, 0.1) == 0.7
-    assert keep_threshold(confidences, gains, 1.0) == 0.6
-    assert keep_threshold(confidences, [0.4, 0.4, 0.4, 0.4], 0.05) == math.inf
-    assert keep_threshold([], [], 0.1) == math.inf
+    assert keep_threshold(confidences, gains, 0.0) == (0.9, 1.0)
+    assert keep_threshold(confidences, gains, 0.05) == (0.8, 1.0)
+    assert keep_threshold(confidences, gains, 0.1) == (0.7, 1.0)
+    assert keep_threshold(confidences, gains, 1.0) == (0.6, 1.0)
+    assert keep_threshold(confidences, [0.4, 0.4, 0.4, 0.4], 0.05).threshold == math.inf
+    assert keep_threshold([], [], 0.1).threshold == math.inf
+
+
+def test_keep_threshold_keeps_the_share_of_a_tie_the_allowance_covers() -> None:
+    confidences = [1.0, 1.0, 1.0, 1.0, 0.5]
+    gains = [0.1, 0.1, 0.1, 0.1, 0.0]  # each tied request costs 0.1/5 = 0.02 to keep
+    assert keep_threshold(confidences, gains, 0.04) == pytest.approx((1.0, 0.5))
+    assert keep_threshold(confidences, gains, 0.07) == pytest.approx((1.0, 0.875))
+    assert keep_threshold(confidences, gains, 0.08) == (0.5, 1.0)
 
 
 def test_a_weight_counts_like_repeated_verdicts() -> None:
