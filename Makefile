@@ -35,7 +35,7 @@ DOWN_FLAGS ?= --remove-orphans
 K8S_VERSION ?= 1.32.0
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
-.PHONY: help install proto proto-check lint typecheck check test test-unit test-integration demo bench models demo-trace clean
+.PHONY: help install proto proto-check lint layers typecheck check test test-unit test-integration demo bench models demo-trace clean
 .PHONY: docker-ready base-image wheels images up down results ceiling certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
@@ -69,7 +69,10 @@ lint: install ## ruff format check and lint
 typecheck: install ## mypy on the library
 	$(BIN)/mypy
 
-check: proto-check lint typecheck ## everything but the tests
+layers: install ## the import contract (pyproject.toml, [tool.importlinter]): layers, no gRPC in the core
+	$(BIN)/lint-imports
+
+check: proto-check lint layers typecheck ## everything but the tests
 
 test: install docker-ready podman-ready ## stub check, lint, types, then all tests (unit, in-process gRPC, integration, containers)
 	$(MAKE) --no-print-directory check
@@ -88,28 +91,28 @@ bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop
 
 results: install ## regenerate docs/results.md and its plots from a trace folder (TRACES=DIR; takes ~15 min)
 	@test -n "$(TRACES)" || { echo "results: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
-	$(BIN)/python -m recserve.report --traces "$(TRACES)" --out docs
+	$(BIN)/python -m recserve.evaluation.report --traces "$(TRACES)" --out docs
 
 certs: install ## development TLS certificates into certs/ (a private CA, device/edge/cloud, client)
 	$(BIN)/recserve certs make certs
 
 chaos: install ## kill and restart the edge tier under load: every request answered, forwarding resumes
-	$(BIN)/python -m recserve.loadtest chaos --signal KILL
-	$(BIN)/python -m recserve.loadtest chaos --signal TERM
+	$(BIN)/python -m recserve.tools.load chaos --signal KILL
+	$(BIN)/python -m recserve.tools.load chaos --signal TERM
 
 load: install ## 200 concurrent clients for 60 s against three tiers: nothing lost, memory bounded
-	$(BIN)/python -m recserve.loadtest load --clients 200 --seconds 60
+	$(BIN)/python -m recserve.tools.load load --clients 200 --seconds 60
 
 models: install ## generate the tiny device < edge < cloud models into models/
 	$(BIN)/recserve models make models
 
 ceiling: install ## hindsight bounds of other rankings (prompt words, agreement, lower confidence) (TRACES=DIR; ~1 min)
 	@test -n "$(TRACES)" || { echo "ceiling: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
-	$(BIN)/python -m recserve.ceiling --traces "$(TRACES)"
+	$(BIN)/python -m recserve.evaluation.ceiling --traces "$(TRACES)"
 
 demo-trace: install ## rebuild the bundled demo trace from a full trace folder (TRACES=DIR)
 	@test -n "$(TRACES)" || { echo "demo-trace: give TRACES=DIR, the full trace folder"; exit 2; }
-	$(BIN)/python -c "from recserve.traces import write_subset; \
+	$(BIN)/python -c "from recserve.core.traces import write_subset; \
 		print(write_subset('$(TRACES)', 'src/recserve/data/traces/zellinger-demo', \
 		['llama3.2-1b', 'llama3.1-8b', 'llama3.1-70b'], \
 		{'mmlu': 'test', 'medmcqa': 'test', 'triviaqa': 'test', 'truthfulqa': 'test', 'gsm8k': 'train'}), 'queries')"

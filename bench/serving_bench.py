@@ -18,10 +18,9 @@ from pathlib import Path
 
 import grpc
 
-from recserve.demo import DEMO_CHAIN, DEMO_TRACE
-from recserve.processes import TierProcesses, free_port
-from recserve.replay_requests import build_request
-from recserve.traces import TraceSet
+from recserve.client.trace_client import build_request
+from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, TraceSet
+from recserve.server.processes import TierProcesses, free_port
 
 METHOD = "/recserve.v1.TierService/Infer"
 
@@ -78,7 +77,7 @@ def main() -> None:
         asyncio.run(serve_echo(args.serve_echo))
         return
 
-    traces = TraceSet.load(DEMO_TRACE, DEMO_CHAIN)
+    traces = TraceSet.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     query = next(q for q in traces.queries if q.benchmark == "mmlu")
     payload = build_request(query, choice=True, request_id="bench-0000001", reference=False).SerializeToString()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -92,9 +91,9 @@ def main() -> None:
         setups = {"echo": (f"127.0.0.1:{echo_port}", None)}
         for folder in ("one", "three"):
             (Path(logs) / folder).mkdir()
-        one = TierProcesses([_tier_args("device", DEMO_CHAIN[0], "local")], Path(logs) / "one")
+        one = TierProcesses([_tier_args("device", BUNDLED_CHAIN[0], "local")], Path(logs) / "one")
         three = TierProcesses(
-            [_tier_args(t, m, "forward-all") for t, m in zip(("device", "edge", "cloud"), DEMO_CHAIN, strict=True)],
+            [_tier_args(t, m, "forward-all") for t, m in zip(("device", "edge", "cloud"), BUNDLED_CHAIN, strict=True)],
             Path(logs) / "three",
         )
         try:
@@ -141,7 +140,7 @@ def _tier_args(tier: str, model: str, policy: str) -> list[str]:
         "--engine",
         "replay",
         "--traces",
-        str(DEMO_TRACE),
+        str(BUNDLED_TRACE),
         "--trace-model",
         model,
         "--policy",

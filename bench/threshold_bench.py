@@ -12,7 +12,7 @@ from collections import deque
 
 import numpy as np
 
-from recserve.threshold import WindowedQuantile
+from recserve.core.threshold import WindowedQuantile
 
 
 def main() -> None:

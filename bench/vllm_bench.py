@@ -19,10 +19,10 @@ from pathlib import Path
 
 import grpc
 
-from recserve.engines import GenerationRequest
+from recserve.core.engine import GenerationRequest
 from recserve.engines.vllm import VllmEngine
-from recserve.models import make_tiny_models
-from recserve.processes import TierProcesses
+from recserve.server.processes import TierProcesses
+from recserve.tools.models import make_tiny_models
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from recserve.cli import main
-from recserve.processes import free_port
 from recserve.server.app import start_tier
-from recserve.settings import TierSettings
+from recserve.server.processes import free_port
+from recserve.server.settings import TierSettings
 
 
 async def test_health_is_zero_while_serving_and_one_once_shutting_down(

@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from recserve.certs import make_certificates
 from recserve.server.app import RunningTier, start_tier
-from recserve.settings import TierSettings
+from recserve.server.settings import TierSettings
+from recserve.tools.certs import make_certificates
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 

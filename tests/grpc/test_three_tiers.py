@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recserve.server.app import RunningTier, start_tier
-from recserve.settings import TierSettings
+from recserve.server.settings import TierSettings
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 from tests.conftest import TRACE_MODELS

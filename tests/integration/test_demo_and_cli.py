@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from recserve.demo import tier_arguments
-from recserve.processes import TierProcesses
+from recserve.server.processes import TierProcesses
+from recserve.tools.demo import tier_arguments
 
 pytestmark = pytest.mark.integration
 

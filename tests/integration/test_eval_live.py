@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from recserve.budget import BudgetPolicy, QualityPolicy
-from recserve.demo import DEMO_CHAIN, DEMO_TRACE
-from recserve.evaluation import TraceReplay, recserve_plan, target_plan
+from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE
+from recserve.evaluation.replay import TraceReplay, recserve_plan, target_plan
+from recserve.policies.budget import BudgetPolicy
+from recserve.policies.quality import QualityPolicy
 from tests.conftest import write_trace_folder
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,7 @@ def test_live_equals_offline(tmp_path: Path, policy: list[str]) -> None:
 
 def test_live_equals_offline_per_query_on_real_traces(tmp_path: Path) -> None:
     """Query by query on 60 real questions per benchmark: same answering tier, verdict and bytes per link."""
-    replay = TraceReplay.load(DEMO_TRACE, DEMO_CHAIN)
+    replay = TraceReplay.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     queries = [q for b in ("mmlu", "triviaqa") for q in replay.queries("test") if q.benchmark == b][:120]
     offline = asyncio.run(replay.run_offline(queries, recserve_plan(3, 0.3, 10_000).offline))
     live = replay.run_live(queries, recserve_plan(3, 0.3, 10_000).flags, tmp_path)
@@ -65,7 +66,7 @@ def test_bad_chain_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_quality_policy_with_feedback_live_equals_offline_once_calibrated(tmp_path: Path) -> None:
     """Feedback goes back identically in both modes, so the calibrated thresholds and decisions match."""
-    replay = TraceReplay.load(DEMO_TRACE, DEMO_CHAIN)
+    replay = TraceReplay.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     queries = [q for q in replay.queries("test") if q.benchmark == "mmlu"][:240]
     plan = target_plan("quality", 3, 0.02, 10_000)
     offline = asyncio.run(replay.run_offline(queries, plan.offline, feedback=True))
@@ -78,7 +79,7 @@ def test_quality_policy_with_feedback_live_equals_offline_once_calibrated(tmp_pa
 
 def test_budget_policy_holding_measured_bytes_live_equals_offline(tmp_path: Path) -> None:
     """The device learns reply bytes in both modes alike, so once it holds measured bytes the decisions match."""
-    replay = TraceReplay.load(DEMO_TRACE, DEMO_CHAIN)
+    replay = TraceReplay.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     queries = [q for q in replay.queries("test") if q.benchmark == "mmlu"][:240]
     plan = target_plan("budget", 3, 0.6, 10_000)
     offline = asyncio.run(replay.run_offline(queries, plan.offline))

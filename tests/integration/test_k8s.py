@@ -24,7 +24,7 @@ import grpc
 import pytest
 import yaml
 
-from recserve.processes import free_ports
+from recserve.server.processes import free_ports
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 from tests.conftest import wait_serving

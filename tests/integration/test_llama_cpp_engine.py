@@ -18,9 +18,11 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from recserve.engines import EngineConfig, EngineError, GenerationRequest, create_engine
+from recserve.core.engine import EngineError, GenerationRequest
+from recserve.engines import create_engine
+from recserve.engines.config import EngineConfig
 from recserve.engines.llama_cpp import LlamaCppEngine
-from recserve.models import TinyModelPaths, make_tiny_models
+from recserve.tools.models import TinyModelPaths, make_tiny_models
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from recserve.models import make_tiny_models
-from recserve.processes import TierProcesses
+from recserve.server.processes import TierProcesses
+from recserve.tools.models import make_tiny_models
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 

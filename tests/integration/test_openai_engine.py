@@ -15,14 +15,14 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from recserve.confidence import score_perplexity
-from recserve.engines import EngineError, GenerationRequest
+from recserve.core.confidence import score_perplexity
+from recserve.core.engine import EngineError, GenerationRequest
 from recserve.engines.llama_cpp import LlamaCppEngine
 from recserve.engines.openai import CHOICE_TOP_LOGPROBS, OpenAIEngine
-from recserve.models import TinyModelPaths, make_tiny_models
-from recserve.processes import free_port
 from recserve.server.app import start_tier
-from recserve.settings import TierSettings
+from recserve.server.processes import free_port
+from recserve.server.settings import TierSettings
+from recserve.tools.models import TinyModelPaths, make_tiny_models
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 

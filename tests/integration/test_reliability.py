@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from recserve.loadtest import chaos, load
+from recserve.tools.load import chaos, load
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from recserve.confidence import score_choice, score_perplexity
-from recserve.engines import EngineConfig, EngineError, GenerationRequest, create_engine
+from recserve.core.confidence import score_choice, score_perplexity
+from recserve.core.engine import EngineError, GenerationRequest
+from recserve.engines import create_engine
+from recserve.engines.config import EngineConfig
 from recserve.engines.llama_cpp import LlamaCppEngine
 from recserve.engines.vllm import VllmEngine
-from recserve.models import TinyModelPaths, make_tiny_models
+from recserve.tools.models import TinyModelPaths, make_tiny_models
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recserve.models import make_tiny_models
-from recserve.processes import TierProcesses, free_port
+from recserve.server.processes import TierProcesses, free_port
+from recserve.tools.models import make_tiny_models
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 

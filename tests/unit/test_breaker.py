@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recserve.breaker import BreakerState, CircuitBreaker
+from recserve.core.breaker import BreakerState, CircuitBreaker
 
 
 class Clock:

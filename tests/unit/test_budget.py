@@ -9,8 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from recserve.budget import BudgetPolicy, ByteLedger, ControlledQuantile, QualityPolicy, split_budget
-from recserve.policy import make_policy
+from recserve.policies import make_policy
+from recserve.policies.budget import BudgetPolicy, ByteLedger, split_budget
+from recserve.policies.controller import ControlledQuantile
+from recserve.policies.quality import QualityPolicy
 
 
 def spent(rates: list[float]) -> float:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from recserve.calibration import WindowedCalibration, fit_platt, keep_threshold, logit, sigmoid
+from recserve.core.calibration import WindowedCalibration, fit_platt, keep_threshold, logit, sigmoid
 
 
 def test_platt_fit_recovers_known_parameters() -> None:

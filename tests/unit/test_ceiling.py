@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recserve.calibration import fit_logistic, sigmoid
-from recserve.ceiling import agreement, ceilings, hashed_words, hindsight, learned_gain, markdown, rescored
-from recserve.evaluation import DepthTable, TraceReplay, fixed_threshold_grid
+from recserve.core.calibration import fit_logistic, sigmoid
+from recserve.evaluation.ceiling import agreement, ceilings, hashed_words, hindsight, learned_gain, markdown, rescored
+from recserve.evaluation.replay import DepthTable, TraceReplay, fixed_threshold_grid
 from tests.conftest import TRACE_MODELS, write_trace_folder
 
 

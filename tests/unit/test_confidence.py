@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from recserve.confidence import choice_probability, choice_scorer, generate_scorer, score_choice, score_perplexity
-from recserve.engines.base import Generation
+from recserve.core.confidence import choice_probability, choice_scorer, generate_scorer, score_choice, score_perplexity
+from recserve.core.engine import Generation
 
 OPTIONS = ("A", "B", "C", "D")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recserve.budget_eval import tune_fill_cap
-from recserve.evaluation import (
+from recserve.core.traces import TraceSet
+from recserve.evaluation.replay import (
     EvalRequest,
     TraceReplay,
     cloud_only_by_benchmark,
@@ -20,8 +20,8 @@ from recserve.evaluation import (
     target_plan,
     tune_fixed_thresholds,
 )
-from recserve.sweep import SweepRequest, pareto, plot, sweep
-from recserve.traces import TraceSet
+from recserve.evaluation.sweep import SweepRequest, pareto, plot, sweep
+from recserve.evaluation.targets import tune_fill_cap
 from tests.conftest import write_trace_folder
 
 CHAIN = ("small", "medium", "large")

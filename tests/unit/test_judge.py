@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recserve.judge import is_correct
+from recserve.core.judge import is_correct
 
 
 def test_choice_compares_the_chosen_option() -> None:

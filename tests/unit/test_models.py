@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from recserve.models import HF_FILES, TIERS, TIERS_SIZES, TinyModelPaths, make_tiny_models
+from recserve.tools.models import HF_FILES, TIERS, TIERS_SIZES, TinyModelPaths, make_tiny_models
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -35,7 +35,7 @@ def test_same_seed_gives_identical_bytes_across_processes(
     tmp_path: Path,
 ) -> None:
     # Another process: tokenizers' Rust hash maps are seeded per process, so this catches ordering drift.
-    code = "import sys, pathlib, recserve.models as m; m.make_tiny_models(pathlib.Path(sys.argv[1]))"
+    code = "import sys, pathlib, recserve.tools.models as m; m.make_tiny_models(pathlib.Path(sys.argv[1]))"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "again")], check=True)
     first, second = _files(_root(models)), _files(tmp_path / "again")
     assert first.keys() == second.keys()

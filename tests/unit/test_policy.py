@@ -8,13 +8,13 @@ import random
 import numpy as np
 import pytest
 
-from recserve.policy import (
+from recserve.core.offload import Verdict
+from recserve.policies import make_policy
+from recserve.policies.simple import (
     FixedThresholdPolicy,
     ForwardAllPolicy,
     LocalOnlyPolicy,
     RecServePolicy,
-    Verdict,
-    make_policy,
     parse_family_thresholds,
 )
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from recserve.confidence import score_choice, score_perplexity
-from recserve.demo import DEMO_CHAIN, DEMO_TRACE
-from recserve.engines import EngineConfig, EngineError, GenerationRequest, UnknownPromptError, create_engine
+from recserve.core.confidence import score_choice, score_perplexity
+from recserve.core.engine import EngineError, GenerationRequest, UnknownPromptError
+from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, TraceSet
+from recserve.engines import create_engine
+from recserve.engines.config import EngineConfig
 from recserve.engines.replay import ReplayEngine, parse_option
-from recserve.traces import TraceSet
 from tests.conftest import CHOICE_SYSTEM, TRACE_MODELS
 
 OPTIONS = ("A", "B", "C", "D")
@@ -69,8 +70,8 @@ def test_loads_any_number_of_models(trace_folder: Path) -> None:
 
 
 def test_bundled_demo_trace_has_the_demo_chain_and_all_benchmarks() -> None:
-    traces = TraceSet.load(DEMO_TRACE)
-    assert traces.models == DEMO_CHAIN
+    traces = TraceSet.load(BUNDLED_TRACE)
+    assert traces.models == BUNDLED_CHAIN
     assert traces.benchmarks() == ["gsm8k", "medmcqa", "mmlu", "triviaqa", "truthfulqa"]
     assert len(traces.queries) == 1531 + 1000 + 1000 + 517 + 300
 

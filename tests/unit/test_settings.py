@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recserve.settings import OPTIONS, TierSettings, add_arguments, from_namespace
+from recserve.server.settings import OPTIONS, TierSettings, add_arguments, from_namespace
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

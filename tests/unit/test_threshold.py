@@ -8,7 +8,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from recserve.threshold import WindowedQuantile, interpolated_quantile
+from recserve.core.threshold import WindowedQuantile, interpolated_quantile
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.05, 0.3, 0.5, 0.77, 1.0])

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from recserve.cascade import link_tiers
-from recserve.engines import EngineConfig, create_engine
-from recserve.errors import DeadlineExceeded, FailedPrecondition, InvalidRequest, NotFound
-from recserve.metrics import TierMetrics
-from recserve.policy import FixedThresholdPolicy, ForwardAllPolicy, RecServePolicy
-from recserve.tier import Tier
-from recserve.traces import TraceSet
+from recserve.core.cascade import link_tiers
+from recserve.core.errors import DeadlineExceeded, FailedPrecondition, InvalidRequest, NotFound
+from recserve.core.metrics import TierMetrics
+from recserve.core.tier import Tier
+from recserve.core.traces import TraceSet
+from recserve.engines import create_engine
+from recserve.engines.config import EngineConfig
+from recserve.policies.simple import FixedThresholdPolicy, ForwardAllPolicy, RecServePolicy
 from recserve.v1 import tier_pb2 as pb
 from tests.conftest import TRACE_MODELS
 

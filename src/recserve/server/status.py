@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from recserve.errors import (
+from recserve.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidRequest,

@@ -6,9 +6,9 @@ import json
 
 import grpc
 
+from recserve.core.transport import FeedbackReply, Reply
 from recserve.server.security import bearer_metadata
 from recserve.server.status import error_from_rpc
-from recserve.transport import FeedbackReply, Reply
 from recserve.v1 import tier_pb2 as pb
 
 INFER_METHOD = "/recserve.v1.TierService/Infer"

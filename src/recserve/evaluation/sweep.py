@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from recserve.evaluation import (
+from recserve.evaluation.frontier import Point, pareto
+from recserve.evaluation.replay import (
     DepthTable,
     TraceReplay,
     cloud_only_by_benchmark,
@@ -24,9 +25,9 @@ from recserve.evaluation import (
     summaries,
     tune_fixed_thresholds,
 )
+from recserve.evaluation.targets import add_target_points
 
 DEFAULT_BETAS = tuple(round(b, 2) for b in np.linspace(0.0, 1.0, 21))
-Point = dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -39,31 +40,6 @@ class SweepRequest:
     grid_points: int = 21
     shuffle: int | None = None
     targets: bool = False  # also the budget and quality policies' frontiers and budget tracking
-
-
-def accuracy_at(points: list[Point], budget: float) -> float | None:
-    """The best accuracy among points spending at most `budget` (share of cloud-only bytes)."""
-    within = [p["accuracy"] for p in points if p["bytes_vs_cloud_only"] <= budget + 1e-12]
-    return max(within) if within else None
-
-
-def bytes_to_reach(points: list[Point], target: float) -> float | None:
-    """The fewest bytes (share of cloud-only) among points with accuracy >= target."""
-    reaching = [p["bytes_vs_cloud_only"] for p in points if p["accuracy"] >= target - 1e-12]
-    return min(reaching) if reaching else None
-
-
-def format_share(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def pareto(points: list[Point]) -> list[Point]:
-    """Points not beaten on both accuracy (higher) and bytes (lower), by increasing bytes."""
-    front: list[Point] = []
-    for point in sorted(points, key=lambda p: (p["bytes_vs_cloud_only"], -p["accuracy"])):
-        if not front or point["accuracy"] > front[-1]["accuracy"]:
-            front.append(point)
-    return front
 
 
 def _table_point(table: DepthTable, mask: np.ndarray, depths: np.ndarray) -> Point:
@@ -113,8 +89,6 @@ async def sweep(request: SweepRequest) -> dict[str, Any]:
         entry["oracle"] = _table_point(table, mask, table.oracle_depths())
 
     if request.targets:
-        from recserve.budget_eval import add_target_points  # builds on evaluation, as this module does
-
         await add_target_points(result, replay, queries, table, cloud_only, window=request.window)
 
     train = replay.queries("train")

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from recserve.evaluation import DepthTable, Outcome, TraceReplay, cloud_only_by_benchmark, summaries, target_plan
-from recserve.sweep import accuracy_at, bytes_to_reach, format_share
-from recserve.traces import TraceQuery
+from recserve.core.traces import TraceQuery
+from recserve.evaluation.frontier import accuracy_at, bytes_to_reach, format_share
+from recserve.evaluation.replay import DepthTable, Outcome, TraceReplay, cloud_only_by_benchmark, summaries, target_plan
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.35, 0.375, 0.39, 0.4, 0.425, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_GAPS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1)
@@ -186,7 +186,7 @@ def target_lines(frontier: dict[str, Any], tracking_png: str) -> list[str]:
     return lines
 
 
-TARGETS_NOTE = """Target-driven policies (`recserve.budget`, the same objects `recserve serve --policy budget|quality`
+TARGETS_NOTE = """Target-driven policies (`recserve.policies`, the same objects `recserve serve --policy budget|quality`
 builds): **budget** takes a byte budget B (share of cloud-only bytes) and turns it into one forward rate per link,
 filling the lower link first up to a fill cap of the requests (0.85 by default; "cap tuned on train" picks it
 from 0.4-1.0 by running the policy on the train split, one number per chain); each tier holds its rate per

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recserve.settings import ENV_PREFIX
+from recserve.server.settings import ENV_PREFIX
 
 
 def default_target() -> str:

@@ -20,18 +20,18 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from recserve.cascade import link_tiers
-from recserve.engines import Engine, EngineConfig, create_engine
-from recserve.judge import is_correct
-from recserve.policy import ForwardAllPolicy
-from recserve.processes import TierProcesses, replay_tiers
-from recserve.replay_requests import build_request, link_bytes
-from recserve.traces import TraceQuery, TraceSet
+from recserve.client.trace_client import build_request, link_bytes
+from recserve.core.cascade import link_tiers
+from recserve.core.engine import Engine
+from recserve.core.judge import is_correct
+from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, TraceQuery, TraceSet
+from recserve.engines import create_engine
+from recserve.engines.config import EngineConfig
+from recserve.policies.simple import ForwardAllPolicy
+from recserve.server.processes import TierProcesses, replay_tiers
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
-DEMO_TRACE = Path(__file__).parent / "data" / "traces" / "zellinger-demo"
-DEMO_CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
 TIER_NAMES = ("device", "edge", "cloud")
 
 
@@ -72,7 +72,7 @@ class Tally:
 
 def tier_arguments(engine: str, model_dir: Path | None) -> list[list[str]]:
     if engine == "replay":
-        return replay_tiers(TIER_NAMES, DEMO_CHAIN, DEMO_TRACE)
+        return replay_tiers(TIER_NAMES, BUNDLED_CHAIN, BUNDLED_TRACE)
     assert model_dir is not None
     llama = [
         ["--tier", tier, "--engine", "llama_cpp", "--model", str(model_dir / tier / "model.gguf"),
@@ -89,7 +89,7 @@ def tier_arguments(engine: str, model_dir: Path | None) -> list[list[str]]:
 
 def engines_for(engine: str, model_dir: Path | None) -> list[Engine]:
     if engine == "replay":
-        return [create_engine("replay", EngineConfig(traces=str(DEMO_TRACE), trace_model=m)) for m in DEMO_CHAIN]
+        return [create_engine("replay", EngineConfig(traces=str(BUNDLED_TRACE), trace_model=m)) for m in BUNDLED_CHAIN]
     assert model_dir is not None
     if engine == "vllm":
         device = create_engine(
@@ -117,10 +117,10 @@ class Grader:
     def __init__(self, trace_set: TraceSet, engine: str) -> None:
         self.trace_set = trace_set
         self.replay = engine == "replay"
-        self._model_of = dict(zip(TIER_NAMES, DEMO_CHAIN, strict=True))
+        self._model_of = dict(zip(TIER_NAMES, BUNDLED_CHAIN, strict=True))
 
     def request(self, index: int, query: TraceQuery) -> pb.InferRequest:
-        choice = self.trace_set.answers[query.key][DEMO_CHAIN[0]].is_choice
+        choice = self.trace_set.answers[query.key][BUNDLED_CHAIN[0]].is_choice
         # Ids of one length, so live and in-process runs send messages of the same size.
         return build_request(query, choice=choice, request_id=f"demo-{index:06d}", reference=not self.replay)
 
@@ -203,12 +203,12 @@ def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: i
              model_dir: Path | None = None) -> dict[str, Tally]:  # fmt: skip
     """Run the whole demo and print the summary; returns the per-benchmark tallies."""
     if engine in ("llama_cpp", "vllm"):
-        from recserve.models import make_tiny_models
+        from recserve.tools.models import make_tiny_models
 
         model_dir = model_dir or Path("models")
         make_tiny_models(model_dir)
         limit = 20 if limit is None else limit
-    trace_set = TraceSet.load(DEMO_TRACE)
+    trace_set = TraceSet.load(BUNDLED_TRACE)
     queries = select_queries(trace_set, limit)
     grader = Grader(trace_set, engine)
     with tempfile.TemporaryDirectory(prefix="recserve-demo-") as logs:

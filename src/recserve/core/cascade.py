@@ -6,11 +6,11 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from recserve.engines import Engine
-from recserve.metrics import Metrics
-from recserve.policy import OffloadPolicy
-from recserve.tier import Tier, TierLimits, new_request_id
-from recserve.transport import InProcessUpstream
+from recserve.core.engine import Engine
+from recserve.core.metrics import Metrics
+from recserve.core.offload import OffloadPolicy
+from recserve.core.tier import Tier, TierLimits, new_request_id
+from recserve.core.transport import InProcessUpstream
 
 
 def link_tiers(

@@ -19,6 +19,10 @@ QUERIES_FILE = "queries.jsonl.gz"
 ANSWERS_FILE = "per_model_long.csv.gz"
 # Multiple-choice benchmarks record the answer letter's log-prob; the rest a self-assessed p("Y").
 CHOICE_SIGNAL = "ModelIntrinsicLogProb"
+# The compact trace bundled with the package (origin in its README) and its models, cheapest first: the demo,
+# load runs, benchmarks and tests replay it.
+BUNDLED_TRACE = Path(__file__).resolve().parent.parent / "data" / "traces" / "zellinger-demo"
+BUNDLED_CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
 
 QueryKey = tuple[str, str, int]  # benchmark, split, qid
 

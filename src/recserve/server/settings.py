@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from recserve.confidence import CHOICE_SCORERS, GENERATE_SCORERS
-from recserve.engines import ENGINE_NAMES, EngineConfig
-from recserve.policy import POLICY_NAMES, parse_family_thresholds
-from recserve.tier import TierLimits
+from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
+from recserve.core.tier import TierLimits
+from recserve.engines import ENGINE_NAMES
+from recserve.engines.config import EngineConfig
+from recserve.policies import POLICY_NAMES
+from recserve.policies.simple import parse_family_thresholds
 
 ENV_PREFIX = "RECSERVE_"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-from recserve.traces import TraceQuery
+from recserve.core.traces import TraceQuery
 from recserve.v1 import tier_pb2 as pb
 
 # The multiple-choice benchmarks of the trace format answer with one of these letters.

@@ -17,13 +17,14 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from recserve.cascade import link_tiers
-from recserve.engines import Engine
+from recserve.client.trace_client import build_request, link_bytes
+from recserve.core.cascade import link_tiers
+from recserve.core.engine import Engine
+from recserve.core.offload import OffloadPolicy
+from recserve.core.traces import TraceQuery, TraceSet
 from recserve.engines.replay import ReplayEngine
-from recserve.policy import ForwardAllPolicy, LocalOnlyPolicy, OffloadPolicy
-from recserve.processes import TierProcesses, replay_tiers
-from recserve.replay_requests import build_request, link_bytes
-from recserve.traces import TraceQuery, TraceSet
+from recserve.policies.simple import ForwardAllPolicy, LocalOnlyPolicy
+from recserve.server.processes import TierProcesses, replay_tiers
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
@@ -313,7 +314,7 @@ class PolicyPlan:
 
 
 def recserve_plan(tiers: int, beta: float, window: int) -> PolicyPlan:
-    from recserve.policy import RecServePolicy
+    from recserve.policies.simple import RecServePolicy
 
     flags = ["--policy", "recserve", "--beta", repr(beta), "--window", str(window)]
     return PolicyPlan([RecServePolicy(beta, window) for _ in range(tiers)], [flags] * tiers)
@@ -321,7 +322,7 @@ def recserve_plan(tiers: int, beta: float, window: int) -> PolicyPlan:
 
 def fixed_plan(tiers: int, per_family: dict[str, tuple[float, ...]] | None, default: Sequence[float]) -> PolicyPlan:
     """Fixed thresholds per tier (and per family when tuned); the last tier keeps the default 0.5 it never uses."""
-    from recserve.policy import FixedThresholdPolicy
+    from recserve.policies.simple import FixedThresholdPolicy
 
     offline: list[OffloadPolicy] = []
     flags: list[list[str]] = []
@@ -336,7 +337,7 @@ def fixed_plan(tiers: int, per_family: dict[str, tuple[float, ...]] | None, defa
 
 def target_plan(name: str, tiers: int, target: float, window: int, fill_cap: float = 0.85) -> PolicyPlan:
     """`budget` (target: share of cloud-only bytes) or `quality` (target: accuracy share below cloud-only)."""
-    from recserve.policy import make_policy
+    from recserve.policies import make_policy
 
     value = "--byte-budget" if name == "budget" else "--quality-gap"
     flags = ["--policy", name, value, repr(target), "--window", str(window), "--links", str(tiers - 1)]

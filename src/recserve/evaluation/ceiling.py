@@ -11,7 +11,7 @@ regressions):
 - **agreement** (tiers above the first): its confidence, and agreeing with the tier below ranks first;
 - **lower confidence** (tiers above the first): the same gain from its own and the lower tier's confidence.
 
-    python -m recserve.ceiling --traces TRACE_FOLDER [--chain a,b,c ...]
+    python -m recserve.evaluation.ceiling --traces TRACE_FOLDER [--chain a,b,c ...]
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from recserve.calibration import fit_logistic, logit, sigmoid
-from recserve.evaluation import DepthTable, TraceReplay, fixed_threshold_grid
-from recserve.judge import normalise
-from recserve.sweep import accuracy_at, bytes_to_reach, format_share
-from recserve.traces import TraceQuery
+from recserve.core.calibration import fit_logistic, logit, sigmoid
+from recserve.core.judge import normalise
+from recserve.core.traces import TraceQuery
+from recserve.evaluation.chains import DEFAULT_CHAINS
+from recserve.evaluation.frontier import accuracy_at, bytes_to_reach, format_share
+from recserve.evaluation.replay import DepthTable, TraceReplay, fixed_threshold_grid
 
 Scores = npt.NDArray[np.float64]
 WORD_DIMENSIONS = 2048
@@ -156,7 +157,6 @@ def markdown(chain: Sequence[str], rows: Sequence[BenchmarkBounds], budget: floa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from recserve.report import DEFAULT_CHAINS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--traces", type=Path, required=True, help="a trace folder (docs/traces.md)")

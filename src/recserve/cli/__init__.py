@@ -1,4 +1,7 @@
-"""The `recserve` command: serve a tier, ask a question, make tiny models, run the demo."""
+"""The `recserve` command: serve a tier, ask a question, evaluate on traces, make tiny models, run the demo.
+
+The top layer: may import every package; none imports it.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from recserve import eval_command
-from recserve import settings as tier_settings
-from recserve.health_check import add_health_command, check_health
+from recserve.evaluation import command as eval_command
+from recserve.server import settings as tier_settings
+from recserve.server.health import add_health_command, check_health
 from recserve.server.security import bearer_metadata
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
@@ -83,18 +86,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "health":
         return check_health(args)
     if args.command == "certs":
-        from recserve.certs import make_certificates
+        from recserve.tools.certs import make_certificates
 
         for name, path in make_certificates(args.dir, args.names.split(",")).items():
             print(f"{name}: {path}")
         return 0
     if args.command == "models":
-        from recserve.models import make_tiny_models
+        from recserve.tools.models import make_tiny_models
 
         for tier, paths in make_tiny_models(args.dir, seed=args.seed).items():
             print(f"{tier}: {paths.gguf} (llama.cpp), {paths.hf_dir} (Hugging Face)")
         return 0
-    from recserve.demo import run_demo
+    from recserve.tools.demo import run_demo
 
     run_demo(args.engine, limit=args.limit, concurrency=args.concurrency, model_dir=args.models_dir)
     return 0

@@ -1,7 +1,7 @@
 """Load and chaos runs against a local three-tier stack: nothing lost, memory bounded, recovery after faults.
 
-`python -m recserve.loadtest load --clients 200 --seconds 60` (make load) and
-`python -m recserve.loadtest chaos` (make chaos). Tiers run as `recserve serve` processes on loopback with
+`python -m recserve.tools.load load --clients 200 --seconds 60` (make load) and
+`python -m recserve.tools.load chaos` (make chaos). Tiers run as `recserve serve` processes on loopback with
 replay engines over the bundled trace, so the serving path, not a model, is under test.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import grpc
 
-from recserve.demo import DEMO_CHAIN, DEMO_TRACE, TIER_NAMES
-from recserve.processes import TierProcesses, replay_tiers
-from recserve.replay_requests import build_request
-from recserve.traces import TraceSet
+from recserve.client.trace_client import build_request
+from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, TraceSet
+from recserve.server.processes import TierProcesses, replay_tiers
+from recserve.tools.demo import TIER_NAMES
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
@@ -62,10 +62,10 @@ class LoadReport:
 
 
 def demo_requests(limit: int = 400) -> list[pb.InferRequest]:
-    traces = TraceSet.load(DEMO_TRACE, DEMO_CHAIN)
+    traces = TraceSet.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     queries = [q for q in traces.queries if q.split == "test"][:limit]
     return [
-        build_request(q, choice=traces.answers[q.key][DEMO_CHAIN[0]].is_choice, request_id="", reference=False)
+        build_request(q, choice=traces.answers[q.key][BUNDLED_CHAIN[0]].is_choice, request_id="", reference=False)
         for q in queries
     ]
 
@@ -137,7 +137,7 @@ def stack_for(log_dir: Path, policy: list[str]) -> TierProcesses:
     """Three replay tiers over the bundled trace; breakers probe every second so recovery shows quickly."""
     tuning = ["--breaker-cooldown", "1", "--max-in-flight", "512"]
     return TierProcesses(
-        [[*tier, *tuning, *policy] for tier in replay_tiers(TIER_NAMES, DEMO_CHAIN, DEMO_TRACE)], log_dir
+        [[*tier, *tuning, *policy] for tier in replay_tiers(TIER_NAMES, BUNDLED_CHAIN, BUNDLED_TRACE)], log_dir
     )
 
 

@@ -10,8 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from recserve.evaluation import POLICY_NAMES, EvalRequest, Summary, evaluate, tier_names
-from recserve.sweep import DEFAULT_BETAS, SweepRequest, plot, sweep
+from recserve.evaluation.replay import POLICY_NAMES, EvalRequest, Summary, evaluate, tier_names
+from recserve.evaluation.sweep import DEFAULT_BETAS, SweepRequest, plot, sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

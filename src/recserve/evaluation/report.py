@@ -1,6 +1,6 @@
 """Write docs/results.md: every benchmark of a trace set, several chains, every policy, frontiers as PNG.
 
-Run with `make results` (or `python -m recserve.report --traces DIR --out docs`).
+Run with `make results` (or `python -m recserve.evaluation.report --traces DIR --out docs`).
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recserve.budget_eval import TARGETS_NOTE, plot_tracking, target_lines
-from recserve.evaluation import EvalRequest, Summary, evaluate
-from recserve.sweep import SweepRequest, accuracy_at, bytes_to_reach, format_share, plot, sweep
+from recserve.evaluation.chains import DEFAULT_CHAINS
+from recserve.evaluation.frontier import accuracy_at, bytes_to_reach, format_share
+from recserve.evaluation.replay import EvalRequest, Summary, evaluate
+from recserve.evaluation.sweep import SweepRequest, plot, sweep
+from recserve.evaluation.targets import TARGETS_NOTE, plot_tracking, target_lines
 
-DEFAULT_CHAINS = (
-    ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b"),
-    ("llama3.2-3b", "llama3.1-70b", "llama3.1-405b"),
-    ("gpt-4o-mini", "qwen2.5-72b-instruct", "gpt-4o"),
-)
 POLICIES = ("device-only", "recserve", "casserve", "cloud-only", "oracle")
 
 
@@ -97,7 +94,7 @@ def _verdict(frontier: dict[str, Any]) -> str:
 
 async def write_report(traces: Path, chains: Sequence[Sequence[str]], out: Path, beta: float) -> Path:
     sections = [await chain_section(traces, chain, out, beta) for chain in chains]
-    command = f"python -m recserve.report --traces TRACE_FOLDER --out {out}"
+    command = f"python -m recserve.evaluation.report --traces TRACE_FOLDER --out {out}"
     header = f"""# Results: RecServe against CasServe, cloud-only and the oracle on recorded traces
 
 Produced by `make results TRACES=TRACE_FOLDER` (that is, `{command}`), from the recorded outputs of real models in the

@@ -12,10 +12,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from recserve.breaker import BreakerState, CircuitBreaker
-from recserve.confidence import Score, choice_scorer, generate_scorer
-from recserve.engines.base import Engine, EngineError, GenerationRequest, UnknownPromptError
-from recserve.errors import (
+from recserve.core.breaker import BreakerState, CircuitBreaker
+from recserve.core.confidence import Score, choice_scorer, generate_scorer
+from recserve.core.engine import Engine, EngineError, GenerationRequest, UnknownPromptError
+from recserve.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidRequest,
@@ -23,10 +23,10 @@ from recserve.errors import (
     Unavailable,
     UpstreamUnavailable,
 )
-from recserve.judge import is_correct
-from recserve.metrics import TierMetrics
-from recserve.policy import OffloadPolicy
-from recserve.transport import Upstream
+from recserve.core.judge import is_correct
+from recserve.core.metrics import TierMetrics
+from recserve.core.offload import OffloadPolicy
+from recserve.core.transport import Upstream
 from recserve.v1 import tier_pb2 as pb
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from recserve.engines.base import Generation
+from recserve.core.engine import Generation
 
 T = TypeVar("T")
 
