@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE
-from recserve.evaluation.replay import TraceReplay, recserve_plan, target_plan
+from recserve.evaluation.plans import recserve_plan, target_plan
+from recserve.evaluation.replay import TraceReplay
 from recserve.policies.budget import BudgetPolicy
 from recserve.policies.quality import QualityPolicy
 from tests.conftest import write_trace_folder

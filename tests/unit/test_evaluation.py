@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 
 from recserve.core.traces import TraceSet
+from recserve.evaluation.frontier import pareto
+from recserve.evaluation.plans import EvalRequest, evaluate, target_plan
 from recserve.evaluation.replay import (
-    EvalRequest,
     TraceReplay,
     cloud_only_by_benchmark,
-    evaluate,
     summaries,
-    target_plan,
     tune_fixed_thresholds,
 )
-from recserve.evaluation.sweep import SweepRequest, pareto, plot, sweep
+from recserve.evaluation.sweep import SweepRequest, plot, sweep
 from recserve.evaluation.targets import tune_fill_cap
 from tests.conftest import write_trace_folder
 

@@ -10,7 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from recserve.evaluation.replay import POLICY_NAMES, EvalRequest, Summary, evaluate, tier_names
+from recserve.evaluation.plans import POLICY_NAMES, EvalRequest, evaluate
+from recserve.evaluation.replay import Summary, tier_names
 from recserve.evaluation.sweep import DEFAULT_BETAS, SweepRequest, plot, sweep
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from recserve.evaluation.chains import DEFAULT_CHAINS
 from recserve.evaluation.frontier import accuracy_at, bytes_to_reach, format_share
-from recserve.evaluation.replay import EvalRequest, Summary, evaluate
+from recserve.evaluation.plans import EvalRequest, evaluate
+from recserve.evaluation.replay import Summary
 from recserve.evaluation.sweep import SweepRequest, plot, sweep
 from recserve.evaluation.targets import TARGETS_NOTE, plot_tracking, target_lines
 

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from recserve.evaluation.frontier import Point, pareto
+from recserve.evaluation.plans import recserve_plan
 from recserve.evaluation.replay import (
     DepthTable,
     TraceReplay,
     cloud_only_by_benchmark,
     fixed_threshold_grid,
-    recserve_plan,
     summaries,
     tune_fixed_thresholds,
 )

@@ -12,7 +12,8 @@ import numpy as np
 
 from recserve.core.traces import TraceQuery
 from recserve.evaluation.frontier import accuracy_at, bytes_to_reach, format_share
-from recserve.evaluation.replay import DepthTable, Outcome, TraceReplay, cloud_only_by_benchmark, summaries, target_plan
+from recserve.evaluation.plans import target_plan
+from recserve.evaluation.replay import DepthTable, Outcome, TraceReplay, cloud_only_by_benchmark, summaries
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.35, 0.375, 0.39, 0.4, 0.425, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_GAPS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1)
