@@ -20,6 +20,14 @@ class GenerationRequest:
     # How many alternatives to report at the first generated position (for the top-2 margin).
     top_logprobs: int = 2
 
+    @property
+    def full_prompt(self) -> str:
+        """The one prompt string a completion model sees: the system prompt, a blank line, then the prompt.
+
+        Every engine sends this same text, so a trace recorded through one engine replays through another.
+        """
+        return f"{self.system_prompt}\n\n{self.prompt}" if self.system_prompt else self.prompt
+
 
 @dataclass(frozen=True)
 class Generation:

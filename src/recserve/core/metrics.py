@@ -103,6 +103,9 @@ class TierMetrics:
         self.families.threshold.labels(self.tier, family).set(threshold)
         self.families.engine_seconds.labels(self.tier).observe(engine_seconds)
 
+    def set_in_flight(self, requests: int) -> None:
+        self.families.in_flight.labels(self.tier).set(requests)
+
     def set_breaker_open(self, is_open: bool) -> None:
         self.families.breaker_open.labels(self.tier).set(1 if is_open else 0)
 

@@ -1,7 +1,7 @@
 """How a tier reaches the next one: the Upstream interface, and an in-process link for offline replay.
 
 Bytes are always counted from the serialized messages themselves, so the in-process link and the
-gRPC link (recserve.server.grpc_upstream) report the same figures for the same traffic.
+gRPC link (recserve.server.upstream) report the same figures for the same traffic.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ sampling temperature is asked, as vLLM reports them. They are computed in numpy 
 by a logits processor, so `logits_all` stays off (measured 15-40x faster than
 `create_completion(logprobs=...)`, without a context x vocabulary table).
 
-Prompt format: the user prompt alone, or "SYSTEM\n\nUSER" when a system prompt is given, sent as a
-plain completion prompt (with the model's BOS). The chat template is deliberately not applied: it
-keeps the tiny generated models and real checkpoints on the same code path, and the cascade compares
-tiers by confidence, not by chat fidelity.
+Prompt format: `GenerationRequest.full_prompt` (the user prompt alone, or "SYSTEM\n\nUSER" when a system
+prompt is given), sent as a plain completion prompt (with the model's BOS). The chat template is deliberately
+not applied: it keeps the tiny generated models and real checkpoints on the same code path, and the cascade
+compares tiers by confidence, not by chat fidelity.
 
 What is reported, and how it matches vLLM's conventions:
 - token_logprobs covers every generated token, including an end-of-generation token and the token that
@@ -138,7 +138,7 @@ class LlamaCppEngine:
     def _generate(self, llm: Any, request: GenerationRequest) -> Generation:
         import llama_cpp
 
-        prompt = f"{request.system_prompt}\n\n{request.prompt}" if request.system_prompt else request.prompt
+        prompt = request.full_prompt
         prompt_tokens: list[int] = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
         room = self.context_length - len(prompt_tokens)
         if room <= 0:

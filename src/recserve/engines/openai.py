@@ -1,8 +1,8 @@
 """OpenAI engine: delegates generation to any OpenAI-compatible completions endpoint that returns log-probs.
 
 The tier keeps its own confidence scoring and threshold; the server (vLLM's, llama.cpp's, SGLang) only
-generates. Requests go to `POST {base_url}/completions` with `logprobs`, the prompt built as llama_cpp.py and
-vllm.py build it ("SYSTEM\\n\\nUSER", no chat template), over one pooled `httpx.AsyncClient`.
+generates. Requests go to `POST {base_url}/completions` with `logprobs` and the prompt every engine sends
+(`GenerationRequest.full_prompt`: "SYSTEM\\n\\nUSER", no chat template), over one pooled `httpx.AsyncClient`.
 
 What the completions API gives, and so what is reported:
 - token_logprobs: the server's per-token log-probs (vLLM's are the model's raw log-softmax; other servers
@@ -126,10 +126,9 @@ class OpenAIEngine:
         client = self._client
         if client is None:
             raise EngineError("openai engine not started")
-        prompt = f"{request.system_prompt}\n\n{request.prompt}" if request.system_prompt else request.prompt
         body: dict[str, Any] = {
             "model": self.model,
-            "prompt": prompt,
+            "prompt": request.full_prompt,
             # Option log-probs need the first position, which only generating one token produces.
             "max_tokens": max(request.max_tokens, 1 if request.options else 0),
             "temperature": max(request.temperature, 0.0),

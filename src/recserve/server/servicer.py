@@ -1,15 +1,16 @@
-"""TierService over gRPC: a thin adapter that parses, counts bytes, calls the tier and maps errors."""
+"""TierService over gRPC: a thin adapter that admits calls, parses, counts bytes, calls the tier and maps errors."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from recserve.core.errors import InvalidRequest, RecServeError
+from recserve.core.errors import InvalidRequest, Overloaded, RecServeError, Unauthenticated, Unavailable
 from recserve.core.tier import Tier, sender
 from recserve.server.security import token_matches
 from recserve.server.status import status_code
@@ -54,34 +55,40 @@ class TierServicer:
         return await self._guarded(handle, context)
 
     async def _guarded(self, handle: Callable[[], Awaitable[bytes]], context: grpc.aio.ServicerContext) -> bytes:
-        if not self.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"tier {self.tier.name} is still loading its engine")
-        if self._auth_token and not token_matches(context.invocation_metadata(), self._auth_token):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"tier {self.tier.name} needs 'authorization: Bearer <token>' metadata with its token",
-            )
-        if self._in_flight >= self.max_in_flight:
-            # Refuse at once rather than queue: a bounded tier keeps bounded memory and latency.
-            self.tier.metrics.count_outcome("rejected")
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"tier {self.tier.name} is serving its limit of {self.max_in_flight} requests; retry with backoff",
-            )
-        self._in_flight += 1
-        self.tier.metrics.families.in_flight.labels(self.tier.name).set(self._in_flight)
+        """Run a call the tier admits; every refusal or failure ends the call here, with the status of its error."""
         try:
-            return await handle()
+            with self._admitted(context.invocation_metadata()):
+                return await handle()
         except RecServeError as exc:
             await context.abort(status_code(exc), str(exc))
         except Exception:
             # The traceback goes to the log, never to the caller.
             logger.exception("unexpected error in tier %s", self.tier.name)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in tier {self.tier.name}; see its log")
+        raise AssertionError("unreachable: context.abort raises")
+
+    @contextmanager
+    def _admitted(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> Iterator[None]:
+        """Count a call in flight while it runs, or refuse it: engine still loading, token missing, tier full."""
+        if not self.ready:
+            raise Unavailable(f"tier {self.tier.name} is still loading its engine")
+        if self._auth_token and not token_matches(metadata, self._auth_token):
+            raise Unauthenticated(
+                f"tier {self.tier.name} needs 'authorization: Bearer <token>' metadata with its token"
+            )
+        if self._in_flight >= self.max_in_flight:
+            # Refuse at once rather than queue: a bounded tier keeps bounded memory and latency.
+            self.tier.metrics.count_outcome("rejected")
+            raise Overloaded(
+                f"tier {self.tier.name} is serving its limit of {self.max_in_flight} requests; retry with backoff"
+            )
+        self._in_flight += 1
+        self.tier.metrics.set_in_flight(self._in_flight)
+        try:
+            yield
         finally:
             self._in_flight -= 1
-            self.tier.metrics.families.in_flight.labels(self.tier.name).set(self._in_flight)
-        raise AssertionError("unreachable: context.abort raises")
+            self.tier.metrics.set_in_flight(self._in_flight)
 
 
 def _parse(message_type: type[M], data: bytes) -> M:
