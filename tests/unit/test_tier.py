@@ -270,9 +270,19 @@ async def test_policies_learn_the_bytes_each_request_took_on_every_link_above(tr
     device_hop, edge_hop, _ = to_cloud.hops
     link = [to_edge.hops[0].bytes_sent + to_edge.hops[0].bytes_received]
     links = [device_hop.bytes_sent + device_hop.bytes_received, edge_hop.bytes_sent + edge_hop.bytes_received]
-    # The size a tier reports is what it would forward: the request it received plus its own hop.
-    device_size = quiz_request(7, request_id="r00001").ByteSize() + _without_bytes(device_hop).ByteSize()
-    assert [c[2] for c in policies[0].costs] == [tuple(link), tuple(links)]
-    assert policies[0].costs[1][1] == device_size
-    assert policies[1].costs == [("quiz", policies[1].costs[0][1], (links[1],))]
-    assert [c[2] for c in policies[2].costs] == [()]
+    sent = quiz_request(7, request_id="r00001")
+    assert policies[0].costs == [
+        ("quiz", reported_size(quiz_request(6, request_id="r00000"), to_edge.hops, 0), tuple(link)),
+        ("quiz", reported_size(sent, to_cloud.hops, 0), tuple(links)),
+    ]
+    assert policies[1].costs == [("quiz", reported_size(sent, to_cloud.hops, 1), (links[1],))]
+    assert policies[2].costs == [("quiz", reported_size(sent, to_cloud.hops, 2), ())]
+
+
+def reported_size(sent: pb.InferRequest, hops: Sequence[pb.Hop], tier: int) -> int:
+    """The size tier `tier` reports to its policy: what it would forward, the request it received (the client's
+    with the hops below it) plus its own hop, byte counts not yet filled in."""
+    received = pb.InferRequest()
+    received.CopyFrom(sent)
+    received.hops.extend(_without_bytes(hop) for hop in hops[:tier])
+    return received.ByteSize() + _without_bytes(hops[tier]).ByteSize()
