@@ -1,4 +1,5 @@
-"""Shared fixtures: small trace folders in the project's trace schema, written by the tests themselves."""
+"""Shared fixtures: small trace folders in the project's trace schema, written by the tests themselves; the
+reason a test is skipped without an optional extra."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ ANSWER_COLUMNS = [
     "benchmark", "split", "qid", "chain", "model", "tier_in_chain", "answer", "correct", "conf_signal",
     "raw_conf_logprob", "conf_prob", "cost_usd", "latency_ms", "tokens_in", "tokens_out",
 ]  # fmt: skip
+
+
+def install_hint(extra: str) -> str:
+    """Why a test is skipped without one of recserve's optional extras, and how to install it."""
+    return f"needs the {extra} extra: pip install 'recserve[{extra}]' (make install installs every extra)"
 
 
 def trace_query(family: str, split: str, qid: int, gold: str, user_prompt: str) -> dict[str, object]:
