@@ -143,7 +143,9 @@ async def test_references_and_feedback_feed_the_answering_tiers_accuracy(trace_f
     gold = traces.queries[0].gold
     judged = await tiers[0].infer(quiz_request(0, reference=gold))
     assert judged.answered_by == "edge"
-    verdict = "right" if judged.chosen_option == gold else "wrong"
+    recorded = traces.answers[("quiz", "test", 0)]["medium"]
+    assert judged.chosen_option == recorded.answer
+    verdict = "right" if recorded.answer == gold else "wrong"
     labels = {"tier": "edge", "family": "quiz", "verdict": verdict}
     assert sample(registry, "recserve_judged_answers_total", **labels) == 1
 
@@ -253,8 +255,9 @@ async def test_policies_learn_verdicts_and_see_the_lower_confidences(trace_folde
     assert policies[1].verdicts == [("quiz", edge_hop.confidence, True, True, None)]
     assert policies[1].lower_seen == [(device_hop.confidence,)]
 
-    by_reference = await tiers[0].infer(quiz_request(7, reference=by_feedback.chosen_option or "A"))
-    right = by_reference.chosen_option == (by_feedback.chosen_option or "A")
+    reference = by_feedback.chosen_option or "A"
+    by_reference = await tiers[0].infer(quiz_request(7, reference=reference))
+    right = TraceSet.load(trace_folder).answers[("quiz", "test", 7)]["medium"].answer == reference
     assert policies[0].verdicts[-1] == ("quiz", by_reference.hops[0].confidence, right, False, 0.25)
     assert policies[1].verdicts[-1] == ("quiz", by_reference.hops[1].confidence, right, True, None)
     assert policies[2].verdicts == []
