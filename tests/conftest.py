@@ -1,4 +1,5 @@
-"""Shared fixtures: small trace folders in the project's trace schema, written by the tests themselves."""
+"""Shared fixtures: small trace folders in the project's trace schema, written by the tests themselves; the
+reason a test is skipped without an optional extra."""
 
 from __future__ import annotations
 
@@ -23,37 +24,35 @@ ANSWER_COLUMNS = [
 ]  # fmt: skip
 
 
-def write_trace_folder(
-    folder: Path, *, n_per_family: int = 30, seed: int = 0, models=TRACE_MODELS, splits=("test",)
-) -> Path:
-    """A trace folder with a CHOICE family ("quiz") and a GENERATE family ("chat"); random confidences."""
-    rng = random.Random(seed)
+def install_hint(extra: str) -> str:
+    """Why a test is skipped without one of recserve's optional extras, and how to install it."""
+    return f"needs the {extra} extra: pip install 'recserve[{extra}]' (make install installs every extra)"
+
+
+def trace_query(family: str, split: str, qid: int, gold: str, user_prompt: str) -> dict[str, object]:
+    """A query record; families named "chat" are GENERATE questions, any other family CHOICE (A-D)."""
+    system = GENERATE_SYSTEM if family == "chat" else CHOICE_SYSTEM
+    return {
+        "benchmark": family, "split": split, "qid": qid, "system_prompt": system, "user_prompt": user_prompt,
+        "prompt_chars": 0, "question": f"question {qid}", "gold": gold,
+    }  # fmt: skip
+
+
+def answer_row(query: dict[str, object], tier: int, model: str, answer: str, *, right: bool, p: float) -> dict:
+    """A model's recorded answer to `query`, with confidence `p`."""
+    choice = query["system_prompt"] == CHOICE_SYSTEM
+    return {
+        "benchmark": query["benchmark"], "split": query["split"], "qid": query["qid"], "chain": "test",
+        "model": model, "tier_in_chain": tier, "answer": answer, "correct": str(right),
+        "conf_signal": "ModelIntrinsicLogProb" if choice else "AskModelConfidence",
+        "raw_conf_logprob": repr(math.log(p)), "conf_prob": repr(p), "cost_usd": "0",
+        "latency_ms": "10", "tokens_in": "20", "tokens_out": "1" if choice else "3",
+    }  # fmt: skip
+
+
+def write_traces(folder: Path, queries: list[dict[str, object]], rows: list[dict]) -> Path:
+    """`queries` and their answer `rows` as a trace folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    queries, rows = [], []
-    for family, system in (("quiz", CHOICE_SYSTEM), ("chat", GENERATE_SYSTEM)):
-        for split, qid in ((split, qid) for split in splits for qid in range(n_per_family)):
-            gold = rng.choice("ABCD") if family == "quiz" else f"answer {qid}"
-            queries.append({
-                "benchmark": family, "split": split, "qid": qid, "system_prompt": system,
-                "user_prompt": f"{family} question number {qid}?" + ("" if split == "test" else " (train)"),
-                "prompt_chars": 0,
-                "question": f"question {qid}", "gold": gold,
-            })  # fmt: skip
-            for tier, model in enumerate(models):
-                p = rng.uniform(0.05, 0.999)
-                right = rng.random() < 0.4 + 0.2 * tier
-                answer = (
-                    (gold if right else "ABCD"[("ABCD".index(gold) + 1) % 4])
-                    if family == "quiz"
-                    else (gold if right else "something else")
-                )
-                rows.append({
-                    "benchmark": family, "split": split, "qid": qid, "chain": "test", "model": model,
-                    "tier_in_chain": tier, "answer": answer, "correct": str(right),
-                    "conf_signal": "ModelIntrinsicLogProb" if family == "quiz" else "AskModelConfidence",
-                    "raw_conf_logprob": repr(math.log(p)), "conf_prob": repr(p), "cost_usd": "0",
-                    "latency_ms": "10", "tokens_in": "20", "tokens_out": "1" if family == "quiz" else "3",
-                })  # fmt: skip
     with gzip.open(folder / "queries.jsonl.gz", "wt", encoding="utf-8") as handle:
         for query in queries:
             handle.write(json.dumps(query) + "\n")
@@ -62,6 +61,30 @@ def write_trace_folder(
         writer.writeheader()
         writer.writerows(rows)
     return folder
+
+
+def write_trace_folder(
+    folder: Path, *, n_per_family: int = 30, seed: int = 0, models=TRACE_MODELS, splits=("test",)
+) -> Path:
+    """A trace folder with a CHOICE family ("quiz") and a GENERATE family ("chat"); random confidences."""
+    rng = random.Random(seed)
+    queries, rows = [], []
+    for family in ("quiz", "chat"):
+        for split, qid in ((split, qid) for split in splits for qid in range(n_per_family)):
+            gold = rng.choice("ABCD") if family == "quiz" else f"answer {qid}"
+            prompt = f"{family} question number {qid}?" + ("" if split == "test" else " (train)")
+            query = trace_query(family, split, qid, gold, prompt)
+            queries.append(query)
+            for tier, model in enumerate(models):
+                p = rng.uniform(0.05, 0.999)
+                right = rng.random() < 0.4 + 0.2 * tier
+                answer = (
+                    (gold if right else "ABCD"[("ABCD".index(gold) + 1) % 4])
+                    if family == "quiz"
+                    else (gold if right else "something else")
+                )
+                rows.append(answer_row(query, tier, model, answer, right=right, p=p))
+    return write_traces(folder, queries, rows)
 
 
 @pytest.fixture(scope="session")

@@ -241,18 +241,38 @@ class SlowEngine:
         await asyncio.sleep(self.seconds)
         return await self.inner.generate(request)
 
+    async def healthy(self) -> bool:
+        return bool(await self.inner.healthy())
+
     async def shutdown(self) -> None:
         await self.inner.shutdown()
 
 
-async def test_graceful_shutdown_reports_not_serving(trace_folder: Path) -> None:
-    stack = await start_stack(trace_folder)
+async def test_stopping_a_tier_says_not_serving_first_and_lets_requests_in_flight_finish(trace_folder: Path) -> None:
+    """RunningTier.stop, what SIGTERM runs: health watchers hear NOT_SERVING while the tier still answers what it
+    has started, then new requests are refused and the engine is released."""
+    stack = await start_stack(trace_folder, policy="local")
     device = stack.tiers[0]
-    async with grpc.aio.insecure_channel(device.address) as channel:
-        await device.health.enter_graceful_shutdown()
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
-        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    await stop_stack(stack)
+    device.tier.engine = SlowEngine(device.tier.engine, seconds=1.0)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        async with grpc.aio.insecure_channel(device.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await asyncio.wait_for(watch.read(), timeout=5)).status == serving
+            in_flight = asyncio.ensure_future(stack.stub.Infer(quiz(1), timeout=10))
+            await asyncio.sleep(0.2)
+            stopping = asyncio.ensure_future(device.stop(grace=5))
+            assert (await asyncio.wait_for(watch.read(), timeout=5)).status == not_serving
+            assert not in_flight.done(), "NOT_SERVING comes before the server stops, not after"
+            watch.cancel()
+            assert (await in_flight).answered_by == "device"
+            await asyncio.wait_for(stopping, timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub.Infer(quiz(2), timeout=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not await device.tier.engine.healthy()
+    finally:
+        await stop_stack(stack)
 
 
 async def test_an_engine_that_stops_working_turns_health_not_serving(trace_folder: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from recserve.server.processes import TierProcesses
 from recserve.tools.demo import tier_arguments
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.processes]
 
 
 def test_replay_demo_prints_the_summary_and_stops_its_tiers() -> None:

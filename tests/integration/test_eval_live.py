@@ -17,7 +17,7 @@ from recserve.policies.budget import BudgetPolicy
 from recserve.policies.quality import QualityPolicy
 from tests.conftest import write_trace_folder
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.processes]
 
 
 def eval_json(folder: Path, chain: str, out: Path, *extra: str) -> dict:

@@ -29,7 +29,9 @@ from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 from tests.conftest import wait_serving
 
-pytestmark = pytest.mark.k8s
+# Integration too: rendering needs kubectl and validating the k8s extra (kubernetes-validate), which
+# `make test-unit` does not install.
+pytestmark = [pytest.mark.k8s, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -236,7 +238,7 @@ def load_images(env: dict[str, str]) -> None:
     # A make started by pytest started by make must not inherit the outer make's job server and flags. -o: the
     # virtualenv running this test is the one the wheels come from; a test does not rebuild it.
     make_env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
-    run(["make", "--no-print-directory", "-o", ".venv/bin/recserve", f"BASE_IMAGE={LOCAL_BASE_IMAGE}", "images"],
+    run(["make", "--no-print-directory", "-o", ".venv/.recserve-installed", f"BASE_IMAGE={LOCAL_BASE_IMAGE}", "images"],
         env=make_env, timeout=1800)  # fmt: skip
     images = [f"recserve-{tier}:latest" for tier in TIERS]
     wanted = run(["docker", "image", "inspect", "--format", "{{.Id}}", *images]).split()
@@ -329,7 +331,6 @@ def podman_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         assert left_pods.split() == [], f"pods left behind: {left_pods}"
 
 
-@pytest.mark.integration
 def test_the_rendered_pods_run_and_a_prompt_crosses_all_three_tiers(podman_stack: dict[str, int]) -> None:
     answered_by: Counter[str] = Counter()
     crossed = []

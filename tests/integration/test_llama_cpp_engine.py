@@ -12,19 +12,21 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-from tokenizers import Tokenizer
 
 from recserve.core.engine import EngineError, GenerationRequest
 from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
 from recserve.engines.llama_cpp import LlamaCppEngine
 from recserve.tools.models import TinyModelPaths, make_tiny_models
+from tests.conftest import install_hint
 
 pytestmark = pytest.mark.integration
+
+llama_cpp = pytest.importorskip("llama_cpp", reason=install_hint("llama-cpp"))
+load_file = pytest.importorskip("safetensors.numpy", reason=install_hint("models")).load_file
+Tokenizer = pytest.importorskip("tokenizers", reason=install_hint("models")).Tokenizer
 
 PROMPT = "What is the capital of France?"
 SYSTEM = "Answer briefly."

@@ -8,7 +8,7 @@ import pytest
 
 from recserve.tools.load import chaos, load
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.processes]
 
 
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["edge killed", "edge stopped gracefully"])

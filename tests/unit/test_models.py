@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-from tokenizers import Tokenizer
 
 from recserve.tools.models import HF_FILES, TIERS, TIERS_SIZES, TinyModelPaths, make_tiny_models
+from tests.conftest import install_hint
+
+gguf = pytest.importorskip("gguf", reason=install_hint("models"))
+load_file = pytest.importorskip("safetensors.numpy", reason=install_hint("models")).load_file
+Tokenizer = pytest.importorskip("tokenizers", reason=install_hint("models")).Tokenizer
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -143,7 +143,9 @@ async def test_references_and_feedback_feed_the_answering_tiers_accuracy(trace_f
     gold = traces.queries[0].gold
     judged = await tiers[0].infer(quiz_request(0, reference=gold))
     assert judged.answered_by == "edge"
-    verdict = "right" if judged.chosen_option == gold else "wrong"
+    recorded = traces.answers[("quiz", "test", 0)]["medium"]
+    assert judged.chosen_option == recorded.answer
+    verdict = "right" if recorded.answer == gold else "wrong"
     labels = {"tier": "edge", "family": "quiz", "verdict": verdict}
     assert sample(registry, "recserve_judged_answers_total", **labels) == 1
 
@@ -253,8 +255,9 @@ async def test_policies_learn_verdicts_and_see_the_lower_confidences(trace_folde
     assert policies[1].verdicts == [("quiz", edge_hop.confidence, True, True, None)]
     assert policies[1].lower_seen == [(device_hop.confidence,)]
 
-    by_reference = await tiers[0].infer(quiz_request(7, reference=by_feedback.chosen_option or "A"))
-    right = by_reference.chosen_option == (by_feedback.chosen_option or "A")
+    reference = by_feedback.chosen_option or "A"
+    by_reference = await tiers[0].infer(quiz_request(7, reference=reference))
+    right = TraceSet.load(trace_folder).answers[("quiz", "test", 7)]["medium"].answer == reference
     assert policies[0].verdicts[-1] == ("quiz", by_reference.hops[0].confidence, right, False, 0.25)
     assert policies[1].verdicts[-1] == ("quiz", by_reference.hops[1].confidence, right, True, None)
     assert policies[2].verdicts == []
@@ -270,9 +273,19 @@ async def test_policies_learn_the_bytes_each_request_took_on_every_link_above(tr
     device_hop, edge_hop, _ = to_cloud.hops
     link = [to_edge.hops[0].bytes_sent + to_edge.hops[0].bytes_received]
     links = [device_hop.bytes_sent + device_hop.bytes_received, edge_hop.bytes_sent + edge_hop.bytes_received]
-    # The size a tier reports is what it would forward: the request it received plus its own hop.
-    device_size = quiz_request(7, request_id="r00001").ByteSize() + _without_bytes(device_hop).ByteSize()
-    assert [c[2] for c in policies[0].costs] == [tuple(link), tuple(links)]
-    assert policies[0].costs[1][1] == device_size
-    assert policies[1].costs == [("quiz", policies[1].costs[0][1], (links[1],))]
-    assert [c[2] for c in policies[2].costs] == [()]
+    sent = quiz_request(7, request_id="r00001")
+    assert policies[0].costs == [
+        ("quiz", reported_size(quiz_request(6, request_id="r00000"), to_edge.hops, 0), tuple(link)),
+        ("quiz", reported_size(sent, to_cloud.hops, 0), tuple(links)),
+    ]
+    assert policies[1].costs == [("quiz", reported_size(sent, to_cloud.hops, 1), (links[1],))]
+    assert policies[2].costs == [("quiz", reported_size(sent, to_cloud.hops, 2), ())]
+
+
+def reported_size(sent: pb.InferRequest, hops: Sequence[pb.Hop], tier: int) -> int:
+    """The size tier `tier` reports to its policy: what it would forward, the request it received (the client's
+    with the hops below it) plus its own hop, byte counts not yet filled in."""
+    received = pb.InferRequest()
+    received.CopyFrom(sent)
+    received.hops.extend(_without_bytes(hop) for hop in hops[:tier])
+    return received.ByteSize() + _without_bytes(hops[tier]).ByteSize()

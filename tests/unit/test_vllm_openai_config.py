@@ -1,14 +1,17 @@
-"""The vllm and openai engines without a server: settings, engine arguments, option log-probs from top tokens."""
+"""The vllm and openai engines without a server: settings, engine arguments, option log-probs from top tokens.
+
+vLLM itself is needed only to build the vllm engine by name (`create_engine` checks it is installed)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
 
 from recserve.core.engine import EngineError
 from recserve.engines import create_engine
-from recserve.engines.config import EngineConfig
+from recserve.engines.config import VLLM_INSTALL_HINT, EngineConfig
 from recserve.engines.openai import OpenAIEngine, option_logprobs_from_top
 from recserve.engines.vllm import VllmEngine
 from recserve.server.settings import TierSettings
@@ -29,18 +32,12 @@ def test_vllm_engine_arguments_have_cpu_defaults() -> None:
     assert "max_num_seqs" not in args
 
 
+VLLM_SETTINGS = {"tier": "edge", "engine": "vllm", "model": "org/model", "plaintext": True}
+
+
 def test_settings_reach_the_engines() -> None:
-    settings = TierSettings.with_defaults(
-        tier="edge",
-        engine="vllm",
-        model="org/model",
-        dtype="bfloat16",
-        context_length=4096,
-        max_num_seqs=16,
-        plaintext=True,
-    )
-    engine = create_engine(settings.engine, settings.engine_config)
-    assert isinstance(engine, VllmEngine)
+    settings = TierSettings.with_defaults(**VLLM_SETTINGS, dtype="bfloat16", context_length=4096, max_num_seqs=16)
+    engine = VllmEngine.from_config(settings.engine_config)
     assert (engine.model, engine.dtype, engine.max_model_len, engine.max_num_seqs) == (
         "org/model",
         "bfloat16",
@@ -84,9 +81,27 @@ def test_invalid_engine_settings_say_what_is_wrong(overrides: dict[str, object],
 
 def test_engines_without_their_target_refuse_to_start() -> None:
     with pytest.raises(EngineError, match="needs a model"):
-        create_engine("vllm", EngineConfig())
+        VllmEngine.from_config(EngineConfig())
     with pytest.raises(EngineError, match="needs the server's base URL"):
         create_engine("openai", EngineConfig())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason=f"needs vLLM: {VLLM_INSTALL_HINT}")
+def test_the_vllm_engine_is_built_by_name() -> None:
+    engine = create_engine("vllm", TierSettings.with_defaults(**VLLM_SETTINGS).engine_config)
+    assert isinstance(engine, VllmEngine)
+    assert engine.model == "org/model"
+    with pytest.raises(EngineError, match="needs a model"):
+        create_engine("vllm", EngineConfig())
+
+
+def test_without_vllm_the_vllm_engine_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "vllm" else find_spec(name, *args)
+    )
+    with pytest.raises(ValueError, match=r"engine 'vllm' needs vLLM: pip install 'recserve\[vllm\]'"):
+        create_engine("vllm", TierSettings.with_defaults(**VLLM_SETTINGS).engine_config)
 
 
 async def test_an_unreachable_server_fails_start_with_its_address() -> None:
