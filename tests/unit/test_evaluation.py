@@ -10,15 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recserve.client.tally import summaries
 from recserve.core.traces import TraceSet
-from recserve.evaluation.frontier import pareto
+from recserve.evaluation.frontier import PolicyPoint, pareto
 from recserve.evaluation.plans import EvalRequest, evaluate, target_plan
-from recserve.evaluation.replay import (
-    TraceReplay,
-    cloud_only_by_benchmark,
-    summaries,
-    tune_fixed_thresholds,
-)
+from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
 from recserve.evaluation.sweep import SweepRequest, plot, sweep
 from recserve.evaluation.targets import tune_fill_cap
 from tests.conftest import write_trace_folder
@@ -136,21 +132,17 @@ async def test_json_fields_shuffle_and_chains_of_any_length(tmp_path: Path) -> N
 
 async def test_sweep_frontier_and_plot(trace_folder: Path, tmp_path: Path) -> None:
     result = await sweep(SweepRequest(trace_folder, CHAIN, betas=(0.0, 0.5, 1.0), grid_points=6))
-    overall = result["benchmarks"]["overall"]
-    assert [p["beta"] for p in overall["recserve"]] == [0.0, 0.5, 1.0]
-    assert overall["recserve"][0]["bytes_vs_cloud_only"] == 0.0
-    assert overall["cloud_only"]["bytes_vs_cloud_only"] == 1.0
-    assert overall["oracle"]["accuracy"] >= max(p["accuracy"] for p in overall["casserve_hindsight"])
-    front = overall["casserve_hindsight"]
-    assert all(a["accuracy"] < b["accuracy"] for a, b in itertools.pairwise(front))
+    overall = result.benchmarks["overall"]
+    assert [p.beta for p in overall.recserve] == [0.0, 0.5, 1.0]
+    assert overall.recserve[0].bytes_vs_cloud_only == 0.0
+    assert overall.cloud_only.bytes_vs_cloud_only == 1.0
+    assert overall.oracle.accuracy >= max(p.accuracy for p in overall.casserve_hindsight)
+    front = overall.casserve_hindsight
+    assert all(a.accuracy < b.accuracy for a, b in itertools.pairwise(front))
     plot(result, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pareto_keeps_only_undominated_points() -> None:
-    points = [
-        {"accuracy": 0.5, "bytes_vs_cloud_only": 0.1},
-        {"accuracy": 0.4, "bytes_vs_cloud_only": 0.2},
-        {"accuracy": 0.7, "bytes_vs_cloud_only": 0.3},
-    ]
+    points = [PolicyPoint(0.5, 0.1), PolicyPoint(0.4, 0.2), PolicyPoint(0.7, 0.3)]
     assert pareto(points) == [points[0], points[2]]
