@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from recserve.client.trace_client import build_request
+from recserve.client.trace_client import TraceClient, tier_names
 from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, TraceSet
 from recserve.server.processes import TierProcesses, free_port
 
@@ -79,7 +79,7 @@ def main() -> None:
 
     traces = TraceSet.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     query = next(q for q in traces.queries if q.benchmark == "mmlu")
-    payload = build_request(query, choice=True, request_id="bench-0000001", reference=False).SerializeToString()
+    payload = TraceClient(traces, BUNDLED_CHAIN, id_prefix="bench-").request(query, 1).SerializeToString()
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[int, tuple[float, float, float]]] = {}
 
@@ -91,9 +91,10 @@ def main() -> None:
         setups = {"echo": (f"127.0.0.1:{echo_port}", None)}
         for folder in ("one", "three"):
             (Path(logs) / folder).mkdir()
-        one = TierProcesses([_tier_args("device", BUNDLED_CHAIN[0], "local")], Path(logs) / "one")
+        names = tier_names(len(BUNDLED_CHAIN))
+        one = TierProcesses([_tier_args(names[0], BUNDLED_CHAIN[0], "local")], Path(logs) / "one")
         three = TierProcesses(
-            [_tier_args(t, m, "forward-all") for t, m in zip(("device", "edge", "cloud"), BUNDLED_CHAIN, strict=True)],
+            [_tier_args(t, m, "forward-all") for t, m in zip(names, BUNDLED_CHAIN, strict=True)],
             Path(logs) / "three",
         )
         try:

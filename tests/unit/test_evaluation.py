@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -10,17 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recserve.client.tally import summaries
 from recserve.core.traces import TraceSet
-from recserve.evaluation.frontier import pareto
-from recserve.evaluation.plans import EvalRequest, evaluate, target_plan
-from recserve.evaluation.replay import (
-    TraceReplay,
-    cloud_only_by_benchmark,
-    summaries,
-    tune_fixed_thresholds,
+from recserve.evaluation.frontier import (
+    BenchmarkFrontier,
+    BetaPoint,
+    BudgetPoint,
+    BudgetTracking,
+    ChainFrontier,
+    PolicyPoint,
+    TargetPoint,
+    ThresholdPoint,
+    pareto,
 )
+from recserve.evaluation.plans import EvalRequest, evaluate, target_plan
+from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
 from recserve.evaluation.sweep import SweepRequest, plot, sweep
-from recserve.evaluation.targets import tune_fill_cap
+from recserve.evaluation.targets import target_lines, tune_fill_cap
 from tests.conftest import write_trace_folder
 
 CHAIN = ("small", "medium", "large")
@@ -136,21 +144,82 @@ async def test_json_fields_shuffle_and_chains_of_any_length(tmp_path: Path) -> N
 
 async def test_sweep_frontier_and_plot(trace_folder: Path, tmp_path: Path) -> None:
     result = await sweep(SweepRequest(trace_folder, CHAIN, betas=(0.0, 0.5, 1.0), grid_points=6))
-    overall = result["benchmarks"]["overall"]
-    assert [p["beta"] for p in overall["recserve"]] == [0.0, 0.5, 1.0]
-    assert overall["recserve"][0]["bytes_vs_cloud_only"] == 0.0
-    assert overall["cloud_only"]["bytes_vs_cloud_only"] == 1.0
-    assert overall["oracle"]["accuracy"] >= max(p["accuracy"] for p in overall["casserve_hindsight"])
-    front = overall["casserve_hindsight"]
-    assert all(a["accuracy"] < b["accuracy"] for a, b in itertools.pairwise(front))
+    overall = result.benchmarks["overall"]
+    assert [p.beta for p in overall.recserve] == [0.0, 0.5, 1.0]
+    assert overall.recserve[0].bytes_vs_cloud_only == 0.0
+    assert overall.cloud_only.bytes_vs_cloud_only == 1.0
+    assert overall.oracle.accuracy >= max(p.accuracy for p in overall.casserve_hindsight)
+    front = overall.casserve_hindsight
+    assert all(a.accuracy < b.accuracy for a, b in itertools.pairwise(front))
     plot(result, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pareto_keeps_only_undominated_points() -> None:
-    points = [
-        {"accuracy": 0.5, "bytes_vs_cloud_only": 0.1},
-        {"accuracy": 0.4, "bytes_vs_cloud_only": 0.2},
-        {"accuracy": 0.7, "bytes_vs_cloud_only": 0.3},
-    ]
+    points = [PolicyPoint(0.5, 0.1), PolicyPoint(0.4, 0.2), PolicyPoint(0.7, 0.3)]
     assert pareto(points) == [points[0], points[2]]
+
+
+def goal_frontier() -> ChainFrontier:
+    """One benchmark where, at 0.4 of cloud-only bytes, quality and the hindsight front beat every other curve: the
+    goal column must compare the budget policy with RecServe and CasServe tuned on train only."""
+    quiz = BenchmarkFrontier(
+        recserve=(BetaPoint(0.3, 0.60, 0.35),),
+        casserve_hindsight=(ThresholdPoint(0.95, 0.4, (0.5, 0.5)),),
+        casserve_train=(BudgetPoint(0.35, 0.70, 0.38),),
+        cloud_only=PolicyPoint(0.9, 1.0),
+        device_only=PolicyPoint(0.4, 0.0),
+        oracle=PolicyPoint(0.99, 0.3),
+        budget=(TargetPoint(0.4, 0.72, 0.4),),
+        quality=(TargetPoint(0.02, 0.99, 0.39),),
+        budget_tuned=(TargetPoint(0.4, 0.75, 0.4), TargetPoint(0.5, 0.89, 0.5)),
+    )
+    tracking = BudgetTracking(0.4, drifting=((25, 0.5), (500, 0.45), (600, 0.41)), shuffled=((25, 0.2), (600, 0.38)))
+    return ChainFrontier(("a", "b", "c"), "test", 10, {"quiz": quiz}, 0.7, tracking)
+
+
+def test_target_lines_judge_the_budget_policy_against_recserve_and_casserve_on_train() -> None:
+    frontier = goal_frontier()
+    lines = target_lines(frontier, "tracking.png")
+    row = next(line for line in lines if line.startswith("| quiz |"))
+    assert row == (
+        "| quiz | 0.900 | — / 0.500 / 0.390 / — / — | yes (0.890) | 0.720 / 0.750 / 0.990 / 0.600 / 0.700 / 0.950 "
+        "| yes (+0.050) |"
+    )
+    assert "fill cap 0.7 chosen on the train split" in lines[1]
+    assert lines[-1].endswith("Final share: 0.410 with the benchmarks one after another, 0.380 shuffled; largest "
+                              "distance from the target after the first 500 requests: 0.050 and 0.020.")  # fmt: skip
+    # Without a train split the goal columns judge the budget policy with its default fill cap.
+    untuned = target_lines(dataclasses.replace(frontier, fill_cap_tuned_on_train=None), "tracking.png")
+    row = next(line for line in untuned if line.startswith("| quiz |"))
+    assert row.endswith("| no, 0.180 below (0.720) | 0.720 / 0.750 / 0.990 / 0.600 / 0.700 / 0.950 | yes (+0.020) |")
+
+
+def test_frontier_json_keeps_the_published_layout() -> None:
+    data = json.loads(json.dumps(goal_frontier().to_json()))
+    assert list(data) == ["chain", "split", "window", "benchmarks", "fill_cap_tuned_on_train", "budget_tracking"]
+    quiz = data["benchmarks"]["quiz"]
+    assert list(quiz) == [
+        "recserve", "casserve_hindsight", "casserve_train", "cloud_only", "device_only", "oracle",
+        "budget", "quality", "budget_tuned",
+    ]  # fmt: skip
+    assert quiz["recserve"] == [{"beta": 0.3, "accuracy": 0.6, "bytes_vs_cloud_only": 0.35}]
+    assert quiz["casserve_hindsight"] == [{"accuracy": 0.95, "bytes_vs_cloud_only": 0.4, "thresholds": [0.5, 0.5]}]
+    assert quiz["casserve_train"] == [{"budget": 0.35, "accuracy": 0.7, "bytes_vs_cloud_only": 0.38}]
+    assert quiz["oracle"] == {"accuracy": 0.99, "bytes_vs_cloud_only": 0.3}
+    assert quiz["budget_tuned"][1] == {"target": 0.5, "accuracy": 0.89, "bytes_vs_cloud_only": 0.5}
+    assert data["budget_tracking"] == {
+        "target": 0.4,
+        "drifting": [[25.0, 0.5], [500.0, 0.45], [600.0, 0.41]],
+        "shuffled": [[25.0, 0.2], [600.0, 0.38]],
+    }
+    # Without the target policies' sweep, their curves and the tracking are left out, not written empty.
+    plain = goal_frontier()
+    plain = dataclasses.replace(
+        plain,
+        benchmarks={"quiz": dataclasses.replace(plain.benchmarks["quiz"], budget=(), quality=(), budget_tuned=())},
+        fill_cap_tuned_on_train=None,
+        budget_tracking=None,
+    )
+    assert list(plain.to_json()) == ["chain", "split", "window", "benchmarks"]
+    assert list(plain.benchmarks["quiz"].to_json())[-1] == "oracle"

@@ -31,7 +31,7 @@ from recserve.core.calibration import fit_logistic, logit, sigmoid
 from recserve.core.judge import normalise
 from recserve.core.traces import TraceQuery
 from recserve.evaluation.chains import DEFAULT_CHAINS
-from recserve.evaluation.frontier import accuracy_at, bytes_to_reach, format_share
+from recserve.evaluation.frontier import ThresholdPoint, accuracy_at, bytes_to_reach, format_share
 from recserve.evaluation.replay import DepthTable, TraceReplay, fixed_threshold_grid
 
 Scores = npt.NDArray[np.float64]
@@ -72,7 +72,7 @@ class Bound:
 def hindsight(table: DepthTable, mask: npt.NDArray[np.bool_], budget: float, gap: float, points: int) -> Bound:
     """The best accuracy at ≤ `budget` bytes, and the fewest bytes within `gap` of cloud-only accuracy, over a grid
     of fixed thresholds on the table's scores, judged on the same rows."""
-    grid = [{"accuracy": a, "bytes_vs_cloud_only": b} for _, a, b in fixed_threshold_grid(table, mask, points)]
+    grid = [ThresholdPoint(a, b, t) for t, a, b in fixed_threshold_grid(table, mask, points)]
     target = float(table.correct[mask, -1].mean()) - gap
     return Bound(accuracy_at(grid, budget), bytes_to_reach(grid, target))
 

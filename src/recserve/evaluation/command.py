@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+from recserve.client.tally import format_table, summary_columns
+from recserve.client.trace_client import tier_names
 from recserve.evaluation.plans import POLICY_NAMES, EvalRequest, evaluate
-from recserve.evaluation.replay import Summary, tier_names
 from recserve.evaluation.sweep import DEFAULT_BETAS, SweepRequest, plot, sweep
 
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"recserve eval: {exc}", file=sys.stderr)
         return 2
-    print(format_table(results, tier_names(len(chain))))
+    print(format_table(results, summary_columns(tier_names(len(chain)))))
     if args.json:
         _write_json({name: s.as_json() for name, s in results.items()}, args.json)
     return 0
@@ -66,7 +66,7 @@ def _sweep(args: argparse.Namespace, chain: tuple[str, ...]) -> int:
     result = asyncio.run(sweep(request))
     if args.plot:
         plot(result, args.plot)
-    _write_json(result, args.json or "-")
+    _write_json(result.to_json(), args.json or "-")
     return 0
 
 
@@ -76,18 +76,3 @@ def _write_json(data: object, target: str) -> None:
         print(text)
     else:
         Path(target).write_text(text + "\n")
-
-
-def format_table(results: dict[str, Summary], names: tuple[str, ...]) -> str:
-    links = [f"{a}->{b}" for a, b in itertools.pairwise(names)]
-    header = ["benchmark", "n", "accuracy", *(f"{t} share" for t in names), *(f"{x} bytes" for x in links),
-              "bytes total", "vs cloud-only"]  # fmt: skip
-    rows = [
-        [name, str(s.n), f"{s.accuracy:.3f}", *(f"{x:.3f}" for x in s.share_by_tier), *map(str, s.bytes_by_link),
-         str(s.bytes_total), f"{s.bytes_vs_cloud_only:.3f}"]
-        for name, s in results.items()
-    ]  # fmt: skip
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)

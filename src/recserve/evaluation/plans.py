@@ -7,15 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from recserve.client.tally import Summary, summaries, summarise
 from recserve.core.offload import OffloadPolicy
-from recserve.evaluation.replay import (
-    Summary,
-    TraceReplay,
-    cloud_only_by_benchmark,
-    summaries,
-    summarise,
-    tune_fixed_thresholds,
-)
+from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
 from recserve.policies.simple import ForwardAllPolicy, LocalOnlyPolicy
 
 POLICY_NAMES = ("recserve", "casserve", "cloud-only", "device-only", "oracle", "budget", "quality")

@@ -8,16 +8,16 @@ take the same decisions and count the same bytes: those of the protobuf messages
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 
-from recserve.client.trace_client import build_request, link_bytes
+from recserve.client.trace_client import Outcome, TraceClient
 from recserve.core.cascade import link_tiers
 from recserve.core.engine import Engine
 from recserve.core.offload import OffloadPolicy
@@ -25,49 +25,6 @@ from recserve.core.traces import TraceQuery, TraceSet
 from recserve.engines.replay import ReplayEngine
 from recserve.policies.simple import ForwardAllPolicy, LocalOnlyPolicy
 from recserve.server.processes import TierProcesses, replay_tiers
-from recserve.v1 import tier_pb2 as pb
-from recserve.v1 import tier_pb2_grpc as pb_grpc
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one query was served: which tier answered, whether rightly, and the bytes on each link."""
-
-    benchmark: str
-    depth: int  # index in the chain of the tier that answered
-    correct: bool
-    link_bytes: tuple[int, ...]  # one entry per link, lowest first
-
-
-@dataclass(frozen=True)
-class Summary:
-    """The figures `recserve eval` reports for one benchmark or overall."""
-
-    n: int
-    accuracy: float
-    share_by_tier: list[float]
-    bytes_by_link: list[int]
-    bytes_total: int
-    bytes_vs_cloud_only: float
-
-    def as_json(self) -> dict[str, object]:
-        fields = asdict(self)
-        del fields["bytes_by_link"]  # the JSON carries exactly the documented fields
-        return fields
-
-
-def summarise(outcomes: Sequence[Outcome], tiers: int, cloud_only_bytes: int) -> Summary:
-    n = len(outcomes)
-    by_link = [sum(o.link_bytes[i] for o in outcomes) for i in range(tiers - 1)]
-    total = sum(by_link)
-    return Summary(
-        n=n,
-        accuracy=sum(o.correct for o in outcomes) / n if n else 0.0,
-        share_by_tier=[sum(o.depth == d for o in outcomes) / n if n else 0.0 for d in range(tiers)],
-        bytes_by_link=by_link,
-        bytes_total=total,
-        bytes_vs_cloud_only=total / cloud_only_bytes if cloud_only_bytes else 0.0,
-    )
 
 
 @dataclass(frozen=True)
@@ -125,7 +82,9 @@ class TraceReplay:
         self.trace_set = trace_set
         self.traces_dir = traces_dir
         self.chain = tuple(chain)
-        self.names = tier_names(len(chain))
+        # Graded by the trace's recorded verdicts; the client plays the grader when Feedback is asked for.
+        self.client = TraceClient(trace_set, chain, id_prefix="eval-", id_digits=7)
+        self.names = self.client.names
 
     @classmethod
     def load(cls, traces_dir: str | Path, chain: Sequence[str]) -> TraceReplay:
@@ -139,25 +98,8 @@ class TraceReplay:
             random.Random(shuffle).shuffle(chosen)
         return chosen
 
-    def request(self, index: int, query: TraceQuery) -> pb.InferRequest:
-        choice = self.trace_set.answers[query.key][self.chain[0]].is_choice
-        # Fixed-width ids: a run's message sizes do not depend on how many queries came before.
-        return build_request(query, choice=choice, request_id=f"eval-{index:07d}", reference=False)
-
-    def outcome(self, query: TraceQuery, response: pb.InferResponse) -> Outcome:
-        depth = self.names.index(response.answered_by)
-        crossed = [size for size, _ in link_bytes(response)]
-        sizes = crossed + [0] * (len(self.chain) - 1 - len(crossed))  # links above the answering tier: none
-        correct = self.trace_set.answers[query.key][self.chain[depth]].correct
-        return Outcome(query.benchmark, depth, correct, tuple(sizes))
-
     def engines(self) -> list[Engine]:
         return [ReplayEngine(self.traces_dir, model) for model in self.chain]
-
-    def feedback(self, query: TraceQuery, response: pb.InferResponse) -> pb.FeedbackRequest:
-        """The recorded verdict on the answering model's answer, as the client (the grader) reports it."""
-        correct = self.trace_set.answers[query.key][self.chain[self.names.index(response.answered_by)]].correct
-        return pb.FeedbackRequest(request_id=response.request_id, correct=correct)
 
     async def run_offline(
         self, queries: Sequence[TraceQuery], policies: Sequence[OffloadPolicy], *, feedback: bool = False
@@ -172,13 +114,7 @@ class TraceReplay:
             await engine.start()
         tiers = link_tiers(self.names, engines, policies)
         try:
-            outcomes = []
-            for index, query in enumerate(queries):
-                response = await tiers[0].infer(self.request(index, query))
-                if feedback:
-                    await tiers[0].feedback(self.feedback(query, response))
-                outcomes.append(self.outcome(query, response))
-            return outcomes
+            return await self.client.run(tiers[0], queries, feedback=feedback)
         finally:
             for engine in engines:
                 await engine.shutdown()
@@ -194,20 +130,9 @@ class TraceReplay:
         stack = TierProcesses(args, log_dir)
         try:
             stack.start()
-            return asyncio.run(self._send(f"127.0.0.1:{stack.ports[0]}", queries, feedback))
+            return asyncio.run(self.client.run_live(f"127.0.0.1:{stack.ports[0]}", queries, feedback=feedback))
         finally:
             stack.stop()
-
-    async def _send(self, target: str, queries: Sequence[TraceQuery], feedback: bool = False) -> list[Outcome]:
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = pb_grpc.TierServiceStub(channel)
-            outcomes = []
-            for index, query in enumerate(queries):
-                response = await stub.Infer(self.request(index, query), timeout=60)
-                if feedback:
-                    await stub.Feedback(self.feedback(query, response), timeout=60)
-                outcomes.append(self.outcome(query, response))
-            return outcomes
 
     async def depth_table(self, queries: Sequence[TraceQuery]) -> DepthTable:
         """Run the real tiers once per answering depth (tiers below forward, that one answers)."""
@@ -223,8 +148,8 @@ class TraceReplay:
                 await engine.start()
             linked = link_tiers(self.names, engines, policies)
             for row, query in enumerate(queries):
-                response = await linked[0].infer(self.request(row, query))
-                link_bytes[row, depth] = self.outcome(query, response).link_bytes
+                response, outcome = await self.client.serve(linked[0], query, row)
+                link_bytes[row, depth] = outcome.link_bytes
                 if depth == tiers - 1:
                     confidence[row] = [hop.confidence for hop in response.hops]
             for engine in engines:
@@ -234,25 +159,6 @@ class TraceReplay:
         )
         benchmarks = np.array([q.benchmark for q in queries])
         return DepthTable(benchmarks, confidence, correct, link_bytes)
-
-
-def tier_names(count: int) -> tuple[str, ...]:
-    """device, edge, cloud for three tiers; device, edge1..edgeN, cloud for longer chains."""
-    if count == 2:
-        return ("device", "cloud")
-    if count == 3:
-        return ("device", "edge", "cloud")
-    return ("device", *(f"edge{i}" for i in range(1, count - 1)), "cloud")
-
-
-def summaries(outcomes: Sequence[Outcome], tiers: int, cloud_only: dict[str, int]) -> dict[str, Summary]:
-    """Per benchmark (sorted) and `overall`."""
-    result: dict[str, Summary] = {}
-    for benchmark in sorted({o.benchmark for o in outcomes}):
-        chosen = [o for o in outcomes if o.benchmark == benchmark]
-        result[benchmark] = summarise(chosen, tiers, cloud_only[benchmark])
-    result["overall"] = summarise(outcomes, tiers, sum(cloud_only.values()))
-    return result
 
 
 def cloud_only_by_benchmark(table: DepthTable) -> dict[str, int]:
@@ -273,8 +179,6 @@ def fixed_threshold_grid(
     table: DepthTable, mask: npt.NDArray[np.bool_], points: int
 ) -> list[tuple[tuple[float, ...], float, float]]:
     """(thresholds, accuracy, bytes share of cloud-only) for every combination of candidate thresholds."""
-    import itertools
-
     tiers = table.confidence.shape[1]
     sub = DepthTable(table.benchmarks[mask], table.confidence[mask], table.correct[mask], table.link_bytes[mask])
     candidates = [threshold_candidates(sub.confidence[:, d], points) for d in range(tiers - 1)]

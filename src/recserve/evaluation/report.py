@@ -10,14 +10,13 @@ import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from recserve.client.tally import Summary
 from recserve.evaluation.chains import DEFAULT_CHAINS
-from recserve.evaluation.frontier import accuracy_at, bytes_to_reach, format_share
+from recserve.evaluation.frontier import ChainFrontier, Point, accuracy_at, bytes_to_reach, format_share
 from recserve.evaluation.plans import EvalRequest, evaluate
-from recserve.evaluation.replay import Summary
 from recserve.evaluation.sweep import SweepRequest, plot, sweep
-from recserve.evaluation.targets import TARGETS_NOTE, plot_tracking, target_lines
+from recserve.evaluation.targets import plot_tracking, target_lines
 
 POLICIES = ("device-only", "recserve", "casserve", "cloud-only", "oracle")
 
@@ -31,7 +30,7 @@ async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: flo
     frontier = await sweep(SweepRequest(traces, tuple(chain), targets=True))
     (out / "results").mkdir(parents=True, exist_ok=True)
     plot(frontier, out / "results" / f"{slug}.png")
-    (out / "results" / f"{slug}.json").write_text(json.dumps(frontier, indent=1) + "\n")
+    (out / "results" / f"{slug}.json").write_text(json.dumps(frontier.to_json(), indent=1) + "\n")
 
     lines = [f"## {name}", "", f"![frontier](results/{slug}.png)", ""]
     lines += [
@@ -58,13 +57,14 @@ async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: flo
         "hindsight / oracle | accuracy at 0.4 bytes: RecServe / CasServe tuned on train / best fixed in hindsight |",
         "| --- | --- | --- | --- |",
     ]
-    for benchmark, entry in frontier["benchmarks"].items():
-        target = entry["cloud_only"]["accuracy"] - 0.02
-        oracle = [entry["oracle"]] if entry["oracle"]["accuracy"] >= target else []
-        reach = [bytes_to_reach(entry[k], target) for k in ("recserve", "casserve_train", "casserve_hindsight")]
-        at_budget = [accuracy_at(entry[k], 0.4) for k in ("recserve", "casserve_train", "casserve_hindsight")]
+    for benchmark, entry in frontier.benchmarks.items():
+        target = entry.cloud_only.accuracy - 0.02
+        oracle = [entry.oracle] if entry.oracle.accuracy >= target else []
+        curves: tuple[Sequence[Point], ...] = (entry.recserve, entry.casserve_train, entry.casserve_hindsight)
+        reach = [bytes_to_reach(points, target) for points in curves]
+        at_budget = [accuracy_at(points, 0.4) for points in curves]
         lines.append(
-            f"| {benchmark} | {entry['cloud_only']['accuracy']:.3f} | "
+            f"| {benchmark} | {entry.cloud_only.accuracy:.3f} | "
             f"{' / '.join(format_share(x) for x in [*reach, bytes_to_reach(oracle, target)])} | "
             f"{' / '.join(format_share(x) for x in at_budget)} |"
         )
@@ -74,12 +74,12 @@ async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: flo
     return "\n".join(lines)
 
 
-def _verdict(frontier: dict[str, Any]) -> str:
+def _verdict(frontier: ChainFrontier) -> str:
     """Say plainly, per benchmark, whether RecServe's β sweep beats the train-tuned fixed cascade at 40% bytes."""
     wins: list[str] = []
     losses: list[str] = []
-    for benchmark, entry in frontier["benchmarks"].items():
-        ours, theirs = accuracy_at(entry["recserve"], 0.4), accuracy_at(entry["casserve_train"], 0.4)
+    for benchmark, entry in frontier.benchmarks.items():
+        ours, theirs = accuracy_at(entry.recserve, 0.4), accuracy_at(entry.casserve_train, 0.4)
         if ours is None or theirs is None:
             continue
         (wins if ours > theirs else losses).append(f"{benchmark} ({ours:.3f} vs {theirs:.3f})")
@@ -112,9 +112,16 @@ is the Pareto front of a threshold grid evaluated on the test split itself (per 
 uses thresholds shared by all benchmarks), and "CasServe tuned on train" uses, as budgets, the byte shares
 of the RecServe points.
 
+Target-driven policies: **budget** holds a byte budget (a share of cloud-only bytes), **quality** an accuracy
+gap to the tiers above (learned from Feedback verdicts); they are the objects that
+`recserve serve --policy budget|quality` builds, described in [docs/evaluation.md](evaluation.md) (its list of
+policies, and "Known limits of the target policies"). Runs of the quality policy send each response's recorded
+verdict back as Feedback; Feedback messages are not counted in the link bytes reported here, which are the Infer
+requests and responses.
+
 """
     path = out / "results.md"
-    path.write_text(header + TARGETS_NOTE + "\n".join(sections))
+    path.write_text(header + "\n".join(sections))
     return path
 
 

@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import math
 import random
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from recserve.client.tally import summaries
+from recserve.client.trace_client import Outcome
 from recserve.core.traces import TraceQuery
-from recserve.evaluation.frontier import accuracy_at, bytes_to_reach, format_share
+from recserve.evaluation.frontier import (
+    BudgetTracking,
+    ChainFrontier,
+    Point,
+    TargetPoint,
+    accuracy_at,
+    bytes_to_reach,
+    format_share,
+)
 from recserve.evaluation.plans import target_plan
-from recserve.evaluation.replay import DepthTable, Outcome, TraceReplay, cloud_only_by_benchmark, summaries
+from recserve.evaluation.replay import DepthTable, TraceReplay, cloud_only_by_benchmark
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.35, 0.375, 0.39, 0.4, 0.425, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_GAPS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1)
+DEFAULT_FILL_CAP = 0.85  # the budget policy's own default
 TRACKED_BUDGET = 0.4
 FILL_CAPS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 
@@ -46,77 +58,84 @@ async def tune_fill_cap(
     return float(caps[int(np.argmax(scores))])
 
 
-def cumulative_share(outcomes: Sequence[Outcome], cloud_only: Sequence[int], every: int = 25) -> list[list[float]]:
-    """[served so far, bytes so far / cloud-only bytes of the same queries] every `every` queries."""
+def cumulative_share(
+    outcomes: Sequence[Outcome], cloud_only: Sequence[int], every: int = 25
+) -> tuple[tuple[int, float], ...]:
+    """(served so far, bytes so far / cloud-only bytes of the same queries) every `every` queries, and at the end."""
     spent = np.cumsum([sum(o.link_bytes) for o in outcomes])
     reference = np.maximum(np.cumsum(cloud_only), 1)
-    points = [[float(i + 1), float(spent[i] / reference[i])] for i in range(every - 1, len(outcomes), every)]
+    points = [(i + 1, float(spent[i] / reference[i])) for i in range(every - 1, len(outcomes), every)]
     if outcomes and (not points or points[-1][0] != len(outcomes)):
-        points.append([float(len(outcomes)), float(spent[-1] / reference[-1])])
-    return points
+        points.append((len(outcomes), float(spent[-1] / reference[-1])))
+    return tuple(points)
 
 
-async def add_target_points(
-    result: dict[str, Any],
+async def with_targets(
+    frontier: ChainFrontier,
     replay: TraceReplay,
     queries: Sequence[TraceQuery],
     table: DepthTable,
     cloud_only: dict[str, int],
     *,
-    window: int,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
     gaps: Sequence[float] = DEFAULT_GAPS,
     shuffle_seed: int = 1,
-) -> None:
-    """Add `budget` and `quality` frontiers per benchmark, and the byte tracking of one budget on two streams."""
-    tiers = len(replay.chain)
-    runs: list[tuple[str, str, Sequence[float], float]] = [
-        ("budget", "budget", budgets, 0.85),
-        ("quality", "quality", gaps, 0.85),
-    ]
-    train = replay.queries("train")
-    if train:
-        # One number per chain from the train split: how far to fill the lower links first.
-        cap = await tune_fill_cap(replay, train, window)
-        result["fill_cap_tuned_on_train"] = cap
-        runs.append(("budget_tuned", "budget", budgets, cap))
-    for key, policy, targets, fill_cap in runs:
+) -> ChainFrontier:
+    """`frontier` with the budget and quality policies' frontiers per benchmark (and, with a train split, the
+    budget policy's with a fill cap tuned there), and the byte tracking of one budget on two streams."""
+    tiers, window = len(replay.chain), frontier.window
+
+    async def curves(policy: str, targets: Sequence[float], fill_cap: float) -> dict[str, tuple[TargetPoint, ...]]:
+        points: dict[str, list[TargetPoint]] = defaultdict(list)
         for target in targets:
             plan = target_plan(policy, tiers, target, window, fill_cap)
             outcomes = await replay.run_offline(queries, plan.offline, feedback=policy == "quality")
             for group, summary in summaries(outcomes, tiers, cloud_only).items():
-                result["benchmarks"][group].setdefault(key, []).append(
-                    {"target": target, "accuracy": summary.accuracy, "bytes_vs_cloud_only": summary.bytes_vs_cloud_only}
-                )
+                points[group].append(TargetPoint(target, summary.accuracy, summary.bytes_vs_cloud_only))
+        return {group: tuple(p) for group, p in points.items()}
+
+    train = replay.queries("train")
+    # One number per chain from the train split: how far to fill the lower links first.
+    cap = await tune_fill_cap(replay, train, window) if train else None
+    budget = await curves("budget", budgets, DEFAULT_FILL_CAP)
+    quality = await curves("quality", gaps, DEFAULT_FILL_CAP)
+    budget_tuned = await curves("budget", budgets, cap) if cap is not None else {}
+    benchmarks = {
+        group: replace(entry, budget=budget[group], quality=quality[group], budget_tuned=budget_tuned.get(group, ()))
+        for group, entry in frontier.benchmarks.items()
+    }
     # Budget tracking: the benchmarks one after another (a drifting task mix) and a shuffled stream.
     per_query = table.cloud_only_bytes
     row_of = {q.key: row for row, q in enumerate(queries)}
     shuffled = list(queries)
     random.Random(shuffle_seed).shuffle(shuffled)
-    tracking: dict[str, Any] = {"target": TRACKED_BUDGET}
+    streams: dict[str, tuple[tuple[int, float], ...]] = {}
     for name, stream in (("drifting", list(queries)), ("shuffled", shuffled)):
         outcomes = await replay.run_offline(stream, target_plan("budget", tiers, TRACKED_BUDGET, window).offline)
-        tracking[name] = cumulative_share(outcomes, [int(per_query[row_of[q.key]]) for q in stream])
-    result["budget_tracking"] = tracking
+        streams[name] = cumulative_share(outcomes, [int(per_query[row_of[q.key]]) for q in stream])
+    tracking = BudgetTracking(TRACKED_BUDGET, streams["drifting"], streams["shuffled"])
+    return replace(frontier, benchmarks=benchmarks, fill_cap_tuned_on_train=cap, budget_tracking=tracking)
 
 
-def plot_tracking(results: Sequence[dict[str, Any]], path: Path) -> None:
+def plot_tracking(frontiers: Sequence[ChainFrontier], path: Path) -> None:
     """Cumulative bytes (share of cloud-only) against the budget, over the stream, one panel per chain."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display is needed or wanted
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
-    for axis, result in zip(axes.flat, results, strict=True):
-        tracking = result["budget_tracking"]
-        for name, color in (("drifting", "C0"), ("shuffled", "C1")):
-            points = np.array(tracking[name])
+    figure, axes = plt.subplots(1, len(frontiers), figsize=(5 * len(frontiers), 3.6), squeeze=False)
+    for axis, frontier in zip(axes.flat, frontiers, strict=True):
+        tracking = frontier.budget_tracking
+        if tracking is None:
+            raise ValueError("no budget tracking in this frontier: sweep it with targets")
+        for (name, stream), color in zip(tracking.streams().items(), ("C0", "C1"), strict=True):
+            points = np.array(stream)
             label = "benchmarks one after another" if name == "drifting" else "shuffled"
             axis.plot(points[:, 0], points[:, 1], color=color, label=label)
-        axis.axhline(tracking["target"], color="k", linestyle="--", label=f"target {tracking['target']}")
-        axis.set_ylim(0, max(0.8, tracking["target"] * 1.6))
-        axis.set_title(" → ".join(result["chain"]), fontsize=9)
+        axis.axhline(tracking.target, color="k", linestyle="--", label=f"target {tracking.target}")
+        axis.set_ylim(0, max(0.8, tracking.target * 1.6))
+        axis.set_title(" → ".join(frontier.chain), fontsize=9)
         axis.set_xlabel("requests served")
         axis.set_ylabel("bytes so far, share of cloud-only")
         axis.grid(alpha=0.3)
@@ -126,15 +145,14 @@ def plot_tracking(results: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def target_lines(frontier: dict[str, Any], tracking_png: str) -> list[str]:
+def target_lines(frontier: ChainFrontier, tracking_png: str) -> list[str]:
     """Markdown: the goal check of the budget policy against RecServe and CasServe, and budget tracking."""
-    ours = "budget_tuned" if "fill_cap_tuned_on_train" in frontier else "budget"
-    cap = frontier.get("fill_cap_tuned_on_train")
+    cap = frontier.fill_cap_tuned_on_train
     lines = [
         "",
         "Target-driven policies, frontiers from sweeping the target (byte budgets "
         f"{', '.join(map(str, DEFAULT_BUDGETS))}; quality gaps {', '.join(map(str, DEFAULT_GAPS))}): **budget** "
-        "with the default fill cap 0.85, **budget, cap tuned on train** "
+        f"with the default fill cap {DEFAULT_FILL_CAP}, **budget, cap tuned on train** "
         f"({'fill cap ' + str(cap) + ' chosen on the train split' if cap is not None else 'no train split'}), "
         "**quality**. Goal: within 2 points of cloud-only at ≤ 0.5 of its bytes; at 0.4 of its bytes, more accurate "
         "than RecServe and CasServe tuned on train (each at its best frontier point spending at most 0.4). The goal "
@@ -146,19 +164,28 @@ def target_lines(frontier: dict[str, Any], tracking_png: str) -> list[str]:
         "the better one) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for benchmark, entry in frontier["benchmarks"].items():
-        cloud = entry["cloud_only"]["accuracy"]
-        keys = ("budget", "budget_tuned", "quality", "recserve", "casserve_train")
-        reach = [bytes_to_reach(entry.get(k, []), cloud - 0.02) for k in keys]
-        at_half = accuracy_at(entry.get(ours, []), 0.5)
+    for benchmark, entry in frontier.benchmarks.items():
+        cloud = entry.cloud_only.accuracy
+        ours = entry.budget_tuned if cap is not None else entry.budget
+        # The curves of the columns above, by the names the header gives them.
+        curves: dict[str, Sequence[Point]] = {
+            "budget": entry.budget,
+            "budget tuned cap": entry.budget_tuned,
+            "quality": entry.quality,
+            "RecServe": entry.recserve,
+            "CasServe train": entry.casserve_train,
+        }
+        reach = [bytes_to_reach(points, cloud - 0.02) for points in curves.values()]
+        at_half = accuracy_at(ours, 0.5)
         met = (
             "—"
             if at_half is None
             else ("yes" if at_half >= cloud - 0.02 - 1e-12 else f"no, {cloud - at_half:.3f} below")
         )
-        at = [accuracy_at(entry.get(k, []), 0.4) for k in (*keys, "casserve_hindsight")]
-        mine = accuracy_at(entry.get(ours, []), 0.4)
-        rivals = [a for a in at[3:5] if a is not None]
+        curves["best fixed in hindsight"] = entry.casserve_hindsight
+        at = {name: accuracy_at(points, 0.4) for name, points in curves.items()}
+        mine = accuracy_at(ours, 0.4)
+        rivals = [a for a in (at["RecServe"], at["CasServe train"]) if a is not None]
         if mine is None or not rivals:
             verdict = "—"
         else:
@@ -166,49 +193,23 @@ def target_lines(frontier: dict[str, Any], tracking_png: str) -> list[str]:
             verdict = f"{'yes' if margin > 0 else 'no'} ({margin:+.3f})"
         lines.append(
             f"| {benchmark} | {cloud:.3f} | {' / '.join(map(format_share, reach))} | {met} ({format_share(at_half)}) | "
-            f"{' / '.join(map(format_share, at))} | {verdict} |"
+            f"{' / '.join(map(format_share, at.values()))} | {verdict} |"
         )
-    tracking = frontier.get("budget_tracking")
+    tracking = frontier.budget_tracking
     if tracking:
-        final = {name: tracking[name][-1][1] for name in ("drifting", "shuffled")}
+        streams = tracking.streams()
+        final = {name: points[-1][1] for name, points in streams.items()}
         worst = {
-            name: max((abs(p[1] - tracking["target"]) for p in tracking[name] if p[0] >= 500), default=math.nan)
-            for name in ("drifting", "shuffled")
+            name: max((abs(share - tracking.target) for served, share in points if served >= 500), default=math.nan)
+            for name, points in streams.items()
         }
         lines += [
             "",
             f"![budget tracking]({tracking_png})",
             "",
-            f"Budget tracking at a byte budget of {tracking['target']}: bytes so far as a share of what cloud-only "
+            f"Budget tracking at a byte budget of {tracking.target}: bytes so far as a share of what cloud-only "
             f"serving would have sent for the same requests. Final share: {final['drifting']:.3f} with the benchmarks "
             f"one after another, {final['shuffled']:.3f} shuffled; largest distance from the target after the first "
             f"500 requests: {worst['drifting']:.3f} and {worst['shuffled']:.3f}.",
         ]
     return lines
-
-
-TARGETS_NOTE = """Target-driven policies (`recserve.policies`, the same objects `recserve serve --policy budget|quality`
-builds): **budget** takes a byte budget B (share of cloud-only bytes) and turns it into one forward rate per link,
-filling the lower link first up to a fill cap of the requests (0.85 by default; "cap tuned on train" picks it
-from 0.4-1.0 by running the policy on the train split, one number per chain); each tier holds its rate per
-benchmark with a windowed quantile whose level an integral controller moves. The first tier holds *measured
-bytes* instead of its rate: every tier learns what each request it served took on each link above it (from the
-hop records of the reply), and the first tier estimates what cloud-only serving would have spent on each of its
-requests (links times the request, plus the mean reply overhead of the requests that crossed every link, a giant
-reply capped at 4x the median), and its controller holds budget x estimate, spending what the links above leave.
-The links above the first forward at least 2% (their least confident requests) so that estimate exists. The
-estimate is close on the multiple-choice benchmarks; on the free-text ones few requests cross every link and
-their replies vary, so a benchmark's bytes can land a few points off the budget. It needs no feedback.
-**quality** takes an accuracy gap, split evenly over the links, and calibrates online per tier and benchmark
-(windowed Platt scaling from
-Feedback verdicts) P(own answer right | confidence) and P(tiers above right | confidence), the latter also on
-*probes* (a seeded 5% of the requests it would keep, forwarded anyway); it keeps the most confident requests
-while the summed expected loss max(0, P_up - P_own) stays within its share of the gap, and forwards the rest
-(before 30 verdicts of each kind, or without Feedback, it forwards below the median of its window). It holds
-that share over the stream (the recent kept requests re-priced, an overspend taken back from the requests to
-come), weights each probe's verdict by the inverse of its rate, and keeps a random part of a block of
-confidences tied at its threshold (docs/evaluation.md, "Known limits"). Its runs
-send each response's recorded verdict back as Feedback (offline through the first tier, live over gRPC);
-Feedback messages are not counted in the link bytes reported here, which are the Infer requests and responses.
-
-"""

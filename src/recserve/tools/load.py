@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from recserve.client.trace_client import build_request
+from recserve.client.trace_client import TraceClient
 from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, TraceSet
 from recserve.server.processes import TierProcesses, replay_tiers
 from recserve.tools.demo import TIER_NAMES
@@ -62,12 +62,11 @@ class LoadReport:
 
 
 def demo_requests(limit: int = 400) -> list[pb.InferRequest]:
+    """Test questions of the bundled trace; sent over and over, so without ids (the first tier names each call)."""
     traces = TraceSet.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     queries = [q for q in traces.queries if q.split == "test"][:limit]
-    return [
-        build_request(q, choice=traces.answers[q.key][BUNDLED_CHAIN[0]].is_choice, request_id="", reference=False)
-        for q in queries
-    ]
+    client = TraceClient(traces, BUNDLED_CHAIN)
+    return [client.request(q) for q in queries]
 
 
 def rss_bytes(pid: int) -> int:
