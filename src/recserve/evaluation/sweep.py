@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from recserve.evaluation.frontier import Point, pareto
-from recserve.evaluation.plans import recserve_plan
+from recserve.evaluation.plans import chain_plan
 from recserve.evaluation.replay import (
     DepthTable,
     TraceReplay,
@@ -26,6 +26,7 @@ from recserve.evaluation.replay import (
     tune_fixed_thresholds,
 )
 from recserve.evaluation.targets import add_target_points
+from recserve.policies import RecServeConfig
 
 DEFAULT_BETAS = tuple(round(b, 2) for b in np.linspace(0.0, 1.0, 21))
 
@@ -65,7 +66,9 @@ async def sweep(request: SweepRequest) -> dict[str, Any]:
     masks = {g: (table.benchmarks == g) if g != "overall" else np.ones(len(queries), dtype=bool) for g in groups}
 
     for beta in request.betas:
-        outcomes = await replay.run_offline(queries, recserve_plan(tiers, beta, request.window).offline)
+        outcomes = await replay.run_offline(
+            queries, chain_plan(RecServeConfig(beta=beta, window=request.window), tiers).offline
+        )
         for group, summary in summaries(outcomes, tiers, cloud_only).items():
             result["benchmarks"][group]["recserve"].append(
                 {"beta": beta, "accuracy": summary.accuracy, "bytes_vs_cloud_only": summary.bytes_vs_cloud_only}

@@ -12,8 +12,9 @@ import numpy as np
 
 from recserve.core.traces import TraceQuery
 from recserve.evaluation.frontier import accuracy_at, bytes_to_reach, format_share
-from recserve.evaluation.plans import target_plan
+from recserve.evaluation.plans import chain_plan
 from recserve.evaluation.replay import DepthTable, Outcome, TraceReplay, cloud_only_by_benchmark, summaries
+from recserve.policies import BudgetConfig, PolicyConfig, QualityConfig
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.35, 0.375, 0.39, 0.4, 0.425, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_GAPS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1)
@@ -38,7 +39,8 @@ async def tune_fill_cap(
     for cap in caps:
         accuracies = []
         for budget in budgets:
-            outcomes = await replay.run_offline(queries, target_plan("budget", tiers, budget, window, cap).offline)
+            plan = chain_plan(BudgetConfig(byte_budget=budget, window=window, fill_cap=cap), tiers)
+            outcomes = await replay.run_offline(queries, plan.offline)
             accuracies += [
                 s.accuracy for group, s in summaries(outcomes, tiers, cloud_only).items() if group != "overall"
             ]
@@ -70,20 +72,23 @@ async def add_target_points(
 ) -> None:
     """Add `budget` and `quality` frontiers per benchmark, and the byte tracking of one budget on two streams."""
     tiers = len(replay.chain)
-    runs: list[tuple[str, str, Sequence[float], float]] = [
-        ("budget", "budget", budgets, 0.85),
-        ("quality", "quality", gaps, 0.85),
+    runs: list[tuple[str, list[tuple[float, PolicyConfig]]]] = [
+        ("budget", [(budget, BudgetConfig(byte_budget=budget, window=window)) for budget in budgets]),
+        ("quality", [(gap, QualityConfig(quality_gap=gap, window=window)) for gap in gaps]),
     ]
     train = replay.queries("train")
     if train:
         # One number per chain from the train split: how far to fill the lower links first.
         cap = await tune_fill_cap(replay, train, window)
         result["fill_cap_tuned_on_train"] = cap
-        runs.append(("budget_tuned", "budget", budgets, cap))
-    for key, policy, targets, fill_cap in runs:
-        for target in targets:
-            plan = target_plan(policy, tiers, target, window, fill_cap)
-            outcomes = await replay.run_offline(queries, plan.offline, feedback=policy == "quality")
+        tuned: list[tuple[float, PolicyConfig]] = [
+            (budget, BudgetConfig(byte_budget=budget, window=window, fill_cap=cap)) for budget in budgets
+        ]
+        runs.append(("budget_tuned", tuned))
+    for key, points in runs:
+        for target, config in points:
+            plan = chain_plan(config, tiers)
+            outcomes = await replay.run_offline(queries, plan.offline, feedback=plan.feedback)
             for group, summary in summaries(outcomes, tiers, cloud_only).items():
                 result["benchmarks"][group].setdefault(key, []).append(
                     {"target": target, "accuracy": summary.accuracy, "bytes_vs_cloud_only": summary.bytes_vs_cloud_only}
@@ -95,7 +100,8 @@ async def add_target_points(
     random.Random(shuffle_seed).shuffle(shuffled)
     tracking: dict[str, Any] = {"target": TRACKED_BUDGET}
     for name, stream in (("drifting", list(queries)), ("shuffled", shuffled)):
-        outcomes = await replay.run_offline(stream, target_plan("budget", tiers, TRACKED_BUDGET, window).offline)
+        plan = chain_plan(BudgetConfig(byte_budget=TRACKED_BUDGET, window=window), tiers)
+        outcomes = await replay.run_offline(stream, plan.offline)
         tracking[name] = cumulative_share(outcomes, [int(per_query[row_of[q.key]]) for q in stream])
     result["budget_tracking"] = tracking
 
