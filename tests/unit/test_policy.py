@@ -93,21 +93,21 @@ def test_forward_all_and_local_configs_build_their_policies() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: RecServeConfig(beta=1.5), "recserve policy: beta must be a share within [0, 1], got 1.5"),
+        (lambda: RecServeConfig(beta=1.5), "recserve policy: beta must be within [0, 1], got 1.5"),
         (lambda: RecServeConfig(window=0), "recserve policy: window must be at least 1, got 0"),
         (lambda: FixedConfig(threshold=math.nan), "fixed policy: threshold must be a number, got nan"),
         (
             lambda: FixedConfig(family_thresholds=(("mmlu", math.nan),)),
             "fixed policy: family_thresholds must all be numbers, got mmlu=nan",
         ),
-        (lambda: BudgetConfig(fill_cap=0.0), "budget policy: fill_cap must be a share within (0, 1], got 0.0"),
+        (lambda: BudgetConfig(fill_cap=0.0), "budget policy: fill_cap must be within (0, 1], got 0.0"),
         (
             lambda: BudgetConfig(byte_budget=-0.1, links=0),
-            "budget policy: links must be at least 1, got 0; byte_budget must be a share within [0, 1], got -0.1",
+            "budget policy: links must be at least 1, got 0; byte_budget must be within [0, 1], got -0.1",
         ),
-        (lambda: QualityConfig(quality_gap=2.0), "quality policy: quality_gap must be a share within [0, 1], got 2.0"),
-        (lambda: QualityConfig(explore=math.nan), "quality policy: explore must be a share within [0, 1], got nan"),
-        (lambda: QualityConfig(cold_rate=-1.0), "quality policy: cold_rate must be a share within [0, 1], got -1.0"),
+        (lambda: QualityConfig(quality_gap=2.0), "quality policy: quality_gap must be within [0, 1], got 2.0"),
+        (lambda: QualityConfig(explore=math.nan), "quality policy: explore must be within [0, 1], got nan"),
+        (lambda: QualityConfig(cold_rate=-1.0), "quality policy: cold_rate must be within [0, 1], got -1.0"),
     ],
 )
 def test_configs_say_what_is_wrong(make: Callable[[], PolicyConfig], message: str) -> None:
@@ -151,6 +151,8 @@ def test_eval_takes_the_serve_names_of_the_options_and_the_old_ones() -> None:
     assert names == {o.name for c in POLICY_CONFIGS for o in c.options()} - {"links", "threshold", "family_thresholds"}
     with pytest.raises(ValueError, match="not options of an evaluated policy: links"):
         EvalRequest(traces=Path("t"), chain=("a", "b"), options={"links": 3})
+    with pytest.raises(ValueError, match=re.escape("budget policy: byte_budget must be within [0, 1], got 2.0")):
+        EvalRequest(traces=Path("t"), chain=("a", "b"), policy="budget", options={"byte_budget": 2.0})
 
 
 @pytest.mark.parametrize(

@@ -49,9 +49,9 @@ def test_the_policy_options_come_from_flags_and_variables() -> None:
     ("overrides", "message"),
     [
         ({"tier": ""}, "a tier name is required"),
-        ({"beta": 1.5}, "invalid settings: recserve policy: beta must be a share within [0, 1], got 1.5"),
+        ({"beta": 1.5}, "invalid settings: recserve policy: beta must be within [0, 1], got 1.5"),
         ({"policy": "quality", "window": 0}, "quality policy: window must be at least 1, got 0"),
-        ({"policy": "budget", "fill_cap": 1.2}, "budget policy: fill_cap must be a share within (0, 1], got 1.2"),
+        ({"policy": "budget", "fill_cap": 1.2}, "budget policy: fill_cap must be within (0, 1], got 1.2"),
         ({"policy": "fixed", "threshold": float("nan")}, "fixed policy: threshold must be a number, got nan"),
         ({"next": "cloud"}, "--next must be HOST:PORT"),
         ({"port": 70_000}, "port must be within 0-65535"),
@@ -69,6 +69,12 @@ def test_invalid_settings_say_what_is_wrong(overrides: dict[str, object], messag
     values: dict[str, object] = {"tier": "device", "traces": "t", "trace_model": "m", "plaintext": True} | overrides
     with pytest.raises(ValueError, match=re.escape(message)):
         TierSettings.with_defaults(**values)
+
+
+def test_the_policys_problems_and_the_others_come_in_one_message() -> None:
+    message = "invalid settings: budget policy: byte_budget must be within [0, 1], got 2.0; the replay engine needs"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TierSettings.with_defaults(tier="t", plaintext=True, policy="budget", byte_budget=2.0)
 
 
 def test_a_malformed_variable_names_itself() -> None:

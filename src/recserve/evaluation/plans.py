@@ -96,6 +96,8 @@ class EvalRequest:
                 f"not options of an evaluated policy: {', '.join(sorted(unknown))}; "
                 f"they are: {', '.join(option.name for option in EVAL_OPTIONS)}"
             )
+        if self.policy != ORACLE:
+            config_type(self.policy).from_values(self.options)  # says what is wrong before any trace is read
 
 
 async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:

@@ -16,7 +16,7 @@ MIN_RATE = 0.02
 
 
 def _fill_share(value: float) -> str | None:
-    return None if 0.0 < value <= 1.0 else "must be a share within (0, 1]"
+    return None if 0.0 < value <= 1.0 else "must be within (0, 1]"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,7 @@ _METADATA_KEY = "recserve.option"
 
 
 def share(value: float) -> str | None:
-    return None if 0.0 <= value <= 1.0 else "must be a share within [0, 1]"
+    return None if 0.0 <= value <= 1.0 else "must be within [0, 1]"
 
 
 def at_least_one(value: int) -> str | None:

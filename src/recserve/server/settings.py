@@ -12,9 +12,18 @@ from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
 from recserve.core.tier import TierLimits
 from recserve.engines import ENGINE_NAMES
 from recserve.engines.config import EngineConfig
-from recserve.policies import POLICY_ALIASES, POLICY_NAMES, PolicyConfig, PolicyOption, policy_config, policy_options
+from recserve.policies import (
+    POLICY_ALIASES,
+    POLICY_NAMES,
+    LocalConfig,
+    PolicyConfig,
+    PolicyOption,
+    policy_config,
+    policy_options,
+)
 
 ENV_PREFIX = "RECSERVE_"
+INVALID = "invalid settings: "
 
 
 def bool_flag(text: str | bool) -> bool:
@@ -158,7 +167,7 @@ class TierSettings:
     def __post_init__(self) -> None:
         problems = list(self._problems())
         if problems:
-            raise ValueError("invalid settings: " + "; ".join(problems))
+            raise ValueError(INVALID + "; ".join(problems))
 
     def _problems(self) -> Iterator[str]:
         if not self.tier:
@@ -301,12 +310,19 @@ def from_namespace(namespace: argparse.Namespace) -> TierSettings:
 
 
 def _settings(values: dict[str, Any]) -> TierSettings:
-    """Settings from every option's value by name: `policy` and its options make the policy's configuration."""
+    """Settings from every option's value by name: `policy` and its options make the policy's configuration.
+    What is wrong with the policy's options and with the others is said in one message."""
+    others = {f.name: values[f.name] for f in fields(TierSettings) if f.name != "policy"}
     try:
         policy = policy_config(values["policy"], values)
     except ValueError as exc:
-        raise ValueError(f"invalid settings: {exc}") from None
-    return TierSettings(**{f.name: values[f.name] for f in fields(TierSettings) if f.name != "policy"}, policy=policy)
+        problems = [str(exc)]
+        try:
+            TierSettings(**others, policy=LocalConfig())  # a valid stand-in, to check the other settings too
+        except ValueError as other:
+            problems.append(str(other).removeprefix(INVALID))
+        raise ValueError(INVALID + "; ".join(problems)) from None
+    return TierSettings(**others, policy=policy)
 
 
 def settings_table() -> str:
