@@ -9,7 +9,7 @@ from recserve.client.trace_client import TraceClient, tier_names
 from recserve.core.cascade import link_tiers
 from recserve.core.traces import TraceSet
 from recserve.engines.replay import ReplayEngine
-from recserve.policies.simple import RecServePolicy
+from recserve.policies.simple import RecServeConfig, RecServePolicy
 from recserve.server.app import RunningTier, start_tier
 from recserve.server.settings import TierSettings
 from tests.conftest import TRACE_MODELS
@@ -47,7 +47,9 @@ async def test_offline_and_over_grpc_the_same_outcomes_and_feedback(trace_folder
     for engine in engines:
         await engine.start()
     try:
-        linked = link_tiers(client.names, engines, [RecServePolicy(BETA, WINDOW) for _ in engines])
+        linked = link_tiers(
+            client.names, engines, [RecServePolicy(RecServeConfig(beta=BETA, window=WINDOW)) for _ in engines]
+        )
         offline = await client.run(linked[0], traces.queries, feedback=True)
     finally:
         for engine in engines:

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE
-from recserve.evaluation.plans import recserve_plan, target_plan
+from recserve.evaluation.plans import chain_plan
 from recserve.evaluation.replay import TraceReplay
-from recserve.policies.budget import BudgetPolicy
-from recserve.policies.quality import QualityPolicy
+from recserve.policies.budget import BudgetConfig, BudgetPolicy
+from recserve.policies.quality import QualityConfig, QualityPolicy
+from recserve.policies.simple import RecServeConfig
 from tests.conftest import write_trace_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.processes]
@@ -51,8 +52,9 @@ def test_live_equals_offline_per_query_on_real_traces(tmp_path: Path) -> None:
     """Query by query on 60 real questions per benchmark: same answering tier, verdict and bytes per link."""
     replay = TraceReplay.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     queries = [q for b in ("mmlu", "triviaqa") for q in replay.queries("test") if q.benchmark == b][:120]
-    offline = asyncio.run(replay.run_offline(queries, recserve_plan(3, 0.3, 10_000).offline))
-    live = replay.run_live(queries, recserve_plan(3, 0.3, 10_000).flags, tmp_path)
+    plan = chain_plan(RecServeConfig(), 3)
+    offline = asyncio.run(replay.run_offline(queries, plan.offline))
+    live = replay.run_live(queries, plan.flags, tmp_path)
     assert live == offline
     assert {o.depth for o in offline} == {0, 1, 2}
 
@@ -69,7 +71,7 @@ def test_quality_policy_with_feedback_live_equals_offline_once_calibrated(tmp_pa
     """Feedback goes back identically in both modes, so the calibrated thresholds and decisions match."""
     replay = TraceReplay.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     queries = [q for q in replay.queries("test") if q.benchmark == "mmlu"][:240]
-    plan = target_plan("quality", 3, 0.02, 10_000)
+    plan = chain_plan(QualityConfig(quality_gap=0.02), 3)
     offline = asyncio.run(replay.run_offline(queries, plan.offline, feedback=True))
     live = replay.run_live(queries, plan.flags, tmp_path, feedback=True)
     assert live == offline
@@ -82,7 +84,7 @@ def test_budget_policy_holding_measured_bytes_live_equals_offline(tmp_path: Path
     """The device learns reply bytes in both modes alike, so once it holds measured bytes the decisions match."""
     replay = TraceReplay.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     queries = [q for q in replay.queries("test") if q.benchmark == "mmlu"][:240]
-    plan = target_plan("budget", 3, 0.6, 10_000)
+    plan = chain_plan(BudgetConfig(byte_budget=0.6), 3)
     offline = asyncio.run(replay.run_offline(queries, plan.offline))
     live = replay.run_live(queries, plan.flags, tmp_path)
     assert live == offline

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from recserve.policies import make_policy
-from recserve.policies.budget import BudgetPolicy, ByteLedger, split_budget
+from recserve.core.offload import Verdict
+from recserve.policies.budget import BudgetConfig, BudgetPolicy
 from recserve.policies.controller import ControlledQuantile
-from recserve.policies.quality import QualityPolicy
+from recserve.policies.quality import QualityConfig, QualityPolicy
+from recserve.policies.spending import ByteLedger, split_budget
 
 
 def spent(rates: list[float]) -> float:
@@ -26,10 +27,8 @@ def test_split_spends_exactly_the_budget_lower_links_first(links: int) -> None:
         rates = split_budget(budget, links, fill_cap=0.85)
         assert all(0.0 <= r <= 1.0 for r in rates)
         assert spent(rates) == pytest.approx(budget, abs=1e-9)
-    assert split_budget(0.4, 2) == pytest.approx([0.8, 0.0])
-    assert split_budget(0.5, 2) == pytest.approx([0.85, 0.15 / 0.85])
-    with pytest.raises(ValueError, match="share of cloud-only"):
-        split_budget(1.5)
+    assert split_budget(0.4, 2, 0.85) == pytest.approx([0.8, 0.0])
+    assert split_budget(0.5, 2, 0.85) == pytest.approx([0.85, 0.15 / 0.85])
 
 
 def test_controller_holds_the_rate_on_a_drifting_stream() -> None:
@@ -52,12 +51,12 @@ def test_controller_reaches_extreme_and_tied_targets() -> None:
 
 def test_budget_policy_finds_its_link_from_the_lower_confidences_and_never_forwards_from_the_last_tier() -> None:
     rng = random.Random(0)
-    policy = BudgetPolicy(0.5, window=1000)
+    policy = BudgetConfig(byte_budget=0.5, window=1000).build()
     device = [policy.decide("mmlu", rng.random(), is_last=False).forward for _ in range(4000)]
     edge = [policy.decide("mmlu", rng.random(), is_last=False, lower=(0.1,)).forward for _ in range(4000)]
     assert sum(device) / 4000 == pytest.approx(0.85, abs=0.01)
     assert sum(edge) / 4000 == pytest.approx(0.15 / 0.85, abs=0.01)
-    last = BudgetPolicy(1.0, window=10)
+    last = BudgetConfig(byte_budget=1.0, window=10).build()
     assert not any(last.decide("x", rng.random(), is_last=True, lower=low).forward for low in [(), (0.2,)] * 50)
 
 
@@ -102,10 +101,10 @@ def serve_two_links(device: BudgetPolicy, edge: BudgetPolicy, n: int, seed: int 
             forwards += 1
             if edge.decide("quiz", rng.random(), is_last=False, lower=(0.5,)).forward:
                 links = [size + reply[2], size + 40 + reply[2]]
-                edge.observe_cost("quiz", size=size + 40, spent=links[1:])
+                edge.observe_cost("quiz", size=size + 40, spent=links[1:], lower=(0.5,))
             else:
                 links = [size + reply[1]]
-                edge.observe_cost("quiz", size=size + 40, spent=())
+                edge.observe_cost("quiz", size=size + 40, spent=(), lower=(0.5,))
         device.observe_cost("quiz", size=size, spent=links)
         spent += sum(links)
     return spent / cloud_only, forwards / n
@@ -113,7 +112,8 @@ def serve_two_links(device: BudgetPolicy, edge: BudgetPolicy, n: int, seed: int 
 
 @pytest.mark.parametrize("budget", [0.3, 0.4, 0.6])
 def test_first_tier_holds_the_measured_bytes_not_just_the_rates(budget: float) -> None:
-    device, edge = BudgetPolicy(budget, window=2000), BudgetPolicy(budget, window=2000)
+    config = BudgetConfig(byte_budget=budget, window=2000)
+    device, edge = config.build(), config.build()
     share, device_rate = serve_two_links(device, edge, 8000)
     assert share == pytest.approx(budget, abs=0.01)
     # Forwarding at the split's rates alone would land under the budget: the device spends what is left.
@@ -155,7 +155,7 @@ def realised_quality_loss(policy: QualityPolicy, stream: Iterator[tuple[float, f
 
 def test_quality_controller_converges_to_its_share_of_the_gap() -> None:
     """Gap 0.04 over two links: this tier may lose 0.02 against the tiers above."""
-    policy = QualityPolicy(0.04, links=2, window=2000, explore=0.1, seed=1)
+    policy = QualityConfig(quality_gap=0.04, links=2, window=2000, explore=0.1, probe_seed=1).build()
     true_losses = []
     for chunk in range(6):
         synthetic_quality_run(policy, 4000, feedback=True, seed=chunk)
@@ -180,7 +180,7 @@ def test_quality_pays_back_what_the_cold_start_overspent() -> None:
 
     first_windows, last_windows = [], []
     for seed in range(4):
-        policy = QualityPolicy(0.02, links=2, window=1000, cold_rate=0.0, seed=seed)
+        policy = QualityConfig(quality_gap=0.02, links=2, window=1000, cold_rate=0.0, probe_seed=seed).build()
         losses = realised_quality_loss(policy, always_worse(seed), 3000)
         first_windows.append(sum(losses[:1000]) / 1000)
         last_windows.append(sum(losses[-1000:]) / 1000)
@@ -205,7 +205,7 @@ def test_quality_keeps_a_share_of_tied_confidences() -> None:
 
     settled = []
     for seed in range(4):
-        policy = QualityPolicy(0.02, links=2, window=2000, seed=seed)
+        policy = QualityConfig(quality_gap=0.02, links=2, window=2000, probe_seed=seed).build()
         settled.append(sum(realised_quality_loss(policy, with_ties(seed), 6000)[2000:]) / 4000)
     # Measured: 0.014 on average (the curves price the untied confidences near 1 a little low); 0.023 when
     # ties are kept whole.
@@ -213,7 +213,7 @@ def test_quality_keeps_a_share_of_tied_confidences() -> None:
 
 
 def test_quality_cold_start_and_no_feedback_keep_the_cold_rate() -> None:
-    policy = QualityPolicy(0.02, cold_rate=0.5, explore=0.05, window=500)
+    policy = QualityConfig(quality_gap=0.02, cold_rate=0.5, explore=0.05, window=500).build()
     rate = synthetic_quality_run(policy, 4000, feedback=False)
     # The cold rate plus the probes (5% of the half it keeps).
     assert rate == pytest.approx(0.5 + 0.05 * 0.5, abs=0.03)
@@ -221,6 +221,57 @@ def test_quality_cold_start_and_no_feedback_keep_the_cold_rate() -> None:
     assert not any(policy.decide("quiz", 0.01, is_last=True).forward for _ in range(100))
 
 
-def test_make_policy_builds_the_target_policies() -> None:
-    assert isinstance(make_policy("budget", byte_budget=0.3), BudgetPolicy)
-    assert isinstance(make_policy("quality", quality_gap=0.01), QualityPolicy)
+def test_budget_config_reaches_the_rates_and_the_window() -> None:
+    policy = BudgetConfig(byte_budget=0.5, links=3, fill_cap=0.6, window=50).build()
+    assert policy.rates == pytest.approx(split_budget(0.5, 3, 0.6))
+    # Fifty low confidences, then fifty high ones: a window of 50 holds only the high ones.
+    stream = [i / 500 for i in range(50)] + [0.9 + i / 500 for i in range(50)]
+    narrow = BudgetConfig(byte_budget=0.2, links=1, window=50).build()
+    wide = BudgetConfig(byte_budget=0.2, links=1, window=100).build()
+    for confidence in stream:
+        narrow.decide("quiz", confidence, is_last=False)
+        wide.decide("quiz", confidence, is_last=False)
+    assert (narrow.threshold("quiz") or 0.0) >= 0.9
+    assert (wide.threshold("quiz") or 1.0) < 0.1
+
+
+def test_only_the_costs_of_the_first_tiers_requests_feed_the_byte_estimate() -> None:
+    """The depth comes with each call: a request seen at the edge books nothing, even right after the same
+    policy object decided one at the device."""
+    policy = BudgetConfig(byte_budget=0.4, window=100).build()
+    for _ in range(10):
+        policy.decide("quiz", 0.5, is_last=False)
+        policy.observe_cost("quiz", size=100, spent=[300, 300], lower=(0.2,))
+    policy.decide("quiz", 0.5, is_last=False)
+    assert not policy.holds_bytes("quiz")
+    for _ in range(5):
+        policy.observe_cost("quiz", size=100, spent=[300, 300])
+    policy.decide("quiz", 0.5, is_last=False)
+    assert policy.holds_bytes("quiz")
+
+
+def test_quality_config_reaches_the_policy() -> None:
+    assert QualityConfig(quality_gap=0.04, links=4).build().tier_gap == pytest.approx(0.01)
+    # Without feedback: the cold rate, plus the probes among the rest (the early ones at a rate of 0.5).
+    policy = QualityConfig(cold_rate=0.2, explore=0.1, window=500).build()
+    assert synthetic_quality_run(policy, 4000, feedback=False) == pytest.approx(0.2 + 0.1 * 0.8, abs=0.02)
+
+    def verdicts(seed: int) -> list[Verdict]:
+        policy = QualityConfig(probe_seed=seed).build()
+        return [policy.decide("quiz", i / 200, is_last=False) for i in range(200)]
+
+    assert verdicts(3) == verdicts(3) != verdicts(4)
+    # The cold-start threshold is the cold rate's quantile of the last `window` confidences.
+    narrow = QualityConfig(window=50).build()
+    for confidence in [i / 500 for i in range(50)] + [0.9 + i / 500 for i in range(50)]:
+        narrow.decide("quiz", confidence, is_last=False)
+    assert narrow.threshold("quiz") == pytest.approx(0.9 + 0.5 * 49 / 500)
+
+
+def test_quality_queries_create_no_state() -> None:
+    policy = QualityConfig().build()
+    assert not policy.calibrated("unseen")
+    assert policy.estimated_loss("unseen") is None
+    assert policy.kept_loss("unseen") == 0.0
+    assert policy.threshold("unseen") is None
+    assert not policy._states  # the queries above made no family's windows

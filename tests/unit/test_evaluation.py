@@ -25,10 +25,11 @@ from recserve.evaluation.frontier import (
     ThresholdPoint,
     pareto,
 )
-from recserve.evaluation.plans import EvalRequest, evaluate, target_plan
+from recserve.evaluation.plans import EvalRequest, chain_plan, evaluate
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
 from recserve.evaluation.sweep import SweepRequest, plot, sweep
 from recserve.evaluation.targets import target_lines, tune_fill_cap
+from recserve.policies import BudgetConfig
 from tests.conftest import write_trace_folder
 
 CHAIN = ("small", "medium", "large")
@@ -65,7 +66,7 @@ async def test_oracle_answers_at_the_cheapest_right_tier(trace_folder: Path) -> 
 async def test_recserve_matches_an_independent_numpy_replay(trace_folder: Path) -> None:
     traces = TraceSet.load(trace_folder)
     beta, window = 0.4, 6
-    result = await run(trace_folder, policy="recserve", beta=beta, window=window)
+    result = await run(trace_folder, policy="recserve", options={"beta": beta, "window": window})
     windows: dict[tuple[str, int], list[float]] = defaultdict(list)
     depths, right = [], []
     queries = sorted((q for q in traces.queries if q.split == "test"), key=lambda q: (q.benchmark, q.qid))
@@ -104,7 +105,7 @@ async def test_casserve_with_given_thresholds_and_tuned_on_train(tmp_path: Path)
             chosen = train_table.fixed_threshold_depths(np.array(thresholds))[mask]
             spent = train_table.link_bytes[mask][np.arange(mask.sum()), chosen].sum()
             assert spent <= budget * train_table.cloud_only_bytes[mask].sum() + 1e-9
-    tuned_run = await run(folder, policy="casserve", budget=0.3)
+    tuned_run = await run(folder, policy="casserve", options={"byte_budget": 0.3})
     assert tuned_run["overall"].n == len(queries)
     with pytest.raises(ValueError, match="one value per forwarding tier"):
         await run(folder, policy="casserve", thresholds=(0.5,))
@@ -120,7 +121,9 @@ async def test_fill_cap_is_tuned_by_running_the_budget_policy_on_train(tmp_path:
     for cap in caps:
         accuracies = []
         for budget in budgets:
-            outcomes = await replay.run_offline(train, target_plan("budget", 3, budget, 100, cap).offline)
+            outcomes = await replay.run_offline(
+                train, chain_plan(BudgetConfig(byte_budget=budget, window=100, fill_cap=cap), 3).offline
+            )
             accuracies += [s.accuracy for g, s in summaries(outcomes, 3, cloud_only).items() if g != "overall"]
         scores.append(sum(accuracies) / len(accuracies))
     assert len(set(scores)) > 1  # the caps make a difference here, so the choice below means something
@@ -132,7 +135,7 @@ async def test_json_fields_shuffle_and_chains_of_any_length(tmp_path: Path) -> N
     four = await run(folder, chain=("a", "b", "c", "d"), policy="cloud-only")
     assert four["overall"].share_by_tier == [0.0, 0.0, 0.0, 1.0]
     assert set(four["overall"].as_json()) == FIELDS
-    two = await run(folder, chain=("a", "d"), beta=0.5)
+    two = await run(folder, chain=("a", "d"), options={"beta": 0.5})
     assert len(two["overall"].share_by_tier) == 2
     replay = TraceReplay.load(folder, ("a", "d"))
     assert replay.queries("test", shuffle=3) == replay.queries("test", shuffle=3) != replay.queries("test")

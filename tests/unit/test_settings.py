@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
 
-from recserve.server.settings import OPTIONS, TierSettings, add_arguments, from_namespace
+from recserve.policies import BudgetConfig, FixedConfig, QualityConfig, RecServeConfig
+from recserve.server.settings import TierSettings, add_arguments, from_namespace, settings_table
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -24,16 +26,33 @@ def test_environment_gives_defaults_and_flags_override_them() -> None:
     settings = parse(["--beta", "0.4", "--next", "cloud:50051"], env)
     assert settings.plaintext is True
     assert parse(["--plaintext", "false", "--tls-cert", __file__, "--tls-key", __file__], env).plaintext is False
-    assert (settings.tier, settings.beta, settings.next, settings.window) == ("edge", 0.4, "cloud:50051", 10_000)
-    assert parse([], env).beta == 0.2
+    assert (settings.tier, settings.next, settings.policy) == ("edge", "cloud:50051", RecServeConfig(beta=0.4))
+    assert parse([], env).policy == RecServeConfig(beta=0.2)
+
+
+def test_the_policy_options_come_from_flags_and_variables() -> None:
+    env = {"RECSERVE_TIER": "edge", "RECSERVE_TRACES": "t", "RECSERVE_TRACE_MODEL": "m", "RECSERVE_PLAINTEXT": "1",
+           "RECSERVE_POLICY": "casserve", "RECSERVE_FAMILY_THRESHOLDS": "mmlu=0.3", "RECSERVE_BETA": "0.9"}  # fmt: skip
+    # Another policy's options (here RecServe's beta) are ignored.
+    assert parse(["--threshold", "0.4"], env).policy == FixedConfig(threshold=0.4, family_thresholds=(("mmlu", 0.3),))
+    budget = parse(["--policy", "budget", "--byte-budget", "0.3", "--links", "3"], env).policy
+    assert budget == BudgetConfig(byte_budget=0.3, links=3)
+    quality = parse(["--policy", "quality", "--probe-seed", "4"], env | {"RECSERVE_QUALITY_GAP": "0.05"}).policy
+    assert quality == QualityConfig(quality_gap=0.05, probe_seed=4)
+    with pytest.raises(ValueError, match=r"RECSERVE_FAMILY_THRESHOLDS='mmlu:0.3' is not valid: .*must look like"):
+        parse([], env | {"RECSERVE_FAMILY_THRESHOLDS": "mmlu:0.3"})
+    with pytest.raises(ValueError, match="invalid settings: unknown policy 'best'; choose one of: recserve, fixed"):
+        parse([], env | {"RECSERVE_POLICY": "best"})
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"tier": ""}, "a tier name is required"),
-        ({"beta": 1.5}, "beta must be within [0, 1]"),
-        ({"window": 0}, "window must be at least 1"),
+        ({"beta": 1.5}, "invalid settings: recserve policy: beta must be within [0, 1], got 1.5"),
+        ({"policy": "quality", "window": 0}, "quality policy: window must be at least 1, got 0"),
+        ({"policy": "budget", "fill_cap": 1.2}, "budget policy: fill_cap must be within (0, 1], got 1.2"),
+        ({"policy": "fixed", "threshold": float("nan")}, "fixed policy: threshold must be a number, got nan"),
         ({"next": "cloud"}, "--next must be HOST:PORT"),
         ({"port": 70_000}, "port must be within 0-65535"),
         ({"engine": "llama_cpp"}, "needs --model PATH.gguf"),
@@ -48,8 +67,14 @@ def test_environment_gives_defaults_and_flags_override_them() -> None:
 )
 def test_invalid_settings_say_what_is_wrong(overrides: dict[str, object], message: str) -> None:
     values: dict[str, object] = {"tier": "device", "traces": "t", "trace_model": "m", "plaintext": True} | overrides
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         TierSettings.with_defaults(**values)
+
+
+def test_the_policys_problems_and_the_others_come_in_one_message() -> None:
+    message = "invalid settings: budget policy: byte_budget must be within [0, 1], got 2.0; the replay engine needs"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TierSettings.with_defaults(tier="t", plaintext=True, policy="budget", byte_budget=2.0)
 
 
 def test_a_malformed_variable_names_itself() -> None:
@@ -57,7 +82,8 @@ def test_a_malformed_variable_names_itself() -> None:
         parse([], {"RECSERVE_PORT": "http"})
 
 
-def test_every_variable_is_documented_in_the_readme() -> None:
-    readme = README.read_text()
-    for option in OPTIONS:
-        assert f"| `{option.env}` | `{option.flag}` |" in readme, option.env
+def test_the_readmes_settings_table_is_settings_table() -> None:
+    lines = README.read_text().splitlines()
+    start = lines.index("| variable | flag | default | meaning |")
+    end = lines.index("", start)
+    assert "\n".join(lines[start:end]) == settings_table()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 
 import numpy as np
 import pytest
 
-from recserve.core.threshold import WindowedQuantile, interpolated_quantile
+from recserve.core.threshold import SlidingWindow, WindowedQuantile, interpolated_quantile
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.05, 0.3, 0.5, 0.77, 1.0])
@@ -52,3 +53,27 @@ def test_rejects_nan_and_empty_window() -> None:
         tracker.quantile()
     with pytest.raises(ValueError, match="NaN"):
         tracker.add(float("nan"))
+
+
+def test_quantile_at_any_level_matches_numpy_quantile_through_eviction() -> None:
+    rng = random.Random(7)
+    window = SlidingWindow(9)
+    reference: deque[float] = deque(maxlen=9)
+    for _ in range(40):
+        value = rng.random()
+        window.add(value)
+        reference.append(value)
+        for level in (0.0, 0.13, 0.5, 0.91, 1.0):
+            assert window.quantile_at(level) == np.quantile(np.array(reference), level)
+    assert list(window.sorted_values()) == sorted(reference)
+
+
+def test_forward_at_a_rate_forwards_all_at_one_none_at_zero_and_never_on_a_lone_value() -> None:
+    window = SlidingWindow(10)
+    assert window.threshold_at(0.5) == -math.inf  # empty: nothing to forward below
+    window.add(0.4)
+    assert window.forward_at(0.4, 0.9) == (False, 0.4)  # a lone value is its own quantile
+    assert window.forward_at(0.4, 1.0) == (True, math.inf)
+    window.add(0.2)
+    assert window.forward_at(0.2, 0.5) == (True, pytest.approx(0.3))
+    assert window.forward_at(0.2, 0.0) == (False, -math.inf)

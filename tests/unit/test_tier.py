@@ -19,7 +19,7 @@ from recserve.core.tier import Tier
 from recserve.core.traces import TraceSet
 from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
-from recserve.policies.simple import FixedThresholdPolicy, ForwardAllPolicy, RecServePolicy
+from recserve.policies.simple import FixedConfig, FixedThresholdPolicy, ForwardAllPolicy, RecServeConfig, RecServePolicy
 from recserve.v1 import tier_pb2 as pb
 from tests.conftest import TRACE_MODELS
 
@@ -50,7 +50,7 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 async def test_forwards_exactly_when_confidence_is_below_the_windowed_quantile(trace_folder: Path) -> None:
     traces = TraceSet.load(trace_folder)
-    tiers = await cascade(trace_folder, [RecServePolicy(0.3, 8), RecServePolicy(0.3, 8), RecServePolicy(0.3, 8)])
+    tiers = await cascade(trace_folder, [RecServePolicy(RecServeConfig(window=8)) for _ in range(3)])
     windows: dict[str, list[float]] = {name: [] for name in NAMES}
     forwarded = 0
     for qid in range(30):
@@ -137,7 +137,7 @@ async def test_local_only_requests_stay_on_the_first_tier(trace_folder: Path) ->
 
 async def test_references_and_feedback_feed_the_answering_tiers_accuracy(trace_folder: Path) -> None:
     registry = CollectorRegistry()
-    never, always = FixedThresholdPolicy(0.0), FixedThresholdPolicy(2.0)
+    never, always = FixedThresholdPolicy(FixedConfig(threshold=0.0)), FixedThresholdPolicy(FixedConfig(threshold=2.0))
     tiers = await cascade(trace_folder, [always, never, never], registry)
     traces = TraceSet.load(trace_folder)
     gold = traces.queries[0].gold
@@ -183,7 +183,7 @@ async def test_references_and_feedback_feed_the_answering_tiers_accuracy(trace_f
     ],
 )
 async def test_bad_requests_are_rejected_with_a_clear_message(trace_folder: Path, change, message: str) -> None:
-    tiers = await cascade(trace_folder, [RecServePolicy(), RecServePolicy(), RecServePolicy()])
+    tiers = await cascade(trace_folder, [RecServePolicy(RecServeConfig()) for _ in range(3)])
     request = quiz_request(0)
     for field, value in change.items():
         if isinstance(value, list):
@@ -200,7 +200,7 @@ async def test_bad_requests_are_rejected_with_a_clear_message(trace_folder: Path
 
 
 async def test_generate_with_options_and_unknown_prompts(trace_folder: Path) -> None:
-    tiers = await cascade(trace_folder, [RecServePolicy(), RecServePolicy(), RecServePolicy()])
+    tiers = await cascade(trace_folder, [RecServePolicy(RecServeConfig()) for _ in range(3)])
     with pytest.raises(InvalidRequest, match="only for CHOICE"):
         await tiers[0].infer(
             pb.InferRequest(prompt="chat question number 1?", task=pb.TASK_KIND_GENERATE, options=["A"])
@@ -214,7 +214,7 @@ async def test_an_expired_deadline_is_reported(trace_folder: Path) -> None:
     await engine.start()
     times = iter([0.0, 0.0, 5.0])  # request starts, engine starts, deadline checked after 5 s
     metrics = TierMetrics.standalone(CollectorRegistry(), "device")
-    tier = Tier("device", engine, RecServePolicy(), metrics, clock=lambda: next(times))
+    tier = Tier("device", engine, RecServePolicy(RecServeConfig()), metrics, clock=lambda: next(times))
     with pytest.raises(DeadlineExceeded, match="deadline"):
         await tier.infer(quiz_request(0), timeout=1.0)
 
@@ -224,11 +224,11 @@ class RecordingPolicy(FixedThresholdPolicy):
     probes sent at `probe_rate` when one is given."""
 
     def __init__(self, threshold: float, probe_rate: float | None = None) -> None:
-        super().__init__(threshold)
+        super().__init__(FixedConfig(threshold=threshold))
         self.probe_rate = probe_rate
         self.verdicts: list[tuple[str, float, bool, bool, float | None]] = []
         self.lower_seen: list[tuple[float, ...]] = []
-        self.costs: list[tuple[str, int, tuple[int, ...]]] = []
+        self.costs: list[tuple[str, int, tuple[int, ...], tuple[float, ...]]] = []
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower=()):  # type: ignore[no-untyped-def]
         self.lower_seen.append(tuple(lower))
@@ -240,8 +240,8 @@ class RecordingPolicy(FixedThresholdPolicy):
     ) -> None:
         self.verdicts.append((family, confidence, correct, answered_here, probe_rate))
 
-    def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
-        self.costs.append((family, size, tuple(spent)))
+    def observe_cost(self, family: str, *, size: int, spent: Sequence[int], lower: Sequence[float] = ()) -> None:
+        self.costs.append((family, size, tuple(spent), tuple(lower)))
 
 
 async def test_policies_learn_verdicts_and_see_the_lower_confidences(trace_folder: Path) -> None:
@@ -274,12 +274,13 @@ async def test_policies_learn_the_bytes_each_request_took_on_every_link_above(tr
     link = [to_edge.hops[0].bytes_sent + to_edge.hops[0].bytes_received]
     links = [device_hop.bytes_sent + device_hop.bytes_received, edge_hop.bytes_sent + edge_hop.bytes_received]
     sent = quiz_request(7, request_id="r00001")
+    lower = (to_cloud.hops[0].confidence, to_cloud.hops[1].confidence)
     assert policies[0].costs == [
-        ("quiz", reported_size(quiz_request(6, request_id="r00000"), to_edge.hops, 0), tuple(link)),
-        ("quiz", reported_size(sent, to_cloud.hops, 0), tuple(links)),
+        ("quiz", reported_size(quiz_request(6, request_id="r00000"), to_edge.hops, 0), tuple(link), ()),
+        ("quiz", reported_size(sent, to_cloud.hops, 0), tuple(links), ()),
     ]
-    assert policies[1].costs == [("quiz", reported_size(sent, to_cloud.hops, 1), (links[1],))]
-    assert policies[2].costs == [("quiz", reported_size(sent, to_cloud.hops, 2), ())]
+    assert policies[1].costs == [("quiz", reported_size(sent, to_cloud.hops, 1), (links[1],), lower[:1])]
+    assert policies[2].costs == [("quiz", reported_size(sent, to_cloud.hops, 2), (), lower)]
 
 
 def reported_size(sent: pb.InferRequest, hops: Sequence[pb.Hop], tier: int) -> int:

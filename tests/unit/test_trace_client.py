@@ -17,7 +17,7 @@ from recserve.core.offload import OffloadPolicy
 from recserve.core.tier import Tier
 from recserve.core.traces import TraceSet
 from recserve.engines.replay import ReplayEngine
-from recserve.policies.simple import ForwardAllPolicy, RecServePolicy
+from recserve.policies.simple import ForwardAllPolicy, RecServeConfig, RecServePolicy
 from recserve.v1 import tier_pb2 as pb
 from tests.conftest import TRACE_MODELS
 
@@ -47,7 +47,7 @@ class InProcessStack:
 
 @pytest.fixture
 async def stack(trace_folder: Path) -> AsyncIterator[InProcessStack]:
-    stack = InProcessStack(trace_folder, [RecServePolicy(0.4, 8) for _ in TRACE_MODELS])
+    stack = InProcessStack(trace_folder, [RecServePolicy(RecServeConfig(beta=0.4, window=8)) for _ in TRACE_MODELS])
     for engine in stack.engines:
         await engine.start()
     yield stack

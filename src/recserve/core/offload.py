@@ -33,7 +33,7 @@ class OffloadPolicy(Protocol):
         answer (`answered_here`) or, for a request it forwarded, the answer of a tier above; `probe_rate` is
         the decision's `Verdict.probe_rate`."""
 
-    def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
+    def observe_cost(self, family: str, *, size: int, spent: Sequence[int], lower: Sequence[float] = ()) -> None:
         """Learn what a request cost once it is served: `size` is its bytes as this tier received it, `spent`
         the bytes measured on each link from this tier up to the tier that answered (empty when this tier
-        answered it, or when the next tier did not answer)."""
+        answered it, or when the next tier did not answer), `lower` what `decide` was given for it."""

@@ -1,10 +1,12 @@
-"""Sliding-window quantile threshold: numpy.percentile's linear method, updated in O(log W) per value."""
+"""Sliding-window quantile thresholds: numpy.percentile's linear method, updated in O(log W) per value."""
 
 from __future__ import annotations
 
 import math
 from collections import deque
 
+import numpy as np
+import numpy.typing as npt
 from sortedcontainers import SortedList
 
 
@@ -25,22 +27,17 @@ def interpolated_quantile(sorted_values: SortedList | list[float], q: float) -> 
     return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
 
 
-class WindowedQuantile:
-    """The β-quantile of the last `window` values, the newest included.
+class SlidingWindow:
+    """The last `window` values, the newest included, with their quantile at any level.
 
     A ring of arrival order plus a sorted list (a B+-tree-like structure) gives O(log W) insert,
     evict and rank look-up, where re-sorting or numpy.percentile per value costs O(W).
     """
 
-    def __init__(self, beta: float, window: int) -> None:
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be within [0, 1], got {beta}")
+    def __init__(self, window: int) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        self.beta = beta
         self.window = window
-        # numpy.percentile(w, 100*β) divides by 100 again; doing the same keeps results identical.
-        self._q = (100.0 * beta) / 100.0
         self._arrivals: deque[float] = deque()
         self._sorted = SortedList()
 
@@ -55,5 +52,40 @@ class WindowedQuantile:
         self._arrivals.append(value)
         self._sorted.add(value)
 
+    def quantile_at(self, level: float) -> float:
+        """The `level`-quantile of the window, as numpy.quantile(window, level) computes it."""
+        return interpolated_quantile(self._sorted, level)
+
+    def threshold_at(self, rate: float) -> float:
+        """The threshold that forwards a share `rate` of the window: its `rate`-quantile, +inf at 1 (forward
+        all), -inf at 0 or while the window is empty (forward none)."""
+        if rate >= 1.0:
+            return math.inf
+        if rate <= 0.0 or not self._sorted:
+            return -math.inf
+        return self.quantile_at(rate)
+
+    def forward_at(self, confidence: float, rate: float) -> tuple[bool, float]:
+        """(forward, threshold) for `confidence`, the value added last, at a forward rate `rate`."""
+        threshold = self.threshold_at(rate)
+        # Like RecServe, nothing is compared with a lone value (it is its own quantile).
+        return rate >= 1.0 or (len(self) >= 2 and confidence < threshold), threshold
+
+    def sorted_values(self) -> npt.NDArray[np.float64]:
+        return np.asarray(self._sorted, dtype=np.float64)
+
+
+class WindowedQuantile(SlidingWindow):
+    """The β-quantile of the last `window` values, the newest included, bit-identical to
+    `numpy.percentile(window, 100*β)`."""
+
+    def __init__(self, beta: float, window: int) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be within [0, 1], got {beta}")
+        super().__init__(window)
+        self.beta = beta
+        # numpy.percentile(w, 100*β) divides by 100 again; doing the same keeps results identical.
+        self._q = (100.0 * beta) / 100.0
+
     def quantile(self) -> float:
-        return interpolated_quantile(self._sorted, self._q)
+        return self.quantile_at(self._q)

@@ -172,7 +172,7 @@ class Tier:
             degraded = True
 
         hop.decision = pb.DECISION_DEGRADED if degraded else pb.DECISION_ANSWERED
-        self.policy.observe_cost(family, size=request.ByteSize() + hop.ByteSize(), spent=())
+        self.policy.observe_cost(family, size=request.ByteSize() + hop.ByteSize(), spent=(), lower=lower)
         response = pb.InferResponse(
             request_id=request.request_id,
             answer=generation.text,
@@ -231,7 +231,8 @@ class Tier:
         self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
         # Each hop below the answering one records the bytes of the link above it: what this request cost.
         spent = [h.bytes_sent + h.bytes_received for h in response.hops[own:-1]]
-        self.policy.observe_cost(served.family, size=request.ByteSize() + hop.ByteSize(), spent=spent)
+        lower = tuple(h.confidence for h in request.hops)
+        self.policy.observe_cost(served.family, size=request.ByteSize() + hop.ByteSize(), spent=spent, lower=lower)
         self._remember(request.request_id, served)
         if request.reference:
             # Judged here too, so this tier's policy learns how the tiers above fare on what it forwards.

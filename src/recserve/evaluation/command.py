@@ -8,28 +8,39 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from recserve.client.tally import format_table, summary_columns
 from recserve.client.trace_client import tier_names
-from recserve.evaluation.plans import POLICY_NAMES, EvalRequest, evaluate
+from recserve.evaluation.plans import EVAL_OPTIONS, EVAL_POLICY_NAMES, ORACLE, EvalRequest, evaluate
 from recserve.evaluation.sweep import DEFAULT_BETAS, SweepRequest, plot, sweep
+from recserve.policies import POLICY_ALIASES, RecServeConfig
+
+# The flags these options had before `recserve eval` took the names `recserve serve` gives them.
+FLAG_ALIASES = {"byte_budget": ("--budget",), "quality_gap": ("--gap",)}
+FLAG_NOTES = {
+    "byte_budget": "; fixed without --thresholds: the byte share its thresholds are tuned for on the train split "
+    "(default: what recserve at --beta spends there)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--traces", type=Path, required=True, help="a folder in the trace format (docs/traces.md)")
     parser.add_argument("--chain", required=True, help="models from cheapest to largest, e.g. llama3.2-1b,llama3.1-70b")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--policy", choices=POLICY_NAMES, default="recserve")
-    parser.add_argument("--beta", type=float, default=0.3, help="recserve: forward below this quantile")
-    parser.add_argument("--window", type=int, default=10_000, help="recserve: confidences kept per benchmark")
-    parser.add_argument("--thresholds", default="", help="casserve: one per forwarding tier; default: tuned on train")
+    aliases = ", ".join(f"{alias} = {name}" for alias, name in POLICY_ALIASES.items())
     parser.add_argument(
-        "--budget", type=float, default=None,
-        help="casserve tuning, and the budget policy's target: bytes as a share of cloud-only (casserve default: "
-             "what recserve at --beta spends on train; budget default: 0.4)",
+        "--policy", choices=(*EVAL_POLICY_NAMES, *POLICY_ALIASES), default="recserve",
+        help=f"the policy every tier runs, or {ORACLE} (an offline bound); aliases {aliases}",
     )  # fmt: skip
-    parser.add_argument("--gap", type=float, default=0.02, help="quality: accuracy share it may lose vs cloud-only")
-    parser.add_argument("--fill-cap", type=float, default=0.85, help="budget: most a lower link forwards first")
+    parser.add_argument("--thresholds", default="", help="fixed: one per forwarding tier; default: tuned on train")
+    for option in EVAL_OPTIONS:
+        # Left out unless given, so that the policy's configuration supplies its defaults.
+        parser.add_argument(
+            option.flag, *FLAG_ALIASES.get(option.name, ()), dest=option.name, type=option.parse,
+            default=argparse.SUPPRESS,
+            help=f"{option.help} (default {option.format(option.default)}){FLAG_NOTES.get(option.name, '')}",
+        )  # fmt: skip
     parser.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="serve queries in a seeded order")
     parser.add_argument("--live", action="store_true", help="through real tier processes over gRPC on loopback")
     parser.add_argument("--json", default=None, metavar="FILE|-", help="write the figures as JSON")
@@ -40,14 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     chain = tuple(m.strip() for m in args.chain.split(",") if m.strip())
+    options = given_options(args)
     try:
         if args.sweep:
-            return _sweep(args, chain)
+            return _sweep(args, chain, options.get("window", RecServeConfig().window))
         thresholds = tuple(float(t) for t in args.thresholds.split(",") if t.strip())
         request = EvalRequest(
-            traces=args.traces, chain=chain, split=args.split, policy=args.policy, beta=args.beta,
-            window=args.window, thresholds=thresholds, budget=args.budget, shuffle=args.shuffle, live=args.live,
-            gap=args.gap, fill_cap=args.fill_cap,
+            traces=args.traces, chain=chain, split=args.split, policy=args.policy, options=options,
+            thresholds=thresholds, shuffle=args.shuffle, live=args.live,
         )  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="recserve-eval-") as logs:
             results = asyncio.run(evaluate(request, Path(logs)))
@@ -60,9 +71,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace, chain: tuple[str, ...]) -> int:
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy options given on the command line, by name."""
+    return {option.name: getattr(args, option.name) for option in EVAL_OPTIONS if hasattr(args, option.name)}
+
+
+def _sweep(args: argparse.Namespace, chain: tuple[str, ...], window: int) -> int:
     betas = tuple(float(b) for b in args.betas.split(","))
-    request = SweepRequest(args.traces, chain, args.split, args.window, betas, shuffle=args.shuffle)
+    request = SweepRequest(args.traces, chain, args.split, window, betas, shuffle=args.shuffle)
     result = asyncio.run(sweep(request))
     if args.plot:
         plot(result, args.plot)

@@ -1,70 +1,67 @@
-"""Policies as plans for a replay (offline policy objects and `recserve serve` flags), and `recserve eval`'s run."""
+"""Policies as plans for a replay (offline policy objects and `recserve serve` flags, both from the policies'
+configurations), and `recserve eval`'s run."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from recserve.client.tally import Summary, summaries, summarise
 from recserve.core.offload import OffloadPolicy
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
-from recserve.policies.simple import ForwardAllPolicy, LocalOnlyPolicy
+from recserve.policies import (
+    POLICY_ALIASES,
+    POLICY_NAMES,
+    FixedConfig,
+    PolicyConfig,
+    RecServeConfig,
+    config_type,
+    policy_options,
+)
 
-POLICY_NAMES = ("recserve", "casserve", "cloud-only", "device-only", "oracle", "budget", "quality")
-# Policies that learn from verdicts: their runs send each recorded verdict back as Feedback.
-FEEDBACK_POLICIES = ("quality",)
+ORACLE = "oracle"  # the cheapest tier whose recorded answer is right: an offline bound, not a policy
+EVAL_POLICY_NAMES = (*POLICY_NAMES, ORACLE)
+# The policy options `recserve eval` takes: not those it sets itself from the chain (links) or per tier (thresholds).
+EVAL_OPTIONS = tuple(option for option in policy_options() if option.in_eval)
 
 
 @dataclass(frozen=True)
 class PolicyPlan:
-    """A policy as offline policy objects and as the `recserve serve` flags of each tier."""
+    """A policy per tier, as offline policy objects and as the `recserve serve` flags of each tier."""
 
     offline: list[OffloadPolicy]
     flags: list[list[str]]
+    feedback: bool = False  # whether runs send each request's verdict back as Feedback, for policies that learn
+
+    @classmethod
+    def of(cls, configs: Sequence[PolicyConfig]) -> PolicyPlan:
+        """Both forms from one configuration per tier, first tier first."""
+        return cls(
+            [config.build() for config in configs],
+            [config.serve_flags() for config in configs],
+            any(config.learns_from_feedback for config in configs),
+        )
 
 
-def recserve_plan(tiers: int, beta: float, window: int) -> PolicyPlan:
-    from recserve.policies.simple import RecServePolicy
-
-    flags = ["--policy", "recserve", "--beta", repr(beta), "--window", str(window)]
-    return PolicyPlan([RecServePolicy(beta, window) for _ in range(tiers)], [flags] * tiers)
+def chain_plan(config: PolicyConfig, tiers: int) -> PolicyPlan:
+    """`config` on every tier of a chain of `tiers` (a target split over the chain's links)."""
+    return PolicyPlan.of([config.for_chain(tiers)] * tiers)
 
 
-def fixed_plan(tiers: int, per_family: dict[str, tuple[float, ...]] | None, default: Sequence[float]) -> PolicyPlan:
-    """Fixed thresholds per tier (and per family when tuned); the last tier keeps the default 0.5 it never uses."""
-    from recserve.policies.simple import FixedThresholdPolicy
-
-    offline: list[OffloadPolicy] = []
-    flags: list[list[str]] = []
-    for d in range(tiers):
-        base = default[d] if d < tiers - 1 else 0.5
-        families = {f: t[d] for f, t in (per_family or {}).items()} if d < tiers - 1 else {}
-        offline.append(FixedThresholdPolicy(base, families))
-        spec = ",".join(f"{f}={t!r}" for f, t in families.items())
-        flags.append(["--policy", "fixed", "--threshold", repr(base), *(["--family-thresholds", spec] if spec else [])])
-    return PolicyPlan(offline, flags)
-
-
-def target_plan(name: str, tiers: int, target: float, window: int, fill_cap: float = 0.85) -> PolicyPlan:
-    """`budget` (target: share of cloud-only bytes) or `quality` (target: accuracy share below cloud-only)."""
-    from recserve.policies import make_policy
-
-    value = "--byte-budget" if name == "budget" else "--quality-gap"
-    flags = ["--policy", name, value, repr(target), "--window", str(window), "--links", str(tiers - 1)]
-    flags += ["--fill-cap", repr(fill_cap)] if name == "budget" else []
-    offline = [
-        make_policy(name, byte_budget=target, quality_gap=target, window=window, links=tiers - 1, fill_cap=fill_cap)
-        for _ in range(tiers)
-    ]
-    return PolicyPlan(offline, [flags] * tiers)
-
-
-def simple_plan(name: str, tiers: int) -> PolicyPlan:
-    if name == "cloud-only":
-        return PolicyPlan([ForwardAllPolicy() for _ in range(tiers)], [["--policy", "forward-all"]] * tiers)
-    return PolicyPlan([LocalOnlyPolicy() for _ in range(tiers)], [["--policy", "local"]] * tiers)
+def fixed_plan(
+    tiers: int, thresholds: Sequence[float] = (), per_family: Mapping[str, Sequence[float]] | None = None
+) -> PolicyPlan:
+    """Fixed thresholds, one per forwarding tier (the default one when none are given), and one per tier and
+    family when tuned; the last tier, which never forwards, keeps the default."""
+    configs = []
+    for depth in range(tiers - 1):
+        families = tuple((family, values[depth]) for family, values in (per_family or {}).items())
+        config = FixedConfig(family_thresholds=families)
+        configs.append(replace(config, threshold=thresholds[depth]) if thresholds else config)
+    return PolicyPlan.of([*configs, FixedConfig()])
 
 
 @dataclass(frozen=True)
@@ -72,45 +69,52 @@ class EvalRequest:
     traces: Path
     chain: tuple[str, ...]
     split: str = "test"
-    policy: str = "recserve"
-    beta: float = 0.3
-    window: int = 10_000
-    thresholds: tuple[float, ...] = ()
-    budget: float | None = None
+    policy: str = "recserve"  # a policy's name or alias, or the oracle
+    # Policy options by name (beta, window, byte_budget, ...; EVAL_OPTIONS), the policy's configuration giving the
+    # others. Fixed thresholds without `thresholds` are tuned for `byte_budget` on the train split (by default
+    # for what recserve at `beta` spends there).
+    options: Mapping[str, Any] = field(default_factory=dict)
+    thresholds: tuple[float, ...] = ()  # fixed: one per forwarding tier
     shuffle: int | None = None
     live: bool = False
-    gap: float = 0.02  # quality policy: accuracy share below cloud-only it may lose
-    fill_cap: float = 0.85  # budget policy: most a lower link forwards before the links above get any
+
+    def __post_init__(self) -> None:
+        if self.policy not in (*EVAL_POLICY_NAMES, *POLICY_ALIASES):
+            aliases = ", ".join(f"{alias} = {name}" for alias, name in POLICY_ALIASES.items())
+            raise ValueError(
+                f"unknown policy {self.policy!r}; choose one of: {', '.join(EVAL_POLICY_NAMES)} (aliases: {aliases})"
+            )
+        unknown = set(self.options) - {option.name for option in EVAL_OPTIONS}
+        if unknown:
+            raise ValueError(
+                f"not options of an evaluated policy: {', '.join(sorted(unknown))}; "
+                f"they are: {', '.join(option.name for option in EVAL_OPTIONS)}"
+            )
+        if self.policy != ORACLE:
+            config_type(self.policy).from_values(self.options)  # says what is wrong before any trace is read
 
 
 async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
     tiers = len(request.chain)
-    if request.policy == "recserve":
-        return recserve_plan(tiers, request.beta, request.window)
-    if request.policy in ("cloud-only", "device-only"):
-        return simple_plan(request.policy, tiers)
-    if request.policy == "budget":
-        share = 0.4 if request.budget is None else request.budget
-        return target_plan("budget", tiers, share, request.window, request.fill_cap)
-    if request.policy == "quality":
-        return target_plan("quality", tiers, request.gap, request.window)
-    if request.policy != "casserve":
-        raise ValueError(f"unknown policy {request.policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
+    config = config_type(request.policy)
+    if config is not FixedConfig:
+        return chain_plan(config.from_values(request.options), tiers)
     if request.thresholds:
         if len(request.thresholds) != tiers - 1:
             raise ValueError(f"--thresholds takes one value per forwarding tier: {tiers - 1} for this chain")
-        return fixed_plan(tiers, None, request.thresholds)
+        return fixed_plan(tiers, request.thresholds)
     # Tune on the train split, apply to the evaluated split.
     train = replay.queries("train")
     if not train:
-        raise ValueError("casserve without --thresholds tunes on the train split, and this trace set has none")
+        raise ValueError("fixed thresholds without --thresholds are tuned on the train split; this trace set has none")
     train_table = await replay.depth_table(train)
-    budget = request.budget
+    budget = request.options.get("byte_budget")
     if budget is None:
         # Compare at equal traffic: the budget is what RecServe with the same beta spends on train.
-        outcomes = await replay.run_offline(train, recserve_plan(tiers, request.beta, request.window).offline)
+        recserve = chain_plan(RecServeConfig.from_values(request.options), tiers)
+        outcomes = await replay.run_offline(train, recserve.offline)
         budget = summarise(outcomes, tiers, int(train_table.cloud_only_bytes.sum())).bytes_vs_cloud_only
-    return fixed_plan(tiers, tune_fixed_thresholds(train_table, budget), [0.5] * (tiers - 1))
+    return fixed_plan(tiers, per_family=tune_fixed_thresholds(train_table, budget))
 
 
 async def evaluate(request: EvalRequest, log_dir: Path | None = None) -> dict[str, Summary]:
@@ -122,16 +126,15 @@ async def evaluate(request: EvalRequest, log_dir: Path | None = None) -> dict[st
     table = await replay.depth_table(queries)
     cloud_only = cloud_only_by_benchmark(table)
     tiers = len(request.chain)
-    if request.policy == "oracle":
+    if request.policy == ORACLE:
         if request.live:
             raise ValueError("the oracle knows the answers in advance: it is an offline bound, not a live policy")
         return summaries(table.outcomes(table.oracle_depths()), tiers, cloud_only)
     plan = await plan_for(request, replay)
-    feedback = request.policy in FEEDBACK_POLICIES
     if request.live:
         if log_dir is None:
             raise ValueError("a live run needs a folder for the tier logs")
-        outcomes = await asyncio.to_thread(replay.run_live, queries, plan.flags, log_dir, feedback=feedback)
+        outcomes = await asyncio.to_thread(replay.run_live, queries, plan.flags, log_dir, feedback=plan.feedback)
     else:
-        outcomes = await replay.run_offline(queries, plan.offline, feedback=feedback)
+        outcomes = await replay.run_offline(queries, plan.offline, feedback=plan.feedback)
     return summaries(outcomes, tiers, cloud_only)

@@ -26,7 +26,9 @@ async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: flo
     slug = "_".join(chain).replace(".", "")
     results: dict[str, dict[str, Summary]] = {}
     for policy in POLICIES:
-        results[policy] = await evaluate(EvalRequest(traces=traces, chain=tuple(chain), policy=policy, beta=beta))
+        results[policy] = await evaluate(
+            EvalRequest(traces=traces, chain=tuple(chain), policy=policy, options={"beta": beta})
+        )
     frontier = await sweep(SweepRequest(traces, tuple(chain), targets=True))
     (out / "results").mkdir(parents=True, exist_ok=True)
     plot(frontier, out / "results" / f"{slug}.png")

@@ -28,7 +28,7 @@ from recserve.evaluation.frontier import (
     ThresholdPoint,
     pareto,
 )
-from recserve.evaluation.plans import recserve_plan
+from recserve.evaluation.plans import chain_plan
 from recserve.evaluation.replay import (
     DepthTable,
     TraceReplay,
@@ -37,6 +37,7 @@ from recserve.evaluation.replay import (
     tune_fixed_thresholds,
 )
 from recserve.evaluation.targets import with_targets
+from recserve.policies import RecServeConfig
 
 DEFAULT_BETAS = tuple(round(b, 2) for b in np.linspace(0.0, 1.0, 21))
 
@@ -76,7 +77,9 @@ async def sweep(request: SweepRequest) -> ChainFrontier:
 
     recserve: dict[str, list[BetaPoint]] = {g: [] for g in groups}
     for beta in request.betas:
-        outcomes = await replay.run_offline(queries, recserve_plan(tiers, beta, request.window).offline)
+        outcomes = await replay.run_offline(
+            queries, chain_plan(RecServeConfig(beta=beta, window=request.window), tiers).offline
+        )
         for group, summary in summaries(outcomes, tiers, cloud_only).items():
             recserve[group].append(BetaPoint(beta, summary.accuracy, summary.bytes_vs_cloud_only))
 

@@ -23,12 +23,12 @@ from recserve.evaluation.frontier import (
     bytes_to_reach,
     format_share,
 )
-from recserve.evaluation.plans import target_plan
+from recserve.evaluation.plans import chain_plan
 from recserve.evaluation.replay import DepthTable, TraceReplay, cloud_only_by_benchmark
+from recserve.policies import BudgetConfig, PolicyConfig, QualityConfig
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.35, 0.375, 0.39, 0.4, 0.425, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_GAPS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1)
-DEFAULT_FILL_CAP = 0.85  # the budget policy's own default
 TRACKED_BUDGET = 0.4
 FILL_CAPS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 
@@ -50,7 +50,8 @@ async def tune_fill_cap(
     for cap in caps:
         accuracies = []
         for budget in budgets:
-            outcomes = await replay.run_offline(queries, target_plan("budget", tiers, budget, window, cap).offline)
+            plan = chain_plan(BudgetConfig(byte_budget=budget, window=window, fill_cap=cap), tiers)
+            outcomes = await replay.run_offline(queries, plan.offline)
             accuracies += [
                 s.accuracy for group, s in summaries(outcomes, tiers, cloud_only).items() if group != "overall"
             ]
@@ -85,11 +86,11 @@ async def with_targets(
     budget policy's with a fill cap tuned there), and the byte tracking of one budget on two streams."""
     tiers, window = len(replay.chain), frontier.window
 
-    async def curves(policy: str, targets: Sequence[float], fill_cap: float) -> dict[str, tuple[TargetPoint, ...]]:
+    async def curves(configs: Sequence[tuple[float, PolicyConfig]]) -> dict[str, tuple[TargetPoint, ...]]:
         points: dict[str, list[TargetPoint]] = defaultdict(list)
-        for target in targets:
-            plan = target_plan(policy, tiers, target, window, fill_cap)
-            outcomes = await replay.run_offline(queries, plan.offline, feedback=policy == "quality")
+        for target, config in configs:
+            plan = chain_plan(config, tiers)
+            outcomes = await replay.run_offline(queries, plan.offline, feedback=plan.feedback)
             for group, summary in summaries(outcomes, tiers, cloud_only).items():
                 points[group].append(TargetPoint(target, summary.accuracy, summary.bytes_vs_cloud_only))
         return {group: tuple(p) for group, p in points.items()}
@@ -97,9 +98,13 @@ async def with_targets(
     train = replay.queries("train")
     # One number per chain from the train split: how far to fill the lower links first.
     cap = await tune_fill_cap(replay, train, window) if train else None
-    budget = await curves("budget", budgets, DEFAULT_FILL_CAP)
-    quality = await curves("quality", gaps, DEFAULT_FILL_CAP)
-    budget_tuned = await curves("budget", budgets, cap) if cap is not None else {}
+    budget = await curves([(b, BudgetConfig(byte_budget=b, window=window)) for b in budgets])
+    quality = await curves([(g, QualityConfig(quality_gap=g, window=window)) for g in gaps])
+    budget_tuned = (
+        await curves([(b, BudgetConfig(byte_budget=b, window=window, fill_cap=cap)) for b in budgets])
+        if cap is not None
+        else {}
+    )
     benchmarks = {
         group: replace(entry, budget=budget[group], quality=quality[group], budget_tuned=budget_tuned.get(group, ()))
         for group, entry in frontier.benchmarks.items()
@@ -111,7 +116,8 @@ async def with_targets(
     random.Random(shuffle_seed).shuffle(shuffled)
     streams: dict[str, tuple[tuple[int, float], ...]] = {}
     for name, stream in (("drifting", list(queries)), ("shuffled", shuffled)):
-        outcomes = await replay.run_offline(stream, target_plan("budget", tiers, TRACKED_BUDGET, window).offline)
+        plan = chain_plan(BudgetConfig(byte_budget=TRACKED_BUDGET, window=window), tiers)
+        outcomes = await replay.run_offline(stream, plan.offline)
         streams[name] = cumulative_share(outcomes, [int(per_query[row_of[q.key]]) for q in stream])
     tracking = BudgetTracking(TRACKED_BUDGET, streams["drifting"], streams["shuffled"])
     return replace(frontier, benchmarks=benchmarks, fill_cap_tuned_on_train=cap, budget_tracking=tracking)
@@ -152,7 +158,7 @@ def target_lines(frontier: ChainFrontier, tracking_png: str) -> list[str]:
         "",
         "Target-driven policies, frontiers from sweeping the target (byte budgets "
         f"{', '.join(map(str, DEFAULT_BUDGETS))}; quality gaps {', '.join(map(str, DEFAULT_GAPS))}): **budget** "
-        f"with the default fill cap {DEFAULT_FILL_CAP}, **budget, cap tuned on train** "
+        f"with the default fill cap {BudgetConfig().fill_cap}, **budget, cap tuned on train** "
         f"({'fill cap ' + str(cap) + ' chosen on the train split' if cap is not None else 'no train split'}), "
         "**quality**. Goal: within 2 points of cloud-only at ≤ 0.5 of its bytes; at 0.4 of its bytes, more accurate "
         "than RecServe and CasServe tuned on train (each at its best frontier point spending at most 0.4). The goal "

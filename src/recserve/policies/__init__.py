@@ -1,46 +1,78 @@
 """Offload policies: given a tier's confidence, answer here or forward to the next tier.
 
 Implements `recserve.core.offload.OffloadPolicy`. May import `recserve.core` only: the tiers, the live servers
-and the offline replay all build their policies here.
+and the offline replay all build their policies here, each from its frozen configuration (`PolicyConfig`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
-from recserve.core.offload import OffloadPolicy
-from recserve.policies.budget import BudgetPolicy
-from recserve.policies.quality import QualityPolicy
-from recserve.policies.simple import FixedThresholdPolicy, ForwardAllPolicy, LocalOnlyPolicy, RecServePolicy
+from recserve.policies.budget import BudgetConfig
+from recserve.policies.config import PolicyConfig, PolicyOption
+from recserve.policies.quality import QualityConfig
+from recserve.policies.simple import FixedConfig, ForwardAllConfig, LocalConfig, RecServeConfig
 
-POLICY_NAMES = ("recserve", "fixed", "forward-all", "local", "budget", "quality")
+POLICY_CONFIGS: tuple[type[PolicyConfig], ...] = (
+    RecServeConfig,
+    FixedConfig,
+    ForwardAllConfig,
+    LocalConfig,
+    BudgetConfig,
+    QualityConfig,
+)
+POLICY_NAMES = tuple(config.name for config in POLICY_CONFIGS)
+POLICY_ALIASES = {alias: config.name for config in POLICY_CONFIGS for alias in config.aliases}
 
 
-def make_policy(
-    name: str,
-    *,
-    beta: float = 0.3,
-    window: int = 10_000,
-    threshold: float = 0.5,
-    family_thresholds: Mapping[str, float] | None = None,
-    byte_budget: float = 0.4,
-    quality_gap: float = 0.02,
-    links: int = 2,
-    fill_cap: float = 0.85,
-    explore: float = 0.05,
-    cold_rate: float = 0.5,
-    seed: int = 0,
-) -> OffloadPolicy:
-    if name in ("budget", "quality"):
-        if name == "budget":
-            return BudgetPolicy(byte_budget, links=links, fill_cap=fill_cap, window=window)
-        return QualityPolicy(quality_gap, links=links, window=window, explore=explore, cold_rate=cold_rate, seed=seed)
-    if name == "recserve":
-        return RecServePolicy(beta, window)
-    if name == "fixed":
-        return FixedThresholdPolicy(threshold, family_thresholds)
-    if name == "forward-all":
-        return ForwardAllPolicy()
-    if name == "local":
-        return LocalOnlyPolicy()
-    raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICY_NAMES)}")
+def config_type(name: str) -> type[PolicyConfig]:
+    """The configuration class of the policy called `name` (or one of its aliases)."""
+    for config in POLICY_CONFIGS:
+        if name == config.name or name in config.aliases:
+            return config
+    aliases = ", ".join(f"{alias} = {policy}" for alias, policy in POLICY_ALIASES.items())
+    raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICY_NAMES)} (aliases: {aliases})")
+
+
+def policy_config(name: str, values: Mapping[str, Any]) -> PolicyConfig:
+    """The configuration of policy `name` from the values of its options in `values`, defaults for the others."""
+    return config_type(name).from_values(values)
+
+
+def policy_options() -> tuple[PolicyOption, ...]:
+    """Every policy option once, in the order the policies list them; each one's help names the policies that
+    take it (several share `window` and `links`)."""
+    options: dict[str, PolicyOption] = {}
+    takers: dict[str, list[str]] = {}
+    for config in POLICY_CONFIGS:
+        for option in config.options():
+            if options.setdefault(option.name, option) != option:
+                raise TypeError(f"the {config.name} policy's {option.name} differs from another policy's")
+            takers.setdefault(option.name, []).append(config.name)
+    return tuple(replace(option, help=f"{_policies(takers[name])}: {option.help}") for name, option in options.items())
+
+
+def _policies(names: list[str]) -> str:
+    if len(names) == 1:
+        return f"{names[0]} policy"
+    return f"{', '.join(names[:-1])} and {names[-1]} policies"
+
+
+__all__ = [
+    "POLICY_ALIASES",
+    "POLICY_CONFIGS",
+    "POLICY_NAMES",
+    "BudgetConfig",
+    "FixedConfig",
+    "ForwardAllConfig",
+    "LocalConfig",
+    "PolicyConfig",
+    "PolicyOption",
+    "QualityConfig",
+    "RecServeConfig",
+    "config_type",
+    "policy_config",
+    "policy_options",
+]

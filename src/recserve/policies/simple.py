@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from recserve.core.offload import Verdict
+from recserve.core.offload import OffloadPolicy, Verdict
 from recserve.core.threshold import WindowedQuantile
+from recserve.policies.config import PolicyConfig, a_number, option, share, window_option
+
+FamilyThresholds = tuple[tuple[str, float], ...]
 
 
 class _Stateless:
@@ -17,8 +21,19 @@ class _Stateless:
     ) -> None:
         return None
 
-    def observe_cost(self, family: str, *, size: int, spent: Sequence[int]) -> None:
+    def observe_cost(self, family: str, *, size: int, spent: Sequence[int], lower: Sequence[float] = ()) -> None:
         return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecServeConfig(PolicyConfig):
+    name = "recserve"
+
+    beta: float = option(0.3, "forward below this quantile of recent confidences", check=share)
+    window: int = window_option()
+
+    def build(self) -> RecServePolicy:
+        return RecServePolicy(self)
 
 
 class RecServePolicy(_Stateless):
@@ -28,16 +43,14 @@ class RecServePolicy(_Stateless):
     window holds two values (a single value is its own quantile, so there is nothing to compare with).
     """
 
-    def __init__(self, beta: float = 0.3, window: int = 10_000) -> None:
-        WindowedQuantile(beta, window)  # validates the parameters before any request arrives
-        self.beta = beta
-        self.window = window
+    def __init__(self, config: RecServeConfig) -> None:
+        self.config = config
         self._windows: dict[str, WindowedQuantile] = {}
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
         window = self._windows.get(family)
         if window is None:
-            window = self._windows[family] = WindowedQuantile(self.beta, self.window)
+            window = self._windows[family] = WindowedQuantile(self.config.beta, self.config.window)
         window.add(confidence)
         threshold = window.quantile()
         forward = not is_last and len(window) >= 2 and confidence < threshold
@@ -48,14 +61,58 @@ class RecServePolicy(_Stateless):
         return window.quantile() if window else None
 
 
+def parse_family_thresholds(text: str) -> FamilyThresholds:
+    """ "mmlu=0.42,medmcqa=0.5" -> (("mmlu", 0.42), ("medmcqa", 0.5)); raises ValueError saying what is wrong."""
+    thresholds: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        family, sep, value = item.partition("=")
+        family = family.strip()
+        try:
+            threshold = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not family:
+            raise ValueError(f"family thresholds must look like 'mmlu=0.42,medmcqa=0.5', got {item!r}")
+        if family in thresholds:
+            raise ValueError(f"family thresholds give {family!r} twice")
+        thresholds[family] = threshold
+    return tuple(thresholds.items())
+
+
+def format_family_thresholds(thresholds: FamilyThresholds) -> str:
+    return ",".join(f"{family}={threshold!r}" for family, threshold in thresholds)
+
+
+def _numbers(thresholds: FamilyThresholds) -> str | None:
+    return "must all be numbers" if any(math.isnan(threshold) for _, threshold in thresholds) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FixedConfig(PolicyConfig):
+    name = "fixed"
+    aliases = ("casserve",)
+
+    # `recserve eval` sets both per tier (given or tuned on the train split), so it takes neither.
+    threshold: float = option(0.5, "forward below this confidence", check=a_number, in_eval=False)
+    family_thresholds: tuple[tuple[str, float], ...] = option(
+        (),
+        "per-family thresholds, e.g. mmlu=0.42,medmcqa=0.5",
+        check=_numbers,
+        parse=parse_family_thresholds,
+        text=format_family_thresholds,
+        in_eval=False,
+    )
+
+    def build(self) -> FixedThresholdPolicy:
+        return FixedThresholdPolicy(self)
+
+
 class FixedThresholdPolicy(_Stateless):
     """CasServe: hand-tuned thresholds, one per tier (optionally one per task family), whatever the traffic."""
 
-    def __init__(self, threshold: float, per_family: Mapping[str, float] | None = None) -> None:
-        self._per_family = dict(per_family or {})
-        if any(math.isnan(t) for t in (threshold, *self._per_family.values())):
-            raise ValueError("threshold is NaN")
-        self._threshold = threshold
+    def __init__(self, config: FixedConfig) -> None:
+        self._threshold = config.threshold
+        self._per_family = dict(config.family_thresholds)
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
         threshold = self._per_family.get(family, self._threshold)
@@ -65,18 +122,13 @@ class FixedThresholdPolicy(_Stateless):
         return self._per_family.get(family, self._threshold)
 
 
-def parse_family_thresholds(text: str) -> dict[str, float]:
-    """ "mmlu=0.42,medmcqa=0.5" -> {"mmlu": 0.42, "medmcqa": 0.5}; raises ValueError saying what is wrong."""
-    thresholds: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        family, sep, value = item.partition("=")
-        try:
-            thresholds[family.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not family.strip():
-            raise ValueError(f"family thresholds must look like 'mmlu=0.42,medmcqa=0.5', got {item!r}")
-    return thresholds
+@dataclass(frozen=True, kw_only=True)
+class ForwardAllConfig(PolicyConfig):
+    name = "forward-all"
+    aliases = ("cloud-only",)
+
+    def build(self) -> OffloadPolicy:
+        return ForwardAllPolicy()
 
 
 class ForwardAllPolicy(_Stateless):
@@ -87,6 +139,15 @@ class ForwardAllPolicy(_Stateless):
 
     def threshold(self, family: str) -> float | None:
         return math.inf
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalConfig(PolicyConfig):
+    name = "local"
+    aliases = ("device-only",)
+
+    def build(self) -> OffloadPolicy:
+        return LocalOnlyPolicy()
 
 
 class LocalOnlyPolicy(_Stateless):

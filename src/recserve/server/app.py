@@ -19,8 +19,6 @@ from recserve.core.engine import Engine
 from recserve.core.metrics import TierMetrics
 from recserve.core.tier import Tier
 from recserve.engines import create_engine
-from recserve.policies import make_policy
-from recserve.policies.simple import parse_family_thresholds
 from recserve.server.security import server_credentials, upstream_credentials
 from recserve.server.servicer import SERVICE_NAME, TierServicer, add_tier_service
 from recserve.server.settings import TierSettings
@@ -97,20 +95,7 @@ async def start_tier(
     tier = Tier(
         settings.tier,
         engine,
-        make_policy(
-            settings.policy,
-            beta=settings.beta,
-            window=settings.window,
-            threshold=settings.threshold,
-            family_thresholds=parse_family_thresholds(settings.family_thresholds),
-            byte_budget=settings.byte_budget,
-            quality_gap=settings.quality_gap,
-            links=settings.links,
-            fill_cap=settings.fill_cap,
-            explore=settings.explore,
-            cold_rate=settings.cold_rate,
-            seed=settings.seed,
-        ),
+        settings.policy.build(),
         TierMetrics.standalone(registry, settings.tier),
         _upstream(settings),
         limits=settings.limits,
@@ -162,7 +147,7 @@ async def start_tier(
         metrics_port or "off",
         settings.next or "none",
         settings.engine,
-        settings.policy,
+        settings.policy.name,
     )
     return running
 

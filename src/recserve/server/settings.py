@@ -12,10 +12,18 @@ from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
 from recserve.core.tier import TierLimits
 from recserve.engines import ENGINE_NAMES
 from recserve.engines.config import EngineConfig
-from recserve.policies import POLICY_NAMES
-from recserve.policies.simple import parse_family_thresholds
+from recserve.policies import (
+    POLICY_ALIASES,
+    POLICY_NAMES,
+    LocalConfig,
+    PolicyConfig,
+    PolicyOption,
+    policy_config,
+    policy_options,
+)
 
 ENV_PREFIX = "RECSERVE_"
+INVALID = "invalid settings: "
 
 
 def bool_flag(text: str | bool) -> bool:
@@ -37,6 +45,12 @@ class Option:
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, choice): other names accepted for choices
+    text: Callable[[Any], str] | None = None  # how a value is written as text, where its repr is not that
+
+    @classmethod
+    def of_policy(cls, option: PolicyOption) -> Option:
+        return cls(option.name, option.parse, option.default, option.help, text=option.text)
 
     @property
     def flag(self) -> str:
@@ -78,21 +92,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("base_url", str, "", "openai: base URL of an OpenAI-compatible server, e.g. http://HOST:8000/v1"),
     Option("api_key", str, "", "openai: bearer token for the server (empty: none)"),
     Option("request_timeout", float, 60.0, "openai: seconds to wait for the server, per request and at start-up"),
-    Option("policy", str, "recserve", "offload policy", POLICY_NAMES),
-    Option("beta", float, 0.3, "recserve policy: forward below this quantile of recent confidences"),
-    Option("window", int, 10_000, "recserve policy: confidences kept per task family"),
-    Option("threshold", float, 0.5, "fixed policy: forward below this confidence"),
-    Option("family_thresholds", str, "", "fixed policy: per-family thresholds, e.g. mmlu=0.42,medmcqa=0.5"),
-    Option("byte_budget", float, 0.4, "budget policy: bytes to spend, as a share of cloud-only serving"),
-    Option(
-        "quality_gap", float, 0.02, "quality policy: accuracy it may lose against the tiers above (0.02 = 2 points)"
-    ),
-    Option("links", int, 2, "budget and quality policies: links in the chain (tiers - 1), to split the target over"),
-    Option("fill_cap", float, 0.85, "budget policy: the most a tier below the last link forwards before links above"),
-    Option(
-        "explore", float, 0.05, "quality policy: share of would-be-kept requests forwarded to measure the tiers above"
-    ),
-    Option("cold_rate", float, 0.5, "quality policy: forward rate until verdicts arrive (and if they never do)"),
+    Option("policy", str, "recserve", "offload policy", POLICY_NAMES, tuple(POLICY_ALIASES.items())),
+    *map(Option.of_policy, policy_options()),
     Option("scorer", str, "perplexity", "confidence scorer for GENERATE tasks", tuple(GENERATE_SCORERS)),
     Option("choice_scorer", str, "option_probability", "confidence scorer for CHOICE tasks", tuple(CHOICE_SCORERS)),
     Option("max_prompt_chars", int, TierLimits.max_prompt_chars, "longest prompt + system prompt accepted"),
@@ -139,17 +140,7 @@ class TierSettings:
     base_url: str
     api_key: str
     request_timeout: float
-    policy: str
-    beta: float
-    window: int
-    threshold: float
-    family_thresholds: str
-    byte_budget: float
-    quality_gap: float
-    links: int
-    fill_cap: float
-    explore: float
-    cold_rate: float
+    policy: PolicyConfig  # from --policy and that policy's options (the other policies' are ignored)
     scorer: str
     choice_scorer: str
     max_prompt_chars: int
@@ -176,7 +167,7 @@ class TierSettings:
     def __post_init__(self) -> None:
         problems = list(self._problems())
         if problems:
-            raise ValueError("invalid settings: " + "; ".join(problems))
+            raise ValueError(INVALID + "; ".join(problems))
 
     def _problems(self) -> Iterator[str]:
         if not self.tier:
@@ -186,15 +177,6 @@ class TierSettings:
                 yield f"{name} must be within 0-65535"
         if self.next and (":" not in self.next or not self.next.rsplit(":", 1)[1].isdigit()):
             yield f"--next must be HOST:PORT, got {self.next!r}"
-        if not 0.0 <= self.beta <= 1.0:
-            yield f"beta must be within [0, 1], got {self.beta}"
-        if self.window < 1:
-            yield f"window must be at least 1, got {self.window}"
-        for name in ("byte_budget", "quality_gap", "explore", "cold_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                yield f"{name} must be a share within [0, 1], got {getattr(self, name)}"
-        if self.links < 1 or not 0.0 < self.fill_cap <= 1.0:
-            yield f"links must be at least 1 and fill_cap within (0, 1], got {self.links} and {self.fill_cap}"
         if self.engine == "replay" and not (self.traces and self.trace_model):
             yield "the replay engine needs --traces DIR and --trace-model MODEL"
         if self.engine == "llama_cpp" and not self.model:
@@ -213,10 +195,6 @@ class TierSettings:
             yield f"request_timeout must be positive, got {self.request_timeout}"
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             yield "default_max_tokens must be within 1 and max_tokens"
-        try:
-            parse_family_thresholds(self.family_thresholds)
-        except ValueError as exc:
-            yield str(exc)
         yield from self._security_problems()
         if self.max_in_flight < 1 or self.forward_timeout <= 0:
             yield "max_in_flight must be at least 1 and forward_timeout positive"
@@ -246,9 +224,12 @@ class TierSettings:
 
     @classmethod
     def with_defaults(cls, **overrides: Any) -> TierSettings:
-        """Settings from the documented defaults, ignoring the environment (for embedding and tests)."""
-        values = {option.name: option.default for option in OPTIONS}
-        return cls(**(values | overrides))
+        """Settings from the documented defaults, ignoring the environment (for embedding and tests); `policy`
+        and the policy options are given by name, like the others."""
+        unknown = overrides.keys() - {option.name for option in OPTIONS}
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return _settings({option.name: option.default for option in OPTIONS} | overrides)
 
     @property
     def engine_config(self) -> EngineConfig:
@@ -285,29 +266,69 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
         raw = env.get(option.env)
         try:
             default = option.kind(raw) if raw is not None else option.default
-        except ValueError:
-            raise ValueError(f"{option.env}={raw!r} is not a valid {option.kind.__name__}") from None
+        except ValueError as exc:
+            reason = f"is not a valid {option.kind.__name__}" if option.kind in (int, float) else f"is not valid: {exc}"
+            raise ValueError(f"{option.env}={raw!r} {reason}") from None
         # A boolean flag alone means true (`--plaintext`); it also takes a value (`--plaintext false`).
         switch: dict[str, Any] = {"nargs": "?", "const": True} if option.kind is bool_flag else {}
         parser.add_argument(
             option.flag,
             dest=option.name,
-            type=option.kind,
+            type=_argument_type(option.kind),
             default=default,
-            choices=option.choices,
-            help=f"{option.help} [env {option.env}, default {option.default!r}]",
+            choices=(*option.choices, *(alias for alias, _ in option.aliases)) if option.choices else None,
+            help=f"{option.help}{_aliases(option)} [env {option.env}, default {_default_text(option)}]",
             **switch,
         )
 
 
+def _argument_type(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`kind` for argparse, which reports a ValueError as "invalid <kind> value": other kinds say what is wrong."""
+    if kind in (str, int, float):
+        return kind
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _aliases(option: Option) -> str:
+    return f"; aliases {', '.join(f'{alias} = {name}' for alias, name in option.aliases)}" if option.aliases else ""
+
+
+def _default_text(option: Option) -> str:
+    return repr(option.default if option.text is None else option.text(option.default))
+
+
 def from_namespace(namespace: argparse.Namespace) -> TierSettings:
-    return TierSettings(**{f.name: getattr(namespace, f.name) for f in fields(TierSettings)})
+    return _settings({option.name: getattr(namespace, option.name) for option in OPTIONS})
+
+
+def _settings(values: dict[str, Any]) -> TierSettings:
+    """Settings from every option's value by name: `policy` and its options make the policy's configuration.
+    What is wrong with the policy's options and with the others is said in one message."""
+    others = {f.name: values[f.name] for f in fields(TierSettings) if f.name != "policy"}
+    try:
+        policy = policy_config(values["policy"], values)
+    except ValueError as exc:
+        problems = [str(exc)]
+        try:
+            TierSettings(**others, policy=LocalConfig())  # a valid stand-in, to check the other settings too
+        except ValueError as other:
+            problems.append(str(other).removeprefix(INVALID))
+        raise ValueError(INVALID + "; ".join(problems)) from None
+    return TierSettings(**others, policy=policy)
 
 
 def settings_table() -> str:
     """The Markdown table of every variable, as the README documents them."""
     rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for option in OPTIONS:
-        choices = f" ({', '.join(option.choices)})" if option.choices else ""
-        rows.append(f"| `{option.env}` | `{option.flag}` | `{option.default!r}` | {option.help}{choices} |")
+        choices = f" ({', '.join(option.choices)}{_aliases(option)})" if option.choices else ""
+        rows.append(f"| `{option.env}` | `{option.flag}` | `{_default_text(option)}` | {option.help}{choices} |")
     return "\n".join(rows)
