@@ -16,15 +16,6 @@ from recserve.cli import main
 from recserve.server.app import RunningTier, start_tier
 from recserve.server.health import pinned_name
 from recserve.server.settings import TierSettings
-from recserve.tools.certs import make_certificates
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("certs")
-    make_certificates(folder)
-    make_certificates(folder / "other", ca_name="impostor-ca")
-    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -11,17 +11,8 @@ import pytest
 
 from recserve.server.app import RunningTier, start_tier
 from recserve.server.settings import TierSettings
-from recserve.tools.certs import make_certificates
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("certs")
-    make_certificates(folder)
-    make_certificates(folder / "other", ca_name="impostor-ca")
-    return folder
 
 
 def tls_settings(certs: Path, tier: str, model: str, trace_folder: Path, **extra: object) -> TierSettings:
