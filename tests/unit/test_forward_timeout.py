@@ -92,7 +92,7 @@ async def test_the_tier_gives_the_next_tier_the_adapted_timeout(trace_folder: Pa
         assert response.answered_by == "edge"
         request.request_id = ""
     assert upstream.timeouts[:20] == [30.0] * 20
-    assert upstream.timeouts[20] == pytest.approx(0.6)  # 3 × 0.2 s
+    assert upstream.timeouts[20] == pytest.approx(0.6)  # 3 times 0.2 s
     # A caller's deadline shorter than that gives the next tier 90% of what is left, for an answer here after.
     await tier.infer(request, timeout=0.5)
     assert upstream.timeouts[-1] == pytest.approx(0.45)
