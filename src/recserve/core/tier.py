@@ -158,8 +158,9 @@ class Tier:
         degraded = False
         if verdict.forward and self.upstream is not None:
             hop.decision = pb.DECISION_FORWARDED
-            # The cap is checked first: a breaker's allow() in half-open state hands out its one probe.
-            if self._may_forward() and (self.breaker is None or self.breaker.allow()):
+            slot_free = self.max_forwarding is None or self._forwarding < self.max_forwarding
+            # The slot is checked first: a breaker's allow() in half-open state hands out its one probe.
+            if slot_free and (self.breaker is None or self.breaker.allow()):
                 breaker_probe = self.breaker is not None and self.breaker.state is BreakerState.HALF_OPEN
                 served = _Served(
                     family,
@@ -199,9 +200,6 @@ class Tier:
             self._record_verdict(served, _judge(request, response))
         self.metrics.count_outcome("degraded" if degraded else "answered")
         return response
-
-    def _may_forward(self) -> bool:
-        return self.max_forwarding is None or self._forwarding < self.max_forwarding
 
     async def _forward(
         self,
@@ -261,16 +259,19 @@ class Tier:
                 # half the timeout, before the calls it holds time out.
                 await asyncio.wait((call,), timeout=self.forward_timeout.slow_after)
                 if not call.done():
-                    judged = self._judge_upstream(ok=False)
+                    self._judge_upstream(ok=False)
+                    judged = True
             reply = await call
         except UpstreamUnavailable as exc:
             if not judged and not (isinstance(exc, UpstreamTimedOut) and callers_budget):
-                judged = self._judge_upstream(ok=False)
+                self._judge_upstream(ok=False)
+                judged = True
             raise
         else:
             self.forward_timeout.observe(self._clock() - started)
             if not judged:
-                judged = self._judge_upstream(ok=True)
+                self._judge_upstream(ok=True)
+                judged = True
             return reply
         finally:
             if call is not None:
@@ -278,14 +279,14 @@ class Tier:
             if breaker_probe and not judged and self.breaker is not None:
                 self.breaker.release_probe()
 
-    def _judge_upstream(self, *, ok: bool) -> bool:
-        if self.breaker is not None:
-            if ok:
-                self.breaker.record_success()
-            else:
-                self.breaker.record_failure()
-            self.metrics.set_breaker_open(not self.breaker.closed)
-        return True
+    def _judge_upstream(self, *, ok: bool) -> None:
+        if self.breaker is None:
+            return
+        if ok:
+            self.breaker.record_success()
+        else:
+            self.breaker.record_failure()
+        self.metrics.set_breaker_open(not self.breaker.closed)
 
     async def feedback(self, request: pb.FeedbackRequest) -> pb.FeedbackResponse:
         if not request.request_id:
