@@ -44,6 +44,8 @@ def test_environment_gives_defaults_and_flags_override_them() -> None:
         ({"tls_client_ca": __file__}, "mTLS"),
         ({"upstream_ca": "/nonexistent/ca.pem"}, "does not exist"),
         ({"max_in_flight": 0}, "max_in_flight"),
+        ({"forward_share": 0.0}, "forward_share"),
+        ({"forward_timeout_min": 0.0}, "forward_timeout_min must be positive"),
     ],
 )
 def test_invalid_settings_say_what_is_wrong(overrides: dict[str, object], message: str) -> None:
