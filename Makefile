@@ -111,9 +111,10 @@ results: install ## regenerate docs/results.md and its plots from a trace folder
 certs: install ## development TLS certificates into certs/ (a private CA, device/edge/cloud, client)
 	$(BIN)/recserve certs make certs
 
-chaos: install ## kill and restart the edge tier under load: every request answered, forwarding resumes
+chaos: install ## kill, gracefully stop, and hang (SIGSTOP) the edge tier under load: every request answered, forwarding resumes
 	$(BIN)/python -m recserve.tools.load chaos --signal KILL
 	$(BIN)/python -m recserve.tools.load chaos --signal TERM
+	$(BIN)/python -m recserve.tools.load chaos --signal STOP --clients 100 --phase 15
 
 load: install ## 200 concurrent clients for 60 s against three tiers: nothing lost, memory bounded
 	$(BIN)/python -m recserve.tools.load load --clients 200 --seconds 60

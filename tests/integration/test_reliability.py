@@ -1,4 +1,5 @@
-"""Faults under load: a tier killed and restarted mid-load, and many concurrent clients; nothing is lost."""
+"""Faults under load: a tier killed and restarted, or hung and let go on, mid-load, and many concurrent clients;
+nothing is lost."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import signal
 
 import pytest
 
-from recserve.tools.load import chaos, load
+from recserve.tools.load import chaos, hang, load
 
 pytestmark = [pytest.mark.integration, pytest.mark.processes]
 
@@ -24,6 +25,13 @@ def test_edge_down_mid_load_every_request_is_answered_and_forwarding_resumes(kil
     assert down
     assert all(down)
     assert result.recovered_after is not None, report.summary()
+
+
+def test_a_hung_edge_leaves_the_device_answering_and_forwarding_resumes_within_2s() -> None:
+    result = hang(clients=32, phase=4.0)
+    assert result.load.sent > 100
+    assert all(result.goals.values()), result.summary()
+    assert result.hung[0] > 0.95, result.summary()  # the device answers nearly everything itself while it hangs
 
 
 def test_two_hundred_concurrent_clients_lose_nothing_with_bounded_memory() -> None:

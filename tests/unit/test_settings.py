@@ -63,6 +63,8 @@ def test_the_policy_options_come_from_flags_and_variables() -> None:
         ({"tls_client_ca": __file__}, "mTLS"),
         ({"upstream_ca": "/nonexistent/ca.pem"}, "does not exist"),
         ({"max_in_flight": 0}, "max_in_flight"),
+        ({"forward_share": 0.0}, "forward_share"),
+        ({"forward_timeout_min": 0.0}, "forward_timeout_min must be positive"),
     ],
 )
 def test_invalid_settings_say_what_is_wrong(overrides: dict[str, object], message: str) -> None:

@@ -1,7 +1,8 @@
-"""Circuit breaker for the link to the next tier: stop waiting on a dead tier, probe it again later."""
+"""Circuit breaker for the link to the next tier: stop waiting on a dead, hung or slow tier, probe it again later."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from enum import Enum
 
@@ -13,22 +14,34 @@ class BreakerState(Enum):
 
 
 class CircuitBreaker:
-    """Opens after `failures` consecutive failures; after `cooldown` seconds lets one probe through.
+    """Opens after `failures` consecutive poor calls, or when at least `failure_rate` of the last `window` calls
+    were poor; after `cooldown` seconds lets one probe through, whose outcome closes or re-opens it.
 
-    A failed probe opens it again with the cool-down doubled (up to `max_cooldown`), so a tier that
-    stays down costs one probe per cool-down, not one timeout per request.
+    A poor call failed, or was slow: the caller reports a slow call as soon as it knows it to be slow, while it
+    still waits, so a hung peer opens the breaker before its calls time out (Resilience4j's slow-call rate, and
+    Envoy's consecutive gateway failures, which count timeouts). The consecutive rule reacts to a peer that went
+    away; the rate rule to one that fails or stalls only part of the time.
+
+    The cool-down stays the same while the peer stays away: it bounds how long a peer that came back goes unused,
+    and a probe costs one request's wait (bounded by the probe's timeout), once per cool-down.
     """
 
     def __init__(
-        self, clock: Callable[[], float], *, failures: int = 3, cooldown: float = 2.0, max_cooldown: float = 30.0
+        self,
+        clock: Callable[[], float],
+        *,
+        failures: int = 3,
+        cooldown: float = 1.0,
+        failure_rate: float = 0.5,
+        window: int = 20,
     ) -> None:
-        if failures < 1 or cooldown <= 0 or max_cooldown < cooldown:
-            raise ValueError("breaker needs failures >= 1 and 0 < cooldown <= max_cooldown")
+        if failures < 1 or cooldown <= 0 or not 0 < failure_rate <= 1 or window < 1:
+            raise ValueError("breaker needs failures >= 1, cooldown > 0, 0 < failure_rate <= 1 and window >= 1")
         self._clock = clock
         self._threshold = failures
-        self._base_cooldown = cooldown
-        self._max_cooldown = max_cooldown
         self._cooldown = cooldown
+        self._failure_rate = failure_rate
+        self._recent: deque[bool] = deque(maxlen=window)  # True for a poor call, newest last
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
@@ -51,22 +64,37 @@ class CircuitBreaker:
         return False
 
     def record_success(self) -> None:
+        """A call got its answer in good time: the peer works."""
+        if self.state is not BreakerState.CLOSED:
+            self._recent.clear()  # a fresh start: what the peer did before it came back says nothing now
         self.state = BreakerState.CLOSED
         self._failures = 0
-        self._cooldown = self._base_cooldown
         self._probing = False
+        self._recent.append(False)
 
     def record_failure(self) -> None:
+        """A call failed because of the peer, or has been slow: report each call once, when first known poor."""
+        if self.state is BreakerState.OPEN:
+            return  # a call that went out before the breaker opened: nothing new
         if self.state is BreakerState.HALF_OPEN:
-            self._cooldown = min(self._cooldown * 2, self._max_cooldown)
             self._open()
             return
         self._failures += 1
-        if self._failures >= self._threshold:
+        self._recent.append(True)
+        poor_share = sum(self._recent) / len(self._recent)
+        window_full = len(self._recent) == self._recent.maxlen
+        if self._failures >= self._threshold or (window_full and poor_share >= self._failure_rate):
             self._open()
+
+    def release_probe(self) -> None:
+        """The probe ended without saying anything of the peer (the caller's own deadline or request was at fault):
+        the next call may probe instead."""
+        if self.state is BreakerState.HALF_OPEN:
+            self._probing = False
 
     def _open(self) -> None:
         self.state = BreakerState.OPEN
         self._opened_at = self._clock()
         self._failures = 0
+        self._recent.clear()
         self._probing = False

@@ -23,6 +23,10 @@ class UpstreamUnavailable(RecServeError):
     """The next tier could not be reached or failed to answer."""
 
 
+class UpstreamTimedOut(UpstreamUnavailable):
+    """The next tier did not answer within the time this tier gave it."""
+
+
 class DeadlineExceeded(RecServeError):
     """The caller's deadline passed before an answer was ready."""
 

@@ -21,12 +21,14 @@ from recserve.core.errors import (
     InvalidRequest,
     NotFound,
     Unavailable,
+    UpstreamTimedOut,
     UpstreamUnavailable,
 )
+from recserve.core.forward_timeout import ForwardTimeout
 from recserve.core.judge import is_correct
 from recserve.core.metrics import TierMetrics
 from recserve.core.offload import OffloadPolicy
-from recserve.core.transport import Upstream
+from recserve.core.transport import Reply, Upstream
 from recserve.v1 import tier_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,8 @@ class Tier:
         choice_scorer_name: str = "option_probability",
         feedback_memory: int = 100_000,
         breaker: CircuitBreaker | None = None,
-        forward_timeout: float = 30.0,
+        forward_timeout: ForwardTimeout | None = None,
+        max_forwarding: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = new_request_id,
     ) -> None:
@@ -96,7 +99,11 @@ class Tier:
         self._score_choice = choice_scorer(choice_scorer_name)
         self._feedback_memory = feedback_memory
         self.breaker = breaker
-        self.forward_timeout = forward_timeout
+        self.forward_timeout = forward_timeout or ForwardTimeout()
+        # Requests waiting on the next tier at once (None: no cap). Beyond, they are answered here, so a hung next
+        # tier cannot hold every slot this tier needs to answer by itself.
+        self.max_forwarding = max_forwarding
+        self._forwarding = 0
         self._served: OrderedDict[str, _Served] = OrderedDict()
         self._families: set[str] = set()
         self._clock = clock
@@ -151,7 +158,9 @@ class Tier:
         degraded = False
         if verdict.forward and self.upstream is not None:
             hop.decision = pb.DECISION_FORWARDED
-            if self.breaker is None or self.breaker.allow():
+            slot_free = self.max_forwarding is None or self._forwarding < self.max_forwarding
+            # The slot is checked first: a breaker's allow() in half-open state hands out its one probe.
+            if slot_free and (self.breaker is None or self.breaker.allow()):
                 breaker_probe = self.breaker is not None and self.breaker.state is BreakerState.HALF_OPEN
                 served = _Served(
                     family,
@@ -160,15 +169,17 @@ class Tier:
                     confidence=score.value,
                     probe_rate=verdict.probe_rate,
                 )
+                self._forwarding += 1
                 try:
                     response = await self._forward(request, hop, served, deadline, breaker_probe=breaker_probe)
                 except UpstreamUnavailable as exc:
-                    self._record_upstream(ok=False)
                     logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
                 else:
-                    self._record_upstream(ok=True)
                     return response
-            # The next tier is down, too slow or overloaded: the client still gets this tier's answer.
+                finally:
+                    self._forwarding -= 1
+            # The next tier is down, hung, too slow or overloaded, or enough requests already wait on it: the client
+            # still gets this tier's answer.
             degraded = True
 
         hop.decision = pb.DECISION_DEGRADED if degraded else pb.DECISION_ANSWERED
@@ -190,15 +201,6 @@ class Tier:
         self.metrics.count_outcome("degraded" if degraded else "answered")
         return response
 
-    def _record_upstream(self, *, ok: bool) -> None:
-        if self.breaker is None:
-            return
-        if ok:
-            self.breaker.record_success()
-        else:
-            self.breaker.record_failure()
-        self.metrics.set_breaker_open(not self.breaker.closed)
-
     async def _forward(
         self,
         request: pb.InferRequest,
@@ -212,14 +214,7 @@ class Tier:
         forwarded = pb.InferRequest()
         forwarded.CopyFrom(request)
         forwarded.hops.append(hop)
-        remaining = self._remaining(deadline)
-        # Keep a little of the caller's time to answer locally if the next tier does not answer in time.
-        budget = self.forward_timeout if remaining is None else min(self.forward_timeout, remaining * 0.9)
-        if breaker_probe:
-            # A breaker's probe waits a little for the link to come up instead of failing at once on a
-            # connection still backing off; otherwise a tier that came back could be missed for a long time.
-            budget = min(budget, PROBE_WAIT_SECONDS)
-        reply = await self.upstream.infer(forwarded, budget, wait_for_ready=breaker_probe)
+        reply = await self._call_upstream(forwarded, deadline, breaker_probe)
         response = reply.response
         own = len(request.hops)
         if len(response.hops) <= own or response.hops[own].tier != self.name:
@@ -239,6 +234,60 @@ class Tier:
             self._observe_upstream_verdict(served, _judge(request, response))
         self.metrics.count_outcome("forwarded")
         return response
+
+    async def _call_upstream(self, forwarded: pb.InferRequest, deadline: float | None, breaker_probe: bool) -> Reply:
+        """Send `forwarded` up within the forward timeout, and tell the breaker and the timeout what the call showed
+        of the next tier. Only the next tier's own failures and slowness count against it: not a timeout that the
+        caller's deadline set, nor a verdict on the request, nor a cancelled call."""
+        assert self.upstream is not None
+        limit = self.forward_timeout.seconds
+        if breaker_probe:
+            # A breaker's probe waits a little for the link to come up instead of failing at once on a
+            # connection still backing off; otherwise a tier that came back could be missed for a long time.
+            limit = min(limit, PROBE_WAIT_SECONDS)
+        call: asyncio.Future[Reply] | None = None
+        judged = False  # whether the breaker has counted this call
+        callers_budget = False
+        try:
+            remaining = self._remaining(deadline)
+            # Keep a little of the caller's time to answer locally if the next tier does not answer in time.
+            callers_budget = remaining is not None and remaining * 0.9 < limit
+            budget = remaining * 0.9 if remaining is not None and callers_budget else limit
+            started = self._clock()
+            call = asyncio.ensure_future(self.upstream.infer(forwarded, budget, wait_for_ready=breaker_probe))
+            if self.breaker is not None:
+                # Counted as slow as soon as it is, while still waiting: a hung next tier opens the breaker after
+                # half the timeout, before the calls it holds time out.
+                await asyncio.wait((call,), timeout=self.forward_timeout.slow_after)
+                if not call.done():
+                    self._judge_upstream(ok=False)
+                    judged = True
+            reply = await call
+        except UpstreamUnavailable as exc:
+            if not judged and not (isinstance(exc, UpstreamTimedOut) and callers_budget):
+                self._judge_upstream(ok=False)
+                judged = True
+            raise
+        else:
+            self.forward_timeout.observe(self._clock() - started)
+            if not judged:
+                self._judge_upstream(ok=True)
+                judged = True
+            return reply
+        finally:
+            if call is not None:
+                call.cancel()  # when the caller went away, so does the call up
+            if breaker_probe and not judged and self.breaker is not None:
+                self.breaker.release_probe()
+
+    def _judge_upstream(self, *, ok: bool) -> None:
+        if self.breaker is None:
+            return
+        if ok:
+            self.breaker.record_success()
+        else:
+            self.breaker.record_failure()
+        self.metrics.set_breaker_open(not self.breaker.closed)
 
     async def feedback(self, request: pb.FeedbackRequest) -> pb.FeedbackResponse:
         if not request.request_id:

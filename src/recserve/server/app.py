@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from recserve.core.breaker import CircuitBreaker
 from recserve.core.engine import Engine
+from recserve.core.forward_timeout import ForwardTimeout
 from recserve.core.metrics import TierMetrics
 from recserve.core.tier import Tier
 from recserve.engines import create_engine
@@ -105,9 +106,14 @@ async def start_tier(
             time.monotonic,
             failures=settings.breaker_failures,
             cooldown=settings.breaker_cooldown,
-            max_cooldown=max(30.0, settings.breaker_cooldown),
+            failure_rate=settings.breaker_failure_rate,
         ),
-        forward_timeout=settings.forward_timeout,
+        forward_timeout=ForwardTimeout(
+            ceiling=settings.forward_timeout,
+            floor=min(settings.forward_timeout_min, settings.forward_timeout),
+            factor=settings.forward_timeout_factor,
+        ),
+        max_forwarding=settings.forward_slots,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     servicer = TierServicer(tier, max_in_flight=settings.max_in_flight, auth_token=settings.auth_token)

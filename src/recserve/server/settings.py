@@ -102,9 +102,34 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_hops", int, TierLimits.max_hops, "requests that crossed this many tiers are rejected"),
     Option("grace_seconds", float, 10.0, "on SIGTERM, how long in-flight requests may finish"),
     Option("max_in_flight", int, 256, "requests served at once; beyond, RESOURCE_EXHAUSTED at once"),
-    Option("forward_timeout", float, 30.0, "longest wait for the next tier before answering here, degraded"),
-    Option("breaker_failures", int, 3, "consecutive failures of the next tier that open the circuit breaker"),
-    Option("breaker_cooldown", float, 2.0, "seconds before an open breaker lets a probe through (doubles, to 30 s)"),
+    Option(
+        "forward_timeout",
+        float,
+        30.0,
+        "longest wait for the next tier before answering here, degraded; the wait until 20 forwards were timed, "
+        "then --forward-timeout-factor times their p99, at least --forward-timeout-min",
+    ),
+    Option(
+        "forward_timeout_min",
+        float,
+        1.0,
+        "shortest wait for the next tier, at most --forward-timeout (equal: a fixed wait)",
+    ),
+    Option("forward_timeout_factor", float, 3.0, "the wait for the next tier: this many times its recent p99 latency"),
+    Option(
+        "forward_share",
+        float,
+        0.5,
+        "share of --max-in-flight that may wait on the next tier at once; beyond, requests are answered here, degraded",
+    ),
+    Option(
+        "breaker_failures",
+        int,
+        3,
+        "consecutive failed or slow calls (past half the forward timeout) that open the circuit breaker",
+    ),
+    Option("breaker_failure_rate", float, 0.5, "share of failed or slow calls, of the last 20, that opens the breaker"),
+    Option("breaker_cooldown", float, 1.0, "seconds an open breaker waits before letting one probe through"),
     Option("tls_cert", str, "", "PEM certificate chain this tier serves with (TLS)"),
     Option("tls_key", str, "", "PEM private key for --tls-cert"),
     Option("tls_client_ca", str, "", "PEM CA bundle; when set, callers must present a certificate it signed (mTLS)"),
@@ -150,7 +175,11 @@ class TierSettings:
     grace_seconds: float
     max_in_flight: int
     forward_timeout: float
+    forward_timeout_min: float
+    forward_timeout_factor: float
+    forward_share: float
     breaker_failures: int
+    breaker_failure_rate: float
     breaker_cooldown: float
     tls_cert: str
     tls_key: str
@@ -200,8 +229,15 @@ class TierSettings:
             yield "max_in_flight must be at least 1 and forward_timeout positive"
         if self.breaker_failures < 1 or self.breaker_cooldown <= 0:
             yield "breaker_failures must be at least 1 and breaker_cooldown positive"
+        yield from self._forwarding_problems()
         if self.grace_seconds < 0:
             yield "grace_seconds must not be negative"
+
+    def _forwarding_problems(self) -> Iterator[str]:
+        if self.forward_timeout_min <= 0 or self.forward_timeout_factor < 1:
+            yield "forward_timeout_min must be positive and forward_timeout_factor at least 1"
+        if not 0 < self.forward_share <= 1 or not 0 < self.breaker_failure_rate <= 1:
+            yield "forward_share and breaker_failure_rate must be shares within (0, 1]"
 
     def _security_problems(self) -> Iterator[str]:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -248,6 +284,11 @@ class TierSettings:
             api_key=self.api_key,
             request_timeout=self.request_timeout,
         )
+
+    @property
+    def forward_slots(self) -> int:
+        """Requests that may wait on the next tier at once."""
+        return max(1, int(self.max_in_flight * self.forward_share))
 
     @property
     def limits(self) -> TierLimits:

@@ -13,6 +13,7 @@ from recserve.core.errors import (
     RecServeError,
     Unauthenticated,
     Unavailable,
+    UpstreamTimedOut,
     UpstreamUnavailable,
 )
 
@@ -47,4 +48,6 @@ def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> RecServeError:
     kind = _ERROR_OF.get(error.code())
     if kind is not None:
         return kind(error.details() or error.code().name)
+    if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return UpstreamTimedOut(f"next tier at {target} did not answer in time: {error.details()}")
     return UpstreamUnavailable(f"next tier at {target} failed: {error.code().name}: {error.details()}")

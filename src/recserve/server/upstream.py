@@ -22,10 +22,15 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     # Prompt size is bounded by the tier limits; 16 MiB leaves room for long generations plus hops.
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    # Reconnect to a restarted tier within two seconds; gRPC's default backoff grows to two minutes, during
-    # which the circuit breaker's probes would all fail.
+    # Reconnect to a restarted tier within a second (forwarding must resume within two); gRPC's default backoff
+    # grows to two minutes, during which the circuit breaker's probes would all fail.
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    # A next tier's INVALID_ARGUMENT may quote the request (older tiers quoted it whole); past gRPC's 16 KB metadata
+    # limit it would arrive as a transport failure (RESOURCE_EXHAUSTED "Stream removed") and count against the next
+    # tier, though the request was at fault. The next tier is one of ours; its messages stay far below this.
+    ("grpc.max_metadata_size", 1024 * 1024),
+    ("grpc.absolute_max_metadata_size", 1024 * 1024),
 ]
 
 
