@@ -79,7 +79,8 @@ def main() -> None:
 
     traces = TraceSet.load(BUNDLED_TRACE, BUNDLED_CHAIN)
     query = next(q for q in traces.queries if q.benchmark == "mmlu")
-    payload = build_request(query, choice=True, request_id="bench-0000001", reference=False).SerializeToString()
+    # No id: the same payload is sent over and over, and a tier refuses an id it has already served.
+    payload = build_request(query, choice=True, request_id="", reference=False).SerializeToString()
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[int, tuple[float, float, float]]] = {}
 
