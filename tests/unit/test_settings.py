@@ -44,6 +44,11 @@ def test_environment_gives_defaults_and_flags_override_them() -> None:
         ({"tls_client_ca": __file__}, "mTLS"),
         ({"upstream_ca": "/nonexistent/ca.pem"}, "does not exist"),
         ({"max_in_flight": 0}, "max_in_flight"),
+        ({"tier": "edge tier"}, "tier name 'edge tier' must be 1-64 letters"),
+        ({"callers": "device,bad name"}, "tier name 'bad name' must be"),
+        ({"callers": "device, device"}, "cannot be its own caller"),
+        ({"auth_token": "t", "auth_token_file": __file__}, "give auth_token or auth_token_file, not both"),
+        ({"upstream_auth_token_file": "/nonexistent/token"}, "does not exist"),
     ],
 )
 def test_invalid_settings_say_what_is_wrong(overrides: dict[str, object], message: str) -> None:
