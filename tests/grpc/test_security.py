@@ -36,7 +36,7 @@ def quiz() -> pb.InferRequest:
 
 
 async def two_tiers(certs: Path, trace_folder: Path, upstream_ca: Path, upstream_cert: str) -> list[RunningTier]:
-    cloud = await start_tier(tls_settings(certs, "cloud", "large", trace_folder))
+    cloud = await start_tier(tls_settings(certs, "cloud", "large", trace_folder, callers="device"))
     device = await start_tier(
         tls_settings(
             certs, "device", "small", trace_folder, next=cloud.address, upstream_ca=str(upstream_ca),

@@ -36,9 +36,9 @@ class Stack:
 async def start_stack(trace_folder: Path, **policy: object) -> Stack:
     tiers: list[RunningTier] = []
     next_address = ""
-    for name, model in reversed(list(zip(NAMES, TRACE_MODELS, strict=True))):
+    for index, (name, model) in reversed(list(enumerate(zip(NAMES, TRACE_MODELS, strict=True)))):
         settings = TierSettings.with_defaults(
-            tier=name, host="127.0.0.1", port=0, next=next_address,
+            tier=name, host="127.0.0.1", port=0, next=next_address, callers=NAMES[index - 1] if index else "",
             engine="replay", traces=str(trace_folder), trace_model=model, plaintext=True, **policy,
         )  # fmt: skip
         running = await start_tier(settings)

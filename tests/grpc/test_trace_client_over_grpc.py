@@ -20,10 +20,12 @@ BETA, WINDOW = 0.4, 8
 async def start_stack(folder: Path) -> list[RunningTier]:
     tiers: list[RunningTier] = []
     next_address = ""
-    for name, model in reversed(list(zip(tier_names(3), TRACE_MODELS, strict=True))):
+    names = tier_names(3)
+    for index, model in reversed(list(enumerate(TRACE_MODELS))):
         settings = TierSettings.with_defaults(
-            tier=name, host="127.0.0.1", port=0, next=next_address, engine="replay", traces=str(folder),
+            tier=names[index], host="127.0.0.1", port=0, next=next_address, engine="replay", traces=str(folder),
             trace_model=model, plaintext=True, policy="recserve", beta=BETA, window=WINDOW,
+            callers=names[index - 1] if index else "",
         )  # fmt: skip
         tiers.insert(0, await start_tier(settings))
         next_address = tiers[0].address

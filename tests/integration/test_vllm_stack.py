@@ -55,8 +55,8 @@ async def test_llama_cpp_device_and_vllm_edge_and_cloud_answer_forward_and_score
     cloud_port = free_port()
     cloud_log = (tmp_path / "cloud.log").open("wb")
     cloud = _spawn_tier(
-        ["--tier", "cloud", "--host", "127.0.0.1", "--port", str(cloud_port), "--plaintext", "--engine", "vllm",
-         "--model", str(models["cloud"].hf_dir), "--context-length", "1024"],
+        ["--tier", "cloud", "--host", "127.0.0.1", "--port", str(cloud_port), "--plaintext", "--callers", "edge",
+         "--engine", "vllm", "--model", str(models["cloud"].hf_dir), "--context-length", "1024"],
         cloud_log,
     )  # fmt: skip
     stack = None

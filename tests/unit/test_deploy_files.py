@@ -122,6 +122,8 @@ def test_compose_chains_the_tiers_by_service_name_and_starts_them_by_health(comp
     assert tier_env("device")["RECSERVE_NEXT"] == f"edge:{tier_env('edge')['RECSERVE_PORT']}"
     assert tier_env("edge")["RECSERVE_NEXT"] == f"cloud:{tier_env('cloud')['RECSERVE_PORT']}"
     assert "RECSERVE_NEXT" not in tier_env("cloud")
+    # Each tier takes hops only from the tier below it.
+    assert [tier_env(tier).get("RECSERVE_CALLERS") for tier in TIERS] == [None, "device", "edge"]
     for tier in TIERS:
         service = services[tier]
         assert service["pull_policy"] == "never"  # locally built: never pulled from a registry

@@ -65,6 +65,11 @@ def test_the_policy_options_come_from_flags_and_variables() -> None:
         ({"max_in_flight": 0}, "max_in_flight"),
         ({"forward_share": 0.0}, "forward_share"),
         ({"forward_timeout_min": 0.0}, "forward_timeout_min must be positive"),
+        ({"tier": "edge tier"}, "tier name 'edge tier' must be 1-64 letters"),
+        ({"callers": "device,bad name"}, "tier name 'bad name' must be"),
+        ({"callers": "device, device"}, "cannot be its own caller"),
+        ({"auth_token": "t", "auth_token_file": __file__}, "give auth_token or auth_token_file, not both"),
+        ({"upstream_auth_token_file": "/nonexistent/token"}, "does not exist"),
     ],
 )
 def test_invalid_settings_say_what_is_wrong(overrides: dict[str, object], message: str) -> None:

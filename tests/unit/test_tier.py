@@ -17,6 +17,7 @@ from recserve.core.errors import DeadlineExceeded, FailedPrecondition, InvalidRe
 from recserve.core.metrics import TierMetrics
 from recserve.core.tier import Tier
 from recserve.core.traces import TraceSet
+from recserve.core.transport import Reply
 from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
 from recserve.policies.simple import FixedConfig, FixedThresholdPolicy, ForwardAllPolicy, RecServeConfig, RecServePolicy
@@ -178,8 +179,9 @@ async def test_references_and_feedback_feed_the_answering_tiers_accuracy(trace_f
         ({"sampling": pb.SamplingParams(temperature=math.nan)}, "temperature"),
         ({"family": "no spaces please"}, "family"),
         ({"offload": 5}, "unknown offload mode"),
-        ({"hops": [pb.Hop(tier=f"t{i}") for i in range(8)]}, "limit is 8"),
-        ({"hops": [pb.Hop(tier="device")]}, "forwarding loop"),
+        ({"hops": [pb.Hop(tier="edge")]}, "clients, which send no hops"),
+        ({"request_id": "x" * 129}, "longer than 128"),
+        ({"request_id": "forged\nline"}, "line breaks"),
     ],
 )
 async def test_bad_requests_are_rejected_with_a_clear_message(trace_folder: Path, change, message: str) -> None:
@@ -197,6 +199,24 @@ async def test_bad_requests_are_rejected_with_a_clear_message(trace_folder: Path
         await tiers[0].infer(request)
     # The tier keeps serving.
     assert (await tiers[0].infer(quiz_request(0))).answer
+
+
+@pytest.mark.parametrize(
+    ("hops", "message"),
+    [
+        ([*(pb.Hop(tier=f"t{i}") for i in range(7)), pb.Hop(tier="device")], "limit is 8"),
+        ([pb.Hop(tier="edge"), pb.Hop(tier="device")], "forwarding loop"),
+        ([pb.Hop(tier="cloud")], "from device only, not from cloud"),
+        ([pb.Hop(tier="device\nforged")], "not a tier name"),
+        ([pb.Hop(tier="device", answer="x" * 40_000)], "answer of hop device is longer than 32768"),
+        ([pb.Hop(tier="device", confidence=math.nan)], "not a finite number"),
+    ],
+)
+async def test_hops_come_from_the_callers_and_are_bounded(trace_folder: Path, hops, message: str) -> None:
+    tiers = await cascade(trace_folder, [RecServePolicy(RecServeConfig()) for _ in range(3)])
+    with pytest.raises(InvalidRequest, match=message):
+        await tiers[1].infer(quiz_request(0, hops=hops))
+    assert (await tiers[1].infer(quiz_request(0, hops=[pb.Hop(tier="device")]))).answer
 
 
 async def test_generate_with_options_and_unknown_prompts(trace_folder: Path) -> None:
@@ -290,3 +310,32 @@ def reported_size(sent: pb.InferRequest, hops: Sequence[pb.Hop], tier: int) -> i
     received.CopyFrom(sent)
     received.hops.extend(_without_bytes(hop) for hop in hops[:tier])
     return received.ByteSize() + _without_bytes(hops[tier]).ByteSize()
+
+
+class NamingUpstream:
+    """A next tier that answers every request, calling itself by the next of `names`."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = iter(names)
+
+    async def infer(self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False) -> Reply:
+        response = pb.InferResponse(answer="A", hops=[*request.hops, pb.Hop(tier=next(self.names))])
+        return Reply(response, request.ByteSize(), response.ByteSize())
+
+    async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_the_next_tier_is_one_peer_label_whatever_its_replies_call_it(trace_folder: Path) -> None:
+    engine = create_engine("replay", EngineConfig(traces=str(trace_folder), trace_model="small"))
+    await engine.start()
+    registry = CollectorRegistry()
+    upstream = NamingUpstream(["x" * 1000, "edge", "spoof-1", "spoof-2"])
+    tier = Tier("device", engine, ForwardAllPolicy(), TierMetrics.standalone(registry, "device"), upstream)
+    for qid in range(4):
+        await tier.infer(quiz_request(qid))
+    peers = {s.labels["peer"] for m in registry.collect() for s in m.samples if s.name.startswith("recserve_trans")}
+    assert peers == {"next", "edge"}

@@ -124,11 +124,15 @@ async def test_concurrent_runs_return_outcomes_in_query_order(traces: TraceSet, 
     stack = InProcessStack(trace_folder, [ForwardAllPolicy() for _ in TRACE_MODELS])
     for engine in stack.engines:
         await engine.start()
-    client = TraceClient(traces, TRACE_MODELS)
+    # Ids of the same width but not reused: a tier refuses an id it has already served.
+    first, second = (
+        TraceClient(traces, TRACE_MODELS, id_prefix="one-"),
+        TraceClient(traces, TRACE_MODELS, id_prefix="two-"),
+    )
     seen: list[Outcome] = []
     try:
-        one_at_a_time = await client.run(stack.tiers[0], traces.queries)
-        concurrent = await client.run(stack.tiers[0], traces.queries, concurrency=8, on_outcome=seen.append)
+        one_at_a_time = await first.run(stack.tiers[0], traces.queries)
+        concurrent = await second.run(stack.tiers[0], traces.queries, concurrency=8, on_outcome=seen.append)
     finally:
         for engine in stack.engines:
             await engine.shutdown()

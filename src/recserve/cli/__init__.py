@@ -16,10 +16,12 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from recserve.core.engine import EngineError
+from recserve.core.untrusted import escape_controls
 from recserve.evaluation import command as eval_command
 from recserve.server import settings as tier_settings
 from recserve.server.health import add_health_command, check_health
-from recserve.server.security import bearer_metadata
+from recserve.server.security import bearer_metadata, token
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
@@ -48,7 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ask.add_argument("--ca", default="", help="PEM CA bundle that signed the tier's certificate (TLS)")
     ask.add_argument("--cert", default="", help="PEM client certificate, for a tier that requires mTLS")
     ask.add_argument("--key", default="", help="PEM private key for --cert")
-    ask.add_argument("--token", default="", help="bearer token, for a tier started with --auth-token")
+    ask.add_argument(
+        "--token",
+        default="",
+        help="bearer token, for a tier started with --auth-token (shows in `ps`: see --token-file)",
+    )
+    ask.add_argument("--token-file", default="", help="file holding the bearer token")
 
     add_health_command(commands)
 
@@ -76,11 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--models-dir", type=Path, default=Path("models"), help="where llama_cpp models are made")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     if args.command == "eval":
         return eval_command.run(args)
     if args.command == "serve":
-        return _serve(parser, args)
+        return _serve(parser, args, sys.argv[1:] if argv is None else argv)
     if args.command == "ask":
         return _ask(args)
     if args.command == "health":
@@ -103,14 +112,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from recserve.server.app import serve
+class OneLineFormatter(logging.Formatter):
+    """One log record, one line: line breaks and control characters in a message (an id or a peer's error text
+    quoted in it) are escaped, so no input can forge log lines. Tracebacks keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from recserve.server.app import StartupError, serve
 
     try:
         settings = tier_settings.from_namespace(args)
     except ValueError as exc:
         parser.exit(2, f"recserve serve: {exc}\n")
-    return asyncio.run(serve(settings))
+    if any(arg.split("=", 1)[0] in ("--auth-token", "--upstream-auth-token") for arg in argv):
+        print(
+            "recserve serve: warning: a token given as a flag shows in `ps`: use its variable or file", file=sys.stderr
+        )
+    try:
+        return asyncio.run(serve(settings))
+    except (StartupError, EngineError) as exc:
+        print(f"recserve serve: tier {settings.tier}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _channel(target: str, ca: str, cert: str, key: str) -> grpc.aio.Channel:
@@ -137,10 +163,16 @@ def _ask(args: argparse.Namespace) -> int:
         offload=pb.OFFLOAD_MODE_LOCAL_ONLY if args.local_only else pb.OFFLOAD_MODE_AUTO,
     )
 
+    try:
+        bearer = token(args.token, args.token_file)
+    except (OSError, ValueError) as exc:
+        print(f"recserve ask: cannot read the token: {exc}", file=sys.stderr)
+        return 1
+
     async def call() -> pb.InferResponse:
         async with _channel(args.target, args.ca, args.cert, args.key) as channel:
             response: pb.InferResponse = await pb_grpc.TierServiceStub(channel).Infer(
-                request, timeout=args.timeout, metadata=bearer_metadata(args.token)
+                request, timeout=args.timeout, metadata=bearer_metadata(bearer)
             )
             return response
 

@@ -22,16 +22,18 @@ def link_tiers(
     limits: TierLimits | None = None,
     new_request_id: Callable[[], str] = new_request_id,
 ) -> list[Tier]:
-    """Tiers first to last, each forwarding to the next through an InProcessUpstream."""
+    """Tiers first to last, each forwarding to the next through an InProcessUpstream (and taking forwarded
+    requests from the one before)."""
     if not len(names) == len(engines) == len(policies) or len(names) < 1:
         raise ValueError("one engine and one policy per tier name, at least one tier")
     metrics = Metrics(registry or CollectorRegistry())
     tiers: list[Tier] = []
     upstream: InProcessUpstream | None = None
-    for name, engine, policy in reversed(list(zip(names, engines, policies, strict=True))):
+    for index, (name, engine, policy) in reversed(list(enumerate(zip(names, engines, policies, strict=True)))):
         tier = Tier(
-            name, engine, policy, metrics.for_tier(name), upstream, limits=limits, new_request_id=new_request_id
-        )
+            name, engine, policy, metrics.for_tier(name), upstream, limits=limits, new_request_id=new_request_id,
+            callers=(names[index - 1],) if index else (),
+        )  # fmt: skip
         upstream = InProcessUpstream(tier)
         tiers.insert(0, tier)
     return tiers

@@ -9,7 +9,8 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from recserve.core.breaker import BreakerState, CircuitBreaker
@@ -29,12 +30,19 @@ from recserve.core.judge import is_correct
 from recserve.core.metrics import TierMetrics
 from recserve.core.offload import OffloadPolicy
 from recserve.core.transport import Reply, Upstream
+from recserve.core.untrusted import excerpt
 from recserve.v1 import tier_pb2 as pb
 
 logger = logging.getLogger(__name__)
 DEFAULT_FAMILY = "default"
+# The window (and metric series) shared by the families beyond a tier's max_families; outside NAME_PATTERN, so no
+# client can name it.
+OVERFLOW_FAMILY = "(overflow)"
 PROBE_WAIT_SECONDS = 2.0
-_FAMILY_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# Tier and family names: they become metric labels and window keys, so they are short and plain.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+NAME_RULE = "1-64 letters, digits, '_', '.' or '-'"
+UNKNOWN_PEER = "next"
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,22 @@ class TierLimits:
     max_hops: int = 8
     max_families: int = 64
     max_request_id_chars: int = 128
+    max_answer_chars: int = 32_768  # a hop's answer, as a lower tier records it
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest InferRequest these limits allow: every string at its limit in 4-byte UTF-8, plus room for
+        the numbers and field tags. The server refuses bigger messages before parsing them."""
+        hop_chars = 64 + self.max_answer_chars
+        chars = (
+            2 * self.max_prompt_chars  # prompt and system prompt together, and the reference
+            + self.max_request_id_chars
+            + 64  # family
+            + self.max_options * self.max_option_chars
+            + self.max_stop_sequences * 64
+            + self.max_hops * hop_chars
+        )
+        return 4 * chars + 64 * 1024
 
 
 @dataclass
@@ -88,6 +112,7 @@ class Tier:
         max_forwarding: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = new_request_id,
+        callers: Iterable[str] = (),
     ) -> None:
         self.name = name
         self.engine = engine
@@ -105,11 +130,15 @@ class Tier:
         self.max_forwarding = max_forwarding
         self._forwarding = 0
         self._served: OrderedDict[str, _Served] = OrderedDict()
+        self._ids_in_flight: set[str] = set()
         self._families: set[str] = set()
         self._clock = clock
         self._new_request_id = new_request_id
-        # Learned from the first upstream reply, so only the address needs configuring.
-        self.peer_name = "next"
+        # The tiers that forward to this one: only their requests carry hops. Empty for the first tier, whose callers
+        # are clients, and clients send no hops.
+        self.callers = frozenset(callers)
+        # The next tier's name, learned from its first reply, so only the address needs configuring.
+        self.peer_name = UNKNOWN_PEER
 
     @property
     def is_last(self) -> bool:
@@ -118,7 +147,8 @@ class Tier:
     async def infer(self, request: pb.InferRequest, timeout: float | None = None) -> pb.InferResponse:
         started = self._clock()
         try:
-            response = await self._infer(request, None if timeout is None else started + timeout)
+            with self._request_id_held(request):
+                response = await self._infer(request, None if timeout is None else started + timeout)
         except BaseException:
             self.metrics.count_outcome("error")
             raise
@@ -127,8 +157,6 @@ class Tier:
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         family = self._validate(request)
-        if not request.request_id:
-            request.request_id = self._new_request_id()
         started = self._clock()
         remaining = self._remaining(deadline)
         try:
@@ -140,6 +168,7 @@ class Tier:
         except EngineError as exc:
             raise Unavailable(f"tier {self.name}: engine failed: {exc}") from None
         engine_seconds = self._clock() - started
+        family = self._family_window(family)
 
         choice = request.task == pb.TASK_KIND_CHOICE
         score = self._score_choice(generation, list(request.options)) if choice else self._score_generation(generation)
@@ -152,7 +181,7 @@ class Tier:
             confidence=score.value,
             threshold=verdict.threshold,
             engine_seconds=engine_seconds,
-            answer=generation.text,
+            answer=generation.text[: self.limits.max_answer_chars],
         )
 
         degraded = False
@@ -222,7 +251,7 @@ class Tier:
         response.hops[own].bytes_sent = reply.bytes_sent
         response.hops[own].bytes_received = reply.bytes_received
         if len(response.hops) > own + 1:
-            self.peer_name = response.hops[own + 1].tier
+            self._learn_peer_name(response.hops[own + 1].tier)
         self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
         # Each hop below the answering one records the bytes of the link above it: what this request cost.
         spent = [h.bytes_sent + h.bytes_received for h in response.hops[own:-1]]
@@ -292,10 +321,12 @@ class Tier:
     async def feedback(self, request: pb.FeedbackRequest) -> pb.FeedbackResponse:
         if not request.request_id:
             raise InvalidRequest("request_id is empty: name the request whose answer you are judging")
+        if len(request.request_id) > self.limits.max_request_id_chars:
+            raise InvalidRequest(f"request_id is longer than {self.limits.max_request_id_chars} characters")
         served = self._served.get(request.request_id)
         if served is None:
             raise NotFound(
-                f"tier {self.name} has no record of request {request.request_id!r}: feedback must name a "
+                f"tier {self.name} has no record of request {excerpt(request.request_id)}: feedback must name a "
                 f"request id returned by this stack, among the last {self._feedback_memory}"
             )
         if not served.answered_here:
@@ -307,7 +338,7 @@ class Tier:
             return reply.response
         if served.judged:
             raise FailedPrecondition(
-                f"request {request.request_id!r} was already judged (from its reference or earlier feedback)"
+                f"request {excerpt(request.request_id)} was already judged (from its reference or earlier feedback)"
             )
         self._record_verdict(served, request.correct)
         return pb.FeedbackResponse(recorded_by=self.name)
@@ -325,6 +356,43 @@ class Tier:
     def sender_of(self, request_id: str) -> str:
         served = self._served.get(request_id)
         return served.sender if served else "client"
+
+    @contextmanager
+    def _request_id_held(self, request: pb.InferRequest) -> Iterator[None]:
+        """Give the request a fresh id, or refuse the caller's if this tier already serves or remembers a request
+        by it; hold the id while the request is served.
+
+        Refused rather than replaced: the id is the caller's handle for Feedback, and a verdict sent under a reused
+        id would judge the earlier request again.
+        """
+        request_id = request.request_id
+        if not request_id:
+            request_id = request.request_id = self._new_request_id()
+        elif request_id in self._ids_in_flight or request_id in self._served:
+            raise InvalidRequest(
+                f"request_id {excerpt(request_id)} is already in use at tier {self.name}: send a fresh id, "
+                "or none to get one"
+            )
+        self._ids_in_flight.add(request_id)
+        try:
+            yield
+        finally:
+            self._ids_in_flight.discard(request_id)
+
+    def _family_window(self, family: str) -> str:
+        """The policy window and metric series of a family whose request was served: its own for the first
+        max_families families, kept for the life of the tier; the shared overflow window for any other."""
+        if family in self._families:
+            return family
+        if len(self._families) < self.limits.max_families:
+            self._families.add(family)
+            return family
+        return OVERFLOW_FAMILY
+
+    def _learn_peer_name(self, name: str) -> None:
+        # Kept once learned, and only a tier name: the peer label takes one value, whatever later replies say.
+        if self.peer_name == UNKNOWN_PEER and NAME_PATTERN.fullmatch(name):
+            self.peer_name = name
 
     def _remember(self, request_id: str, served: _Served) -> _Served:
         self._served[request_id] = served
@@ -365,6 +433,8 @@ class Tier:
             )
         if len(request.request_id) > limits.max_request_id_chars:
             raise InvalidRequest(f"request_id is longer than {limits.max_request_id_chars} characters")
+        if not request.request_id.isprintable():
+            raise InvalidRequest("request_id may not contain line breaks or other control characters")
         if len(request.reference) > limits.max_prompt_chars:
             raise InvalidRequest(f"reference is longer than {limits.max_prompt_chars} characters")
         self._validate_task(request)
@@ -373,15 +443,42 @@ class Tier:
             raise InvalidRequest(
                 f"unknown offload mode {request.offload}: use OFFLOAD_MODE_AUTO or OFFLOAD_MODE_LOCAL_ONLY"
             )
-        if len(request.hops) >= limits.max_hops:
+        self._validate_hops(request.hops)
+        return self._validate_family(request.family)
+
+    def _validate_hops(self, hops: Sequence[pb.Hop]) -> None:
+        """Hops are written by tiers: only a request from one of this tier's callers carries them, and they are
+        bounded like any other input."""
+        if not hops:
+            return
+        if not self.callers:
             raise InvalidRequest(
-                f"request has already crossed {len(request.hops)} tiers; the limit is {limits.max_hops} "
+                f"tier {self.name} takes requests from clients, which send no hops: hops are written by the tiers "
+                "that forward a request (a tier behind another names it with --callers)"
+            )
+        limits = self.limits
+        if len(hops) >= limits.max_hops:
+            raise InvalidRequest(
+                f"request has already crossed {len(hops)} tiers; the limit is {limits.max_hops} "
                 "(check the tiers' --next addresses for a loop)"
             )
-        if any(hop.tier == self.name for hop in request.hops):
-            path = " -> ".join(hop.tier for hop in request.hops)
+        for hop in hops:
+            if not NAME_PATTERN.fullmatch(hop.tier):
+                raise InvalidRequest(f"hop tier {excerpt(hop.tier)} is not a tier name ({NAME_RULE})")
+            if len(hop.answer) > limits.max_answer_chars:
+                raise InvalidRequest(
+                    f"the answer of hop {hop.tier} is longer than {limits.max_answer_chars} characters"
+                )
+            if not math.isfinite(hop.confidence):
+                raise InvalidRequest(f"the confidence of hop {hop.tier} is not a finite number")
+        if hops[-1].tier not in self.callers:
+            raise InvalidRequest(
+                f"tier {self.name} takes forwarded requests from {', '.join(sorted(self.callers))} only, "
+                f"not from {hops[-1].tier}"
+            )
+        if any(hop.tier == self.name for hop in hops):
+            path = " -> ".join(hop.tier for hop in hops)
             raise InvalidRequest(f"forwarding loop: request came through {path} back to tier {self.name}")
-        return self._validate_family(request.family)
 
     def _validate_task(self, request: pb.InferRequest) -> None:
         limits = self.limits
@@ -416,15 +513,11 @@ class Tier:
                 f"stop takes at most {limits.max_stop_sequences} non-empty sequences of up to 64 characters"
             )
 
-    def _validate_family(self, family: str) -> str:
+    @staticmethod
+    def _validate_family(family: str) -> str:
         family = family or DEFAULT_FAMILY
-        if not _FAMILY_PATTERN.fullmatch(family):
-            raise InvalidRequest(f"family {family!r} must be 1-64 letters, digits, '_', '.' or '-' (e.g. 'mmlu')")
-        if family not in self._families:
-            # Each family gets its own window and metric series, so their number is bounded.
-            if len(self._families) >= self.limits.max_families:
-                raise InvalidRequest(f"tier {self.name} already tracks {self.limits.max_families} task families")
-            self._families.add(family)
+        if not NAME_PATTERN.fullmatch(family):
+            raise InvalidRequest(f"family {excerpt(family)} must be {NAME_RULE} (e.g. 'mmlu')")
         return family
 
 
@@ -434,7 +527,8 @@ def _judge(request: pb.InferRequest, response: pb.InferResponse) -> bool:
 
 
 def sender(request: pb.InferRequest) -> str:
-    """Who passed this request to the current tier: the last hop's tier, or the client."""
+    """Who passed this request to the current tier: the last hop's tier (once validated, one of the tier's
+    callers), or the client."""
     return request.hops[-1].tier if request.hops else "client"
 
 

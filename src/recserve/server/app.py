@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from recserve.core.breaker import CircuitBreaker
 from recserve.core.engine import Engine
 from recserve.core.forward_timeout import ForwardTimeout
 from recserve.core.metrics import TierMetrics
-from recserve.core.tier import Tier
+from recserve.core.tier import Tier, TierLimits
 from recserve.engines import create_engine
-from recserve.server.security import server_credentials, upstream_credentials
+from recserve.server.metrics_http import MetricsEndpoint
+from recserve.server.security import server_credentials, token, upstream_credentials
 from recserve.server.servicer import SERVICE_NAME, TierServicer, add_tier_service
 from recserve.server.settings import TierSettings
 from recserve.server.upstream import GrpcUpstream
@@ -30,12 +33,15 @@ logger = logging.getLogger(__name__)
 # How often a serving tier asks its engine whether it still works.
 ENGINE_CHECK_SECONDS = 5.0
 
+
+class StartupError(Exception):
+    """A tier cannot start as configured (a port in use, an unreadable token file); the message says which."""
+
+
 SERVER_OPTIONS = [
     # gRPC sets SO_REUSEPORT by default: two tiers given the same port would then share it silently, the kernel
     # splitting connections between them. A port clash must fail at start-up instead.
     ("grpc.so_reuseport", 0),
-    # Tiers forward long prompts with their hop records; match the client's 16 MiB receive limit.
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     # Accept the keepalive pings our upstream channels send every 30 s instead of answering GOAWAY.
     ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -44,6 +50,12 @@ SERVER_OPTIONS = [
     ("grpc.max_connection_age_ms", 5 * 60 * 1000),
     ("grpc.max_connection_age_grace_ms", 30 * 1000),
 ]
+
+
+def server_options(limits: TierLimits) -> list[tuple[str, int]]:
+    # No request within the tier's limits is bigger, hops included: anything bigger (a padded or unknown field, a
+    # message that decompresses to megabytes) is refused before it is parsed or held in memory.
+    return [*SERVER_OPTIONS, ("grpc.max_receive_message_length", limits.max_request_bytes)]
 
 
 @dataclass
@@ -58,7 +70,7 @@ class RunningTier:
     metrics_port: int
     registry: CollectorRegistry
     servicer: TierServicer
-    _metrics_server: Any = None
+    metrics_endpoint: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -83,22 +95,28 @@ class RunningTier:
         await self.tier.engine.shutdown()
         if self.tier.upstream is not None:
             await self.tier.upstream.close()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.close()
 
 
 async def start_tier(
     settings: TierSettings, *, engine: Engine | None = None, registry: CollectorRegistry | None = None
 ) -> RunningTier:
-    """Start serving: health says NOT_SERVING until the engine has loaded, then SERVING."""
+    """Start serving: health says NOT_SERVING until the engine has loaded, then SERVING. StartupError when a port
+    or a token file is not usable."""
     registry = registry or CollectorRegistry()
+    try:
+        auth_token = token(settings.auth_token, settings.auth_token_file)
+        upstream_auth_token = token(settings.upstream_auth_token, settings.upstream_auth_token_file)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot read a token: {exc}") from None
     engine = engine or create_engine(settings.engine, settings.engine_config)
     tier = Tier(
         settings.tier,
         engine,
         settings.policy.build(),
         TierMetrics.standalone(registry, settings.tier),
-        _upstream(settings),
+        _upstream(settings, upstream_auth_token),
         limits=settings.limits,
         scorer=settings.scorer,
         choice_scorer_name=settings.choice_scorer,
@@ -114,9 +132,15 @@ async def start_tier(
             factor=settings.forward_timeout_factor,
         ),
         max_forwarding=settings.forward_slots,
+        callers=settings.caller_names,
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    servicer = TierServicer(tier, max_in_flight=settings.max_in_flight, auth_token=settings.auth_token)
+    server = grpc.aio.server(options=server_options(settings.limits))
+    servicer = TierServicer(
+        tier,
+        max_in_flight=settings.max_in_flight,
+        auth_token=auth_token,
+        callers_by_certificate=bool(settings.tls_client_ca),
+    )
     add_tier_service(server, servicer)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -125,24 +149,30 @@ async def start_tier(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    credentials = server_credentials(settings)
-    address = f"{settings.host}:{settings.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = _add_port(server, settings)
+    except StartupError:
+        if tier.upstream is not None:
+            await tier.upstream.close()
+        raise
     await server.start()
 
-    metrics_server, metrics_port = None, 0
-    if settings.metrics_port:
-        metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
-        metrics_port = metrics_server.server_port
-
-    running = RunningTier(
-        settings, tier, server, health_servicer, port, metrics_port, registry, servicer, metrics_server
-    )
+    metrics = MetricsEndpoint(registry) if settings.metrics_port else None
+    running = RunningTier(settings, tier, server, health_servicer, port, 0, registry, servicer, metrics)
     try:
+        if metrics is not None:
+            running.metrics_port = await _start_metrics(metrics, settings)
         await engine.start()
     except BaseException:
         await running.stop(grace=0)
         raise
+    if tier.callers and not (auth_token or settings.tls_client_ca):
+        logger.warning(
+            "tier %s takes forwarded requests from %s without authenticating them: anyone who reaches its port "
+            "can send hops in their name. Give it --auth-token (their --upstream-auth-token) or --tls-client-ca",
+            settings.tier,
+            ", ".join(sorted(tier.callers)),
+        )
     servicer.ready = True
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -150,7 +180,7 @@ async def start_tier(
         "tier %s serving on port %d (metrics %s, next %s, engine %s, policy %s)",
         settings.tier,
         port,
-        metrics_port or "off",
+        running.metrics_port or "off",
         settings.next or "none",
         settings.engine,
         settings.policy.name,
@@ -158,14 +188,53 @@ async def start_tier(
     return running
 
 
-def _upstream(settings: TierSettings) -> GrpcUpstream | None:
+def _add_port(server: grpc.aio.Server, settings: TierSettings) -> int:
+    address = f"{settings.host}:{settings.port}"
+    _check_port_free(settings.host, settings.port)
+    credentials = server_credentials(settings)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        raise StartupError(f"cannot serve on {address}: the port is in use or the address is not this host's") from None
+    return int(port)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """StartupError when another process holds the port. gRPC finds out too, but reports it with a log line of its
+    own (and a RuntimeError that names no cause); this says it in one line."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # gRPC reports an address it cannot resolve
+    for family, kind, protocol, _, socket_address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no clash
+            try:
+                probe.bind(socket_address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise StartupError(f"cannot serve on {host}:{port}: another process uses the port") from None
+
+
+async def _start_metrics(endpoint: MetricsEndpoint, settings: TierSettings) -> int:
+    try:
+        return await endpoint.start(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        address = f"{settings.metrics_host}:{settings.metrics_port}"
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise StartupError(f"cannot serve metrics on {address}: {reason}") from None
+
+
+def _upstream(settings: TierSettings, auth_token: str) -> GrpcUpstream | None:
     if not settings.next:
         return None
     return GrpcUpstream(
         settings.next,
         credentials=upstream_credentials(settings),
         server_name=settings.upstream_server_name,
-        auth_token=settings.upstream_auth_token,
+        auth_token=auth_token,
     )
 
 

@@ -40,6 +40,10 @@ def replay_tiers(names: Sequence[str], chain: Sequence[str], traces: Path) -> li
     ]
 
 
+def _tier_name(tier_args: Sequence[str]) -> str:
+    return tier_args[tier_args.index("--tier") + 1]
+
+
 class TierProcesses:
     """`recserve serve` child processes, last tier first, each started once its next tier is ready."""
 
@@ -72,6 +76,8 @@ class TierProcesses:
             args.append("--plaintext")  # loopback only: the tiers never leave this machine
         if index + 1 < len(self._tier_args):
             args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
+        if index > 0 and "--callers" not in args:
+            args += ["--callers", _tier_name(self._tier_args[index - 1])]
         log_path = self.log_dir / f"tier{index}.log"
         self._logs.append(log_path.open("ab"))
         start = log_path.stat().st_size

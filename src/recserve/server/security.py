@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -38,15 +39,34 @@ def upstream_credentials(settings: TierSettings) -> grpc.ChannelCredentials | No
     )
 
 
+def token(value: str, path: str) -> str:
+    """A token given as such (a flag or its RECSERVE_* variable) or in a file, so that it need not show in `ps`;
+    a file's surrounding whitespace (its final newline) is not part of the token."""
+    if not path:
+        return value
+    found = Path(path).read_text().strip()
+    if not found:
+        raise ValueError(f"{path} holds no token")
+    return found
+
+
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
 def token_matches(metadata: tuple[tuple[str, str | bytes], ...] | None, token: str) -> bool:
-    """Whether the call carries 'authorization: Bearer <token>'; compared in constant time."""
-    expected = f"Bearer {token}".encode()
+    """Whether the call carries 'authorization: Bearer <token>', the scheme in any case (RFC 7235); the token is
+    compared in constant time."""
     for key, value in metadata or ():
         if key.lower() == "authorization":
             given = value if isinstance(value, bytes) else value.encode()
-            return hmac.compare_digest(given, expected)
+            scheme, _, credentials = given.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token.encode())
     return False
+
+
+def certificate_names(auth_context: Mapping[str, Sequence[bytes]]) -> set[str]:
+    """The names a caller's verified client certificate carries (its common name and subject alternative names);
+    empty without mutual TLS."""
+    names = [*auth_context.get("x509_common_name", ()), *auth_context.get("x509_subject_alternative_name", ())]
+    return {name.decode(errors="replace") for name in names}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -12,28 +13,38 @@ from google.protobuf.message import DecodeError, Message
 
 from recserve.core.errors import InvalidRequest, Overloaded, RecServeError, Unauthenticated, Unavailable
 from recserve.core.tier import Tier, sender
-from recserve.server.security import token_matches
+from recserve.core.untrusted import excerpt
+from recserve.server.security import certificate_names, token_matches
 from recserve.server.status import status_code
 from recserve.v1 import tier_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TierService"].full_name
 logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+# Status messages travel in a header; gRPC drops a call whose headers pass its metadata limit (8-16 KiB).
+MAX_STATUS_MESSAGE_CHARS = 1024
 
 
 class TierServicer:
     """Handlers take and return raw bytes, so the ingress byte counts are the bytes on the wire."""
 
-    def __init__(self, tier: Tier, *, max_in_flight: int = 256, auth_token: str = "") -> None:
+    def __init__(
+        self, tier: Tier, *, max_in_flight: int = 256, auth_token: str = "", callers_by_certificate: bool = False
+    ) -> None:
+        """`callers_by_certificate`: callers present verified certificates (mutual TLS), so a request carrying
+        hops must come from a caller whose certificate names the tier of its last hop."""
         self.tier = tier
         self.ready = False  # set once the engine has loaded
         self.max_in_flight = max_in_flight
         self._auth_token = auth_token
+        self._callers_by_certificate = callers_by_certificate
         self._in_flight = 0
 
     async def infer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async def handle() -> bytes:
             request = _parse(pb.InferRequest, data)
+            if request.hops and self._callers_by_certificate:
+                self._check_certificate_names(request.hops[-1].tier, context)
             response = await self.tier.infer(request, context.time_remaining())
             encoded = response.SerializeToString()
             self.tier.metrics.count_bytes(sender(request), sent=len(encoded), received=len(data))
@@ -58,14 +69,24 @@ class TierServicer:
         """Run a call the tier admits; every refusal or failure ends the call here, with the status of its error."""
         try:
             with self._admitted(context.invocation_metadata()):
-                return await handle()
+                reply = await handle()
         except RecServeError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await _abort(context, status_code(exc), str(exc))
         except Exception:
             # The traceback goes to the log, never to the caller.
             logger.exception("unexpected error in tier %s", self.tier.name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in tier {self.tier.name}; see its log")
+            await _abort(context, grpc.StatusCode.INTERNAL, f"internal error in tier {self.tier.name}; see its log")
+        else:
+            _end_quietly_past_deadline(context)
+            return reply
         raise AssertionError("unreachable: context.abort raises")
+
+    def _check_certificate_names(self, tier: str, context: grpc.aio.ServicerContext) -> None:
+        if tier not in certificate_names(context.auth_context()):
+            raise Unauthenticated(
+                f"tier {self.tier.name} takes hops of tier {excerpt(tier)} only from a caller whose certificate "
+                "names that tier"
+            )
 
     @contextmanager
     def _admitted(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> Iterator[None]:
@@ -93,9 +114,27 @@ class TierServicer:
 
 def _parse(message_type: type[M], data: bytes) -> M:
     try:
-        return message_type.FromString(data)
+        message = message_type.FromString(data)
     except DecodeError:
         raise InvalidRequest(f"the request is not a valid {message_type.DESCRIPTOR.full_name} message") from None
+    # Fields this version does not know are not carried on: a tier forwards what it understood, nothing more.
+    message.DiscardUnknownFields()
+    return message
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    _end_quietly_past_deadline(context)
+    if len(message) > MAX_STATUS_MESSAGE_CHARS:
+        message = message[:MAX_STATUS_MESSAGE_CHARS] + "..."
+    await context.abort(code, message)
+
+
+def _end_quietly_past_deadline(context: grpc.aio.ServicerContext) -> None:
+    """Past the caller's deadline gRPC has already answered DEADLINE_EXCEEDED: a reply or status sent now fails
+    inside gRPC, which logs it as an error with a traceback. Ending the handler as cancelled logs nothing."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise asyncio.CancelledError
 
 
 def add_tier_service(server: grpc.aio.Server, servicer: TierServicer) -> None:

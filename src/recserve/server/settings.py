@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
-from recserve.core.tier import TierLimits
+from recserve.core.tier import NAME_PATTERN, NAME_RULE, TierLimits
 from recserve.engines import ENGINE_NAMES
 from recserve.engines.config import EngineConfig
 from recserve.policies import (
@@ -62,7 +62,7 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("tier", str, "", "tier name, a free-form label (device, edge, cloud, ...); required"),
+    Option("tier", str, "", f"tier name (device, edge, cloud, ...: {NAME_RULE}); required"),
     Option("host", str, "[::]", "address to bind the gRPC server to"),
     Option("port", int, 50051, "gRPC port (0 picks a free one)"),
     Option("metrics_port", int, 0, "Prometheus /metrics HTTP port (0: no metrics endpoint)"),
@@ -137,8 +137,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream_cert", str, "", "PEM certificate this tier presents to the next tier (mTLS)"),
     Option("upstream_key", str, "", "PEM private key for --upstream-cert"),
     Option("upstream_server_name", str, "", "name expected in the next tier's certificate (default: its host)"),
-    Option("auth_token", str, "", "when set, callers must send 'authorization: Bearer TOKEN' metadata"),
+    Option(
+        "auth_token",
+        str,
+        "",
+        "when set, callers must send 'authorization: Bearer TOKEN' metadata (a flag shows in `ps`: prefer the "
+        "variable or --auth-token-file)",
+    ),
+    Option("auth_token_file", str, "", "file holding --auth-token (instead of it)"),
     Option("upstream_auth_token", str, "", "bearer token this tier sends to the next tier"),
+    Option("upstream_auth_token_file", str, "", "file holding --upstream-auth-token (instead of it)"),
+    Option(
+        "callers",
+        str,
+        "",
+        "comma-separated names of the tiers that forward to this one; only their requests may carry hops "
+        "(empty: a first tier, whose callers are clients)",
+    ),
     Option("plaintext", bool_flag, False, "serve and forward without TLS; required when no certificates are given"),
     Option("metrics_host", str, "0.0.0.0", "address the metrics endpoint binds to, apart from the gRPC port"),
 )
@@ -189,7 +204,10 @@ class TierSettings:
     upstream_key: str
     upstream_server_name: str
     auth_token: str
+    auth_token_file: str
     upstream_auth_token: str
+    upstream_auth_token_file: str
+    callers: str
     plaintext: bool
     metrics_host: str
 
@@ -201,6 +219,11 @@ class TierSettings:
     def _problems(self) -> Iterator[str]:
         if not self.tier:
             yield "a tier name is required (--tier or RECSERVE_TIER)"
+        for name in (self.tier, *self.caller_names):
+            if name and not NAME_PATTERN.fullmatch(name):
+                yield f"tier name {name!r} must be {NAME_RULE}"
+        if self.tier in self.caller_names:
+            yield f"tier {self.tier} cannot be its own caller"
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 yield f"{name} must be within 0-65535"
@@ -253,7 +276,11 @@ class TierSettings:
                    "or --plaintext to serve unencrypted")  # fmt: skip
         if not self.plaintext and self.next and not self.upstream_ca:
             yield "--next without --upstream-ca would forward unencrypted: give --upstream-ca, or --plaintext"
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "upstream_ca", "upstream_cert", "upstream_key"):
+        for name in ("auth_token", "upstream_auth_token"):
+            if getattr(self, name) and getattr(self, f"{name}_file"):
+                yield f"give {name} or {name}_file, not both"
+        files = ("tls_cert", "tls_key", "tls_client_ca", "upstream_ca", "upstream_cert", "upstream_key")
+        for name in (*files, "auth_token_file", "upstream_auth_token_file"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 yield f"{name} file {path!r} does not exist"
@@ -266,6 +293,10 @@ class TierSettings:
         if unknown:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
         return _settings({option.name: option.default for option in OPTIONS} | overrides)
+
+    @property
+    def caller_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.callers.split(",") if name.strip())
 
     @property
     def engine_config(self) -> EngineConfig:
