@@ -9,8 +9,9 @@ from prometheus_client import CollectorRegistry
 from recserve.core.engine import Engine
 from recserve.core.metrics import Metrics
 from recserve.core.offload import OffloadPolicy
-from recserve.core.tier import Tier, TierLimits, new_request_id
+from recserve.core.tier import Tier, new_request_id
 from recserve.core.transport import InProcessUpstream
+from recserve.core.validation import TierLimits
 
 
 def link_tiers(

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,49 +30,15 @@ from recserve.core.metrics import TierMetrics
 from recserve.core.offload import OffloadPolicy
 from recserve.core.transport import Reply, Upstream
 from recserve.core.untrusted import excerpt
+from recserve.core.validation import NAME_PATTERN, RequestValidator, TierLimits
 from recserve.v1 import tier_pb2 as pb
 
 logger = logging.getLogger(__name__)
-DEFAULT_FAMILY = "default"
 # The window (and metric series) shared by the families beyond a tier's max_families; outside NAME_PATTERN, so no
 # client can name it.
 OVERFLOW_FAMILY = "(overflow)"
 PROBE_WAIT_SECONDS = 2.0
-# Tier and family names: they become metric labels and window keys, so they are short and plain.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-NAME_RULE = "1-64 letters, digits, '_', '.' or '-'"
 UNKNOWN_PEER = "next"
-
-
-@dataclass(frozen=True)
-class TierLimits:
-    """What a tier accepts; anything beyond is INVALID_ARGUMENT with the limit named."""
-
-    max_prompt_chars: int = 32_768
-    max_tokens: int = 4096
-    default_max_tokens: int = 64
-    max_options: int = 26
-    max_option_chars: int = 256
-    max_stop_sequences: int = 8
-    max_hops: int = 8
-    max_families: int = 64
-    max_request_id_chars: int = 128
-    max_answer_chars: int = 32_768  # a hop's answer, as a lower tier records it
-
-    @property
-    def max_request_bytes(self) -> int:
-        """The largest InferRequest these limits allow: every string at its limit in 4-byte UTF-8, plus room for
-        the numbers and field tags. The server refuses bigger messages before parsing them."""
-        hop_chars = 64 + self.max_answer_chars
-        chars = (
-            2 * self.max_prompt_chars  # prompt and system prompt together, and the reference
-            + self.max_request_id_chars
-            + 64  # family
-            + self.max_options * self.max_option_chars
-            + self.max_stop_sequences * 64
-            + self.max_hops * hop_chars
-        )
-        return 4 * chars + 64 * 1024
 
 
 @dataclass
@@ -137,6 +102,7 @@ class Tier:
         # The tiers that forward to this one: only their requests carry hops. Empty for the first tier, whose callers
         # are clients, and clients send no hops.
         self.callers = frozenset(callers)
+        self._validator = RequestValidator(name, self.limits, self.callers)
         # The next tier's name, learned from its first reply, so only the address needs configuring.
         self.peer_name = UNKNOWN_PEER
 
@@ -156,7 +122,7 @@ class Tier:
         return response
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
-        family = self._validate(request)
+        family = self._validator.validate(request)
         started = self._clock()
         remaining = self._remaining(deadline)
         try:
@@ -419,106 +385,6 @@ class Tier:
             stop=tuple(sampling.stop),
             options=tuple(request.options),
         )
-
-    def _validate(self, request: pb.InferRequest) -> str:
-        """Reject what cannot be served, with a message that says what to change; return the family."""
-        limits = self.limits
-        if not request.prompt.strip():
-            raise InvalidRequest("prompt is empty: put the text to answer in `prompt`")
-        size = len(request.prompt) + len(request.system_prompt)
-        if size > limits.max_prompt_chars:
-            raise InvalidRequest(
-                f"prompt and system prompt have {size} characters; tier {self.name} accepts at most "
-                f"{limits.max_prompt_chars}"
-            )
-        if len(request.request_id) > limits.max_request_id_chars:
-            raise InvalidRequest(f"request_id is longer than {limits.max_request_id_chars} characters")
-        if not request.request_id.isprintable():
-            raise InvalidRequest("request_id may not contain line breaks or other control characters")
-        if len(request.reference) > limits.max_prompt_chars:
-            raise InvalidRequest(f"reference is longer than {limits.max_prompt_chars} characters")
-        self._validate_task(request)
-        self._validate_sampling(request.sampling)
-        if request.offload not in (pb.OFFLOAD_MODE_AUTO, pb.OFFLOAD_MODE_LOCAL_ONLY):
-            raise InvalidRequest(
-                f"unknown offload mode {request.offload}: use OFFLOAD_MODE_AUTO or OFFLOAD_MODE_LOCAL_ONLY"
-            )
-        self._validate_hops(request.hops)
-        return self._validate_family(request.family)
-
-    def _validate_hops(self, hops: Sequence[pb.Hop]) -> None:
-        """Hops are written by tiers: only a request from one of this tier's callers carries them, and they are
-        bounded like any other input."""
-        if not hops:
-            return
-        if not self.callers:
-            raise InvalidRequest(
-                f"tier {self.name} takes requests from clients, which send no hops: hops are written by the tiers "
-                "that forward a request (a tier behind another names it with --callers)"
-            )
-        limits = self.limits
-        if len(hops) >= limits.max_hops:
-            raise InvalidRequest(
-                f"request has already crossed {len(hops)} tiers; the limit is {limits.max_hops} "
-                "(check the tiers' --next addresses for a loop)"
-            )
-        for hop in hops:
-            if not NAME_PATTERN.fullmatch(hop.tier):
-                raise InvalidRequest(f"hop tier {excerpt(hop.tier)} is not a tier name ({NAME_RULE})")
-            if len(hop.answer) > limits.max_answer_chars:
-                raise InvalidRequest(
-                    f"the answer of hop {hop.tier} is longer than {limits.max_answer_chars} characters"
-                )
-            if not math.isfinite(hop.confidence):
-                raise InvalidRequest(f"the confidence of hop {hop.tier} is not a finite number")
-        if hops[-1].tier not in self.callers:
-            raise InvalidRequest(
-                f"tier {self.name} takes forwarded requests from {', '.join(sorted(self.callers))} only, "
-                f"not from {hops[-1].tier}"
-            )
-        if any(hop.tier == self.name for hop in hops):
-            path = " -> ".join(hop.tier for hop in hops)
-            raise InvalidRequest(f"forwarding loop: request came through {path} back to tier {self.name}")
-
-    def _validate_task(self, request: pb.InferRequest) -> None:
-        limits = self.limits
-        if request.task == pb.TASK_KIND_CHOICE:
-            options = list(request.options)
-            if len(options) < 2:
-                raise InvalidRequest('a CHOICE task needs at least two options, e.g. options ["A", "B", "C", "D"]')
-            if len(options) > limits.max_options:
-                raise InvalidRequest(f"{len(options)} options given; at most {limits.max_options} are accepted")
-            if any(not option.strip() or len(option) > limits.max_option_chars for option in options):
-                raise InvalidRequest(f"every option must be non-blank and at most {limits.max_option_chars} characters")
-            if len(set(options)) != len(options):
-                raise InvalidRequest("options must be distinct")
-        elif request.task == pb.TASK_KIND_GENERATE:
-            if request.options:
-                raise InvalidRequest("options are only for CHOICE tasks: set task to TASK_KIND_CHOICE or drop them")
-        elif request.task == pb.TASK_KIND_UNSPECIFIED:
-            raise InvalidRequest("task is unspecified: set it to TASK_KIND_GENERATE or TASK_KIND_CHOICE")
-        else:
-            raise InvalidRequest(f"unknown task kind {request.task}: use TASK_KIND_GENERATE or TASK_KIND_CHOICE")
-
-    def _validate_sampling(self, sampling: pb.SamplingParams) -> None:
-        limits = self.limits
-        if sampling.max_tokens > limits.max_tokens:
-            raise InvalidRequest(
-                f"max_tokens {sampling.max_tokens} is out of range: use 1 to {limits.max_tokens} (0 for the default)"
-            )
-        if not 0.0 <= sampling.temperature <= 2.0:  # also rejects NaN
-            raise InvalidRequest(f"temperature {sampling.temperature} is out of range: use 0 (greedy) to 2")
-        if len(sampling.stop) > limits.max_stop_sequences or any(not s or len(s) > 64 for s in sampling.stop):
-            raise InvalidRequest(
-                f"stop takes at most {limits.max_stop_sequences} non-empty sequences of up to 64 characters"
-            )
-
-    @staticmethod
-    def _validate_family(family: str) -> str:
-        family = family or DEFAULT_FAMILY
-        if not NAME_PATTERN.fullmatch(family):
-            raise InvalidRequest(f"family {excerpt(family)} must be {NAME_RULE} (e.g. 'mmlu')")
-        return family
 
 
 def _judge(request: pb.InferRequest, response: pb.InferResponse) -> bool:

@@ -20,7 +20,8 @@ from recserve.core.breaker import CircuitBreaker
 from recserve.core.engine import Engine
 from recserve.core.forward_timeout import ForwardTimeout
 from recserve.core.metrics import TierMetrics
-from recserve.core.tier import Tier, TierLimits
+from recserve.core.tier import Tier
+from recserve.core.validation import TierLimits
 from recserve.engines import create_engine
 from recserve.server.metrics_http import MetricsEndpoint
 from recserve.server.security import server_credentials, token, upstream_credentials

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
-from recserve.core.tier import NAME_PATTERN, NAME_RULE, TierLimits
+from recserve.core.validation import NAME_PATTERN, NAME_RULE, TierLimits
 from recserve.engines import ENGINE_NAMES
 from recserve.engines.config import EngineConfig
 from recserve.policies import (
