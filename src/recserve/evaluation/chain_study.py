@@ -1,0 +1,316 @@
+"""Every chain a trace set allows: the target policies against rivals tuned on train, chain by chain.
+
+For each ordered chain of 2 and 3 models (cheapest first by train accuracy), at byte budgets of 0.2-0.5: the budget
+policy against CasServe tuned on train, RecServe with β chosen on train to meet the budget, and the best fixed
+thresholds in hindsight (thresholds shared by every benchmark, chosen on the test split itself: a bound, not a
+rival); its bytes per benchmark against the target, on the whole test stream and on its first 200 and 500 requests
+(shuffled). The quality policy's loss against cloud-only at gaps of 0.02 and 0.05, drifting and shuffled, and on
+500 shuffled requests. Nothing here is tuned on the test split.
+
+    python -m recserve.evaluation.chain_study --traces TRACE_FOLDER --out docs [--jobs 2]   (make chains)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recserve.client.tally import summaries
+from recserve.client.trace_client import Outcome
+from recserve.core.traces import TraceQuery, TraceSet
+from recserve.evaluation.plans import chain_plan
+from recserve.evaluation.replay import DepthTable, TraceReplay, fixed_threshold_grid, tune_fixed_thresholds
+from recserve.evaluation.sweep import DEFAULT_BETAS
+from recserve.policies import BudgetConfig, QualityConfig, RecServeConfig
+
+BUDGETS = (0.2, 0.3, 0.4, 0.5)
+GAPS = (0.02, 0.05)
+SHORT_STREAMS = (200, 500)
+SHUFFLE_SEED = 1
+TIE = 0.005  # accuracy differences under half a point are ties
+BYTES_TOLERANCE = 0.02  # the budget policy's goal: within ±0.02 of its target, per benchmark
+RIVALS = ("casserve", "recserve")
+
+
+@dataclass(frozen=True)
+class Point:
+    """Accuracy and bytes (a share of cloud-only bytes) overall and per benchmark."""
+
+    accuracy: float
+    bytes: float
+    by_benchmark: dict[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    budget: float
+    policy: Point  # the budget policy on the test stream, benchmarks one after another
+    casserve: Point
+    recserve: Point
+    recserve_beta: float
+    hindsight: Point
+    short_bytes: dict[int, float]  # bytes of the first n shuffled requests, share of their cloud-only bytes
+
+
+@dataclass(frozen=True)
+class GapRow:
+    gap: float
+    drifting_loss: float  # cloud-only accuracy minus the quality policy's, benchmarks one after another
+    shuffled_loss: float
+    short_loss: float  # on the first 500 shuffled requests
+
+
+@dataclass(frozen=True)
+class ChainStudy:
+    chain: tuple[str, ...]
+    cloud_only: Point
+    budgets: tuple[BudgetRow, ...]
+    gaps: tuple[GapRow, ...]
+
+
+def models_by_train_accuracy(trace_set: TraceSet) -> tuple[str, ...]:
+    """The trace set's models, least accurate on the train split first."""
+    train = [q for q in trace_set.queries if q.split == "train"]
+    accuracy = {m: float(np.mean([trace_set.answers[q.key][m].correct for q in train])) for m in trace_set.models}
+    return tuple(sorted(trace_set.models, key=lambda m: accuracy[m]))
+
+
+def every_chain(models: Sequence[str], sizes: Sequence[int] = (2, 3)) -> list[tuple[str, ...]]:
+    """Every chain of `sizes` models, in the order of `models` (cheapest first)."""
+    return [chain for size in sizes for chain in itertools.combinations(models, size)]
+
+
+def point(outcomes: Sequence[Outcome], cloud_only: dict[str, int]) -> Point:
+    figures = summaries(outcomes, len(outcomes[0].link_bytes) + 1, cloud_only)
+    overall = figures.pop("overall")
+    by_benchmark = {name: (s.accuracy, s.bytes_vs_cloud_only) for name, s in figures.items()}
+    return Point(overall.accuracy, overall.bytes_vs_cloud_only, by_benchmark)
+
+
+def table_point(table: DepthTable, depths: np.ndarray, cloud_only: dict[str, int]) -> Point:
+    return point(table.outcomes(depths.astype(np.int64)), cloud_only)
+
+
+async def study_chain(traces: Path, chain: Sequence[str]) -> ChainStudy:
+    replay = TraceReplay.load(traces, chain)
+    tiers = len(chain)
+    test, train = replay.queries("test"), replay.queries("train")
+    table, train_table = await replay.depth_table(test), await replay.depth_table(train)
+    cloud_only = _cloud_only(table)
+    shuffled = replay.queries("test", SHUFFLE_SEED)
+    row_of = {q.key: row for row, q in enumerate(test)}
+
+    async def run(config: BudgetConfig | QualityConfig | RecServeConfig, queries: Sequence[TraceQuery]) -> Point:
+        plan = chain_plan(config, tiers)
+        outcomes = await replay.run_offline(queries, plan.offline, feedback=plan.feedback)
+        return point(outcomes, _cloud_only(table, [row_of[q.key] for q in queries]))
+
+    train_bytes = {}
+    train_cloud_only = _cloud_only(train_table)
+    for beta in DEFAULT_BETAS:
+        outcomes = await replay.run_offline(train, chain_plan(RecServeConfig(beta=beta), tiers).offline)
+        train_bytes[beta] = point(outcomes, train_cloud_only).bytes
+    grid = fixed_threshold_grid(table, np.ones(len(test), dtype=bool), 21)
+    budgets = []
+    for budget in BUDGETS:
+        tuned = tune_fixed_thresholds(train_table, budget)
+        depths = np.full(len(test), tiers - 1)
+        for benchmark, thresholds in tuned.items():
+            mask = table.benchmarks == benchmark
+            depths[mask] = table.fixed_threshold_depths(np.array(thresholds))[mask]
+        beta = max((b for b in DEFAULT_BETAS if train_bytes[b] <= budget + 1e-12), default=0.0)
+        best = max((g for g in grid if g[2] <= budget + 1e-12), key=lambda g: (g[1], -g[2]))
+        config = BudgetConfig(byte_budget=budget)
+        budgets.append(
+            BudgetRow(
+                budget=budget,
+                policy=await run(config, test),
+                casserve=table_point(table, depths, cloud_only),
+                recserve=await run(RecServeConfig(beta=beta), test),
+                recserve_beta=beta,
+                hindsight=table_point(table, table.fixed_threshold_depths(np.array(best[0])), cloud_only),
+                short_bytes={n: (await run(config, shuffled[:n])).bytes for n in SHORT_STREAMS},
+            )
+        )
+    full = table_point(table, np.full(len(test), tiers - 1), cloud_only)
+    gaps = []
+    for gap in GAPS:
+        quality = QualityConfig(quality_gap=gap)
+        short = shuffled[: SHORT_STREAMS[-1]]
+        short_cloud = float(np.mean([table.correct[row_of[q.key], -1] for q in short]))
+        gaps.append(
+            GapRow(
+                gap=gap,
+                drifting_loss=full.accuracy - (await run(quality, test)).accuracy,
+                shuffled_loss=full.accuracy - (await run(quality, shuffled)).accuracy,
+                short_loss=short_cloud - (await run(quality, short)).accuracy,
+            )
+        )
+    return ChainStudy(tuple(chain), full, tuple(budgets), tuple(gaps))
+
+
+def _cloud_only(table: DepthTable, rows: Sequence[int] | None = None) -> dict[str, int]:
+    """Each benchmark's cloud-only bytes, over `rows` of the table (all by default)."""
+    chosen = np.arange(len(table.benchmarks)) if rows is None else np.asarray(rows)
+    totals = table.cloud_only_bytes[chosen]
+    names = table.benchmarks[chosen]
+    return {str(b): int(totals[names == b].sum()) for b in np.unique(names)}
+
+
+def _study(traces: Path, chain: tuple[str, ...]) -> ChainStudy:
+    return asyncio.run(study_chain(traces, chain))
+
+
+def verdict(ours: float, theirs: float) -> str:
+    """win, tie or loss of an accuracy against another, ties within TIE."""
+    if ours >= theirs + TIE:
+        return "win"
+    return "tie" if ours > theirs - TIE else "loss"
+
+
+def summary_lines(studies: Sequence[ChainStudy]) -> list[str]:
+    """Markdown: the distribution over chains, per budget and per gap, and the worst cases named."""
+    count = len(studies)
+    lines = [
+        f"{count} chains. Wins, ties and losses of the budget policy's overall accuracy against each rival (ties "
+        f"within {TIE} accuracy); 'meets the goal': at least as accurate as both rivals (within the tie) at no more "
+        f"bytes than the more frugal of them plus {TIE}; bytes of the budget policy per benchmark within "
+        f"±{BYTES_TOLERANCE} of the target on the whole stream, and overall on the first 200 and 500 shuffled "
+        "requests.",
+        "",
+        "| budget | vs CasServe tuned on train: win / tie / loss | vs RecServe, β on train: win / tie / loss | meets "
+        "the goal | worst loss against the better rival | median bytes: budget / CasServe / RecServe | benchmarks "
+        "within ±0.02 | first 200 / 500 within ±0.02 | gap to hindsight, median |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for index, budget in enumerate(BUDGETS):
+        rows = [(study.chain, study.budgets[index]) for study in studies]
+        tallies = {rival: [verdict(r.policy.accuracy, getattr(r, rival).accuracy) for _, r in rows] for rival in RIVALS}
+        goal = sum(_meets_goal(r) for _, r in rows)
+        worst_chain, worst = min(rows, key=lambda item: item[1].policy.accuracy - _best_rival(item[1]))
+        within = [
+            abs(share - budget) <= BYTES_TOLERANCE for _, r in rows for _, share in r.policy.by_benchmark.values()
+        ]
+        short = [
+            f"{sum(abs(r.short_bytes[n] - budget) <= BYTES_TOLERANCE for _, r in rows) / count:.0%}"
+            for n in SHORT_STREAMS
+        ]
+        medians = [statistics.median(getattr(r, k).bytes for _, r in rows) for k in ("policy", *RIVALS)]
+        hindsight = statistics.median(r.hindsight.accuracy - r.policy.accuracy for _, r in rows)
+        lines.append(
+            f"| {budget} | {' / '.join(str(tallies['casserve'].count(v)) for v in ('win', 'tie', 'loss'))} | "
+            f"{' / '.join(str(tallies['recserve'].count(v)) for v in ('win', 'tie', 'loss'))} | "
+            f"{goal} of {count} ({goal / count:.0%}) | "
+            f"{worst.policy.accuracy - _best_rival(worst):+.3f} ({' → '.join(worst_chain)}) | "
+            f"{' / '.join(f'{m:.3f}' for m in medians)} | {sum(within) / len(within):.0%} | {' / '.join(short)} | "
+            f"{hindsight:+.3f} |"
+        )
+    lines += ["", *_benchmark_lines(studies), "", *_quality_lines(studies)]
+    return lines
+
+
+def _best_rival(row: BudgetRow) -> float:
+    return max(row.casserve.accuracy, row.recserve.accuracy)
+
+
+def _meets_goal(row: BudgetRow) -> bool:
+    frugal = min(row.casserve.bytes, row.recserve.bytes)
+    return row.policy.accuracy > _best_rival(row) - TIE and row.policy.bytes <= frugal + TIE
+
+
+def _benchmark_lines(studies: Sequence[ChainStudy]) -> list[str]:
+    """Per benchmark, over chains and budgets: wins, ties, losses against CasServe tuned on train, the worst named."""
+    lines = [
+        "Per benchmark, over every chain and budget, the budget policy against CasServe tuned on train:",
+        "",
+        "| benchmark | win / tie / loss | worst loss |",
+        "| --- | --- | --- |",
+    ]
+    benchmarks = sorted(studies[0].cloud_only.by_benchmark)
+    for benchmark in benchmarks:
+        cells = [
+            (study.chain, row.budget, row.policy.by_benchmark[benchmark][0] - row.casserve.by_benchmark[benchmark][0])
+            for study in studies
+            for row in study.budgets
+        ]
+        tally = [verdict(margin, 0.0) for _, _, margin in cells]
+        chain, budget, margin = min(cells, key=lambda cell: cell[2])
+        lines.append(
+            f"| {benchmark} | {' / '.join(str(tally.count(v)) for v in ('win', 'tie', 'loss'))} | "
+            f"{margin:+.3f} ({' → '.join(chain)}, budget {budget}) |"
+        )
+    return lines
+
+
+def _quality_lines(studies: Sequence[ChainStudy]) -> list[str]:
+    count = len(studies)
+    lines = [
+        "The quality policy: chains whose loss against cloud-only accuracy stays within the gap plus 0.005 (whole "
+        "test stream) and plus 0.02 (first 500 shuffled requests); the median and the worst loss.",
+        "",
+        "| gap | drifting within | shuffled within | 500 requests within | median loss (drifting / shuffled / 500) | "
+        "worst loss (drifting / shuffled / 500) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for index, gap in enumerate(GAPS):
+        rows = [study.gaps[index] for study in studies]
+        losses = {k: [getattr(r, k) for r in rows] for k in ("drifting_loss", "shuffled_loss", "short_loss")}
+        within = [
+            sum(loss <= gap + slack for loss in losses[k])
+            for k, slack in (("drifting_loss", 0.005), ("shuffled_loss", 0.005), ("short_loss", 0.02))
+        ]
+        lines.append(
+            f"| {gap} | {' | '.join(f'{w} of {count} ({w / count:.0%})' for w in within)} | "
+            f"{' / '.join(f'{statistics.median(v):.3f}' for v in losses.values())} | "
+            f"{' / '.join(f'{max(v):.3f}' for v in losses.values())} |"
+        )
+    return lines
+
+
+def write_report(studies: Sequence[ChainStudy], out: Path) -> Path:
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / "chains.json").write_text(json.dumps([asdict(s) for s in studies], indent=1) + "\n")
+    header = [
+        "# Every chain: the target policies against rivals tuned on train",
+        "",
+        "Produced by `make chains TRACES=TRACE_FOLDER` (`python -m recserve.evaluation.chain_study`), from the trace "
+        "set of docs/results.md: every ordered chain of 2 and 3 of its models, cheapest first by train accuracy, "
+        "replayed through the tier code on the test split (figures per chain in results/chains.json). The rivals "
+        "are tuned on the train split: CasServe's thresholds per tier and benchmark by grid search for the byte "
+        "budget, RecServe's β as the largest of 0, 0.05, ..., 1 whose bytes on train stay within the budget. The "
+        "budget and quality policies run with their defaults, which were chosen on three chains "
+        "(docs/evaluation.md), so the figures of the other chains are out of sample for every constant.",
+        "",
+    ]
+    path = out / "chains.md"
+    path.write_text("\n".join([*header, *summary_lines(studies)]) + "\n")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traces", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--jobs", type=int, default=2, help="chains studied at once, one process each")
+    parser.add_argument("--sizes", default="2,3", help="chain lengths")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N chains (a quick look)")
+    args = parser.parse_args(argv)
+    models = models_by_train_accuracy(TraceSet.load(args.traces))
+    chains = every_chain(models, [int(s) for s in args.sizes.split(",")])[: args.limit]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        studies = list(pool.map(_study, itertools.repeat(args.traces), chains))
+    print(write_report(studies, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""The every-chain study: chains in order, rivals tuned on train, figures that agree with `recserve eval`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recserve.core.traces import TraceSet
+from recserve.evaluation.chain_study import (
+    BUDGETS,
+    ChainStudy,
+    every_chain,
+    models_by_train_accuracy,
+    study_chain,
+    summary_lines,
+    verdict,
+)
+from recserve.evaluation.plans import EvalRequest, evaluate
+from recserve.evaluation.sweep import DEFAULT_BETAS
+from tests.conftest import write_trace_folder
+
+CHAIN = ("small", "large")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_trace_folder(tmp_path_factory.mktemp("traces"), n_per_family=40, splits=("train", "test"))
+
+
+@pytest.fixture(scope="module")
+def study(folder: Path) -> ChainStudy:
+    return asyncio.run(study_chain(folder, CHAIN))
+
+
+def test_models_go_cheapest_first_by_train_accuracy_and_chains_keep_that_order(folder: Path) -> None:
+    traces = TraceSet.load(folder)
+    train = [q for q in traces.queries if q.split == "train"]
+    ordered = models_by_train_accuracy(traces)
+    accuracy = [np.mean([traces.answers[q.key][m].correct for q in train]) for m in ordered]
+    assert sorted(ordered) == sorted(traces.models)
+    assert accuracy == sorted(accuracy)
+    assert every_chain(("a", "b", "c")) == [("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]
+    assert every_chain(("a", "b", "c"), (3,)) == [("a", "b", "c")]
+
+
+def test_ties_are_within_half_a_point() -> None:
+    assert [verdict(0.806, 0.8), verdict(0.804, 0.8), verdict(0.796, 0.8), verdict(0.794, 0.8)] == [
+        "win",
+        "tie",
+        "tie",
+        "loss",
+    ]
+
+
+async def test_the_study_agrees_with_recserve_eval(folder: Path, study: ChainStudy) -> None:
+    for row in study.budgets:
+        figures = await evaluate(
+            EvalRequest(traces=folder, chain=CHAIN, policy="budget", options={"byte_budget": row.budget})
+        )
+        assert (row.policy.accuracy, row.policy.bytes) == pytest.approx(
+            (figures["overall"].accuracy, figures["overall"].bytes_vs_cloud_only)
+        )
+        casserve = await evaluate(
+            EvalRequest(traces=folder, chain=CHAIN, policy="fixed", options={"byte_budget": row.budget})
+        )
+        assert row.casserve.accuracy == pytest.approx(casserve["overall"].accuracy)
+        assert row.casserve.by_benchmark["quiz"][0] == pytest.approx(casserve["quiz"].accuracy)
+    cloud = await evaluate(EvalRequest(traces=folder, chain=CHAIN, policy="cloud-only"))
+    assert study.cloud_only.accuracy == pytest.approx(cloud["overall"].accuracy)
+    assert study.cloud_only.bytes == pytest.approx(1.0)
+
+
+async def test_recserve_takes_the_largest_beta_whose_train_bytes_meet_the_budget(
+    folder: Path, study: ChainStudy
+) -> None:
+    for row in study.budgets:
+        at = await evaluate(EvalRequest(traces=folder, chain=CHAIN, split="train", options={"beta": row.recserve_beta}))
+        assert at["overall"].bytes_vs_cloud_only <= row.budget + 1e-12
+        if row.recserve_beta < 1.0:
+            larger = DEFAULT_BETAS[DEFAULT_BETAS.index(row.recserve_beta) + 1]
+            above = await evaluate(EvalRequest(traces=folder, chain=CHAIN, split="train", options={"beta": larger}))
+            assert above["overall"].bytes_vs_cloud_only > row.budget
+
+
+def test_the_summary_counts_every_chain_once_per_budget(study: ChainStudy) -> None:
+    lines = summary_lines([study, study])
+    rows = [line for line in lines if line.startswith("| 0.")][: len(BUDGETS)]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {b}" for b in BUDGETS]
+    for row in rows:
+        cells = row.split(" | ")
+        assert sum(int(n) for n in cells[1].split(" / ")) == 2
+        assert sum(int(n) for n in cells[2].split(" / ")) == 2
