@@ -12,12 +12,11 @@ from recserve.core.traces import TraceSet
 from recserve.evaluation.chain_study import (
     BUDGETS,
     ChainStudy,
-    every_chain,
-    models_by_train_accuracy,
     study_chain,
     summary_lines,
     verdict,
 )
+from recserve.evaluation.chains import every_chain, models_by_train_accuracy
 from recserve.evaluation.plans import EvalRequest, evaluate
 from recserve.evaluation.sweep import DEFAULT_BETAS
 from tests.conftest import write_trace_folder

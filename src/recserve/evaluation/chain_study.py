@@ -27,6 +27,7 @@ import numpy as np
 from recserve.client.tally import summaries
 from recserve.client.trace_client import Outcome
 from recserve.core.traces import TraceQuery, TraceSet
+from recserve.evaluation.chains import every_chain, models_by_train_accuracy
 from recserve.evaluation.plans import chain_plan
 from recserve.evaluation.replay import DepthTable, TraceReplay, fixed_threshold_grid, tune_fixed_thresholds
 from recserve.evaluation.sweep import DEFAULT_BETAS
@@ -75,18 +76,6 @@ class ChainStudy:
     cloud_only: Point
     budgets: tuple[BudgetRow, ...]
     gaps: tuple[GapRow, ...]
-
-
-def models_by_train_accuracy(trace_set: TraceSet) -> tuple[str, ...]:
-    """The trace set's models, least accurate on the train split first."""
-    train = [q for q in trace_set.queries if q.split == "train"]
-    accuracy = {m: float(np.mean([trace_set.answers[q.key][m].correct for q in train])) for m in trace_set.models}
-    return tuple(sorted(trace_set.models, key=lambda m: accuracy[m]))
-
-
-def every_chain(models: Sequence[str], sizes: Sequence[int] = (2, 3)) -> list[tuple[str, ...]]:
-    """Every chain of `sizes` models, in the order of `models` (cheapest first)."""
-    return [chain for size in sizes for chain in itertools.combinations(models, size)]
 
 
 def point(outcomes: Sequence[Outcome], cloud_only: dict[str, int]) -> Point:
