@@ -29,7 +29,13 @@ from recserve.client.trace_client import Outcome
 from recserve.core.traces import TraceQuery, TraceSet
 from recserve.evaluation.chains import every_chain, models_by_train_accuracy
 from recserve.evaluation.plans import chain_plan
-from recserve.evaluation.replay import DepthTable, TraceReplay, fixed_threshold_grid, tune_fixed_thresholds
+from recserve.evaluation.replay import (
+    DepthTable,
+    TraceReplay,
+    cloud_only_by_benchmark,
+    fixed_threshold_grid,
+    tune_fixed_thresholds,
+)
 from recserve.evaluation.sweep import DEFAULT_BETAS
 from recserve.policies import BudgetConfig, QualityConfig, RecServeConfig
 
@@ -94,17 +100,17 @@ async def study_chain(traces: Path, chain: Sequence[str]) -> ChainStudy:
     tiers = len(chain)
     test, train = replay.queries("test"), replay.queries("train")
     table, train_table = await replay.depth_table(test), await replay.depth_table(train)
-    cloud_only = _cloud_only(table)
+    cloud_only = cloud_only_by_benchmark(table)
     shuffled = replay.queries("test", SHUFFLE_SEED)
     row_of = {q.key: row for row, q in enumerate(test)}
 
     async def run(config: BudgetConfig | QualityConfig | RecServeConfig, queries: Sequence[TraceQuery]) -> Point:
         plan = chain_plan(config, tiers)
         outcomes = await replay.run_offline(queries, plan.offline, feedback=plan.feedback)
-        return point(outcomes, _cloud_only(table, [row_of[q.key] for q in queries]))
+        return point(outcomes, cloud_only_by_benchmark(table, [row_of[q.key] for q in queries]))
 
     train_bytes = {}
-    train_cloud_only = _cloud_only(train_table)
+    train_cloud_only = cloud_only_by_benchmark(train_table)
     for beta in DEFAULT_BETAS:
         outcomes = await replay.run_offline(train, chain_plan(RecServeConfig(beta=beta), tiers).offline)
         train_bytes[beta] = point(outcomes, train_cloud_only).bytes
@@ -145,14 +151,6 @@ async def study_chain(traces: Path, chain: Sequence[str]) -> ChainStudy:
             )
         )
     return ChainStudy(tuple(chain), full, tuple(budgets), tuple(gaps))
-
-
-def _cloud_only(table: DepthTable, rows: Sequence[int] | None = None) -> dict[str, int]:
-    """Each benchmark's cloud-only bytes, over `rows` of the table (all by default)."""
-    chosen = np.arange(len(table.benchmarks)) if rows is None else np.asarray(rows)
-    totals = table.cloud_only_bytes[chosen]
-    names = table.benchmarks[chosen]
-    return {str(b): int(totals[names == b].sum()) for b in np.unique(names)}
 
 
 def _study(traces: Path, chain: tuple[str, ...]) -> ChainStudy:

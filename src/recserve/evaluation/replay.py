@@ -161,9 +161,11 @@ class TraceReplay:
         return DepthTable(benchmarks, confidence, correct, link_bytes)
 
 
-def cloud_only_by_benchmark(table: DepthTable) -> dict[str, int]:
-    totals = table.cloud_only_bytes
-    return {str(b): int(totals[table.benchmarks == b].sum()) for b in np.unique(table.benchmarks)}
+def cloud_only_by_benchmark(table: DepthTable, rows: Sequence[int] | None = None) -> dict[str, int]:
+    """Each benchmark's bytes when the last tier answers, over `rows` of the table (all by default)."""
+    chosen = np.arange(len(table.benchmarks)) if rows is None else np.asarray(rows, dtype=np.int64)
+    totals, names = table.cloud_only_bytes[chosen], table.benchmarks[chosen]
+    return {str(b): int(totals[names == b].sum()) for b in np.unique(names)}
 
 
 def threshold_candidates(confidences: npt.NDArray[np.float64], points: int) -> npt.NDArray[np.float64]:
