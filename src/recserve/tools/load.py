@@ -199,11 +199,7 @@ def chaos(
                 marks["restarting"] = time.perf_counter() - started
                 await asyncio.to_thread(stack.start_one, 1)
                 marks["restarted"] = time.perf_counter() - started
-                deadline = marks["restarted"] + recovery_timeout
-                # Polling the report the clients fill is simpler than signalling from every answer.
-                while time.perf_counter() - started < deadline and _recovered(report, marks["restarted"]) is None:  # noqa: ASYNC110
-                    await asyncio.sleep(0.1)
-                await asyncio.sleep(1.0)  # a little forwarding after recovery, then stop
+                await _await_recovery(report, started, marks["restarted"], recovery_timeout)
                 stop.set()
                 await running
 
@@ -295,10 +291,7 @@ def hang(clients: int = 100, phase: float = 15.0, recovery_timeout: float = 30.0
             await asyncio.sleep(phase)
             os.kill(edge, signal.SIGCONT)
             marks["continued"] = time.perf_counter() - started
-            deadline = marks["continued"] + recovery_timeout
-            while time.perf_counter() - started < deadline and _recovered(report, marks["continued"]) is None:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)  # a little forwarding after recovery, then stop
+            await _await_recovery(report, started, marks["continued"], recovery_timeout)
             stop.set()
             await asyncio.gather(running, watching)
 
@@ -342,6 +335,16 @@ def _local_share(report: LoadReport, start: float, end: float) -> tuple[float, f
 
 def _within(seconds: float | None, limit: float) -> bool:
     return seconds is not None and seconds <= limit
+
+
+async def _await_recovery(report: LoadReport, started: float, since: float, timeout: float) -> None:
+    """Wait until an answer from above the device arrives after `since` (seconds from `started`), or `timeout`
+    passes, then a second more, so the run shows some forwarding after recovery."""
+    deadline = since + timeout
+    # Polling the report the clients fill is simpler than signalling from every answer.
+    while time.perf_counter() - started < deadline and _recovered(report, since) is None:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
 
 
 def _recovered(report: LoadReport, since: float) -> float | None:
