@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a chat; `role` is one of CHAT_ROLES."""
+
+    role: str
+    content: str
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What a tier asks of its engine; engine-neutral so every engine sees the same thing."""
+    """What a tier asks of its engine; engine-neutral so every engine sees the same thing.
 
-    prompt: str
+    A request holds either a prompt (with an optional system prompt), sent as plain completion text
+    (`full_prompt`), or chat `messages`, which each engine renders with its model's chat template.
+    """
+
+    prompt: str = ""
     system_prompt: str = ""
+    messages: tuple[ChatMessage, ...] = ()
     max_tokens: int = 64
     temperature: float = 0.0
     stop: tuple[str, ...] = ()
@@ -30,6 +46,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TextDelta:
+    """Text an engine generated since its previous delta, with the tokens that completed it."""
+
+    text: str
+    # (token text, natural-log probability) of each token this delta completes, in order.
+    tokens: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Generation:
     """An engine's answer with the log-probabilities the confidence scorers need."""
 
@@ -45,6 +70,10 @@ class Generation:
     chosen_option: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Text of each generated token, aligned with token_logprobs; empty where the engine does not know them.
+    tokens: tuple[str, ...] = ()
+    # "stop": the model ended or a stop string was met; "length": max_tokens was reached.
+    finish_reason: str = "stop"
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -67,6 +96,10 @@ class Engine(Protocol):
 
     async def generate(self, request: GenerationRequest) -> Generation:
         """Generate an answer with token log-probs (and option log-probs when options are given)."""
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:
+        """Yield text deltas as the tokens are generated, then the whole Generation, last; the deltas' texts add up
+        to its text. Closing the iterator early (the client went away, a deadline passed) aborts the generation."""
 
     async def healthy(self) -> bool:
         """Whether the engine can serve requests now."""

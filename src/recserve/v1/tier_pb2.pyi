@@ -35,14 +35,32 @@ DECISION_FORWARDED: Decision
 DECISION_DEGRADED: Decision
 
 class SamplingParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "stop")
+    __slots__ = ("max_tokens", "temperature", "stop", "logprobs")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    logprobs: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token", "logprob")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    logprob: float
+    def __init__(self, token: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Hop(_message.Message):
     __slots__ = ("tier", "confidence", "threshold", "decision", "engine_seconds", "bytes_sent", "bytes_received", "answer")
@@ -65,7 +83,7 @@ class Hop(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., engine_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "system_prompt", "task", "options", "family", "sampling", "reference", "offload", "hops")
+    __slots__ = ("request_id", "prompt", "system_prompt", "task", "options", "family", "sampling", "reference", "offload", "hops", "messages")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +94,7 @@ class InferRequest(_message.Message):
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     OFFLOAD_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     system_prompt: str
@@ -86,7 +105,8 @@ class InferRequest(_message.Message):
     reference: str
     offload: OffloadMode
     hops: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., system_prompt: _Optional[str] = ..., task: _Optional[_Union[TaskKind, str]] = ..., options: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reference: _Optional[str] = ..., offload: _Optional[_Union[OffloadMode, str]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., system_prompt: _Optional[str] = ..., task: _Optional[_Union[TaskKind, str]] = ..., options: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reference: _Optional[str] = ..., offload: _Optional[_Union[OffloadMode, str]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -109,7 +129,7 @@ class Confidence(_message.Message):
     def __init__(self, value: _Optional[float] = ..., mean_logprob: _Optional[float] = ..., min_logprob: _Optional[float] = ..., first_token_margin: _Optional[float] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "answer", "chosen_option", "answered_by", "confidence", "hops", "usage", "degraded")
+    __slots__ = ("request_id", "answer", "chosen_option", "answered_by", "confidence", "hops", "usage", "degraded", "logprobs", "finish_reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_OPTION_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +138,8 @@ class InferResponse(_message.Message):
     HOPS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     chosen_option: str
@@ -126,7 +148,27 @@ class InferResponse(_message.Message):
     hops: _containers.RepeatedCompositeFieldContainer[Hop]
     usage: Usage
     degraded: bool
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., chosen_option: _Optional[str] = ..., answered_by: _Optional[str] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., degraded: _Optional[bool] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    finish_reason: str
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., chosen_option: _Optional[str] = ..., answered_by: _Optional[str] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., degraded: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class TokenDelta(_message.Message):
+    __slots__ = ("text", "logprobs", "tier")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    tier: str
+    def __init__(self, text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class InferStreamResponse(_message.Message):
+    __slots__ = ("delta", "final")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    delta: TokenDelta
+    final: InferResponse
+    def __init__(self, delta: _Optional[_Union[TokenDelta, _Mapping]] = ..., final: _Optional[_Union[InferResponse, _Mapping]] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("request_id", "correct")

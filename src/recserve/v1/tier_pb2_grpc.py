@@ -40,6 +40,11 @@ class TierServiceStub:
                 request_serializer=recserve_dot_v1_dot_tier__pb2.InferRequest.SerializeToString,
                 response_deserializer=recserve_dot_v1_dot_tier__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.InferStream = channel.unary_stream(
+                '/recserve.v1.TierService/InferStream',
+                request_serializer=recserve_dot_v1_dot_tier__pb2.InferRequest.SerializeToString,
+                response_deserializer=recserve_dot_v1_dot_tier__pb2.InferStreamResponse.FromString,
+                _registered_method=True)
         self.Feedback = channel.unary_unary(
                 '/recserve.v1.TierService/Feedback',
                 request_serializer=recserve_dot_v1_dot_tier__pb2.FeedbackRequest.SerializeToString,
@@ -53,6 +58,14 @@ class TierServiceServicer:
 
     def Infer(self, request, context):
         """Answer a prompt; the response says which tier answered and records every hop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferStream(self, request, context):
+        """The same, streamed: token deltas of the answering tier as they come, then one final message. A tier finishes
+        its own answer first (its confidence needs every token); the last tier streams as its engine generates.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +85,11 @@ def add_TierServiceServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=recserve_dot_v1_dot_tier__pb2.InferRequest.FromString,
                     response_serializer=recserve_dot_v1_dot_tier__pb2.InferResponse.SerializeToString,
+            ),
+            'InferStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.InferStream,
+                    request_deserializer=recserve_dot_v1_dot_tier__pb2.InferRequest.FromString,
+                    response_serializer=recserve_dot_v1_dot_tier__pb2.InferStreamResponse.SerializeToString,
             ),
             'Feedback': grpc.unary_unary_rpc_method_handler(
                     servicer.Feedback,
@@ -107,6 +125,33 @@ class TierService:
             '/recserve.v1.TierService/Infer',
             recserve_dot_v1_dot_tier__pb2.InferRequest.SerializeToString,
             recserve_dot_v1_dot_tier__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/recserve.v1.TierService/InferStream',
+            recserve_dot_v1_dot_tier__pb2.InferRequest.SerializeToString,
+            recserve_dot_v1_dot_tier__pb2.InferStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,10 @@ class TierServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TierServiceAsyncStub: ...
     Infer: _grpc.UnaryUnaryMultiCallable[_tier_pb2.InferRequest, _tier_pb2.InferResponse]
     """Answer a prompt; the response says which tier answered and records every hop."""
+    InferStream: _grpc.UnaryStreamMultiCallable[_tier_pb2.InferRequest, _tier_pb2.InferStreamResponse]
+    """The same, streamed: token deltas of the answering tier as they come, then one final message. A tier finishes
+    its own answer first (its confidence needs every token); the last tier streams as its engine generates.
+    """
     Feedback: _grpc.UnaryUnaryMultiCallable[_tier_pb2.FeedbackRequest, _tier_pb2.FeedbackResponse]
     """Report, after the fact, whether an answer was right; feeds the answering tier's accuracy metrics."""
 
@@ -45,6 +49,10 @@ class TierServiceAsyncStub(TierServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Infer: _aio.UnaryUnaryMultiCallable[_tier_pb2.InferRequest, _tier_pb2.InferResponse]  # type: ignore[assignment]
     """Answer a prompt; the response says which tier answered and records every hop."""
+    InferStream: _aio.UnaryStreamMultiCallable[_tier_pb2.InferRequest, _tier_pb2.InferStreamResponse]  # type: ignore[assignment]
+    """The same, streamed: token deltas of the answering tier as they come, then one final message. A tier finishes
+    its own answer first (its confidence needs every token); the last tier streams as its engine generates.
+    """
     Feedback: _aio.UnaryUnaryMultiCallable[_tier_pb2.FeedbackRequest, _tier_pb2.FeedbackResponse]  # type: ignore[assignment]
     """Report, after the fact, whether an answer was right; feeds the answering tier's accuracy metrics."""
 
@@ -58,6 +66,16 @@ class TierServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tier_pb2.InferResponse, _abc.Awaitable[_tier_pb2.InferResponse]]:
         """Answer a prompt; the response says which tier answered and records every hop."""
+
+    @_abc_1.abstractmethod
+    def InferStream(
+        self,
+        request: _tier_pb2.InferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tier_pb2.InferStreamResponse], _abc.AsyncIterator[_tier_pb2.InferStreamResponse]]:
+        """The same, streamed: token deltas of the answering tier as they come, then one final message. A tier finishes
+        its own answer first (its confidence needs every token); the last tier streams as its engine generates.
+        """
 
     @_abc_1.abstractmethod
     def Feedback(
