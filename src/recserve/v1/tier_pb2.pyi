@@ -17,6 +17,7 @@ class OffloadMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OFFLOAD_MODE_AUTO: _ClassVar[OffloadMode]
     OFFLOAD_MODE_LOCAL_ONLY: _ClassVar[OffloadMode]
+    OFFLOAD_MODE_LAST_TIER: _ClassVar[OffloadMode]
 
 class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ TASK_KIND_GENERATE: TaskKind
 TASK_KIND_CHOICE: TaskKind
 OFFLOAD_MODE_AUTO: OffloadMode
 OFFLOAD_MODE_LOCAL_ONLY: OffloadMode
+OFFLOAD_MODE_LAST_TIER: OffloadMode
 DECISION_UNSPECIFIED: Decision
 DECISION_ANSWERED: Decision
 DECISION_FORWARDED: Decision
