@@ -1,0 +1,246 @@
+"""Streaming through the cascade: time to first token and tokens per second, gateway → device → edge → cloud, against
+vLLM's own OpenAI server on the same model, measured side by side in one run with the official `openai` client.
+
+1. direct: `python -m vllm.entrypoints.openai.api_server` on the cloud's tiny model (what vLLM users run);
+2. cascade: `recserve gateway` in front of three `recserve serve` tiers: llama.cpp on the device and edge, vLLM on the
+   cloud with the same model and engine settings; the requests ask for the last tier (`offload: last_tier`), so the
+   tiers below relay without generating and the difference to direct is what the gateway and the three gRPC hops
+   add. A second pass lets the tiers below generate first (forward-all), and subtracts their engine seconds (from
+   the hop records) from each request's time to first token: "beyond the lower tiers' own generation";
+3. buffered: the same cascade with `stream: false`, the way a router that needs the whole answer before it streams
+   (vLLM's semantic router) serves: its time to first token is the whole answer's.
+
+The same greedy completion requests (fixed prompts, max_tokens) at concurrency 1 and 32. Goals: each of the three
+added hops adds at most 5 ms to the time to first token; tokens per second through the gateway at least 90% of
+direct. On a small CPU host the client, the gateway and the tiers share the cores with the engine under test, which
+counts against the cascade.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from recserve.server.processes import TierProcesses, free_port
+from recserve.tools.models import make_tiny_models
+
+HOP_TARGET_SECONDS = 0.005
+THROUGHPUT_TARGET = 0.90
+ADDED_HOPS = 3  # gateway -> device -> edge -> cloud, against HTTP straight to the engine's server
+MODEL_NAME = "recserve"
+
+
+@dataclass
+class Request:
+    ttft: float  # seconds to the first content; the whole request when buffered
+    seconds: float
+    tokens: int
+    lower_engine_seconds: float = 0.0
+
+
+@dataclass
+class Level:
+    requests: list[Request]
+    wall: float
+
+    @property
+    def ttft_median(self) -> float:
+        return statistics.median(r.ttft - r.lower_engine_seconds for r in self.requests)
+
+    @property
+    def ttft_p90(self) -> float:
+        values = sorted(r.ttft - r.lower_engine_seconds for r in self.requests)
+        return values[min(len(values) - 1, int(0.9 * len(values)))]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(r.tokens for r in self.requests) / self.wall
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Question {i}: what is {i} plus {i + 1}? Answer briefly." for i in range(n)]
+
+
+async def one(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, stream: bool, extra: dict[str, Any]) -> Request:
+    started = time.perf_counter()
+    if not stream:
+        completion = await client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0.0, extra_body=extra
+        )
+        elapsed = time.perf_counter() - started
+        tokens = completion.usage.completion_tokens if completion.usage else 0
+        return Request(elapsed, elapsed, tokens)
+    first: float | None = None
+    tokens = 0
+    lower = 0.0
+    chunks = await client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+    )
+    async for chunk in chunks:
+        if first is None and chunk.choices and chunk.choices[0].text:
+            first = time.perf_counter() - started
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+        recserve = (chunk.model_extra or {}).get("recserve")
+        if recserve:
+            lower = sum(hop.get("engine_seconds", 0.0) for hop in recserve.get("hops", [])[:-1])
+    elapsed = time.perf_counter() - started
+    return Request(first if first is not None else elapsed, elapsed, tokens, lower)
+
+
+async def measure(
+    base_url: str, levels: list[int], requests: int, max_tokens: int, *, stream: bool, extra: dict[str, Any]
+) -> dict[int, Level]:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    try:
+        results: dict[int, Level] = {}
+        await asyncio.gather(*(one(client, p, max_tokens, stream, extra) for p in prompts(8)))  # warm-up
+        for concurrency in levels:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def gated(prompt: str, gate: asyncio.Semaphore = gate) -> Request:
+                async with gate:
+                    return await one(client, prompt, max_tokens, stream, extra)
+
+            started = time.perf_counter()
+            done = await asyncio.gather(*(gated(p) for p in prompts(requests)))
+            results[concurrency] = Level(list(done), time.perf_counter() - started)
+        return results
+    finally:
+        await client.close()
+
+
+def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited {process.returncode}; its log:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; its log:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def vllm_server(model: str, port: int, max_model_len: int, log: Path) -> subprocess.Popen[bytes]:
+    """vLLM's own OpenAI server with the engine settings the vllm engine uses on a CPU host (engines/vllm.py)."""
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+            "--port", str(port), "--served-model-name", MODEL_NAME, "--max-model-len", str(max_model_len),
+            "--dtype", "float32", "--enforce-eager", "--disable-log-stats", "--seed", "0",
+            "--kv-cache-memory-bytes", str(1 << 30)]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TORCHDYNAMO_DISABLE": "1"}
+    return subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+
+
+def direct(model: str, args: argparse.Namespace, logs: Path) -> dict[int, Level]:
+    port = free_port()
+    process = vllm_server(model, port, args.max_model_len, logs / "vllm-server.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 600, process, logs / "vllm-server.log")
+        url = f"http://127.0.0.1:{port}/v1"
+        return asyncio.run(measure(url, args.concurrency, args.requests, args.max_tokens, stream=True, extra={}))
+    finally:
+        stop(process)
+
+
+def cascade(models: dict[str, Any], args: argparse.Namespace, logs: Path) -> dict[str, dict[int, Level]]:
+    tiers = [
+        ["--tier", "device", "--engine", "llama_cpp", "--model", str(models["device"].gguf), "--threads", "1"],
+        ["--tier", "edge", "--engine", "llama_cpp", "--model", str(models["edge"].gguf), "--threads", "1"],
+        ["--tier", "cloud", "--engine", "vllm", "--model", str(models["cloud"].hf_dir),
+         "--context-length", str(args.max_model_len)],
+    ]  # fmt: skip
+    for tier in tiers:
+        tier += ["--policy", "forward-all", "--max-tokens", "4096", "--max-in-flight", "1024"]
+    stack = TierProcesses(tiers, logs)
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        stack.start(timeout=600.0)
+        port = free_port()
+        log = logs / "gateway.log"
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "recserve", "gateway", "--target", f"127.0.0.1:{stack.ports[0]}",
+             "--port", str(port)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_http(f"http://127.0.0.1:{port}/health", 60, gateway, log)
+        url = f"http://127.0.0.1:{port}/v1"
+        last_tier = {"recserve": {"offload": "last_tier"}}
+        runs = {
+            "streamed": measure(url, args.concurrency, args.requests, args.max_tokens, stream=True, extra=last_tier),
+            "buffered": measure(url, args.concurrency, args.requests, args.max_tokens, stream=False, extra=last_tier),
+            "lower tiers generate": measure(url, [1], args.requests // 2, args.max_tokens, stream=True, extra={}),
+        }
+        return {name: asyncio.run(run) for name, run in runs.items()}
+    finally:
+        if gateway is not None:
+            stop(gateway)
+        stack.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="tiny models are made here if absent")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    args = parser.parse_args()
+    models = make_tiny_models(args.models_dir)
+    with tempfile.TemporaryDirectory(prefix="recserve-stream-bench-") as folder:
+        logs = Path(folder)
+        measured_direct = direct(str(models["cloud"].hf_dir), args, logs)
+        measured = cascade(models, args, logs)
+
+    print(f"streamed completions, {args.requests} requests x {args.max_tokens} tokens per level; times in ms")
+    print(f"{'path':>36}  {'conc.':>5}  {'TTFT p50':>8}  {'TTFT p90':>8}  {'tok/s':>7}  {'tok/s vs direct':>15}")
+    rows = [("vLLM OpenAI server, direct", measured_direct)] + [
+        (f"gateway->3 tiers, {k}", v) for k, v in measured.items()
+    ]
+    for name, levels in rows:
+        for concurrency, level in levels.items():
+            ratio = level.tokens_per_second / measured_direct[concurrency].tokens_per_second
+            print(f"{name:>36}  {concurrency:>5}  {1e3 * level.ttft_median:>8.1f}  {1e3 * level.ttft_p90:>8.1f}  "
+                  f"{level.tokens_per_second:>7.1f}  {ratio:>15.3f}")  # fmt: skip
+    for concurrency in args.concurrency:
+        added = measured["streamed"][concurrency].ttft_median - measured_direct[concurrency].ttft_median
+        per_hop = added / ADDED_HOPS
+        ratio = measured["streamed"][concurrency].tokens_per_second / measured_direct[concurrency].tokens_per_second
+        print(f"concurrency {concurrency}: {1e3 * per_hop:+.1f} ms per hop to the median time to first token "
+              f"({'meets' if per_hop <= HOP_TARGET_SECONDS else 'misses'} the {1e3 * HOP_TARGET_SECONDS:.0f} ms goal); "
+              f"tokens/s {ratio:.1%} of direct ({'meets' if ratio >= THROUGHPUT_TARGET else 'misses'} the "
+              f"{THROUGHPUT_TARGET:.0%} goal)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The front door on real engines: the official `openai` client → `recserve gateway` → device (llama.cpp) → edge
+(llama.cpp) → cloud (vLLM), as processes on loopback with the generated tiny models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from recserve.server.processes import TierProcesses, free_port
+from recserve.tools.models import make_tiny_models
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
+
+ALWAYS_FORWARD = ["--policy", "forward-all"]
+PROMPT = "Question 7: what is seven plus eight? Answer briefly."
+CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is seven plus eight?"}]
+
+
+@dataclass
+class Front:
+    tiers: TierProcesses
+    client: openai.OpenAI
+
+    def metric(self, index: int, name: str) -> float:
+        url = f"http://127.0.0.1:{self.tiers.metrics_ports[index]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    folder = tmp_path_factory.mktemp("gateway-engines")
+    models = make_tiny_models(folder / "models")
+    tiers = TierProcesses(
+        [
+            # The cloud's weights on the device too, so its generation is slow enough to hang up in the middle of.
+            ["--tier", "device", "--engine", "llama_cpp", "--model", str(models["cloud"].gguf), "--threads", "1",
+             "--context-length", "1024", *ALWAYS_FORWARD],
+            ["--tier", "edge", "--engine", "llama_cpp", "--model", str(models["edge"].gguf), "--threads", "1",
+             "--context-length", "1024", *ALWAYS_FORWARD],
+            ["--tier", "cloud", "--engine", "vllm", "--model", str(models["cloud"].hf_dir), "--context-length", "1024"],
+        ],
+        folder,
+    )  # fmt: skip
+    gateway: subprocess.Popen[bytes] | None = None
+    log = (folder / "gateway.log").open("wb")
+    try:
+        tiers.start(timeout=600.0)
+        port = free_port()
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "recserve", "gateway", "--target", f"127.0.0.1:{tiers.ports[0]}",
+             "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        _wait_healthy(f"http://127.0.0.1:{port}/health", gateway)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield Front(tiers, client)
+        client.close()
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            assert gateway.wait(timeout=30) == 0
+        log.close()
+        tiers.stop()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the gateway exited"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} not healthy after {timeout:.0f}s")
+
+
+def test_completions_streamed_and_not_come_from_vllm_on_the_cloud(front: Front) -> None:
+    whole = front.client.completions.create(model="recserve", prompt=PROMPT, max_tokens=16, temperature=0)
+    served = whole.model_extra["recserve"]
+    assert served["answered_by"] == "cloud"
+    assert [hop["tier"] for hop in served["hops"]] == ["device", "edge", "cloud"]
+    assert whole.usage.completion_tokens > 0
+    stream = front.client.completions.create(
+        model="recserve", prompt=PROMPT, max_tokens=16, temperature=0, stream=True, logprobs=1
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text, "greedy: the stream is the same answer, relayed through two hops"
+    assert chunks[-1].model_extra["recserve"]["answered_by"] == "cloud"
+    logprobs = [
+        lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs
+    ]
+    assert logprobs
+    assert all(lp <= 0 for lp in logprobs)
+
+
+def test_chat_streamed_and_not_applies_each_engines_template(front: Front) -> None:
+    whole = front.client.chat.completions.create(model="recserve", messages=CHAT, max_tokens=12, temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.model_extra["recserve"]["answered_by"] == "cloud"
+    streamed = front.client.chat.completions.create(
+        model="recserve", messages=CHAT, max_tokens=12, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == whole.choices[0].message.content
+    # The device answers a local-only chat itself, streaming as llama.cpp generates.
+    local = front.client.chat.completions.create(
+        model="recserve",
+        messages=CHAT,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"recserve": {"offload": "local_only"}},
+    )
+    assert local.model_extra["recserve"]["answered_by"] == "device"
+
+
+@pytest.mark.parametrize(
+    ("tier", "offload"), [(2, "last_tier"), (0, "local_only")], ids=["vllm-cloud", "llama-cpp-device"]
+)
+def test_a_client_that_hangs_up_mid_stream_aborts_the_generating_engine(front: Front, tier: int, offload: str) -> None:
+    before = front.metric(tier, "recserve_aborted_generations_total")
+    stream = front.client.completions.create(
+        model="recserve",
+        prompt=PROMPT,
+        max_tokens=1000,
+        temperature=0,
+        stream=True,
+        extra_body={"recserve": {"offload": offload}},
+    )
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 30
+    while front.metric(tier, "recserve_aborted_generations_total") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert front.metric(tier, "recserve_aborted_generations_total") == before + 1
