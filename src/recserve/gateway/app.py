@@ -338,6 +338,7 @@ def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         lifespan="on",
+        ws="none",  # no websocket routes
         timeout_graceful_shutdown=int(settings.grace_seconds),
         log_config=None,  # the process's logging (recserve's one-line format)
     )
