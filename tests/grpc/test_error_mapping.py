@@ -33,6 +33,7 @@ EXPECTED_CODES: dict[type[errors.RecServeError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.StreamInterrupted: grpc.StatusCode.ABORTED,
 }
 
 

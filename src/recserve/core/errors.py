@@ -27,6 +27,10 @@ class UpstreamTimedOut(UpstreamUnavailable):
     """The next tier did not answer within the time this tier gave it."""
 
 
+class StreamInterrupted(RecServeError):
+    """An answer stream broke after part of the answer was sent: the client must not take what it got as whole."""
+
+
 class DeadlineExceeded(RecServeError):
     """The caller's deadline passed before an answer was ready."""
 

@@ -8,18 +8,29 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from recserve.core.breaker import BreakerState, CircuitBreaker
 from recserve.core.confidence import Score, choice_scorer, generate_scorer
-from recserve.core.engine import Engine, EngineError, GenerationRequest, UnknownPromptError
+from recserve.core.engine import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    Generation,
+    GenerationRequest,
+    TextDelta,
+    UnknownPromptError,
+)
 from recserve.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidRequest,
     NotFound,
+    RecServeError,
+    StreamInterrupted,
     Unavailable,
     UpstreamTimedOut,
     UpstreamUnavailable,
@@ -27,13 +38,14 @@ from recserve.core.errors import (
 from recserve.core.forward_timeout import ForwardTimeout
 from recserve.core.judge import is_correct
 from recserve.core.metrics import TierMetrics
-from recserve.core.offload import OffloadPolicy
+from recserve.core.offload import OffloadPolicy, Verdict
 from recserve.core.transport import Reply, Upstream
 from recserve.core.untrusted import excerpt
 from recserve.core.validation import NAME_PATTERN, RequestValidator, TierLimits
 from recserve.v1 import tier_pb2 as pb
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 # The window (and metric series) shared by the families beyond a tier's max_families; outside NAME_PATTERN, so no
 # client can name it.
 OVERFLOW_FAMILY = "(overflow)"
@@ -51,6 +63,7 @@ class _Served:
     confidence: float  # this tier's own confidence, for the policy to learn from verdicts
     probe_rate: float | None = None  # the policy's Verdict.probe_rate, handed back with the verdict
     judged: bool = False
+    learns: bool = True  # False for a request the policy did not decide (sent straight to the last tier)
 
 
 def new_request_id() -> str:
@@ -121,26 +134,159 @@ class Tier:
         self.metrics.observe_request_seconds(self._clock() - started)
         return response
 
+    async def infer_stream(
+        self, request: pb.InferRequest, timeout: float | None = None
+    ) -> AsyncGenerator[pb.InferStreamResponse, None]:
+        """Serve `request` as a stream: the answering tier's text deltas, then one final response (answer empty).
+
+        A tier finishes its own answer before it decides, since its confidence needs every token. If it answers, it
+        sends that answer as one delta; if it forwards, it relays the next tier's events as they arrive. A tier that
+        answers whatever its confidence (the last tier, or any tier for a local-only request) streams as its engine
+        generates. A next tier that fails before its first event gets this tier's degraded answer; one that fails
+        after ends the stream with StreamInterrupted, never a silently truncated answer.
+        """
+        started = self._clock()
+        try:
+            with self._request_id_held(request):
+                deadline = None if timeout is None else started + timeout
+                # Closed explicitly, here and below: `async for` leaves a generator it stops early to the garbage
+                # collector, and a client that hangs up must stop the engines now.
+                async with aclosing(self._infer_stream(request, deadline)) as events:
+                    async for event in events:
+                        yield event
+        except BaseException:
+            self.metrics.count_outcome("error")
+            raise
+        self.metrics.observe_request_seconds(self._clock() - started)
+
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         family = self._validator.validate(request)
+        degraded = False
+        if self._skips_engine(request):
+            try:
+                return await self._forward_unscored(request, family, deadline)
+            except UpstreamUnavailable as exc:
+                logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
+                degraded = True
+        generation, engine_seconds = await self._generate(request, deadline)
+        family = self._family_window(family)
+        score, verdict, hop = self._decide(request, family, generation, engine_seconds)
+        if verdict.forward and not degraded:
+            served = _Served(family, False, sender(request), score.value, probe_rate=verdict.probe_rate)
+            with self._forwarding_slot() as breaker_probe:
+                if breaker_probe is not None:
+                    try:
+                        return await self._forward(request, hop, served, deadline, breaker_probe=breaker_probe)
+                    except UpstreamUnavailable as exc:
+                        logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
+            degraded = True
+        return self._answer_here(request, family, generation, score, hop, degraded=degraded)
+
+    async def _infer_stream(
+        self, request: pb.InferRequest, deadline: float | None
+    ) -> AsyncGenerator[pb.InferStreamResponse, None]:
+        family = self._validator.validate(request)
+        degraded = False
+        if self._skips_engine(request):
+            served = _Served(family, False, sender(request), 0.0, learns=False)
+            try:
+                async with aclosing(self._forward_stream(request, self._unscored_hop(), served, deadline)) as events:
+                    async for event in events:
+                        yield event
+                return
+            except UpstreamUnavailable as exc:
+                logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
+                degraded = True
+        if degraded or self._answers_whatever(request):
+            # The answer stays here whatever the confidence: stream it as the engine generates.
+            generation: Generation | None = None
+            started = self._clock()
+            async with aclosing(self._engine_stream(request, deadline)) as items:
+                async for item in items:
+                    if isinstance(item, Generation):
+                        generation = item
+                    else:
+                        yield self._delta(request, item.text, item.tokens)
+            if generation is None:
+                raise Unavailable(f"tier {self.name}: the engine's stream ended without its generation")
+            family = self._family_window(family)
+            score, _, hop = self._decide(request, family, generation, self._clock() - started)
+            response = self._answer_here(request, family, generation, score, hop, degraded=degraded)
+            response.answer = ""
+            yield pb.InferStreamResponse(final=response)
+            return
+        generation, engine_seconds = await self._generate(request, deadline)
+        family = self._family_window(family)
+        score, verdict, hop = self._decide(request, family, generation, engine_seconds)
+        if verdict.forward:
+            served = _Served(family, False, sender(request), score.value, probe_rate=verdict.probe_rate)
+            with self._forwarding_slot() as breaker_probe:
+                if breaker_probe is not None:
+                    try:
+                        relayed = self._forward_stream(request, hop, served, deadline, breaker_probe)
+                        async with aclosing(relayed) as events:
+                            async for event in events:
+                                yield event
+                        return
+                    except UpstreamUnavailable as exc:
+                        logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
+            degraded = True
+        response = self._answer_here(request, family, generation, score, hop, degraded=degraded)
+        yield self._delta(request, response.answer, _tokens(generation))
+        response.answer = ""
+        yield pb.InferStreamResponse(final=response)
+
+    def _skips_engine(self, request: pb.InferRequest) -> bool:
+        """A request for the last tier passes the tiers below without their engines."""
+        return request.offload == pb.OFFLOAD_MODE_LAST_TIER and self.upstream is not None
+
+    def _answers_whatever(self, request: pb.InferRequest) -> bool:
+        return self.is_last or request.offload == pb.OFFLOAD_MODE_LOCAL_ONLY
+
+    async def _generate(self, request: pb.InferRequest, deadline: float | None) -> tuple[Generation, float]:
         started = self._clock()
         remaining = self._remaining(deadline)
         try:
             generation = await asyncio.wait_for(self.engine.generate(self._generation_request(request)), remaining)
         except TimeoutError:
             raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the engine was generating") from None
-        except UnknownPromptError as exc:
-            raise NotFound(str(exc)) from None
         except EngineError as exc:
-            raise Unavailable(f"tier {self.name}: engine failed: {exc}") from None
-        engine_seconds = self._clock() - started
-        family = self._family_window(family)
+            raise self._engine_error(exc) from None
+        return generation, self._clock() - started
 
+    async def _engine_stream(
+        self, request: pb.InferRequest, deadline: float | None
+    ) -> AsyncGenerator[TextDelta | Generation, None]:
+        """The engine's stream within the deadline; closing this closes the engine's, which aborts the generation."""
+        stream = self.engine.stream(self._generation_request(request))
+        try:
+            while True:
+                try:
+                    item = await _next_within(stream, self._remaining(deadline))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"tier {self.name}: the deadline passed while the engine was generating"
+                    ) from None
+                except EngineError as exc:
+                    raise self._engine_error(exc) from None
+                yield item
+        finally:
+            await _close(stream)
+
+    def _engine_error(self, exc: EngineError) -> RecServeError:
+        if isinstance(exc, UnknownPromptError):
+            return NotFound(str(exc))
+        return Unavailable(f"tier {self.name}: engine failed: {exc}")
+
+    def _decide(
+        self, request: pb.InferRequest, family: str, generation: Generation, engine_seconds: float
+    ) -> tuple[Score, Verdict, pb.Hop]:
         choice = request.task == pb.TASK_KIND_CHOICE
         score = self._score_choice(generation, list(request.options)) if choice else self._score_generation(generation)
-        local_only = request.offload == pb.OFFLOAD_MODE_LOCAL_ONLY
         lower = tuple(hop.confidence for hop in request.hops)
-        verdict = self.policy.decide(family, score.value, is_last=self.is_last or local_only, lower=lower)
+        verdict = self.policy.decide(family, score.value, is_last=self._answers_whatever(request), lower=lower)
         self.metrics.observe_decision(family, score.value, verdict.threshold, engine_seconds)
         hop = pb.Hop(
             tier=self.name,
@@ -148,36 +294,42 @@ class Tier:
             threshold=verdict.threshold,
             engine_seconds=engine_seconds,
             answer=generation.text[: self.limits.max_answer_chars],
+            decision=pb.DECISION_FORWARDED if verdict.forward and self.upstream is not None else pb.DECISION_ANSWERED,
         )
+        return score, verdict, hop
 
-        degraded = False
-        if verdict.forward and self.upstream is not None:
-            hop.decision = pb.DECISION_FORWARDED
-            slot_free = self.max_forwarding is None or self._forwarding < self.max_forwarding
-            # The slot is checked first: a breaker's allow() in half-open state hands out its one probe.
-            if slot_free and (self.breaker is None or self.breaker.allow()):
-                breaker_probe = self.breaker is not None and self.breaker.state is BreakerState.HALF_OPEN
-                served = _Served(
-                    family,
-                    answered_here=False,
-                    sender=sender(request),
-                    confidence=score.value,
-                    probe_rate=verdict.probe_rate,
-                )
-                self._forwarding += 1
-                try:
-                    response = await self._forward(request, hop, served, deadline, breaker_probe=breaker_probe)
-                except UpstreamUnavailable as exc:
-                    logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
-                else:
-                    return response
-                finally:
-                    self._forwarding -= 1
-            # The next tier is down, hung, too slow or overloaded, or enough requests already wait on it: the client
-            # still gets this tier's answer.
-            degraded = True
+    @contextmanager
+    def _forwarding_slot(self) -> Iterator[bool | None]:
+        """Hold a forwarding slot and the breaker's leave to forward: yields whether the call is the breaker's probe,
+        or None when the request must stay here (every slot taken, or the breaker open)."""
+        if self.max_forwarding is not None and self._forwarding >= self.max_forwarding:
+            yield None
+            return
+        # The slot is checked first: a breaker's allow() in half-open state hands out its one probe.
+        if self.breaker is not None and not self.breaker.allow():
+            yield None
+            return
+        breaker_probe = self.breaker is not None and self.breaker.state is BreakerState.HALF_OPEN
+        self._forwarding += 1
+        try:
+            yield breaker_probe
+        finally:
+            self._forwarding -= 1
 
+    def _answer_here(
+        self,
+        request: pb.InferRequest,
+        family: str,
+        generation: Generation,
+        score: Score,
+        hop: pb.Hop,
+        *,
+        degraded: bool,
+    ) -> pb.InferResponse:
+        # The next tier is down, hung, too slow or overloaded, or enough requests already wait on it: the client
+        # still gets this tier's answer, marked degraded.
         hop.decision = pb.DECISION_DEGRADED if degraded else pb.DECISION_ANSWERED
+        lower = tuple(h.confidence for h in request.hops)
         self.policy.observe_cost(family, size=request.ByteSize() + hop.ByteSize(), spent=(), lower=lower)
         response = pb.InferResponse(
             request_id=request.request_id,
@@ -188,13 +340,37 @@ class Tier:
             hops=[*request.hops, hop],
             usage=pb.Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
             degraded=degraded,
+            finish_reason=generation.finish_reason,
         )
+        if request.sampling.logprobs:
+            response.logprobs.extend(_token_logprobs(_tokens(generation)))
         served = _Served(family, answered_here=True, sender=sender(request), confidence=score.value)
         self._remember(request.request_id, served)
         if request.reference:
             self._record_verdict(served, _judge(request, response))
         self.metrics.count_outcome("degraded" if degraded else "answered")
         return response
+
+    def _delta(
+        self, request: pb.InferRequest, text: str, tokens: Iterable[tuple[str, float]]
+    ) -> pb.InferStreamResponse:
+        delta = pb.TokenDelta(text=text, tier=self.name)
+        if request.sampling.logprobs:
+            delta.logprobs.extend(_token_logprobs(tokens))
+        return pb.InferStreamResponse(delta=delta)
+
+    def _unscored_hop(self) -> pb.Hop:
+        return pb.Hop(tier=self.name, decision=pb.DECISION_FORWARDED)
+
+    async def _forward_unscored(
+        self, request: pb.InferRequest, family: str, deadline: float | None
+    ) -> pb.InferResponse:
+        """Pass a request for the last tier on without generating; the policy neither decides nor learns from it."""
+        served = _Served(family, False, sender(request), 0.0, learns=False)
+        with self._forwarding_slot() as breaker_probe:
+            if breaker_probe is None:
+                raise UpstreamUnavailable(f"tier {self.name} may not forward now (breaker open or every slot taken)")
+            return await self._forward(request, self._unscored_hop(), served, deadline, breaker_probe=breaker_probe)
 
     async def _forward(
         self,
@@ -210,25 +386,104 @@ class Tier:
         forwarded.CopyFrom(request)
         forwarded.hops.append(hop)
         reply = await self._call_upstream(forwarded, deadline, breaker_probe)
-        response = reply.response
+        return self._forwarded(request, hop, served, reply.response, reply.bytes_sent, reply.bytes_received)
+
+    def _forwarded(
+        self,
+        request: pb.InferRequest,
+        hop: pb.Hop,
+        served: _Served,
+        response: pb.InferResponse,
+        bytes_sent: int,
+        bytes_received: int,
+        answer: str | None = None,
+    ) -> pb.InferResponse:
+        """Record what the next tier's answer cost and showed: this tier's hop bytes, metrics, and the policy's
+        lessons. `answer`: the streamed text, where the response itself leaves it out."""
         own = len(request.hops)
         if len(response.hops) <= own or response.hops[own].tier != self.name:
             raise Unavailable(f"tier {self.name}: the next tier returned a response without this tier's hop")
-        response.hops[own].bytes_sent = reply.bytes_sent
-        response.hops[own].bytes_received = reply.bytes_received
+        response.hops[own].bytes_sent = bytes_sent
+        response.hops[own].bytes_received = bytes_received
         if len(response.hops) > own + 1:
             self._learn_peer_name(response.hops[own + 1].tier)
-        self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
-        # Each hop below the answering one records the bytes of the link above it: what this request cost.
-        spent = [h.bytes_sent + h.bytes_received for h in response.hops[own:-1]]
-        lower = tuple(h.confidence for h in request.hops)
-        self.policy.observe_cost(served.family, size=request.ByteSize() + hop.ByteSize(), spent=spent, lower=lower)
+        self.metrics.count_bytes(self.peer_name, sent=bytes_sent, received=bytes_received)
+        if served.learns:
+            # Each hop below the answering one records the bytes of the link above it: what this request cost.
+            spent = [h.bytes_sent + h.bytes_received for h in response.hops[own:-1]]
+            lower = tuple(h.confidence for h in request.hops)
+            self.policy.observe_cost(served.family, size=request.ByteSize() + hop.ByteSize(), spent=spent, lower=lower)
         self._remember(request.request_id, served)
-        if request.reference:
+        if request.reference and served.learns:
             # Judged here too, so this tier's policy learns how the tiers above fare on what it forwards.
-            self._observe_upstream_verdict(served, _judge(request, response))
+            judged = response if answer is None else _with_answer(response, answer)
+            self._observe_upstream_verdict(served, _judge(request, judged))
         self.metrics.count_outcome("forwarded")
         return response
+
+    async def _forward_stream(
+        self,
+        request: pb.InferRequest,
+        hop: pb.Hop,
+        served: _Served,
+        deadline: float | None,
+        breaker_probe: bool = False,
+    ) -> AsyncGenerator[pb.InferStreamResponse, None]:
+        """Relay the next tier's answer stream. Before its first event, a failure is UpstreamUnavailable (the caller
+        answers degraded); after, StreamInterrupted, or DeadlineExceeded when the caller's deadline ran out."""
+        assert self.upstream is not None
+        forwarded = pb.InferRequest()
+        forwarded.CopyFrom(request)
+        forwarded.hops.append(hop)
+        remaining = self._remaining(deadline)
+        limit = min(self.forward_timeout.seconds, PROBE_WAIT_SECONDS) if breaker_probe else self.forward_timeout.seconds
+        # The first event must come within the forward timeout, leaving a little of the caller's time to answer
+        # here; the stream as a whole may take all the caller's time.
+        first_limit = min(limit, remaining * 0.9) if remaining is not None else limit
+        stream = self.upstream.infer_stream(forwarded, remaining, wait_for_ready=breaker_probe)
+        received = 0
+        texts: list[str] = []
+        judged = False
+        try:
+            try:
+                event = await _next_within(stream, first_limit)
+                received += event.size
+                while event.message.WhichOneof("event") == "delta":
+                    texts.append(event.message.delta.text)
+                    yield event.message
+                    event = await _next_within(stream, self._remaining(deadline))
+                    received += event.size
+            except TimeoutError:
+                if texts:
+                    raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the answer streamed") from None
+                raise UpstreamTimedOut(f"next tier sent nothing within {first_limit:.2f} s") from None
+            except StopAsyncIteration:
+                raise UpstreamUnavailable("the next tier ended its stream without a final response") from None
+            if event.message.WhichOneof("event") != "final":
+                raise UpstreamUnavailable("the next tier sent a stream event of an unknown kind")
+        except UpstreamUnavailable as exc:
+            caller_ran_out = deadline is not None and deadline - self._clock() <= 0
+            if not caller_ran_out:
+                self._judge_upstream(ok=False)
+                judged = True
+            if texts:
+                if caller_ran_out:
+                    raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the answer streamed") from None
+                raise StreamInterrupted(
+                    f"tier {self.name}: the next tier failed after {len(texts)} parts of its answer were sent; "
+                    f"the answer is incomplete: {exc}"
+                ) from None
+            raise
+        finally:
+            await _close(stream)  # when the caller went away, so does the call up
+            if breaker_probe and not judged and self.breaker is not None:
+                self.breaker.release_probe()
+        self._judge_upstream(ok=True)
+        judged = True
+        response = self._forwarded(
+            request, hop, served, event.message.final, forwarded.ByteSize(), received, answer="".join(texts)
+        )
+        yield pb.InferStreamResponse(final=response)
 
     async def _call_upstream(self, forwarded: pb.InferRequest, deadline: float | None, breaker_probe: bool) -> Reply:
         """Send `forwarded` up within the forward timeout, and tell the breaker and the timeout what the call showed
@@ -310,6 +565,8 @@ class Tier:
         return pb.FeedbackResponse(recorded_by=self.name)
 
     def _observe_upstream_verdict(self, served: _Served, correct: bool) -> None:
+        if not served.learns:
+            return
         self.policy.observe_verdict(
             served.family, served.confidence, correct, answered_here=False, probe_rate=served.probe_rate
         )
@@ -380,11 +637,41 @@ class Tier:
         return GenerationRequest(
             prompt=request.prompt,
             system_prompt=request.system_prompt,
+            messages=tuple(ChatMessage(m.role, m.content) for m in request.messages),
             max_tokens=sampling.max_tokens or self.limits.default_max_tokens,
             temperature=sampling.temperature,
             stop=tuple(sampling.stop),
             options=tuple(request.options),
         )
+
+
+async def _next_within(stream: AsyncIterator[T], timeout: float | None) -> T:
+    """The stream's next item, or TimeoutError after `timeout` seconds (None: no limit)."""
+    if timeout is None:
+        return await anext(stream)
+    return await asyncio.wait_for(anext(stream), timeout)
+
+
+async def _close(stream: AsyncIterator[object]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _tokens(generation: Generation) -> tuple[tuple[str, float], ...]:
+    # Engines that do not know their tokens' texts (a replayed answer) report none.
+    return tuple(zip(generation.tokens, generation.token_logprobs, strict=True)) if generation.tokens else ()
+
+
+def _token_logprobs(tokens: Iterable[tuple[str, float]]) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token=token, logprob=_finite(logprob)) for token, logprob in tokens]
+
+
+def _with_answer(response: pb.InferResponse, answer: str) -> pb.InferResponse:
+    whole = pb.InferResponse()
+    whole.CopyFrom(response)
+    whole.answer = answer
+    return whole
 
 
 def _judge(request: pb.InferRequest, response: pb.InferResponse) -> bool:

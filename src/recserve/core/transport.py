@@ -6,6 +6,7 @@ gRPC link (recserve.server.upstream) report the same figures for the same traffi
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,14 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class StreamEvent:
+    """One message of an upstream answer stream and its bytes on the link."""
+
+    message: pb.InferStreamResponse
+    size: int
+
+
+@dataclass(frozen=True)
 class FeedbackReply:
     response: pb.FeedbackResponse
     bytes_sent: int
@@ -34,6 +43,11 @@ class Upstream(Protocol):
     async def infer(self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False) -> Reply:
         """Send `request` up; with `wait_for_ready`, wait (within `timeout`) for the link to come up."""
 
+    def infer_stream(
+        self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """Send `request` up as a stream; `timeout` bounds the whole stream. Closing the iterator cancels the call."""
+
     async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> FeedbackReply: ...
 
     async def close(self) -> None: ...
@@ -41,6 +55,10 @@ class Upstream(Protocol):
 
 class InferHandler(Protocol):
     async def infer(self, request: pb.InferRequest, timeout: float | None = None) -> pb.InferResponse: ...
+
+    def infer_stream(
+        self, request: pb.InferRequest, timeout: float | None = None
+    ) -> AsyncGenerator[pb.InferStreamResponse, None]: ...
 
     async def feedback(self, request: pb.FeedbackRequest) -> pb.FeedbackResponse: ...
 
@@ -56,6 +74,17 @@ class InProcessUpstream:
         response = await self._tier.infer(pb.InferRequest.FromString(sent), timeout)
         received = response.SerializeToString()
         return Reply(pb.InferResponse.FromString(received), len(sent), len(received))
+
+    async def infer_stream(
+        self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False
+    ) -> AsyncGenerator[StreamEvent, None]:
+        events = self._tier.infer_stream(pb.InferRequest.FromString(request.SerializeToString()), timeout)
+        try:
+            async for event in events:
+                data = event.SerializeToString()
+                yield StreamEvent(pb.InferStreamResponse.FromString(data), len(data))
+        finally:
+            await events.aclose()
 
     async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> FeedbackReply:
         sent = request.SerializeToString()

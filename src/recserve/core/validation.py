@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from recserve.core.engine import CHAT_ROLES
 from recserve.core.errors import InvalidRequest
 from recserve.core.untrusted import excerpt
 from recserve.v1 import tier_pb2 as pb
@@ -22,7 +23,8 @@ NAME_RULE = "1-64 letters, digits, '_', '.' or '-'"
 class TierLimits:
     """What a tier accepts; anything beyond is INVALID_ARGUMENT with the limit named."""
 
-    max_prompt_chars: int = 32_768
+    max_prompt_chars: int = 32_768  # prompt and system prompt together, or every chat message's content
+    max_messages: int = 256
     max_tokens: int = 4096
     default_max_tokens: int = 64
     max_options: int = 26
@@ -39,7 +41,8 @@ class TierLimits:
         the numbers and field tags. The server refuses bigger messages before parsing them."""
         hop_chars = 64 + self.max_answer_chars
         chars = (
-            2 * self.max_prompt_chars  # prompt and system prompt together, and the reference
+            2 * self.max_prompt_chars  # prompt and system prompt together (or the messages), and the reference
+            + 16 * self.max_messages  # roles
             + self.max_request_id_chars
             + 64  # family
             + self.max_options * self.max_option_chars
@@ -61,13 +64,14 @@ class RequestValidator:
     def validate(self, request: pb.InferRequest) -> str:
         """Reject what cannot be served, with a message that says what to change; return the family."""
         limits = self.limits
-        if not request.prompt.strip():
-            raise InvalidRequest("prompt is empty: put the text to answer in `prompt`")
-        size = len(request.prompt) + len(request.system_prompt)
+        if request.messages:
+            self._check_messages(request)
+        elif not request.prompt.strip():
+            raise InvalidRequest("prompt is empty: put the text to answer in `prompt`, or chat turns in `messages`")
+        size = len(request.prompt) + len(request.system_prompt) + sum(len(m.content) for m in request.messages)
         if size > limits.max_prompt_chars:
             raise InvalidRequest(
-                f"prompt and system prompt have {size} characters; tier {self.name} accepts at most "
-                f"{limits.max_prompt_chars}"
+                f"the prompt has {size} characters; tier {self.name} accepts at most {limits.max_prompt_chars}"
             )
         if len(request.request_id) > limits.max_request_id_chars:
             raise InvalidRequest(f"request_id is longer than {limits.max_request_id_chars} characters")
@@ -77,12 +81,28 @@ class RequestValidator:
             raise InvalidRequest(f"reference is longer than {limits.max_prompt_chars} characters")
         self._check_task(request)
         self._check_sampling(request.sampling)
-        if request.offload not in (pb.OFFLOAD_MODE_AUTO, pb.OFFLOAD_MODE_LOCAL_ONLY):
+        if request.offload not in (pb.OFFLOAD_MODE_AUTO, pb.OFFLOAD_MODE_LOCAL_ONLY, pb.OFFLOAD_MODE_LAST_TIER):
             raise InvalidRequest(
-                f"unknown offload mode {request.offload}: use OFFLOAD_MODE_AUTO or OFFLOAD_MODE_LOCAL_ONLY"
+                f"unknown offload mode {request.offload}: use OFFLOAD_MODE_AUTO, OFFLOAD_MODE_LOCAL_ONLY or "
+                "OFFLOAD_MODE_LAST_TIER"
             )
         self._check_hops(request.hops)
         return self._check_family(request.family)
+
+    def _check_messages(self, request: pb.InferRequest) -> None:
+        if request.prompt or request.system_prompt:
+            raise InvalidRequest("send either `prompt` (with `system_prompt`) or chat `messages`, not both")
+        if len(request.messages) > self.limits.max_messages:
+            raise InvalidRequest(
+                f"{len(request.messages)} messages; tier {self.name} accepts at most {self.limits.max_messages}"
+            )
+        for index, message in enumerate(request.messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidRequest(
+                    f"messages[{index}] has role {excerpt(message.role)}: use one of {', '.join(CHAT_ROLES)}"
+                )
+        if not any(m.role == "user" and m.content.strip() for m in request.messages):
+            raise InvalidRequest("messages hold no user turn with text: add one with role 'user'")
 
     def _check_hops(self, hops: Sequence[pb.Hop]) -> None:
         """Hops are written by tiers: only a request from one of this tier's callers carries them, and they are

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -51,6 +51,34 @@ class TierServicer:
             return encoded
 
         return await self._guarded(handle, context)
+
+    async def infer_stream(self, data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """InferStream: the tier's events as they come. A failure before the first event ends the call with its
+        status like Infer; one after ends the stream with its status (StreamInterrupted: ABORTED)."""
+        sent = 0
+        request: pb.InferRequest | None = None
+        try:
+            with self._admitted(context.invocation_metadata()):
+                request = _parse(pb.InferRequest, data)
+                if request.hops and self._callers_by_certificate:
+                    self._check_certificate_names(request.hops[-1].tier, context)
+                events = self.tier.infer_stream(request, context.time_remaining())
+                try:
+                    async for event in events:
+                        encoded = event.SerializeToString()
+                        sent += len(encoded)
+                        yield encoded
+                finally:
+                    await events.aclose()  # a caller that hung up cancels the generation at once
+        except RecServeError as exc:
+            await _abort(context, status_code(exc), str(exc))
+        except Exception:
+            logger.exception("unexpected error in tier %s", self.tier.name)
+            await _abort(context, grpc.StatusCode.INTERNAL, f"internal error in tier {self.tier.name}; see its log")
+        finally:
+            if request is not None:
+                # Counted on every ending, so the counters agree with the bytes the hop records show.
+                self.tier.metrics.count_bytes(sender(request), sent=sent, received=len(data))
 
     async def feedback(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async def handle() -> bytes:
@@ -140,6 +168,7 @@ def _end_quietly_past_deadline(context: grpc.aio.ServicerContext) -> None:
 def add_tier_service(server: grpc.aio.Server, servicer: TierServicer) -> None:
     handlers = {
         "Infer": grpc.unary_unary_rpc_method_handler(servicer.infer),
+        "InferStream": grpc.unary_stream_rpc_method_handler(servicer.infer_stream),
         "Feedback": grpc.unary_unary_rpc_method_handler(servicer.feedback),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -11,6 +11,7 @@ from recserve.core.errors import (
     NotFound,
     Overloaded,
     RecServeError,
+    StreamInterrupted,
     Unauthenticated,
     Unavailable,
     UpstreamTimedOut,
@@ -26,6 +27,7 @@ _CODE_OF: dict[type[RecServeError], grpc.StatusCode] = {
     UpstreamUnavailable: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    StreamInterrupted: grpc.StatusCode.ABORTED,
 }
 
 # An upstream's verdict on the request itself passes through unchanged; any other failure of the next tier

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from recserve.core.transport import FeedbackReply, Reply
+from recserve.core.errors import UpstreamUnavailable
+from recserve.core.transport import FeedbackReply, Reply, StreamEvent
 from recserve.server.security import bearer_metadata
 from recserve.server.status import error_from_rpc
 from recserve.v1 import tier_pb2 as pb
 
 INFER_METHOD = "/recserve.v1.TierService/Infer"
+INFER_STREAM_METHOD = "/recserve.v1.TierService/InferStream"
 FEEDBACK_METHOD = "/recserve.v1.TierService/Feedback"
 
 CHANNEL_OPTIONS = [
@@ -35,12 +39,16 @@ CHANNEL_OPTIONS = [
 
 
 # Retry Infer only where it is safe: UNAVAILABLE means the next tier did not take the call (it was down or
-# refused the connection). Feedback is not retried: a repeat would be judged twice.
+# refused the connection); gRPC retries a stream only before its first response message. Feedback is not retried:
+# a repeat would be judged twice.
 RETRY_SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": "recserve.v1.TierService", "method": "Infer"}],
+                "name": [
+                    {"service": "recserve.v1.TierService", "method": "Infer"},
+                    {"service": "recserve.v1.TierService", "method": "InferStream"},
+                ],
                 "retryPolicy": {
                     "maxAttempts": 3,
                     "initialBackoff": "0.05s",
@@ -78,12 +86,31 @@ class GrpcUpstream:
         self._metadata = bearer_metadata(auth_token)
         # No (de)serializers: we send and receive bytes, so len() is exactly what crossed the link.
         self._infer = self._channel.unary_unary(INFER_METHOD)
+        self._infer_stream = self._channel.unary_stream(INFER_STREAM_METHOD)
         self._feedback = self._channel.unary_unary(FEEDBACK_METHOD)
 
     async def infer(self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False) -> Reply:
         sent = request.SerializeToString()
         received = await self._call(self._infer, sent, timeout, wait_for_ready)
         return Reply(pb.InferResponse.FromString(received), len(sent), len(received))
+
+    async def infer_stream(
+        self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False
+    ) -> AsyncGenerator[StreamEvent, None]:
+        call = self._infer_stream(
+            request.SerializeToString(), timeout=timeout, metadata=self._metadata, wait_for_ready=wait_for_ready
+        )
+        try:
+            async for data in call:
+                try:
+                    message = pb.InferStreamResponse.FromString(data)
+                except DecodeError:
+                    raise UpstreamUnavailable(f"next tier at {self.target} sent a malformed stream event") from None
+                yield StreamEvent(message, len(data))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, self.target) from None
+        finally:
+            call.cancel()  # a no-op once the stream has ended; otherwise the next tier stops generating
 
     async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> FeedbackReply:
         sent = request.SerializeToString()

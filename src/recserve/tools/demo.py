@@ -32,13 +32,19 @@ from recserve.client.tally import (
 from recserve.client.trace_client import Outcome, TraceClient, tier_names
 from recserve.core.cascade import link_tiers
 from recserve.core.engine import Engine
+from recserve.core.offload import OffloadPolicy
 from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, TraceQuery, TraceSet
 from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
+from recserve.policies.quality import QualityConfig
 from recserve.policies.simple import ForwardAllPolicy
 from recserve.server.processes import TierProcesses, replay_tiers
 
 TIER_NAMES = tier_names(len(BUNDLED_CHAIN))
+# The live stack's policy (services/*/tier.env and the serve defaults): RecServe at beta 0.3.
+LIVE_POLICY = "RecServe, beta 0.3 (live)"
+# The quality policy the demo sets beside it: at most 2 points below cloud-only, learned from the Feedback.
+QUALITY = QualityConfig(quality_gap=0.02).for_chain(len(BUNDLED_CHAIN))
 
 
 def tier_arguments(engine: str, model_dir: Path | None) -> list[list[str]]:
@@ -101,16 +107,27 @@ async def send_all(target: str, client: TraceClient, queries: list[TraceQuery], 
     return outcomes
 
 
-async def cloud_only(engines: list[Engine], client: TraceClient, queries: list[TraceQuery]) -> list[Outcome]:
-    """What sending every request to the cloud gives: the same tiers and messages, linked in process."""
-    tiers = link_tiers(TIER_NAMES, engines, [ForwardAllPolicy() for _ in engines])
+async def in_process(
+    engines: list[Engine], policies: list[OffloadPolicy], client: TraceClient, queries: list[TraceQuery]
+) -> list[Outcome]:
+    """The same questions through the same tiers and messages, linked in process, under other policies; the client
+    grades as in the live run (Feedback for the replay engines)."""
+    tiers = link_tiers(TIER_NAMES, engines, policies)
     for engine in engines:
         await engine.start()
     try:
-        return await client.run(tiers[0], queries)
+        return await client.run(tiers[0], queries, feedback=not client.judge_reference)
     finally:
         for engine in engines:
             await engine.shutdown()
+
+
+def cloud_only_policies() -> list[OffloadPolicy]:
+    return [ForwardAllPolicy() for _ in TIER_NAMES]
+
+
+def quality_policies() -> list[OffloadPolicy]:
+    return [QUALITY.build() for _ in TIER_NAMES]
 
 
 def format_summary(figures: dict[str, Summary], cloud: dict[str, Summary]) -> str:
@@ -124,6 +141,17 @@ def format_summary(figures: dict[str, Summary], cloud: dict[str, Summary]) -> st
         Column("bytes vs cloud-only", lambda _, s: f"{s.bytes_vs_cloud_only:.3f}"),
     ]
     return format_table(figures, columns)
+
+
+def format_policies(by_policy: dict[str, Summary]) -> str:
+    """One overall line per policy: what each choice costs in accuracy and buys in bytes."""
+    columns = [
+        Column("policy", lambda name, _: name),
+        ACCURACY,
+        *tier_columns(TIER_NAMES)[: len(TIER_NAMES)],
+        Column("bytes vs cloud-only", lambda _, s: f"{s.bytes_vs_cloud_only:.3f}"),
+    ]
+    return format_table(by_policy, columns)
 
 
 def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: int = 1,
@@ -151,11 +179,23 @@ def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: i
             scraped = [stack.scrape_bytes(i) for i in range(len(TIER_NAMES))]
         finally:
             codes = stack.stop()
-    reference = asyncio.run(cloud_only(engines_for(engine, model_dir), client, queries))
+    reference = asyncio.run(in_process(engines_for(engine, model_dir), cloud_only_policies(), client, queries))
+    quality = asyncio.run(in_process(engines_for(engine, model_dir), quality_policies(), client, queries))
     cloud_bytes = bytes_by_benchmark(reference)
     figures = summaries(outcomes, len(TIER_NAMES), cloud_bytes)
+    cloud = summaries(reference, len(TIER_NAMES), cloud_bytes)
     print(f"\n{len(queries)} questions in {elapsed:.1f}s; tier exit codes {codes}\n")
-    print(format_summary(figures, summaries(reference, len(TIER_NAMES), cloud_bytes)))
+    print(format_summary(figures, cloud))
+    print(
+        f"\nthe policy is the choice between accuracy and bytes (overall; the quality policy and cloud-only run in"
+        f" process on the same tiers and questions, the quality policy to lose at most {QUALITY.quality_gap:.2f}):"
+    )
+    by_policy = {
+        LIVE_POLICY: figures["overall"],
+        f"quality, gap {QUALITY.quality_gap:.2f}": summaries(quality, len(TIER_NAMES), cloud_bytes)["overall"],
+        "cloud-only": cloud["overall"],
+    }
+    print(format_policies(by_policy))
     print("\nbytes per link from the tiers' Prometheus counters (Infer and Feedback, sent + received, at each end):")
     for lower in range(len(TIER_NAMES) - 1):
         upper = TIER_NAMES[lower + 1]
