@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -379,7 +380,7 @@ def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
         port=settings.port,
         lifespan="on",
         ws="none",  # no websocket routes
-        timeout_graceful_shutdown=int(settings.grace_seconds),
+        timeout_graceful_shutdown=math.ceil(settings.grace_seconds),
         log_config=None,  # the process's logging (recserve's one-line format)
     )
 
