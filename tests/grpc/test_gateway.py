@@ -299,3 +299,35 @@ async def test_a_client_that_disconnects_aborts_the_last_tiers_engine(trace_fold
             assert engine.aborted == 1
     finally:
         await tier.stop(grace=0)
+
+
+async def test_mutual_tls_and_a_token_to_the_first_tier(certs: Path, trace_folder: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    ca = str(certs / "recserve-dev-ca.pem")
+    settings = TierSettings.with_defaults(
+        tier="device", host="127.0.0.1", port=0, engine="replay", traces=str(trace_folder),
+        trace_model=TRACE_MODELS[0], tls_cert=str(certs / "device.pem"), tls_key=str(certs / "device.key"),
+        tls_client_ca=ca, auth_token_file=str(token_file),
+    )  # fmt: skip
+    tier = await start_tier(settings)
+    mtls = {"ca": ca, "cert": str(certs / "client.pem"), "key": str(certs / "client.key")}
+    ask = {"model": "recserve", "prompt": "quiz question number 2?", "extra_body": {"recserve": QUIZ}}
+    try:
+        async with running_gateway(tier.address, token_file=str(token_file), **mtls) as gateway:
+            async with gateway.client() as client:
+                assert served(await client.completions.create(**ask))["answered_by"] == "device"
+            async with httpx.AsyncClient(base_url=gateway.base_url) as http:
+                assert (await http.get("/health")).status_code == 200
+        async with running_gateway(tier.address, **mtls) as gateway, gateway.client() as client:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await client.completions.create(**ask)
+            assert caught.value.status_code == 502
+            assert caught.value.body["code"] == "tier_refused_gateway"
+        async with running_gateway(tier.address, ca=ca, token_file=str(token_file)) as gateway:
+            async with gateway.client() as client:
+                with pytest.raises(openai.InternalServerError) as caught:
+                    await client.completions.create(**ask)
+            assert caught.value.status_code == 503  # no client certificate: the handshake fails
+    finally:
+        await tier.stop(grace=0)
