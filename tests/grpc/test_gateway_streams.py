@@ -127,6 +127,10 @@ async def test_a_chat_stream_in_openai_chunks(gateway: Gateway, tier: tuple[Scri
     assert served["request_id"] == "r-1"
     assert [hop["decision"] for hop in served["hops"]] == ["forwarded", "answered"]
     assert tier[0].requests[-1].request_id == "r-1"
+    labels = {"endpoint": "/v1/chat/completions"}
+    assert gateway.registry.get_sample_value("recserve_gateway_time_to_first_token_seconds_count", labels) == 1
+    assert gateway.registry.get_sample_value("recserve_gateway_stream_tokens_per_second_count", labels) == 1
+    assert gateway.registry.get_sample_value("recserve_gateway_output_tokens_total", labels) == 3
     assert [(m.role, m.content) for m in tier[0].requests[-1].messages] == [("user", "words 3")]
 
 
