@@ -1,4 +1,5 @@
-"""The `recserve` command: serve a tier, ask a question, evaluate on traces, make tiny models, run the demo.
+"""The `recserve` command: serve a tier, ask a question, run the OpenAI-compatible HTTP gateway, evaluate on
+traces, make tiny models, run the demo.
 
 The top layer: may import every package; none imports it.
 """
@@ -19,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 from recserve.core.engine import EngineError
 from recserve.core.untrusted import escape_controls
 from recserve.evaluation import command as eval_command
+from recserve.gateway import settings as gateway_settings
 from recserve.server import settings as tier_settings
 from recserve.server.health import add_health_command, check_health
 from recserve.server.security import bearer_metadata, token
@@ -57,6 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ask.add_argument("--token-file", default="", help="file holding the bearer token")
 
+    gateway = commands.add_parser(
+        "gateway", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) in front of a tier"
+    )
+    try:
+        tier_settings.add_arguments(gateway, options=gateway_settings.OPTIONS)
+    except ValueError as exc:
+        parser.exit(2, f"recserve: {exc}\n")
+
     add_health_command(commands)
 
     models = commands.add_parser("models", help="tiny generated models for tests and the offline demo")
@@ -92,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(parser, args, sys.argv[1:] if argv is None else argv)
     if args.command == "ask":
         return _ask(args)
+    if args.command == "gateway":
+        return _gateway(parser, args, sys.argv[1:] if argv is None else argv)
     if args.command == "health":
         return check_health(args)
     if args.command == "certs":
@@ -137,6 +149,20 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
     except (StartupError, EngineError) as exc:
         print(f"recserve serve: tier {settings.tier}: {exc}", file=sys.stderr)
         return 1
+
+
+def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from recserve.gateway.app import create_app, serve
+
+    try:
+        settings = gateway_settings.from_namespace(args)
+        app = create_app(settings)  # reads the key and token files
+    except (OSError, ValueError) as exc:
+        parser.exit(2, f"recserve gateway: {exc}\n")
+    if any(arg.split("=", 1)[0] in ("--token", "--api-keys") for arg in argv):
+        print("recserve gateway: warning: a secret given as a flag shows in `ps`: use its variable or file",
+              file=sys.stderr)  # fmt: skip
+    return asyncio.run(serve(settings, app))
 
 
 def _channel(target: str, ca: str, cert: str, key: str) -> grpc.aio.Channel:

@@ -1,4 +1,4 @@
-"""Every Prometheus metric a tier exports, declared once over a registry passed in."""
+"""Every Prometheus metric a tier or the gateway exports, declared once over a registry passed in."""
 
 from __future__ import annotations
 
@@ -121,3 +121,51 @@ class TierMetrics:
 
     def observe_request_seconds(self, seconds: float) -> None:
         self.families.request_seconds.labels(self.tier).observe(seconds)
+
+
+TOKENS_PER_SECOND_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+
+
+class GatewayMetrics:
+    """The metric families of the OpenAI-compatible HTTP gateway, registered once per registry; `endpoint` is a
+    route of the gateway (or "other"), never a raw path."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "recserve_gateway_requests",
+            "HTTP requests the gateway answered, by endpoint and HTTP status code.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "recserve_gateway_time_to_first_token_seconds",
+            "Streamed completions: time from the request's arrival to its first generated text.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens_per_second = Histogram(
+            "recserve_gateway_stream_tokens_per_second",
+            "Streamed completions: output tokens over the request's whole duration (first token wait included).",
+            ["endpoint"],
+            buckets=TOKENS_PER_SECOND_BUCKETS,
+            registry=registry,
+        )
+        self.output_tokens = Counter(
+            "recserve_gateway_output_tokens",
+            "Tokens the answering tiers generated for completed requests, streamed or not.",
+            ["endpoint"],
+            registry=registry,
+        )
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def observe_stream(self, endpoint: str, *, first_token_seconds: float | None, seconds: float, tokens: int) -> None:
+        if first_token_seconds is not None:
+            self.time_to_first_token.labels(endpoint).observe(first_token_seconds)
+        if seconds > 0:
+            self.tokens_per_second.labels(endpoint).observe(tokens / seconds)
+
+    def count_output_tokens(self, endpoint: str, tokens: int) -> None:
+        self.output_tokens.labels(endpoint).inc(tokens)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -47,6 +47,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     aliases: tuple[tuple[str, str], ...] = ()  # (alias, choice): other names accepted for choices
     text: Callable[[Any], str] | None = None  # how a value is written as text, where its repr is not that
+    env_prefix: str = ENV_PREFIX  # another command's options (the gateway's) read variables of their own prefix
 
     @classmethod
     def of_policy(cls, option: PolicyOption) -> Option:
@@ -58,7 +59,7 @@ class Option:
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
+        return self.env_prefix + self.name.upper()
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -341,10 +342,13 @@ class TierSettings:
         )
 
 
-def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    """Add one flag per option; its default comes from the RECSERVE_* variable when that is set."""
+def add_arguments(
+    parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None, options: Sequence[Option] = OPTIONS
+) -> None:
+    """Add one flag per option (the tier's unless `options` are given); its default comes from the option's
+    variable when that is set."""
     env = os.environ if env is None else env
-    for option in OPTIONS:
+    for option in options:
         raw = env.get(option.env)
         try:
             default = option.kind(raw) if raw is not None else option.default
@@ -407,10 +411,10 @@ def _settings(values: dict[str, Any]) -> TierSettings:
     return TierSettings(**others, policy=policy)
 
 
-def settings_table() -> str:
-    """The Markdown table of every variable, as the README documents them."""
+def settings_table(options: Sequence[Option] = OPTIONS) -> str:
+    """The Markdown table of every variable (the tier's unless `options` are given), as the README documents them."""
     rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
-    for option in OPTIONS:
+    for option in options:
         choices = f" ({', '.join(option.choices)}{_aliases(option)})" if option.choices else ""
         rows.append(f"| `{option.env}` | `{option.flag}` | `{_default_text(option)}` | {option.help}{choices} |")
     return "\n".join(rows)
