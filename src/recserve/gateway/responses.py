@@ -43,6 +43,7 @@ def recserve_object(response: pb.InferResponse, request_id: str) -> dict[str, An
                 "decision": pb.Decision.Name(hop.decision).removeprefix("DECISION_").lower(),
                 "confidence": hop.confidence,
                 "threshold": hop.threshold,
+                "engine_seconds": hop.engine_seconds,
                 "bytes_sent": hop.bytes_sent,
                 "bytes_received": hop.bytes_received,
             }
