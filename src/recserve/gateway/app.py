@@ -18,12 +18,13 @@ client goes away, the gRPC call is cancelled, and with it the tiers' generation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -385,9 +386,20 @@ def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn raises a SIGTERM it caught again once its graceful shutdown is done, so the process dies of the signal
+    (status 143); the gateway, like the tiers, exits 0 after a graceful stop, which supervisors take as a clean one."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
 async def serve(settings: GatewaySettings, app: FastAPI | None = None) -> int:
     """Serve until SIGTERM or SIGINT; uvicorn stops taking connections and lets open ones finish within the
     grace period. 1 when the server could not start."""
-    server = uvicorn.Server(uvicorn_config(app or create_app(settings), settings))
+    server = _Server(uvicorn_config(app or create_app(settings), settings))
     await server.serve()
     return 0 if server.started else 1

@@ -29,11 +29,16 @@ def _logprob(value: float) -> float:
     return max(value, MIN_LOGPROB) if not math.isnan(value) else MIN_LOGPROB
 
 
+def _number(value: float) -> float | None:
+    # JSON has no infinities: a policy that forwards everything has an infinite threshold (shown as null).
+    return value if math.isfinite(value) else None
+
+
 def recserve_object(response: pb.InferResponse, request_id: str) -> dict[str, Any]:
     """How the cascade served the request: who answered, how confident, and every hop."""
     return {
         "answered_by": response.answered_by,
-        "confidence": response.confidence.value,
+        "confidence": _number(response.confidence.value),
         "degraded": response.degraded,
         "request_id": response.request_id or request_id,
         "chosen_option": response.chosen_option or None,
@@ -41,8 +46,8 @@ def recserve_object(response: pb.InferResponse, request_id: str) -> dict[str, An
             {
                 "tier": hop.tier,
                 "decision": pb.Decision.Name(hop.decision).removeprefix("DECISION_").lower(),
-                "confidence": hop.confidence,
-                "threshold": hop.threshold,
+                "confidence": _number(hop.confidence),
+                "threshold": _number(hop.threshold),
                 "engine_seconds": hop.engine_seconds,
                 "bytes_sent": hop.bytes_sent,
                 "bytes_received": hop.bytes_received,
