@@ -12,6 +12,8 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.recserve-installed
 INSTALLED_DEV := $(VENV)/.recserve-installed-dev
 ENGINE ?= replay
+# `make serve`: the tiny llama.cpp models answer any prompt; the replay engines only the bundled trace's questions.
+SERVE_ENGINE ?= llama_cpp
 # A trace folder in the format of docs/traces.md, for `make results` and `make demo-trace`.
 TRACES ?=
 # Processes `make chains` studies chains in.
@@ -41,7 +43,7 @@ DOWN_FLAGS ?= --remove-orphans
 K8S_VERSION ?= 1.32.0
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
-.PHONY: help install install-dev proto proto-check lint layers typecheck check test test-unit test-processes test-integration demo bench models demo-trace clean
+.PHONY: help install install-dev proto proto-check lint layers typecheck check test test-unit test-processes test-integration demo serve bench models demo-trace clean
 .PHONY: docker-ready base-image wheels images up down results chains ceiling certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
@@ -101,10 +103,14 @@ test-processes: install-dev ## quick real-process tests: `recserve serve` tiers 
 demo: install ## three local tiers answer benchmark questions (ENGINE=replay|llama_cpp|vllm)
 	$(BIN)/recserve demo --engine $(ENGINE)
 
-bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop; vLLM edge tier vs vLLM direct
+serve: install ## three local tiers behind the OpenAI-compatible gateway on 127.0.0.1:8000 until Ctrl-C (SERVE_ENGINE=llama_cpp|vllm|replay)
+	$(BIN)/recserve demo --serve --engine $(SERVE_ENGINE)
+
+bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop; vLLM edge tier vs vLLM direct; streaming through the gateway vs vLLM's OpenAI server
 	$(BIN)/python bench/threshold_bench.py
 	$(BIN)/python bench/serving_bench.py
 	$(BIN)/python bench/vllm_bench.py
+	$(BIN)/python bench/stream_bench.py
 
 results: install ## regenerate docs/results.md and its plots from a trace folder (TRACES=DIR; takes ~15 min)
 	@test -n "$(TRACES)" || { echo "results: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }

@@ -26,14 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import openai
 
-from recserve.server.processes import TierProcesses, free_port
+from recserve.server.processes import TierProcesses, free_port, wait_http
 from recserve.tools.models import make_tiny_models
 
 HOP_TARGET_SECONDS = 0.005
@@ -128,21 +127,6 @@ async def measure(
         await client.close()
 
 
-def wait_http(url: str, timeout: float, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url} exited {process.returncode}; its log:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; its log:\n{log.read_text()[-3000:]}")
-
-
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
@@ -166,7 +150,7 @@ def direct(model: str, args: argparse.Namespace, logs: Path) -> dict[int, Level]
     port = free_port()
     process = vllm_server(model, port, args.max_model_len, logs / "vllm-server.log")
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", 600, process, logs / "vllm-server.log")
+        wait_http(f"http://127.0.0.1:{port}/health", process, timeout=600)
         url = f"http://127.0.0.1:{port}/v1"
         return asyncio.run(measure(url, args.concurrency, args.requests, args.max_tokens, stream=True, extra={}))
     finally:
@@ -193,7 +177,7 @@ def cascade(models: dict[str, Any], args: argparse.Namespace, logs: Path) -> dic
              "--port", str(port)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{port}/health", 60, gateway, log)
+        wait_http(f"http://127.0.0.1:{port}/health", gateway, timeout=60)
         url = f"http://127.0.0.1:{port}/v1"
         last_tier = {"recserve": {"offload": "last_tier"}}
         runs = {

@@ -14,7 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from recserve.server.processes import TierProcesses, free_port
+from recserve.server.processes import TierProcesses, free_port, wait_http
 from recserve.tools.models import make_tiny_models
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -61,7 +61,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
              "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        _wait_healthy(f"http://127.0.0.1:{port}/health", gateway)
+        wait_http(f"http://127.0.0.1:{port}/health", gateway, timeout=60)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
         yield Front(tiers, client)
         client.close()
@@ -71,19 +71,6 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
             assert gateway.wait(timeout=30) == 0
         log.close()
         tiers.stop()
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the gateway exited"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} not healthy after {timeout:.0f}s")
 
 
 def test_completions_streamed_and_not_come_from_vllm_on_the_cloud(front: Front) -> None:

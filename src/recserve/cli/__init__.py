@@ -85,12 +85,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_command.add_arguments(evaluation)
 
     demo = commands.add_parser("demo", help="three local tiers, benchmark questions through the device tier")
-    demo.add_argument("--engine", choices=("replay", "llama_cpp", "vllm"), default="replay")
+    demo.add_argument(
+        "--engine",
+        choices=("replay", "llama_cpp", "vllm"),
+        default=None,
+        help="default: replay for the questions, llama_cpp for --serve (the tiny models answer any prompt)",
+    )
     demo.add_argument(
         "--limit", type=int, default=None, help="questions per benchmark (default: all; 20 for llama_cpp)"
     )
     demo.add_argument("--concurrency", type=int, default=1, help="requests in flight (1 keeps runs reproducible)")
     demo.add_argument("--models-dir", type=Path, default=Path("models"), help="where llama_cpp models are made")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="instead of the questions: keep the tiers running behind the OpenAI-compatible gateway until Ctrl-C",
+    )
+    demo.add_argument("--port", type=int, default=8000, help="--serve: the gateway's port on 127.0.0.1")
 
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
@@ -118,9 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for tier, paths in make_tiny_models(args.dir, seed=args.seed).items():
             print(f"{tier}: {paths.gguf} (llama.cpp), {paths.hf_dir} (Hugging Face)")
         return 0
-    from recserve.tools.demo import run_demo
+    from recserve.tools.demo import run_demo, serve_demo
 
-    run_demo(args.engine, limit=args.limit, concurrency=args.concurrency, model_dir=args.models_dir)
+    if args.serve:
+        return serve_demo(args.engine or "llama_cpp", port=args.port, model_dir=args.models_dir)
+    run_demo(args.engine or "replay", limit=args.limit, concurrency=args.concurrency, model_dir=args.models_dir)
     return 0
 
 

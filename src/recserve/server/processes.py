@@ -44,6 +44,22 @@ def _tier_name(tier_args: Sequence[str]) -> str:
     return tier_args[tier_args.index("--tier") + 1]
 
 
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait until `url` answers 200 (a health endpoint), failing early if `process` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the process serving {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s")
+
+
 class TierProcesses:
     """`recserve serve` child processes, last tier first, each started once its next tier is ready."""
 

@@ -9,6 +9,8 @@ from the reference answers the requests carry.
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +40,7 @@ from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
 from recserve.policies.quality import QualityConfig
 from recserve.policies.simple import ForwardAllPolicy
-from recserve.server.processes import TierProcesses, replay_tiers
+from recserve.server.processes import TierProcesses, replay_tiers, wait_http
 
 TIER_NAMES = tier_names(len(BUNDLED_CHAIN))
 # The live stack's policy (services/*/tier.env and the serve defaults): RecServe at beta 0.3.
@@ -203,3 +205,38 @@ def run_demo(engine: str = "replay", *, limit: int | None = None, concurrency: i
         at_upper = sum(v for (peer, _), v in scraped[lower + 1].items() if peer == TIER_NAMES[lower])
         print(f"  {TIER_NAMES[lower]}->{upper}: {at_lower:.0f} at {TIER_NAMES[lower]}, {at_upper:.0f} at {upper}")
     return figures
+
+
+def serve_demo(engine: str = "llama_cpp", *, port: int = 8000, model_dir: Path | None = None) -> int:
+    """The demo's three tiers behind the OpenAI-compatible gateway on 127.0.0.1:`port`, until Ctrl-C or SIGTERM.
+
+    With llama_cpp or vllm the tiers run the generated tiny models, which answer any prompt (meaningless text); the
+    replay engines answer only the bundled trace's questions."""
+    if engine in ("llama_cpp", "vllm"):
+        from recserve.tools.models import make_tiny_models
+
+        model_dir = model_dir or Path("models")
+        make_tiny_models(model_dir)
+    with tempfile.TemporaryDirectory(prefix="recserve-serve-") as logs:
+        stack = TierProcesses(tier_arguments(engine, model_dir), Path(logs))
+        gateway: subprocess.Popen[bytes] | None = None
+        # SIGTERM ends the wait like Ctrl-C, so the tiers and the gateway stop gracefully either way.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            print(f"starting device -> edge -> cloud tiers ({engine} engines) ...", flush=True)
+            stack.start(timeout=600.0 if engine == "vllm" else 120.0)
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "recserve", "gateway", "--target", f"127.0.0.1:{stack.ports[0]}",
+                 "--port", str(port)],
+            )  # fmt: skip
+            wait_http(f"http://127.0.0.1:{port}/health", gateway, timeout=60.0)
+            print(f"OpenAI-compatible API on http://127.0.0.1:{port}/v1 (model 'recserve'); Ctrl-C stops", flush=True)
+            gateway.wait()
+            return 1  # the gateway ended on its own
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            if gateway is not None and gateway.poll() is None:
+                gateway.terminate()
+                gateway.wait(timeout=30)
+            stack.stop()
