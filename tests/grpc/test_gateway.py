@@ -13,11 +13,10 @@ import httpx
 import openai
 import pytest
 
-from recserve.core.engine import Generation, GenerationRequest, TextDelta
 from recserve.engines.replay import ReplayEngine
-from recserve.server.app import start_tier
+from recserve.server.app import RunningTier, start_tier
 from recserve.server.settings import TierSettings
-from tests.conftest import CHOICE_SYSTEM, GENERATE_SYSTEM, TRACE_MODELS
+from tests.conftest import CHOICE_SYSTEM, GENERATE_SYSTEM, TRACE_MODELS, answer_row, trace_query, write_traces
 from tests.grpc.gateway_server import Gateway, running_gateway
 from tests.grpc.test_three_tiers import NAMES, Stack, start_stack, stop_stack
 
@@ -115,6 +114,7 @@ async def test_streams_come_from_the_tier_that_answered(client: openai.AsyncOpen
         chunks = [chunk async for chunk in stream]
         content = [c for c in chunks if c.choices]
         answer = served(chunks[-1])
+        assert not answer["degraded"]
         assert {served(c)["tier"] for c in content} == {answer["answered_by"]}
         assert content[-1].choices[0].finish_reason in ("stop", "length")
         text = "".join((c.choices[0].delta.content or "") if chat else c.choices[0].text for c in content)
@@ -227,39 +227,20 @@ async def test_a_body_over_the_limit_is_413(stack: Stack) -> None:
     assert reply.json()["error"]["code"] == "request_too_large"
 
 
-class SlowReplay(ReplayEngine):
-    """A replay engine that takes its time: `delay` seconds per answer, and per word when it streams (each answer
-    streamed `repeat` times over, for a long one)."""
-
-    def __init__(self, traces: Path, model: str, delay: float, repeat: int = 1) -> None:
-        super().__init__(traces, model)
-        self.delay = delay
-        self.repeat = repeat
-        self.aborted_here = 0
-
-    async def generate(self, request: GenerationRequest) -> Generation:
-        await asyncio.sleep(self.delay)
-        return await super().generate(request)
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Generation]:  # type: ignore[override]
-        generation = await super().generate(request)
-        text = " ".join([generation.text] * self.repeat)
-        try:
-            for word in text.split(" "):
-                await asyncio.sleep(self.delay)
-                yield TextDelta(word + " ", ((word, -0.1),))
-        except (GeneratorExit, asyncio.CancelledError):
-            self.aborted_here += 1
-            raise
-        yield Generation(text=text, token_logprobs=(-0.1,) * len(text.split(" ")))
+def long_answer_traces(folder: Path) -> Path:
+    """A trace whose one chat question the last model answers at length, for streams that take a while."""
+    query = trace_query("chat", "test", 0, "answer 0", "tell me a long story?")
+    row = answer_row(query, 0, TRACE_MODELS[-1], " ".join(f"word{i}" for i in range(400)), right=True, p=0.9)
+    return write_traces(folder, [query], [row])
 
 
-async def start_slow_tier(trace_folder: Path, delay: float, repeat: int = 1) -> Any:
+async def start_slow_tier(trace_folder: Path, delay: float) -> RunningTier:
+    """The last tier alone, its replay engine pausing `delay` seconds before each streamed word."""
     settings = TierSettings.with_defaults(
         tier="cloud", host="127.0.0.1", port=0, engine="replay", traces=str(trace_folder),
         trace_model=TRACE_MODELS[-1], plaintext=True,
     )  # fmt: skip
-    return await start_tier(settings, engine=SlowReplay(trace_folder, TRACE_MODELS[-1], delay, repeat))
+    return await start_tier(settings, engine=ReplayEngine(trace_folder, TRACE_MODELS[-1], delay=delay))
 
 
 async def test_the_request_timeout_is_504(trace_folder: Path) -> None:
@@ -274,21 +255,55 @@ async def test_the_request_timeout_is_504(trace_folder: Path) -> None:
         await tier.stop(grace=0)
 
 
-async def test_a_client_that_disconnects_aborts_the_last_tiers_engine(trace_folder: Path) -> None:
-    tier = await start_slow_tier(trace_folder, delay=0.05, repeat=200)
+async def test_a_client_that_disconnects_aborts_the_last_tiers_engine(tmp_path: Path) -> None:
+    tier = await start_slow_tier(long_answer_traces(tmp_path / "traces"), delay=0.02)
     try:
         async with running_gateway(tier.address) as gateway, gateway.client() as client:
-            stream = await client.chat.completions.create(model="recserve", messages=chat_prompt(4), stream=True)
+            stream = await client.chat.completions.create(
+                model="recserve", messages=[{"role": "user", "content": "tell me a long story?"}], stream=True
+            )
             async for chunk in stream:
-                assert chunk.choices[0].delta.content
+                assert chunk.choices[0].delta.content == "word0"
                 break
             await stream.close()
             engine = tier.tier.engine
+            assert isinstance(engine, ReplayEngine)
             for _ in range(100):
-                if engine.aborted_here:
+                if engine.aborted:
                     break
                 await asyncio.sleep(0.05)
-            assert engine.aborted_here == 1
-            assert getattr(engine, "aborted", 1) == 1
+            assert engine.aborted == 1
+    finally:
+        await tier.stop(grace=0)
+
+
+async def test_mutual_tls_and_a_token_to_the_first_tier(certs: Path, trace_folder: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    ca = str(certs / "recserve-dev-ca.pem")
+    settings = TierSettings.with_defaults(
+        tier="device", host="127.0.0.1", port=0, engine="replay", traces=str(trace_folder),
+        trace_model=TRACE_MODELS[0], tls_cert=str(certs / "device.pem"), tls_key=str(certs / "device.key"),
+        tls_client_ca=ca, auth_token_file=str(token_file),
+    )  # fmt: skip
+    tier = await start_tier(settings)
+    mtls = {"ca": ca, "cert": str(certs / "client.pem"), "key": str(certs / "client.key")}
+    ask = {"model": "recserve", "prompt": "quiz question number 2?", "extra_body": {"recserve": QUIZ}}
+    try:
+        async with running_gateway(tier.address, token_file=str(token_file), **mtls) as gateway:
+            async with gateway.client() as client:
+                assert served(await client.completions.create(**ask))["answered_by"] == "device"
+            async with httpx.AsyncClient(base_url=gateway.base_url) as http:
+                assert (await http.get("/health")).status_code == 200
+        async with running_gateway(tier.address, **mtls) as gateway, gateway.client() as client:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await client.completions.create(**ask)
+            assert caught.value.status_code == 502
+            assert caught.value.body["code"] == "tier_refused_gateway"
+        async with running_gateway(tier.address, ca=ca, token_file=str(token_file)) as gateway:
+            async with gateway.client() as client:
+                with pytest.raises(openai.InternalServerError) as caught:
+                    await client.completions.create(**ask)
+            assert caught.value.status_code == 503  # no client certificate: the handshake fails
     finally:
         await tier.stop(grace=0)

@@ -50,7 +50,11 @@ class ScriptedTier(pb_grpc.TierServiceServicer):
         if prompt == "bad":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is bad")
         if prompt == "slow":
-            await asyncio.sleep(30)
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
         response = final("a b c")
         response.request_id = request.request_id
         return response
@@ -123,6 +127,10 @@ async def test_a_chat_stream_in_openai_chunks(gateway: Gateway, tier: tuple[Scri
     assert served["request_id"] == "r-1"
     assert [hop["decision"] for hop in served["hops"]] == ["forwarded", "answered"]
     assert tier[0].requests[-1].request_id == "r-1"
+    labels = {"endpoint": "/v1/chat/completions"}
+    assert gateway.registry.get_sample_value("recserve_gateway_time_to_first_token_seconds_count", labels) == 1
+    assert gateway.registry.get_sample_value("recserve_gateway_stream_tokens_per_second_count", labels) == 1
+    assert gateway.registry.get_sample_value("recserve_gateway_output_tokens_total", labels) == 3
     assert [(m.role, m.content) for m in tier[0].requests[-1].messages] == [("user", "words 3")]
 
 
@@ -197,6 +205,23 @@ async def test_a_client_that_goes_away_cancels_the_tiers_call(gateway: Gateway, 
             break
         await stream.close()
     await asyncio.wait_for(tier[0].cancelled.wait(), 5)
+
+
+async def test_a_client_that_gives_up_on_a_plain_request_cancels_the_tiers_call(
+    gateway: Gateway, tier: tuple[ScriptedTier, str]
+) -> None:
+    async with gateway.client(timeout=0.5) as client:
+        with pytest.raises(openai.APITimeoutError):
+            await client.completions.create(model="recserve", prompt="slow")
+    await asyncio.wait_for(tier[0].cancelled.wait(), 5)
+    for _ in range(50):
+        if gateway.registry.get_sample_value(
+            "recserve_gateway_requests_total", {"endpoint": "/v1/completions", "status": "499"}
+        ):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the abandoned request was not counted as 499")
 
 
 async def test_the_deadline_is_the_request_timeout(tier: tuple[ScriptedTier, str]) -> None:

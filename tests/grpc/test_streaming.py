@@ -75,6 +75,8 @@ async def test_a_client_that_hangs_up_mid_stream_makes_the_last_tiers_engine_abo
             await asyncio.sleep(0.01)
         assert cloud.aborted == 1
         assert cloud.finished == 0
+        aborted = stack.tiers[2].registry.get_sample_value("recserve_aborted_generations_total", {"tier": "cloud"})
+        assert aborted == 1
     finally:
         await stop_stack(stack)
 

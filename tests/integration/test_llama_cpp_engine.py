@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from recserve.core.engine import EngineError, GenerationRequest
+from recserve.core.engine import ChatMessage, EngineError, Generation, GenerationRequest, TextDelta
 from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
 from recserve.engines.llama_cpp import LlamaCppEngine
@@ -30,6 +30,9 @@ Tokenizer = pytest.importorskip("tokenizers", reason=install_hint("models")).Tok
 
 PROMPT = "What is the capital of France?"
 SYSTEM = "Answer briefly."
+CHAT = (ChatMessage("system", SYSTEM), ChatMessage("user", PROMPT))
+# The tiny device model generates 200 tokens for this prompt without an end-of-generation token.
+LONG = GenerationRequest(prompt="one two", max_tokens=200)
 
 
 @pytest.fixture(scope="session")
@@ -164,9 +167,9 @@ async def test_llama_cpp_calls_stay_on_one_thread(
     seen: set[int] = set()
     original = engine._generate
 
-    def spy(llm: Any, request: GenerationRequest) -> Any:
+    def spy(*args: Any) -> Any:
         seen.add(threading.get_ident())
-        return original(llm, request)
+        return original(*args)
 
     monkeypatch.setattr(engine, "_generate", spy)
     busy = [asyncio.to_thread(time.sleep, 0.005) for _ in range(8)]
@@ -284,3 +287,125 @@ async def test_prompt_longer_than_the_context_is_refused(tiny_models: dict[str, 
         assert fits.prompt_tokens + fits.completion_tokens <= 32
     finally:
         await engine.shutdown()
+
+
+async def stream_events(engine: LlamaCppEngine, request: GenerationRequest) -> tuple[list[TextDelta], Generation]:
+    """A stream's deltas and its final Generation, checking that the Generation comes once and last."""
+    events = [event async for event in engine.stream(request)]
+    final = events.pop()
+    assert isinstance(final, Generation)
+    assert all(isinstance(event, TextDelta) for event in events)
+    return events, final  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        GenerationRequest(prompt=PROMPT, system_prompt=SYSTEM, max_tokens=12),
+        GenerationRequest(messages=CHAT, max_tokens=12),
+        LONG,  # 200 tokens, all text
+        GenerationRequest(prompt=PROMPT, max_tokens=200),  # ends with an end-of-generation token, which has no text
+    ],
+    ids=["prompt", "chat", "length", "eos"],
+)
+async def test_stream_adds_up_to_what_generate_returns(engine: LlamaCppEngine, request_: GenerationRequest) -> None:
+    deltas, final = await stream_events(engine, request_)
+    assert len(deltas) > 1
+    assert "".join(delta.text for delta in deltas) == final.text
+    assert len(final.tokens) == len(final.token_logprobs) == final.completion_tokens
+    streamed_tokens = [token for delta in deltas for token in delta.tokens]
+    assert streamed_tokens == list(zip(final.tokens, final.token_logprobs, strict=True))
+    assert final == await engine.generate(request_)
+    assert final.finish_reason == final.metadata["finish_reason"]
+    if request_.max_tokens == 200:
+        assert final.finish_reason == ("length" if final.completion_tokens == 200 else "stop")
+    assert engine.aborted == 0
+
+
+async def test_stop_strings_never_leak_into_streamed_text(engine: LlamaCppEngine) -> None:
+    full = await engine.generate(GenerationRequest(prompt=PROMPT, max_tokens=40))
+    for start in (3, 10, 20):
+        stop = full.text[start : start + 4]
+        request = GenerationRequest(prompt=PROMPT, max_tokens=40, stop=(stop,))
+        deltas, final = await stream_events(engine, request)
+        assert final.text == full.text[: full.text.index(stop)]
+        assert final.finish_reason == "stop"
+        shown = ""
+        for delta in deltas:
+            shown += delta.text
+            assert final.text.startswith(shown)  # never text that is taken back later
+        assert shown == final.text
+
+
+async def test_chat_is_rendered_with_the_gguf_template_as_transformers_renders_it(
+    engine: LlamaCppEngine, tiny_models: dict[str, TinyModelPaths], reference: Any
+) -> None:
+    transformers = pytest.importorskip("transformers", reason=install_hint("models"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tiny_models["device"].hf_dir))
+    messages = [{"role": m.role, "content": m.content} for m in CHAT]
+    rendered = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert engine.render_chat(CHAT) == rendered
+    assert rendered.startswith("<s>system: ")
+    ids = engine._prompt_tokens(engine._llm, GenerationRequest(messages=CHAT))
+    assert ids == hf.encode(rendered, add_special_tokens=False)
+    assert ids.count(engine._llm.token_bos()) == 1  # the template's BOS, no second one
+    # CHOICE over a chat: option log-probs at the first position after the rendered template.
+    options = ("A", "B", "C", "D")
+    generation = await engine.generate(GenerationRequest(messages=CHAT, max_tokens=1, options=options))
+    assert generation.prompt_tokens == len(ids)
+    reference.reset()
+    reference.eval(ids)
+    expected = _log_softmax(np.array(reference.scores[len(ids) - 1]))
+    option_ids = [reference.tokenize(o.encode(), add_bos=False)[0] for o in options]
+    assert np.allclose(generation.option_logprobs, expected[option_ids], atol=1e-3, rtol=0)
+
+
+async def test_chat_without_a_template_is_a_clear_error(engine: LlamaCppEngine) -> None:
+    engine._chat_template = None  # as loaded from a GGUF without tokenizer.chat_template
+    with pytest.raises(EngineError, match="no chat template"):
+        await engine.generate(GenerationRequest(messages=CHAT))
+    assert (await engine.generate(GenerationRequest(prompt=PROMPT, max_tokens=2))).completion_tokens == 2
+
+
+@pytest.fixture
+def slow_tokens(engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Slows the model to ~200 tokens/s (so a stream is still generating when closed); counts tokens generated."""
+    produced: list[int] = []
+    original = engine._llm.generate
+
+    def counting(*args: Any, **kwargs: Any) -> Iterator[int]:
+        for token in original(*args, **kwargs):
+            time.sleep(0.005)
+            produced.append(token)
+            yield token
+
+    monkeypatch.setattr(engine._llm, "generate", counting)
+    return produced
+
+
+async def test_closing_a_stream_stops_the_generation_and_frees_the_engine(
+    engine: LlamaCppEngine, slow_tokens: list[int]
+) -> None:
+    stream = engine.stream(LONG)
+    first = await anext(stream)
+    assert isinstance(first, TextDelta)
+    await stream.aclose()
+    assert engine.aborted == 1
+    stopped_at = len(slow_tokens)
+    assert stopped_at < 50  # of the 200 asked for
+    assert not engine._lock.locked()
+    await asyncio.sleep(0.05)
+    assert len(slow_tokens) == stopped_at  # the generation loop has stopped
+    # The next request runs at once: the lock and the thread are free.
+    short = await asyncio.wait_for(engine.generate(GenerationRequest(prompt=PROMPT, max_tokens=3)), timeout=5)
+    assert short.completion_tokens == 3
+    assert engine.aborted == 1
+
+
+async def test_a_deadline_cancelling_generate_aborts_it(engine: LlamaCppEngine, slow_tokens: list[int]) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(engine.generate(LONG), timeout=0.1)
+    assert engine.aborted == 1
+    assert len(slow_tokens) < 100
+    assert not engine._lock.locked()
+    assert (await engine.generate(GenerationRequest(prompt=PROMPT, max_tokens=3))).completion_tokens == 3

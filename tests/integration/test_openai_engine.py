@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from recserve.core.confidence import score_perplexity
-from recserve.core.engine import EngineError, GenerationRequest
+from recserve.core.engine import ChatMessage, EngineError, Generation, GenerationRequest, TextDelta
 from recserve.engines.llama_cpp import LlamaCppEngine
 from recserve.engines.openai import CHOICE_TOP_LOGPROBS, OpenAIEngine
 from recserve.server.app import start_tier
@@ -32,6 +32,7 @@ API_KEY = "test-key"
 SERVED_NAME = "tiny-edge"
 # vLLM's server (float32) against llama.cpp with a float32 KV cache on the same weights.
 PARITY_TOLERANCE = 1e-4
+CHAT = (ChatMessage("system", "Answer briefly."), ChatMessage("user", "What is the capital of France?"))
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,74 @@ async def test_a_wrong_key_or_model_fails_start_with_a_clear_message(server: str
         await OpenAIEngine(server, api_key="wrong", timeout=10).start()
     with pytest.raises(EngineError, match="does not serve 'other-model'"):
         await OpenAIEngine(server, api_key=API_KEY, model="other-model", timeout=10).start()
+
+
+async def stream_events(engine: OpenAIEngine, request: GenerationRequest) -> tuple[list[TextDelta], Generation]:
+    """A stream's deltas and its final Generation, checking that the Generation comes once and last."""
+    events = [event async for event in engine.stream(request)]
+    final = events.pop()
+    assert isinstance(final, Generation)
+    assert all(isinstance(event, TextDelta) for event in events)
+    return events, final  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        GenerationRequest(prompt="The answer is", system_prompt="Answer briefly.", max_tokens=12),
+        GenerationRequest(messages=CHAT, max_tokens=12),
+        GenerationRequest(messages=CHAT, max_tokens=2, options=("A", "B"), top_logprobs=3),
+    ],
+    ids=["prompt", "chat", "chat-choice"],
+)
+async def test_stream_adds_up_to_what_generate_returns(engine: OpenAIEngine, request_: GenerationRequest) -> None:
+    aborted = engine.aborted
+    deltas, streamed = await stream_events(engine, request_)
+    final = await engine.generate(request_)
+    assert "".join(delta.text for delta in deltas) == streamed.text == final.text
+    assert streamed.tokens == final.tokens
+    assert len(final.tokens) == final.completion_tokens == streamed.completion_tokens
+    assert streamed.prompt_tokens == final.prompt_tokens > 0
+    assert streamed.token_logprobs == pytest.approx(final.token_logprobs, abs=1e-5, rel=0)
+    assert [token for delta in deltas for token in delta.tokens] == list(
+        zip(streamed.tokens, streamed.token_logprobs, strict=True)
+    )
+    assert [n for n, _ in streamed.first_top_logprobs] == [n for n, _ in final.first_top_logprobs]
+    assert streamed.option_logprobs == pytest.approx(final.option_logprobs, abs=1e-5, rel=0)
+    assert streamed.finish_reason == final.finish_reason == "length"
+    assert engine.aborted == aborted
+
+
+async def test_chat_completions_generate_what_llama_cpp_does_on_the_same_template(
+    engine: OpenAIEngine, llama_engine: LlamaCppEngine
+) -> None:
+    request = GenerationRequest(messages=CHAT, max_tokens=12, top_logprobs=3)
+    ours, reference = await engine.generate(request), await llama_engine.generate(request)
+    assert ours.text == reference.text
+    assert ours.prompt_tokens == reference.prompt_tokens
+    assert ours.completion_tokens == reference.completion_tokens == len(ours.token_logprobs)
+    assert ours.token_logprobs == pytest.approx(reference.token_logprobs, abs=PARITY_TOLERANCE, rel=0)
+    assert [n for n, _ in ours.first_top_logprobs] == [n for n, _ in reference.first_top_logprobs]
+
+
+async def test_stop_strings_never_leak_into_streamed_text(engine: OpenAIEngine) -> None:
+    full = await engine.generate(GenerationRequest(prompt="The answer is", max_tokens=32))
+    stop = full.text[6:10]
+    deltas, final = await stream_events(engine, GenerationRequest(prompt="The answer is", max_tokens=32, stop=(stop,)))
+    assert final.text == full.text[: full.text.index(stop)]
+    assert final.finish_reason == "stop"
+    shown = ""
+    for delta in deltas:
+        shown += delta.text
+        assert final.text.startswith(shown)
+    assert shown == final.text
+
+
+async def test_closing_a_stream_counts_an_abort_and_the_server_goes_on(engine: OpenAIEngine) -> None:
+    aborted = engine.aborted
+    stream = engine.stream(GenerationRequest(prompt="one two", max_tokens=400))
+    assert isinstance(await anext(stream), TextDelta)
+    await stream.aclose()
+    assert engine.aborted == aborted + 1
+    follow = await engine.generate(GenerationRequest(prompt="one two", max_tokens=3))
+    assert follow.completion_tokens == 3

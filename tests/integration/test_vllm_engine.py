@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from recserve.core.confidence import score_choice, score_perplexity
-from recserve.core.engine import EngineError, GenerationRequest
+from recserve.core.engine import ChatMessage, EngineError, Generation, GenerationRequest, TextDelta
 from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
 from recserve.engines.llama_cpp import LlamaCppEngine
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.asyncio(loo
 PARITY_TOLERANCE = 1e-4
 GREEDY_PROMPTS = ("The answer is", "What is the capital of France?", "one two three")
 OPTIONS = ("A", "B", "C", "D")
+CHAT = (ChatMessage("system", "Answer briefly."), ChatMessage("user", "What is the capital of France?"))
 CHOICE = GenerationRequest(
     prompt="Which letter comes first? A) x B) y C) z D) w",
     system_prompt="Answer with A, B, C or D.",
@@ -144,3 +145,100 @@ async def test_sampling_with_temperature_reports_model_logprobs(vllm_engine: Vll
     generation = await vllm_engine.generate(GenerationRequest(prompt="The answer is", max_tokens=8, temperature=1.0))
     assert generation.completion_tokens == len(generation.token_logprobs) > 0
     assert all(math.isfinite(lp) and lp <= 0 for lp in generation.token_logprobs)
+
+
+async def stream_events(engine: VllmEngine, request: GenerationRequest) -> tuple[list[TextDelta], Generation]:
+    """A stream's deltas and its final Generation, checking that the Generation comes once and last."""
+    events = [event async for event in engine.stream(request)]
+    final = events.pop()
+    assert isinstance(final, Generation)
+    assert all(isinstance(event, TextDelta) for event in events)
+    return events, final  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        GenerationRequest(prompt="The answer is", max_tokens=16),
+        GenerationRequest(messages=CHAT, max_tokens=16),
+        dataclasses.replace(CHOICE, max_tokens=4),
+    ],
+    ids=["prompt", "chat", "choice"],
+)
+async def test_stream_adds_up_to_what_generate_returns(vllm_engine: VllmEngine, request_: GenerationRequest) -> None:
+    aborted = vllm_engine.aborted
+    deltas, streamed = await stream_events(vllm_engine, request_)
+    final = await vllm_engine.generate(request_)
+    assert len(deltas) > 1
+    assert "".join(delta.text for delta in deltas) == streamed.text == final.text
+    assert streamed.tokens == final.tokens
+    assert len(final.tokens) == final.completion_tokens == streamed.completion_tokens
+    assert streamed.token_logprobs == pytest.approx(final.token_logprobs, abs=1e-5, rel=0)
+    streamed_tokens = [token for delta in deltas for token in delta.tokens]
+    assert [name for name, _ in streamed_tokens] == list(streamed.tokens)
+    assert [lp for _, lp in streamed_tokens] == list(streamed.token_logprobs)
+    assert streamed.option_logprobs == pytest.approx(final.option_logprobs, abs=1e-5, rel=0)
+    assert streamed.finish_reason == final.finish_reason == "length"
+    assert vllm_engine.aborted == aborted
+
+
+async def test_chat_is_rendered_and_generated_as_llama_cpp_does(
+    vllm_engine: VllmEngine, llama_engine: LlamaCppEngine
+) -> None:
+    # Both render the same template (the HF folder's and the GGUF's) to the same prompt tokens, one BOS.
+    ids = vllm_engine._prompt_ids(GenerationRequest(messages=CHAT))
+    assert ids == llama_engine._prompt_tokens(llama_engine._llm, GenerationRequest(messages=CHAT))
+    assert vllm_engine.render_chat(CHAT) == llama_engine.render_chat(CHAT)
+    assert ids.count(vllm_engine._tokenizer.bos_token_id) == 1
+    request = GenerationRequest(messages=CHAT, max_tokens=12)
+    ours, reference = await vllm_engine.generate(request), await llama_engine.generate(request)
+    assert ours.text == reference.text
+    assert ours.tokens == reference.tokens
+    assert ours.prompt_tokens == reference.prompt_tokens == len(ids)
+    assert ours.token_logprobs == pytest.approx(reference.token_logprobs, abs=PARITY_TOLERANCE, rel=0)
+    # CHOICE over a chat: the option log-probs of the first position after the template.
+    choice = dataclasses.replace(CHOICE, prompt="", system_prompt="", messages=CHAT)
+    ours, reference = await vllm_engine.generate(choice), await llama_engine.generate(choice)
+    assert ours.option_logprobs == pytest.approx(reference.option_logprobs, abs=PARITY_TOLERANCE, rel=0)
+
+
+async def test_stop_strings_never_leak_into_streamed_text(vllm_engine: VllmEngine) -> None:
+    full = await vllm_engine.generate(GenerationRequest(prompt="The answer is", max_tokens=32))
+    for start in (3, 10):
+        stop = full.text[start : start + 4]
+        deltas, final = await stream_events(
+            vllm_engine, GenerationRequest(prompt="The answer is", max_tokens=32, stop=(stop,))
+        )
+        assert final.text == full.text[: full.text.index(stop)]
+        assert final.finish_reason == "stop"
+        shown = ""
+        for delta in deltas:
+            shown += delta.text
+            assert final.text.startswith(shown)
+        assert shown == final.text
+
+
+async def test_closing_a_stream_aborts_the_vllm_request(vllm_engine: VllmEngine) -> None:
+    core = vllm_engine._engine
+    aborted = vllm_engine.aborted
+    stream = vllm_engine.stream(GenerationRequest(prompt="one two", max_tokens=400))
+    first = await anext(stream)
+    assert isinstance(first, TextDelta)
+    assert core.output_processor.get_num_unfinished_requests() == 1  # still generating
+    await stream.aclose()
+    assert vllm_engine.aborted == aborted + 1
+    assert core.output_processor.get_num_unfinished_requests() == 0
+    # A deadline cancelling generate aborts its request too.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(vllm_engine.generate(GenerationRequest(prompt="one two", max_tokens=400)), 0.2)
+    assert vllm_engine.aborted == aborted + 2
+    assert core.output_processor.get_num_unfinished_requests() == 0
+    assert (await vllm_engine.generate(GenerationRequest(prompt="one two", max_tokens=3))).completion_tokens == 3
+
+
+async def test_chat_without_a_template_is_a_clear_error(
+    vllm_engine: VllmEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vllm_engine._tokenizer, "chat_template", None)
+    with pytest.raises(EngineError, match="no chat template"):
+        await vllm_engine.generate(GenerationRequest(messages=CHAT))

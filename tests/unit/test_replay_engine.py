@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from pathlib import Path
 
 import pytest
 
 from recserve.core.confidence import score_choice, score_perplexity
-from recserve.core.engine import EngineError, GenerationRequest, UnknownPromptError
+from recserve.core.engine import ChatMessage, EngineError, Generation, GenerationRequest, TextDelta, UnknownPromptError
 from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, TraceSet
 from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
 from recserve.engines.replay import ReplayEngine, parse_option
-from tests.conftest import CHOICE_SYSTEM, TRACE_MODELS
+from tests.conftest import CHOICE_SYSTEM, GENERATE_SYSTEM, TRACE_MODELS, answer_row, trace_query, write_traces
 
 OPTIONS = ("A", "B", "C", "D")
 
 
-async def started(folder: Path, model: str) -> ReplayEngine:
-    engine = create_engine("replay", EngineConfig(traces=str(folder), trace_model=model))
+async def started(folder: Path, model: str, delay: float = 0.0) -> ReplayEngine:
+    engine = create_engine("replay", EngineConfig(traces=str(folder), trace_model=model, replay_delay_seconds=delay))
     assert isinstance(engine, ReplayEngine)
     await engine.start()
     return engine
@@ -81,3 +83,69 @@ def test_parse_option() -> None:
     assert parse_option("C. because", OPTIONS) == "C"
     assert parse_option("D: x", OPTIONS) == "D"
     assert parse_option("I cannot pick", OPTIONS) is None
+
+
+async def _events(engine: ReplayEngine, request: GenerationRequest) -> tuple[list[TextDelta], Generation]:
+    events = [event async for event in engine.stream(request)]
+    final = events.pop()
+    assert isinstance(final, Generation)
+    assert all(isinstance(event, TextDelta) for event in events)
+    return events, final  # type: ignore[return-value]
+
+
+@pytest.fixture
+def spaced_folder(tmp_path: Path) -> Path:
+    """One GENERATE question whose recorded answer has leading, repeated and trailing whitespace."""
+    query = trace_query("chat", "test", 0, "gold", "say it")
+    return write_traces(
+        tmp_path, [query], [answer_row(query, 0, "small", "  Paris is\n the  capital. ", right=True, p=0.5)]
+    )
+
+
+async def test_stream_yields_words_that_add_up_to_the_generated_answer(spaced_folder: Path) -> None:
+    engine = await started(spaced_folder, "small")
+    request = GenerationRequest(prompt="say it", system_prompt=GENERATE_SYSTEM)
+    deltas, final = await _events(engine, request)
+    assert [d.text for d in deltas] == ["  Paris", " is", "\n the", "  capital.", " "]
+    assert "".join(d.text for d in deltas) == final.text == "  Paris is\n the  capital. "
+    assert final == await engine.generate(request)
+    assert final.finish_reason == "stop"
+    assert final.tokens == ()
+    assert all(d.tokens == () for d in deltas)
+    assert engine.aborted == 0
+
+
+async def test_single_turn_chat_is_answered_like_the_prompt(trace_folder: Path) -> None:
+    engine = await started(trace_folder, "medium")
+    prompt = "quiz question number 3?"
+    expected = await engine.generate(GenerationRequest(prompt=prompt, system_prompt=CHOICE_SYSTEM, options=OPTIONS))
+    system, user = ChatMessage("system", CHOICE_SYSTEM), ChatMessage("user", prompt)
+    assert await engine.generate(GenerationRequest(messages=(system, user), options=OPTIONS)) == expected
+    assert (await engine.generate(GenerationRequest(messages=(user,)))).text == expected.text
+    with pytest.raises(UnknownPromptError, match="system prompt"):
+        await engine.generate(GenerationRequest(messages=(ChatMessage("system", "other"), user)))
+    several = (user, ChatMessage("assistant", expected.text), user)
+    with pytest.raises(UnknownPromptError, match="single-turn chats"):
+        await engine.generate(GenerationRequest(messages=several))
+
+
+async def test_closing_a_stream_early_counts_an_abort_and_the_delay_paces_it(spaced_folder: Path) -> None:
+    engine = await started(spaced_folder, "small", delay=0.05)
+    request = GenerationRequest(prompt="say it")
+    stream = engine.stream(request)
+    began = time.monotonic()
+    first = await anext(stream)
+    assert isinstance(first, TextDelta)
+    assert first.text == "  Paris"
+    assert time.monotonic() - began >= 0.05
+    await stream.aclose()
+    assert engine.aborted == 1
+    # A deadline cancelling generate aborts too.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(engine.generate(request), timeout=0.12)
+    assert engine.aborted == 2
+    # Reading a stream to its end is no abort, and five words took five delays.
+    began = time.monotonic()
+    await engine.generate(request)
+    assert time.monotonic() - began >= 5 * 0.05
+    assert engine.aborted == 2

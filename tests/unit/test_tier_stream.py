@@ -104,6 +104,12 @@ async def test_a_streamed_answer_is_the_unary_answer_with_the_same_hops(trace_fo
         assert {d.tier for d in deltas} == {expected.answered_by}
         assert final.answer == ""
         final.answer = expected.answer
+        for streamed_hop, unary_hop in zip(final.hops, expected.hops, strict=True):
+            # The links carried other messages (deltas, then a final response without the answer).
+            assert (streamed_hop.bytes_sent > 0) == (unary_hop.bytes_sent > 0)
+            for hop in (streamed_hop, unary_hop):
+                hop.engine_seconds = 0.0  # timed, so never equal
+                hop.bytes_sent = hop.bytes_received = 0
         assert final == expected
         answered_by.add(final.answered_by)
     assert len(answered_by) >= 2, "the stream must have been answered by more than one tier"

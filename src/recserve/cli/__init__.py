@@ -152,17 +152,17 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequ
 
 
 def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from recserve.gateway.app import serve
+    from recserve.gateway.app import create_app, serve
 
     try:
         settings = gateway_settings.from_namespace(args)
-        settings.client_api_keys()
+        app = create_app(settings)  # reads the key and token files
     except (OSError, ValueError) as exc:
         parser.exit(2, f"recserve gateway: {exc}\n")
     if any(arg.split("=", 1)[0] in ("--token", "--api-keys") for arg in argv):
         print("recserve gateway: warning: a secret given as a flag shows in `ps`: use its variable or file",
               file=sys.stderr)  # fmt: skip
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, app))
 
 
 def _channel(target: str, ca: str, cert: str, key: str) -> grpc.aio.Channel:

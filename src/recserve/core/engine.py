@@ -50,7 +50,9 @@ class TextDelta:
     """Text an engine generated since its previous delta, with the tokens that completed it."""
 
     text: str
-    # (token text, natural-log probability) of each token this delta completes, in order.
+    # (token text, natural-log probability) of each token this delta completes, in order. The deltas' tokens add
+    # up to the Generation's tokens and token_logprobs; they may run ahead of the text (a tail held back in case it
+    # starts a stop string, an end-of-generation token without text), so the last delta may carry tokens only.
     tokens: tuple[tuple[str, float], ...] = ()
 
 
@@ -90,6 +92,8 @@ class Engine(Protocol):
     """Async generation engine. Implementations must be safe to call concurrently."""
 
     name: str
+    # Generations stopped before their end: streams closed early, calls cancelled (the client went away, a deadline).
+    aborted: int
 
     async def start(self) -> None:
         """Load the model; the tier reports NOT_SERVING until this returns."""

@@ -64,6 +64,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.aborted_generations = Counter(
+            "recserve_aborted_generations",
+            "Streamed generations this tier's engine stopped before their end: the caller hung up or the deadline "
+            "passed.",
+            ["tier"],
+            registry=registry,
+        )
         self.request_seconds = Histogram(
             "recserve_request_seconds",
             "End-to-end time of a request at this tier, upstream hops included.",
@@ -94,6 +101,9 @@ class TierMetrics:
 
     def count_outcome(self, outcome: str) -> None:
         self.families.requests.labels(self.tier, outcome).inc()
+
+    def count_aborted_generation(self) -> None:
+        self.families.aborted_generations.labels(self.tier).inc()
 
     def count_verdict(self, family: str, correct: bool) -> None:
         self.families.judged_answers.labels(self.tier, family, "right" if correct else "wrong").inc()

@@ -259,21 +259,26 @@ class Tier:
     ) -> AsyncGenerator[TextDelta | Generation, None]:
         """The engine's stream within the deadline; closing this closes the engine's, which aborts the generation."""
         stream = self.engine.stream(self._generation_request(request))
+        finished = False
         try:
             while True:
                 try:
                     item = await _next_within(stream, self._remaining(deadline))
                 except StopAsyncIteration:
+                    finished = True
                     return
                 except TimeoutError:
                     raise DeadlineExceeded(
                         f"tier {self.name}: the deadline passed while the engine was generating"
                     ) from None
                 except EngineError as exc:
+                    finished = True  # failed, not stopped: Unavailable says so
                     raise self._engine_error(exc) from None
                 yield item
         finally:
             await _close(stream)
+            if not finished:
+                self.metrics.count_aborted_generation()
 
     def _engine_error(self, exc: EngineError) -> RecServeError:
         if isinstance(exc, UnknownPromptError):

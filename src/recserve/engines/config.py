@@ -14,6 +14,7 @@ class EngineConfig:
     model: str = ""  # a GGUF file (llama_cpp), a folder or hub id (vllm)
     traces: str = ""  # trace folder (replay)
     trace_model: str = ""  # which model of the trace folder to replay
+    replay_delay_seconds: float = 0.0  # replay: pause before each streamed word, emulating generation speed
     threads: int = 0  # 0: let the engine choose
     context_length: int = 2048  # vllm: max_model_len
     seed: int = 0

@@ -5,18 +5,27 @@ sampling temperature is asked, as vLLM reports them. They are computed in numpy 
 by a logits processor, so `logits_all` stays off (measured 15-40x faster than
 `create_completion(logprobs=...)`, without a context x vocabulary table).
 
-Prompt format: `GenerationRequest.full_prompt` (the user prompt alone, or "SYSTEM\n\nUSER" when a system
-prompt is given), sent as a plain completion prompt (with the model's BOS). The chat template is deliberately
-not applied: it keeps the tiny generated models and real checkpoints on the same code path, and the cascade
-compares tiers by confidence, not by chat fidelity.
+Prompt format: a prompt request sends `GenerationRequest.full_prompt` (the user prompt alone, or "SYSTEM\n\nUSER"
+when a system prompt is given) as a plain completion prompt (with the model's BOS): no chat template, which keeps
+the tiny generated models and real checkpoints on the same code path. A chat request (`messages`) is rendered with
+the chat template stored in the GGUF (`tokenizer.chat_template`, with the generation prompt), as Hugging Face
+renders it, and tokenized with its special tokens; a template that writes the BOS itself does not get a second one.
+
+Streaming: tokens are generated on the engine's one thread (see `_executor`) and handed to the event loop as they
+come. The engine's lock is held until that thread is done, and closing the stream (or cancelling its consumer)
+sets an event the thread checks before every token, so an abandoned generation stops within one token. Deltas
+never split a UTF-8 character nor show text a stop string later cuts away (see `streaming.StreamText`);
+`generate` is the stream collected.
 
 What is reported, and how it matches vLLM's conventions:
 - token_logprobs covers every generated token, including an end-of-generation token and the token that
-  completes a stop string; the text excludes both (it is cut where the stop string starts);
+  completes a stop string; the text excludes both (it is cut where the stop string starts); `tokens` holds
+  each token's text (special tokens by name), and the deltas' tokens add up to them;
 - CHOICE option log-probs are log-softmax values at the first generated position of each option's
   first token, the option tokenized on its own ("A", not " A"): the answer is expected to start the
-  completion, as with a system prompt like "Answer with A, B, C or D.". A CHOICE request asking for 0
-  tokens still generates 1, since only sampling produces the first position's logits.
+  completion, as with a system prompt like "Answer with A, B, C or D." (for a chat: the first position after
+  the rendered template). A CHOICE request asking for 0 tokens still generates 1, since only sampling produces
+  the first position's logits.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,7 +42,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from recserve.core.engine import EngineError, Generation, GenerationRequest
+from recserve.core.engine import ChatMessage, EngineError, Generation, GenerationRequest, TextDelta
+from recserve.engines.streaming import StreamText, collect
 
 if TYPE_CHECKING:
     from recserve.engines.config import EngineConfig
@@ -75,6 +86,10 @@ class LlamaCppEngine:
         # team belongs to the calling thread and spins after each call: calls hopping between
         # asyncio.to_thread workers leave idle teams spinning, and 2 threads then ran 10x slower.
         self._executor: ThreadPoolExecutor | None = None
+        # The GGUF's chat template, read when the model loads; None: the model has none.
+        self._chat_template: Any = None
+        # Generations stopped before their end (the client went away, a deadline passed).
+        self.aborted = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LlamaCppEngine:
@@ -85,10 +100,13 @@ class LlamaCppEngine:
             seed=config.seed,
         )
 
-    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+    def _thread(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-cpp")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+        return self._executor
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread(), func, *args)
 
     async def start(self) -> None:
         async with self._lock:
@@ -102,7 +120,7 @@ class LlamaCppEngine:
 
         cache_type = llama_cpp.GGML_TYPE_F32 if self.f32_kv_cache else None  # None: llama.cpp's float16
         try:
-            return llama_cpp.Llama(
+            llm = llama_cpp.Llama(
                 model_path=str(self.model),
                 n_ctx=self.context_length,
                 n_threads=self.threads,
@@ -115,6 +133,18 @@ class LlamaCppEngine:
             )
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"llama_cpp engine: cannot load model file {self.model}: {exc}") from exc
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            # The Jinja environment transformers renders chat templates in (trim_blocks, lstrip_blocks, tojson).
+            self._chat_template = Jinja2ChatFormatter(
+                template,
+                eos_token=llm._model.token_get_text(llm.token_eos()),
+                bos_token=llm._model.token_get_text(llm.token_bos()),
+                add_generation_prompt=True,
+            )
+        return llm
 
     async def healthy(self) -> bool:
         return self._llm is not None
@@ -130,16 +160,98 @@ class LlamaCppEngine:
                 self._executor = None
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        async with self._lock:
+        return await collect(self.stream(request))
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TextDelta | Generation, None]:
+        # The lock is released when the generating thread is done, not when this generator is: a consumer that
+        # goes away must not let the next request onto a llama.cpp context that is still generating.
+        await self._lock.acquire()
+        try:
             if self._llm is None:
                 raise EngineError("llama_cpp engine not started")
-            return await self._run(self._generate, self._llm, request)
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[TextDelta | Generation | Exception] = asyncio.Queue()
+            cancel = threading.Event()
 
-    def _generate(self, llm: Any, request: GenerationRequest) -> Generation:
+            def emit(event: TextDelta | Generation | Exception) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+                except RuntimeError:  # the event loop is closed: nobody is listening any more
+                    cancel.set()
+
+            done = loop.run_in_executor(self._thread(), self._generate, self._llm, request, emit, cancel)
+        except BaseException:
+            self._lock.release()
+            raise
+        done.add_done_callback(lambda _: self._lock.release())
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Exception):
+                    raise event
+                finished = isinstance(event, Generation)
+                yield event
+                if finished:
+                    return
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:
+                self.aborted += 1
+            raise
+        finally:
+            cancel.set()
+            # The thread stops within a token; waiting for it means a closed stream leaves the engine idle.
+            await asyncio.shield(done)
+
+    def _generate(
+        self,
+        llm: Any,
+        request: GenerationRequest,
+        emit: Callable[[TextDelta | Generation | Exception], None],
+        cancel: threading.Event,
+    ) -> None:
+        """Run on the engine's thread: emit deltas as tokens come, then the Generation (or the error)."""
+        try:
+            generation = self._decode(llm, request, emit, cancel)
+        except Exception as exc:
+            emit(exc)
+            return
+        if generation is not None:
+            emit(generation)
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The chat as the model's chat template renders it, ready for the assistant's answer."""
+        if self._chat_template is None:
+            raise EngineError(
+                f"llama_cpp engine: {self.model} has no chat template (tokenizer.chat_template), so it cannot answer "
+                "chat messages; send a prompt instead"
+            )
+        try:
+            rendered = self._chat_template(messages=[{"role": m.role, "content": m.content} for m in messages])
+        except Exception as exc:  # jinja2 errors, and raise_exception() of templates refusing a chat
+            raise EngineError(f"llama_cpp engine: the chat template cannot render this chat: {exc}") from exc
+        return str(rendered.prompt)
+
+    def _prompt_tokens(self, llm: Any, request: GenerationRequest) -> list[int]:
+        if not request.messages:
+            return list(llm.tokenize(request.full_prompt.encode("utf-8"), add_bos=True, special=False))
+        rendered = self.render_chat(request.messages)
+        ids: list[int] = llm.tokenize(rendered.encode("utf-8"), add_bos=False, special=True)
+        # The model's BOS, unless the template wrote it itself ({{ bos_token }}): never a second one.
+        bos = llm.token_bos()
+        return [bos, *ids] if llm._model.add_bos_token() and ids[:1] != [bos] else ids
+
+    def _decode(
+        self,
+        llm: Any,
+        request: GenerationRequest,
+        emit: Callable[[TextDelta | Generation | Exception], None],
+        cancel: threading.Event,
+    ) -> Generation | None:
+        """Generate token by token; None when cancelled."""
         import llama_cpp
 
-        prompt = request.full_prompt
-        prompt_tokens: list[int] = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        prompt_tokens = self._prompt_tokens(llm, request)
         room = self.context_length - len(prompt_tokens)
         if room <= 0:
             size = f"{len(prompt_tokens)} tokens"
@@ -156,7 +268,9 @@ class LlamaCppEngine:
 
         tokens: list[int] = []
         logprobs: list[float] = []
-        text_bytes = b""
+        names: list[str] = []
+        pending: list[tuple[str, float]] = []  # tokens generated since the last delta
+        text = StreamText(request.stop)
         finish = "length"
         first_row: npt.NDArray[np.float32] | None = None
         sampling: dict[str, Any] = {"temp": max(request.temperature, 0.0)}  # 0: greedy
@@ -175,22 +289,31 @@ class LlamaCppEngine:
         )
         try:
             while len(tokens) < max_tokens:
+                if cancel.is_set():
+                    return None
                 token = int(next(stream))
                 row = rows.pop()
                 if first_row is None:
                     first_row = row
                 tokens.append(token)
                 logprobs.append(float(_log_softmax(row)[token]))
+                names.append(llm.detokenize([token], special=True).decode("utf-8", errors="replace"))
+                pending.append((names[-1], logprobs[-1]))
                 if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                     finish = "stop"
                     break
-                text_bytes += llm.detokenize([token])
-                if _apply_stop(text_bytes.decode("utf-8", errors="ignore"), request.stop)[1]:
+                shown = text.feed(llm.detokenize([token]))
+                if shown:
+                    emit(TextDelta(shown, tuple(pending)))
+                    pending = []
+                if text.stopped:
                     finish = "stop"
                     break
         finally:
             stream.close()
-        text = _apply_stop(text_bytes.decode("utf-8", errors="replace"), request.stop)[0]
+        rest = text.finish()
+        if rest or pending:
+            emit(TextDelta(rest, tuple(pending)))
         top: tuple[tuple[str, float], ...] = ()
         options: tuple[float, ...] = ()
         if first_row is not None:
@@ -198,13 +321,15 @@ class LlamaCppEngine:
             top = self._top(llm, first, request.top_logprobs)
             options = tuple(float(first[self._first_token(llm, option)]) for option in request.options)
         return Generation(
-            text=text,
+            text=text.text,
             token_logprobs=tuple(logprobs),
             first_top_logprobs=top,
             option_logprobs=options,
             chosen_option=None,
             prompt_tokens=len(prompt_tokens),
             completion_tokens=len(tokens),
+            tokens=tuple(names),
+            finish_reason=finish,
             metadata={"engine": self.name, "model": str(self.model), "finish_reason": finish},
         )
 
@@ -225,9 +350,3 @@ class LlamaCppEngine:
         if not ids:
             raise EngineError(f"option {option!r} tokenizes to nothing")
         return ids[0]
-
-
-def _apply_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """Cut text where the earliest stop string starts; say whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -7,6 +7,15 @@ What a trace records, and so what this engine reports:
 - free-text rows record one log-prob (the model's self-assessed p("Y")). The engine reports it as a
   one-token sequence, so the perplexity scorer's exp(mean log-prob) equals the recorded p.
 An answer that is none of the options gets equal log-probs on every option: maximally uncertain.
+
+Chat requests: a chat of one user turn, after an optional system turn, is looked up as that (system prompt,
+user prompt) pair; any other chat is not in a trace.
+
+Streaming is emulation: the recorded answer is yielded in word-sized deltas (each word with the whitespace
+before it, so they concatenate to the answer), with `delay` seconds before each (EngineConfig
+`replay_delay_seconds`, default 0) to emulate a model's generation speed in tests and benchmarks; `generate`
+collects the same stream, so it takes as long. A trace records no per-token texts, so deltas carry no tokens
+and `Generation.tokens` is empty; the finish reason is always "stop".
 """
 
 from __future__ import annotations
@@ -14,33 +23,42 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recserve.core.engine import EngineError, Generation, GenerationRequest, UnknownPromptError
+from recserve.core.engine import EngineError, Generation, GenerationRequest, TextDelta, UnknownPromptError
 from recserve.core.traces import TraceAnswer, TraceSet
+from recserve.engines.streaming import collect
 
 if TYPE_CHECKING:
     from recserve.engines.config import EngineConfig
 
 # "B", "B.", "B:", "B) ..." all choose option B.
 _LEADING_OPTION = re.compile(r"^\s*([^\s.:)]+)")
+# A streamed word: the whitespace before it and the word; whitespace at the very end comes as its own delta.
+_WORD = re.compile(r"\s*\S+|\s+$")
 
 
 class ReplayEngine:
     name = "replay"
 
-    def __init__(self, traces: str | Path, model: str) -> None:
+    def __init__(self, traces: str | Path, model: str, *, delay: float = 0.0) -> None:
         if not str(traces) or not model:
             raise EngineError("the replay engine needs a trace folder (--traces) and a model in it (--trace-model)")
+        if delay < 0:
+            raise EngineError(f"the replay engine's delay must be 0 or more seconds, not {delay}")
         self.traces = Path(traces)
         self.model = model
+        self.delay = delay
+        # Streams closed before their last delta (the client went away, a deadline passed).
+        self.aborted = 0
         self._by_prompt: dict[str, list[tuple[str, TraceAnswer]]] = {}
         self._ready = False
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> ReplayEngine:
-        return cls(config.traces, config.trace_model)
+        return cls(config.traces, config.trace_model, delay=config.replay_delay_seconds)
 
     async def start(self) -> None:
         trace_set = await asyncio.to_thread(self._load)
@@ -73,19 +91,45 @@ class ReplayEngine:
             )
         return candidates[0][1]
 
+    def lookup_request(self, request: GenerationRequest) -> TraceAnswer:
+        """The recorded answer to a prompt request or a single-turn chat (an optional system turn, one user turn)."""
+        if not request.messages:
+            return self.lookup(request.prompt, request.system_prompt)
+        roles = [message.role for message in request.messages]
+        if roles not in (["user"], ["system", "user"]):
+            raise UnknownPromptError(
+                f"replay engine ({self.model}) has no recorded answer for a chat of turns {roles}: the replay engine "
+                "only answers single-turn chats of its trace (an optional system turn, then one user turn)"
+            )
+        system = request.messages[0].content if roles[0] == "system" else ""
+        return self.lookup(request.messages[-1].content, system)
+
     async def generate(self, request: GenerationRequest) -> Generation:
+        return await collect(self.stream(request))
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TextDelta | Generation, None]:
         if not self._ready:
             raise EngineError("replay engine not started")
-        recorded = self.lookup(request.prompt, request.system_prompt)
+        recorded = self.lookup_request(request)
         chosen, option_logprobs = _option_logprobs(recorded, request.options) if request.options else (None, ())
-        return Generation(
+        generation = Generation(
             text=recorded.answer,
             token_logprobs=(recorded.logprob,),
             option_logprobs=option_logprobs,
             chosen_option=chosen,
             prompt_tokens=recorded.tokens_in,
             completion_tokens=recorded.tokens_out,
+            finish_reason="stop",
         )
+        try:
+            for word in _WORD.findall(recorded.answer):
+                if self.delay > 0:
+                    await asyncio.sleep(self.delay)
+                yield TextDelta(word)
+        except (GeneratorExit, asyncio.CancelledError):
+            self.aborted += 1
+            raise
+        yield generation
 
     async def healthy(self) -> bool:
         return self._ready

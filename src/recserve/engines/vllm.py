@@ -5,9 +5,12 @@ Concurrent `generate` calls become concurrent vLLM requests, which vLLM batches;
 
 What is reported follows llama_cpp.py, so the scorers need no engine-specific path:
 - prompt format: `GenerationRequest.full_prompt` (the user prompt alone, or "SYSTEM\\n\\nUSER"), as a plain
-  completion prompt tokenized with the model's BOS; no chat template;
+  completion prompt tokenized with the model's BOS; no chat template. Chat `messages` are rendered with the
+  tokenizer's chat template (`apply_chat_template`, with the generation prompt) and tokenized without adding
+  special tokens, plus the model's BOS only when the template did not write it;
 - token_logprobs: vLLM's raw log-probs (log-softmax of the model's logits, temperature 1) of every generated
   token, an end-of-generation token and the token completing a stop string included; the text excludes both;
+  `tokens` holds each token's text as vLLM decodes it on its own;
 - first_top_logprobs: the k best tokens at the first generated position;
 - option_logprobs (CHOICE): the log-softmax at the first generated position of each option's first token, the
   option tokenized on its own. They are exact: options found among the first position's top-20 log-probs are
@@ -15,6 +18,11 @@ What is reported follows llama_cpp.py, so the scorers need no engine-specific pa
   `prompt_logprobs`, whose last entry is the same log-softmax value (up to float rounding).
   vLLM's `logprob_token_ids` would do this in one request, but in vLLM 0.32 it replaces the top-k log-probs of
   every other request in the same batch, so concurrent GENERATE requests would lose their top-2 margin.
+
+`generate` asks vLLM for the final output only; `stream` for deltas, whose text vLLM already holds back while it
+could still be the start of a stop string. Both build the Generation the same way (`_generation`). Closing a
+stream, or cancelling either call, closes vLLM's output generator, which aborts the request in vLLM (AsyncLLM
+catches GeneratorExit and CancelledError there and calls abort()); `aborted` counts them.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import asyncio
 import gc
 import itertools
 import os
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from recserve.core.engine import EngineError, Generation, GenerationRequest
+from recserve.core.engine import ChatMessage, EngineError, Generation, GenerationRequest, TextDelta
 
 if TYPE_CHECKING:
     from recserve.engines.config import EngineConfig
@@ -64,8 +73,12 @@ class VllmEngine:
         self._tokenizer: Any = None
         self._vllm: Any = None
         self._final_only: Any = None
+        self._delta: Any = None
+        self._adds_bos = False
         self._request_ids = itertools.count()
         self._start_lock = asyncio.Lock()
+        # Generations stopped before their end (the client went away, a deadline passed).
+        self.aborted = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> VllmEngine:
@@ -88,6 +101,8 @@ class VllmEngine:
                 holder = await asyncio.to_thread(lambda: [self._load()])
                 self._engine = holder.pop()
                 self._tokenizer = self._engine.get_tokenizer()
+                bos = self._tokenizer.bos_token_id
+                self._adds_bos = bos is not None and self._tokenizer.encode("a")[:1] == [bos]
 
     def engine_args(self, on_cpu: bool) -> dict[str, Any]:
         """vLLM engine arguments; CPU defaults where vLLM's own assume a GPU."""
@@ -124,6 +139,7 @@ class VllmEngine:
             raise EngineError(f"the vllm engine needs vLLM: {VLLM_INSTALL_HINT} ({exc})") from exc
         self._vllm = vllm
         self._final_only = RequestOutputKind.FINAL_ONLY
+        self._delta = RequestOutputKind.DELTA
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             # Even eager, vLLM compiles a few helpers (the sampler's log-prob gather) with torch.compile on first
@@ -149,30 +165,125 @@ class VllmEngine:
             del engine
             gc.collect()
 
-    async def generate(self, request: GenerationRequest) -> Generation:
-        engine, vllm = self._engine, self._vllm
-        if engine is None:
-            raise EngineError("vllm engine not started")
-        prompt = request.full_prompt
-        prompt_ids: list[int] = self._tokenizer.encode(prompt)
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The chat as the tokenizer's chat template renders it, ready for the assistant's answer."""
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise EngineError(
+                f"vllm engine: {self.model} has no chat template (tokenizer_config.json chat_template), so it cannot "
+                "answer chat messages; send a prompt instead"
+            )
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            return str(self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
+        except Exception as exc:  # jinja2 errors, and raise_exception() of templates refusing a chat
+            raise EngineError(f"vllm engine: the chat template cannot render this chat: {exc}") from exc
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if not request.messages:
+            return list(self._tokenizer.encode(request.full_prompt))
+        ids: list[int] = self._tokenizer.encode(self.render_chat(request.messages), add_special_tokens=False)
+        # The model's BOS, unless the template wrote it itself ({{ bos_token }}): never a second one.
+        bos = self._tokenizer.bos_token_id
+        return [bos, *ids] if self._adds_bos and ids[:1] != [bos] else ids
+
+    def _sampling(self, request: GenerationRequest, prompt_ids: list[int], output_kind: Any) -> Any:
         room = self.max_model_len - len(prompt_ids)
         if room <= 0:
             raise EngineError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.max_model_len}")
-        top = max(request.top_logprobs, CHOICE_TOP_LOGPROBS if request.options else 0)
-        params = vllm.SamplingParams(
+        return self._vllm.SamplingParams(
             # Option log-probs need the first position, which only sampling one token produces.
             max_tokens=min(max(request.max_tokens, 1 if request.options else 0), room),
             temperature=max(request.temperature, 0.0),
             stop=list(request.stop) or None,
-            logprobs=top,
-            # Only the final output is needed: no per-token streaming work in this process.
-            output_kind=self._final_only,
+            logprobs=max(request.top_logprobs, CHOICE_TOP_LOGPROBS if request.options else 0),
+            output_kind=output_kind,
         )
-        output = await self._run(vllm.TokensPrompt(prompt_token_ids=prompt_ids), params)
-        completion = output.outputs[0]
-        positions = list(completion.logprobs or [])
-        token_ids = list(completion.token_ids)
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        if self._engine is None:
+            raise EngineError("vllm engine not started")
+        prompt_ids = self._prompt_ids(request)
+        # Only the final output is needed: no per-token streaming work in this process.
+        params = self._sampling(request, prompt_ids, self._final_only)
+        try:
+            output = await self._run(self._vllm.TokensPrompt(prompt_token_ids=prompt_ids), params)
+            completion = output.outputs[0]
+            return await self._generation(
+                request,
+                prompt_ids,
+                list(completion.token_ids),
+                list(completion.logprobs or []),
+                completion.text,
+                completion.finish_reason,
+            )
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TextDelta | Generation, None]:
+        engine = self._engine
+        if engine is None:
+            raise EngineError("vllm engine not started")
+        prompt_ids = self._prompt_ids(request)
+        params = self._sampling(request, prompt_ids, self._delta)
+        request_id = f"recserve-{next(self._request_ids)}"
+        outputs = engine.generate(self._vllm.TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
+        token_ids: list[int] = []
+        positions: list[Any] = []
+        texts: list[str] = []
+        pending: list[tuple[str, float]] = []  # tokens generated since the last delta
+        finish_reason = None
+        finished = False
+        try:
+            try:
+                async for output in outputs:
+                    completion = output.outputs[0]
+                    new_ids, new_positions = list(completion.token_ids), list(completion.logprobs or [])
+                    token_ids += new_ids
+                    positions += new_positions
+                    pending += [
+                        (position[token].decoded_token or "", float(position[token].logprob))
+                        for token, position in zip(new_ids, new_positions, strict=True)
+                    ]
+                    if completion.text:
+                        texts.append(completion.text)
+                        yield TextDelta(completion.text, tuple(pending))
+                        pending = []
+                    if output.finished:
+                        finish_reason = completion.finish_reason
+            except Exception as exc:
+                raise EngineError(f"vllm engine: {type(exc).__name__}: {exc}") from exc
+            if finish_reason is None:
+                raise EngineError("vllm engine: the request ended without a final output")
+            if pending:
+                yield TextDelta("", tuple(pending))
+            generation = await self._generation(
+                request, prompt_ids, token_ids, positions, "".join(texts), finish_reason
+            )
+            finished = True
+            yield generation
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:
+                self.aborted += 1
+            raise
+        finally:
+            # Aborts the request in vLLM if it is still running (a no-op once vLLM has finished it).
+            await outputs.aclose()
+
+    async def _generation(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        token_ids: list[int],
+        positions: list[Any],
+        text: str,
+        finish_reason: Any,
+    ) -> Generation:
+        """The Generation of a finished vLLM request: its tokens, their log-probs and the option log-probs."""
         logprobs = tuple(float(position[token].logprob) for token, position in zip(token_ids, positions, strict=True))
+        tokens = tuple(
+            position[token].decoded_token or "" for token, position in zip(token_ids, positions, strict=True)
+        )
         first = positions[0] if positions else {}
         ranked = sorted(
             ((lp.decoded_token or "", float(lp.logprob), lp.rank or 0) for lp in first.values()),
@@ -180,17 +291,19 @@ class VllmEngine:
         )
         options, fallbacks = await self._option_logprobs(request.options, prompt_ids, first)
         return Generation(
-            text=completion.text,
+            text=text,
             token_logprobs=logprobs,
             first_top_logprobs=tuple((name, lp) for name, lp, _ in ranked[: request.top_logprobs]),
             option_logprobs=options,
             chosen_option=None,
             prompt_tokens=len(prompt_ids),
             completion_tokens=len(token_ids),
+            tokens=tokens,
+            finish_reason="length" if str(finish_reason) == "length" else "stop",
             metadata={
                 "engine": self.name,
                 "model": self.model,
-                "finish_reason": str(completion.finish_reason),
+                "finish_reason": str(finish_reason),
                 "option_logprob_requests": str(fallbacks),
             },
         )

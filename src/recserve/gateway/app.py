@@ -17,13 +17,15 @@ client goes away, the gRPC call is cancelled, and with it the tiers' generation.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -48,9 +50,11 @@ from recserve.gateway.responses import (
 )
 from recserve.gateway.settings import GatewaySettings
 from recserve.gateway.tier_client import TierClient
+from recserve.server.security import token
 from recserve.v1 import tier_pb2 as pb
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -59,6 +63,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its response
 ENDPOINTS = (CHAT, COMPLETIONS, "/v1/models", "/health", "/metrics")
 
 
@@ -68,11 +73,12 @@ def create_app(settings: GatewaySettings, registry: CollectorRegistry | None = N
     registry = registry or CollectorRegistry()
     metrics = GatewayMetrics(registry)
     api_keys = tuple(key.encode() for key in settings.client_api_keys())
+    bearer = token(settings.token, settings.token_file)
     holder: dict[str, TierClient] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        holder["client"] = TierClient(settings)
+        holder["client"] = TierClient(settings, bearer)
         try:
             yield
         finally:
@@ -86,6 +92,10 @@ def create_app(settings: GatewaySettings, registry: CollectorRegistry | None = N
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; counted in the metrics and logs
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,15 +114,17 @@ def create_app(settings: GatewaySettings, registry: CollectorRegistry | None = N
                 404, f"The model `{request.model}` does not exist.", code="model_not_found", param="model"
             )
 
-    async def complete(request: _CompletionRequest, endpoint: str, fmt: Format, infer: pb.InferRequest) -> Response:
+    async def complete(
+        http: Request, request: _CompletionRequest, endpoint: str, fmt: Format, infer: pb.InferRequest
+    ) -> Response:
         started = time.monotonic()
         client = holder["client"]
         request_id = infer.request_id
         if not request.stream:
-            response = await client.infer(infer)
+            response = await _unless_disconnected(http, client.infer(infer))
             metrics.count_output_tokens(endpoint, response.usage.completion_tokens)
             return JSONResponse(fmt.response(response, request_id), headers=recserve_headers(response, request_id))
-        call, first = await client.open_stream(infer)
+        call, first = await _unless_disconnected(http, client.open_stream(infer))
         events = _stream(client, call, first, fmt, request_id, request.include_usage, endpoint, metrics, started)
         return _CancellingStream(
             call,
@@ -122,14 +134,14 @@ def create_app(settings: GatewaySettings, registry: CollectorRegistry | None = N
         )
 
     @app.post(CHAT)
-    async def chat_completions(request: ChatCompletionRequest) -> Response:
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
         check_model(request)
         request_id = request.recserve.request_id or uuid.uuid4().hex
         fmt = ChatFormat(f"chatcmpl-{request_id}", int(time.time()), model, logprobs=bool(request.logprobs))
-        return await complete(request, CHAT, fmt, request.infer_request(request_id))
+        return await complete(http, request, CHAT, fmt, request.infer_request(request_id))
 
     @app.post(COMPLETIONS)
-    async def completions(request: CompletionRequest) -> Response:
+    async def completions(request: CompletionRequest, http: Request) -> Response:
         check_model(request)
         request_id = request.recserve.request_id or uuid.uuid4().hex
         fmt = CompletionFormat(
@@ -139,7 +151,7 @@ def create_app(settings: GatewaySettings, registry: CollectorRegistry | None = N
             logprobs=request.logprobs is not None,
             top_logprobs=bool(request.logprobs),
         )
-        return await complete(request, COMPLETIONS, fmt, request.infer_request(request_id))
+        return await complete(http, request, COMPLETIONS, fmt, request.infer_request(request_id))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -166,6 +178,35 @@ def create_app(settings: GatewaySettings, registry: CollectorRegistry | None = N
     app.add_middleware(_ApiKeys, keys=api_keys)
     app.add_middleware(_CountRequests, metrics=metrics)
     return app
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request was being served."""
+
+
+async def _unless_disconnected(http: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or, when the client disconnects first, `work` cancelled (and with it the gRPC call, so the
+    tiers abort) and ClientDisconnected. Starlette does not cancel a handler whose client went away; its body read,
+    the next message a request receives is the disconnect."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+    if task not in done:
+        if not task.cancelled():
+            task.exception()  # taken: whatever it was, the client is gone
+        raise ClientDisconnected
+    return task.result()
 
 
 async def _stream(
@@ -339,14 +380,14 @@ def uvicorn_config(app: FastAPI, settings: GatewaySettings) -> uvicorn.Config:
         port=settings.port,
         lifespan="on",
         ws="none",  # no websocket routes
-        timeout_graceful_shutdown=int(settings.grace_seconds),
+        timeout_graceful_shutdown=math.ceil(settings.grace_seconds),
         log_config=None,  # the process's logging (recserve's one-line format)
     )
 
 
-async def serve(settings: GatewaySettings) -> int:
+async def serve(settings: GatewaySettings, app: FastAPI | None = None) -> int:
     """Serve until SIGTERM or SIGINT; uvicorn stops taking connections and lets open ones finish within the
     grace period. 1 when the server could not start."""
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    server = uvicorn.Server(uvicorn_config(app or create_app(settings), settings))
     await server.serve()
     return 0 if server.started else 1

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recserve.gateway.errors import GatewayError, from_rpc
 from recserve.gateway.settings import GatewaySettings
-from recserve.server.security import bearer_metadata, token
+from recserve.server.security import bearer_metadata
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
@@ -36,10 +36,11 @@ class TierClient:
     """Calls the first tier; a failed call raises GatewayError with the HTTP status it means. Create it on the event
     loop that uses it."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, bearer: str = "") -> None:
+        """`bearer`: the token sent to the tier (read from the settings' token or file by the caller)."""
         self.target = settings.target
         self.timeout = settings.request_timeout
-        self._metadata = bearer_metadata(token(settings.token, settings.token_file))
+        self._metadata = bearer_metadata(bearer)
         options = list(CHANNEL_OPTIONS)
         if settings.server_name:
             options.append(("grpc.ssl_target_name_override", settings.server_name))

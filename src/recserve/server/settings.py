@@ -93,6 +93,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("base_url", str, "", "openai: base URL of an OpenAI-compatible server, e.g. http://HOST:8000/v1"),
     Option("api_key", str, "", "openai: bearer token for the server (empty: none)"),
     Option("request_timeout", float, 60.0, "openai: seconds to wait for the server, per request and at start-up"),
+    Option(
+        "replay_delay_seconds",
+        float,
+        0.0,
+        "replay: seconds before each streamed word, to emulate a model's generation speed (0: none)",
+    ),
     Option("policy", str, "recserve", "offload policy", POLICY_NAMES, tuple(POLICY_ALIASES.items())),
     *map(Option.of_policy, policy_options()),
     Option("scorer", str, "perplexity", "confidence scorer for GENERATE tasks", tuple(GENERATE_SCORERS)),
@@ -181,6 +187,7 @@ class TierSettings:
     base_url: str
     api_key: str
     request_timeout: float
+    replay_delay_seconds: float
     policy: PolicyConfig  # from --policy and that policy's options (the other policies' are ignored)
     scorer: str
     choice_scorer: str
@@ -246,6 +253,8 @@ class TierSettings:
             yield f"max_num_seqs must not be negative, got {self.max_num_seqs}"
         if self.request_timeout <= 0:
             yield f"request_timeout must be positive, got {self.request_timeout}"
+        if not 0 <= self.replay_delay_seconds <= 60:
+            yield f"replay_delay_seconds must be within 0 and 60, got {self.replay_delay_seconds}"
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             yield "default_max_tokens must be within 1 and max_tokens"
         yield from self._security_problems()
@@ -315,6 +324,7 @@ class TierSettings:
             base_url=self.base_url,
             api_key=self.api_key,
             request_timeout=self.request_timeout,
+            replay_delay_seconds=self.replay_delay_seconds,
         )
 
     @property
