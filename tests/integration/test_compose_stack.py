@@ -350,31 +350,27 @@ def served_by(extra: dict[str, Any]) -> list[str]:
 # After the gRPC test: its byte counts must see that test's traffic alone.
 def test_chat_completions_through_the_gateway_with_the_openai_client(stack: Stack, prometheus: str) -> None:
     assert json.loads(http_get(f"http://127.0.0.1:{stack.gateway_port}/health")) == {"status": "ok"}
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.gateway_port}/v1", api_key="unused", timeout=60)
     messages: list[Any] = [{"role": "user", "content": "Say hello."}]
-    assert [model.id for model in client.models.list()] == ["recserve"]
+    last_tier = {"recserve": {"offload": "last_tier"}}
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{stack.gateway_port}/v1", api_key="unused", timeout=60) as client:
+        assert [model.id for model in client.models.list()] == ["recserve"]
 
-    # The cascade's choice, then straight to the last tier: a request through every container.
-    answer = client.chat.completions.create(model="recserve", messages=messages, max_tokens=8)
-    assert answer.choices[0].message.content
-    assert answer.usage is not None
-    assert answer.usage.completion_tokens > 0
-    served_by(answer.model_extra["recserve"])  # type: ignore[index]
-    cloud = client.chat.completions.create(
-        model="recserve", messages=messages, max_tokens=8, extra_body={"recserve": {"offload": "last_tier"}}
-    )
-    assert cloud.choices[0].message.content
-    assert served_by(cloud.model_extra["recserve"]) == list(TIERS)  # type: ignore[index]
+        # The cascade's choice, then straight to the last tier: a request through every container.
+        answer = client.chat.completions.create(model="recserve", messages=messages, max_tokens=8)
+        assert answer.choices[0].message.content
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens > 0
+        served_by(answer.model_extra["recserve"])  # type: ignore[index]
+        cloud = client.chat.completions.create(model="recserve", messages=messages, max_tokens=8, extra_body=last_tier)
+        assert cloud.choices[0].message.content
+        assert served_by(cloud.model_extra["recserve"]) == list(TIERS)  # type: ignore[index]
 
-    # Streamed: the cloud's deltas relayed by edge, device and gateway as they come; who answered in the last chunk.
-    stream = client.chat.completions.create(
-        model="recserve",
-        messages=messages,
-        max_tokens=8,
-        stream=True,
-        extra_body={"recserve": {"offload": "last_tier"}},
-    )
-    chunks = list(stream)
+        # Streamed: the cloud's deltas relayed by edge, device and gateway as they come; who answered in the last
+        # chunk.
+        with client.chat.completions.create(
+            model="recserve", messages=messages, max_tokens=8, stream=True, extra_body=last_tier
+        ) as stream:
+            chunks = list(stream)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert text
     assert chunks[-1].choices[0].finish_reason in {"stop", "length"}

@@ -523,18 +523,19 @@ def test_the_rendered_pods_run_and_a_prompt_crosses_all_three_tiers(podman_stack
 
 
 def test_the_gateway_pod_serves_chat_completions_through_the_tiers(podman_stack: dict[str, int]) -> None:
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{podman_stack[GATEWAY]}/v1", api_key="unused", timeout=60)
     messages: list[Any] = [{"role": "user", "content": "Say hello."}]
-    # Straight to the last tier: through the gateway pod and all three tier pods.
-    answer = client.chat.completions.create(
-        model="recserve", messages=messages, max_tokens=8, extra_body={"recserve": {"offload": "last_tier"}}
-    )
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{podman_stack[GATEWAY]}/v1", api_key="unused", timeout=60) as client:
+        # Straight to the last tier: through the gateway pod and all three tier pods.
+        answer = client.chat.completions.create(
+            model="recserve", messages=messages, max_tokens=8, extra_body={"recserve": {"offload": "last_tier"}}
+        )
+        # Streamed, as the cascade chooses: who answered comes in the last chunk.
+        with client.chat.completions.create(model="recserve", messages=messages, max_tokens=8, stream=True) as stream:
+            chunks = list(stream)
     assert answer.choices[0].message.content
     served = answer.model_extra["recserve"]  # type: ignore[index]
     assert served["answered_by"] == "cloud"
     assert [hop["tier"] for hop in served["hops"]] == list(TIERS)
-    # Streamed, as the cascade chooses: who answered comes in the last chunk.
-    chunks = list(client.chat.completions.create(model="recserve", messages=messages, max_tokens=8, stream=True))
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     served = chunks[-1].model_extra["recserve"]  # type: ignore[index]
     assert served["answered_by"] in TIERS
