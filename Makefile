@@ -175,7 +175,9 @@ wheels: $(foreach extra,$(ENGINE_EXTRAS),build/images/$(extra)/wheels.complete) 
 images: wheels $(if $(filter $(LOCAL_BASE_IMAGE),$(BASE_IMAGE)),base-image,docker-ready) ## build the tier images (BASE_IMAGE=recserve-base:bookworm offline)
 	BASE_IMAGE=$(BASE_IMAGE) $(COMPOSE) -p $(PROJECT) -f deploy/docker-compose.yml build cloud edge device
 
-up: models images ## start the stack: tiers, Prometheus, Grafana (SERVICES=device: the tiers alone)
+# `make up` is all a fresh clone needs after `make install`: models, wheels, base image (offline), images, then
+# compose. Compose cannot build the images alone: their build contexts are the wheels collected on the host.
+up: models images ## start the stack: tiers, gateway, Prometheus, Grafana (SERVICES=gateway: tiers and gateway; SERVICES=device: tiers)
 	BASE_IMAGE=$(BASE_IMAGE) $(COMPOSE) -p $(PROJECT) -f deploy/docker-compose.yml up -d $(SERVICES)
 
 down: ## stop the stack, remove its containers and network (volumes stay; DOWN_FLAGS=--volumes drops them)

@@ -1,11 +1,13 @@
-"""The containers as a user runs them: `make up` builds the three images on the local Debian base and starts
-device (llama.cpp) -> edge (vLLM on CPU) -> cloud (vLLM on CPU) with compose; prompts go from the host through
-the device tier; each tier's metrics are scraped and queried through a Prometheus on the host; `make down` leaves
+"""The containers as a user runs them: `make up` (the one command from a fresh clone: models, wheels, images,
+compose) builds the three images on the local Debian base and starts device (llama.cpp) -> edge (vLLM on CPU) ->
+cloud (vLLM on CPU) and the OpenAI-compatible gateway in front of the device with compose; prompts go from the host
+through the device tier's gRPC API, and chat completions through the gateway with the official `openai` client;
+each tier's and the gateway's metrics are scraped and queried through a Prometheus on the host; `make down` leaves
 nothing behind.
 
-Prometheus and Grafana are left out of the compose run (`SERVICES=device` starts the tiers alone): their
-public images cannot be pulled here. Debian's `prometheus` on the host scrapes the tiers' published metrics
-ports instead, and every dashboard query is run against it.
+Prometheus and Grafana are left out of the compose run (`SERVICES=gateway` starts the tiers and the gateway alone):
+their public images cannot be pulled here. Debian's `prometheus` on the host scrapes the tiers' and the gateway's
+published metrics ports instead, and every dashboard query is run against it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -39,6 +42,8 @@ COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "recserve.json"
 LOCAL_BASE_IMAGE = "recserve-base:bookworm"
 TIERS = ("device", "edge", "cloud")
+# What `make up SERVICES=gateway` starts: the gateway and, by its depends_on, the three tiers.
+SERVICES = (*TIERS, "gateway")
 IMAGES = tuple(f"recserve-{tier}:latest" for tier in TIERS)
 PROJECT = f"recserve-test-{os.getpid()}"
 OPTIONS = ("A", "B", "C", "D")
@@ -95,6 +100,7 @@ class Stack:
     env: dict[str, str]
     make: list[str]
     grpc_port: int
+    gateway_port: int
     metrics_ports: dict[str, int]
     up_seconds: float
 
@@ -108,12 +114,13 @@ class Stack:
         return found
 
     def wait_healthy(self, timeout: float) -> None:
-        """Until Docker's own HEALTHCHECK (`recserve health` in the container) calls every tier healthy."""
+        """Until Docker's health checks call every container healthy: the tiers' own HEALTHCHECK (`recserve health`)
+        and the gateway's (its /health, 200 once the device is SERVING)."""
         deadline = time.monotonic() + timeout
         while True:
             states = [run(["docker", "inspect", "--format", "{{.State.Health.Status}}", c]).strip()
                       for c in self.containers(all_states=False)]  # fmt: skip
-            if states == ["healthy"] * len(TIERS):
+            if states == ["healthy"] * len(SERVICES):
                 return
             assert time.monotonic() < deadline, f"containers not healthy after {timeout:.0f}s: {states}"
             time.sleep(1)
@@ -126,25 +133,27 @@ class Stack:
 def stack() -> Iterator[Stack]:
     if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
         pytest.fail("no Docker daemon: run `make docker-ready` (root installs and starts it), or use `make test`")
-    ports = {"DEVICE_PORT": free_port(), "GRAFANA_PORT": free_port()}
+    ports = {"DEVICE_PORT": free_port(), "GATEWAY_PORT": free_port(), "GRAFANA_PORT": free_port()}
     ports |= {f"{tier.upper()}_METRICS_PORT": free_port() for tier in TIERS}
     # A make started by pytest started by make must not inherit the outer make's job server and flags.
     env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
     env |= {name: str(port) for name, port in ports.items()}
-    make = ["make", "--no-print-directory", f"PROJECT={PROJECT}", f"BASE_IMAGE={LOCAL_BASE_IMAGE}", "SERVICES=device"]
+    make = ["make", "--no-print-directory", f"PROJECT={PROJECT}", f"BASE_IMAGE={LOCAL_BASE_IMAGE}", "SERVICES=gateway"]
     started = time.monotonic()
     stack = Stack(
         env,
         make,
         ports["DEVICE_PORT"],
+        ports["GATEWAY_PORT"],
         {tier: ports[f"{tier.upper()}_METRICS_PORT"] for tier in TIERS},
         up_seconds=0.0,
     )
     try:
         # Builds what is missing (base image, wheels, images: cached after the first run), then starts the
-        # tiers in order of health: cloud, then edge, then device.
+        # tiers in order of health: cloud, then edge, then device, then the gateway.
         run([*make, "up"], env=env, timeout=1800)
-        # `up` already waited for cloud and edge (the device starts once they are healthy): only the device is left.
+        # `up` already waited for cloud, edge and device (the gateway starts once the device is healthy): only the
+        # gateway is left.
         stack.wait_healthy(timeout=300)
         wait_serving(stack.grpc_port, timeout=10)
         stack.up_seconds = time.monotonic() - started
@@ -192,14 +201,18 @@ def test_the_device_runs_llama_cpp_and_edge_and_cloud_run_vllm(stack: Stack) -> 
 
 @pytest.fixture(scope="module")
 def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Debian's Prometheus on the host, scraping the tiers' published metrics ports every second."""
+    """Debian's Prometheus on the host, scraping the tiers' published metrics ports and the gateway's /metrics
+    every second, in the jobs of deploy/prometheus/prometheus.yml."""
     binary = shutil.which("prometheus")
     assert binary, "prometheus is not installed: run `make docker-ready`"
     folder = tmp_path_factory.mktemp("prometheus")
     targets = [f"127.0.0.1:{port}" for port in stack.metrics_ports.values()]
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "recserve", "static_configs": [{"targets": targets}]}],
+        "scrape_configs": [
+            {"job_name": "recserve", "static_configs": [{"targets": targets}]},
+            {"job_name": "recserve-gateway", "static_configs": [{"targets": [f"127.0.0.1:{stack.gateway_port}"]}]},
+        ],
     }
     (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
     port = free_port()
@@ -325,9 +338,57 @@ def test_prompts_from_the_host_cross_the_tiers_and_every_metric_shows_up(stack: 
     assert sum(share.values()) == pytest.approx(1.0)
 
 
-def test_sigterm_stops_every_tier_gracefully_and_down_leaves_nothing_behind(stack: Stack) -> None:
+def served_by(extra: dict[str, Any]) -> list[str]:
+    """The tiers a gateway response's `recserve` object says the request crossed, checked for consistency."""
+    hops = [hop["tier"] for hop in extra["hops"]]
+    assert hops == list(TIERS[: len(hops)]), extra
+    assert extra["answered_by"] == hops[-1]
+    assert [hop["decision"] for hop in extra["hops"]] == ["forwarded"] * (len(hops) - 1) + ["answered"]
+    return hops
+
+
+# After the gRPC test: its byte counts must see that test's traffic alone.
+def test_chat_completions_through_the_gateway_with_the_openai_client(stack: Stack, prometheus: str) -> None:
+    assert json.loads(http_get(f"http://127.0.0.1:{stack.gateway_port}/health")) == {"status": "ok"}
+    messages: list[Any] = [{"role": "user", "content": "Say hello."}]
+    last_tier = {"recserve": {"offload": "last_tier"}}
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{stack.gateway_port}/v1", api_key="unused", timeout=60) as client:
+        assert [model.id for model in client.models.list()] == ["recserve"]
+
+        # The cascade's choice, then straight to the last tier: a request through every container.
+        answer = client.chat.completions.create(model="recserve", messages=messages, max_tokens=8)
+        assert answer.choices[0].message.content
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens > 0
+        served_by(answer.model_extra["recserve"])  # type: ignore[index]
+        cloud = client.chat.completions.create(model="recserve", messages=messages, max_tokens=8, extra_body=last_tier)
+        assert cloud.choices[0].message.content
+        assert served_by(cloud.model_extra["recserve"]) == list(TIERS)  # type: ignore[index]
+
+        # Streamed: the cloud's deltas relayed by edge, device and gateway as they come; who answered in the last
+        # chunk.
+        with client.chat.completions.create(
+            model="recserve", messages=messages, max_tokens=8, stream=True, extra_body=last_tier
+        ) as stream:
+            chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text
+    assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
+    assert {chunk.model_extra["recserve"]["tier"] for chunk in chunks if chunk.choices} == {"cloud"}  # type: ignore[index]
+    assert served_by(chunks[-1].model_extra["recserve"]) == list(TIERS)  # type: ignore[index]
+
+    # The gateway's /metrics, scraped by the host's Prometheus: its target is up and counts these requests.
+    wait_for(prometheus, 'up{job="recserve-gateway"}', ("instance",), {(f"127.0.0.1:{stack.gateway_port}",): 1.0})
+    wait_for(
+        prometheus, 'sum by (endpoint, status) (recserve_gateway_requests_total{endpoint="/v1/chat/completions"})',
+        ("endpoint", "status"), {("/v1/chat/completions", "200"): 3.0},
+    )  # fmt: skip
+    wait_for(prometheus, "count(recserve_gateway_time_to_first_token_seconds_count)", (), {(): 1.0})
+
+
+def test_sigterm_stops_every_container_gracefully_and_down_leaves_nothing_behind(stack: Stack) -> None:
     containers = stack.containers(all_states=False)
-    assert len(containers) == len(TIERS)
+    assert len(containers) == len(SERVICES)
     started = time.monotonic()
     run(["docker", "stop", "--time", "30", *containers])
     # Well under the 30 s after which Docker would SIGKILL: PID 1 handled SIGTERM and exited by itself.

@@ -1,11 +1,13 @@
 """The Kubernetes manifests (deploy/k8s): every overlay renders with `kubectl kustomize` and validates strictly
-against K8S_VERSION; the rendered single-node pods then run for real with `podman kube play` and a prompt crosses
-device -> edge -> cloud.
+against K8S_VERSION; the rendered single-node pods then run for real with `podman kube play`, a prompt crosses
+device -> edge -> cloud, and chat completions go through the gateway pod with the official `openai` client.
 
-No cluster runs here, so podman stands in for the kubelet, with two differences the test bridges itself (the
+No cluster runs here, so podman stands in for the kubelet, with three differences the test bridges itself (the
 manifests users apply stay untouched): podman does not emulate Services, so each pod runs on the host network,
-bound to 127.0.0.1 on its own free ports, and RECSERVE_NEXT names the next pod's port instead of the Service's
-DNS name; and podman 4.3 ignores gRPC probes, so the test asks the same standard health service itself.
+bound to 127.0.0.1 on its own free ports, and RECSERVE_NEXT (RECSERVE_GATEWAY_TARGET) names the next pod's port
+instead of the Service's DNS name; podman 4.3 ignores gRPC probes, so the test asks the same standard health
+service itself; and podman turns HTTP and TCP probes into health checks that run curl or nc inside the container,
+which the images do not carry, so the gateway's probes are dropped and the test asks its /health itself.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import os
 import resource
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 import yaml
 
@@ -43,6 +49,8 @@ LOCAL_BASE_IMAGE = "recserve-base:bookworm"
 TIERS = ("device", "edge", "cloud")
 NEXT = {"device": "edge", "edge": "cloud"}
 GRPC_PORT = 50051
+GATEWAY = "gateway"
+GATEWAY_PORT = 8000
 OPTIONS = ("A", "B", "C", "D")
 # Enough questions of one family that the device's and the edge's windowed thresholds start forwarding.
 QUESTIONS = [f"Question {i}: which option is right, {', '.join(OPTIONS)}?" for i in range(24)]
@@ -68,12 +76,55 @@ def by_kind(docs: list[Manifest], kind: str) -> dict[str, Manifest]:
 
 
 def workloads(docs: list[Manifest]) -> dict[str, Manifest]:
+    """Every workload: the tiers' and the gateways'."""
     return by_kind(docs, "Deployment") | by_kind(docs, "DaemonSet")
 
 
 def tier_of(doc: Manifest) -> str:
+    """The component a workload or Service belongs to: a tier's name, or "gateway"."""
     tier: str = doc["metadata"]["labels"]["app.kubernetes.io/component"]
     return tier
+
+
+def tier_workloads(docs: list[Manifest]) -> dict[str, Manifest]:
+    return {name: doc for name, doc in workloads(docs).items() if tier_of(doc) in TIERS}
+
+
+def gateways(docs: list[Manifest]) -> dict[str, Manifest]:
+    return {name: doc for name, doc in workloads(docs).items() if tier_of(doc) == GATEWAY}
+
+
+def pod_labels(workload: Manifest) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def ingress_allows(policy: Manifest, source: dict[str, str], port: str | int) -> bool:
+    """Whether a NetworkPolicy's ingress admits a pod of these labels (any namespace) on this port."""
+    for rule in policy["spec"].get("ingress", []):
+        if not any(p["port"] == port for p in rule.get("ports", [])):
+            continue
+        peers = rule.get("from")
+        if not peers or any(selects(peer.get("podSelector", {}).get("matchLabels", {}), source) for peer in peers):
+            return True
+    return False
+
+
+def egress_allows(policy: Manifest, target: dict[str, str], port: int) -> bool:
+    for rule in policy["spec"].get("egress", []):
+        if any(p["port"] == port for p in rule.get("ports", [])) and any(
+            selects(peer.get("podSelector", {}).get("matchLabels", {}), target) for peer in rule.get("to", [])
+        ):
+            return True
+    return False
+
+
+def own_policy(docs: list[Manifest], workload: Manifest) -> Manifest:
+    """The workload's own NetworkPolicy: the one that selects its pods by component, not the default deny."""
+    (policy,) = [p for p in by_kind(docs, "NetworkPolicy").values()
+                 if "app.kubernetes.io/component" in p["spec"]["podSelector"]["matchLabels"]
+                 and selects(p["spec"]["podSelector"]["matchLabels"], pod_labels(workload))]  # fmt: skip
+    return policy
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -113,9 +164,9 @@ def test_every_tier_is_probed_locked_down_sized_and_chained_by_service_name(
 ) -> None:
     name, docs = overlay
     services = by_kind(docs, "Service")
-    found = Counter(tier_of(doc) for doc in workloads(docs).values())
+    found = Counter(tier_of(doc) for doc in tier_workloads(docs).values())
     assert set(found) == set(TIERS), found
-    for workload in workloads(docs).values():
+    for workload in tier_workloads(docs).values():
         tier = tier_of(workload)
         pod = workload["spec"]["template"]
         spec = pod["spec"]
@@ -143,9 +194,7 @@ def test_every_tier_is_probed_locked_down_sized_and_chained_by_service_name(
         service = services[host]
         assert int(port) in {p["port"] for p in service["spec"]["ports"]}
         selector = service["spec"]["selector"]
-        targets = [
-            w for w in workloads(docs).values() if selects(selector, w["spec"]["template"]["metadata"]["labels"])
-        ]
+        targets = [w for w in workloads(docs).values() if selects(selector, pod_labels(w))]
         assert [tier_of(w) for w in targets] == [NEXT[tier]], (name, tier, host)
         if tier == "device":  # a device calls its own site's edge; every site shares the cloud
             site = pod["metadata"]["labels"].get("recserve.io/site")
@@ -155,10 +204,13 @@ def test_every_tier_is_probed_locked_down_sized_and_chained_by_service_name(
 def test_edge_and_cloud_scale_and_have_disruption_budgets(overlay: tuple[str, list[Manifest]]) -> None:
     _, docs = overlay
     deployments = by_kind(docs, "Deployment")
+    tiers = {name: doc for name, doc in deployments.items() if tier_of(doc) in TIERS}
     scaled = {hpa["spec"]["scaleTargetRef"]["name"] for hpa in by_kind(docs, "HorizontalPodAutoscaler").values()}
-    assert scaled == set(deployments)
-    assert {tier_of(doc) for doc in deployments.values()} == {"edge", "cloud"}
-    assert all("replicas" not in doc["spec"] for doc in deployments.values()), "the HPA owns the replica count"
+    assert scaled == set(tiers)
+    assert {tier_of(doc) for doc in tiers.values()} == {"edge", "cloud"}
+    assert all("replicas" not in doc["spec"] for doc in tiers.values()), "the HPA owns the replica count"
+    # The gateways keep a fixed count, and a budget like the tiers'.
+    assert {name: doc["spec"]["replicas"] for name, doc in gateways(docs).items()} == dict.fromkeys(gateways(docs), 2)
     budgets = by_kind(docs, "PodDisruptionBudget").values()
     for deployment in deployments.values():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -166,15 +218,91 @@ def test_edge_and_cloud_scale_and_have_disruption_budgets(overlay: tuple[str, li
         assert len(matching) == 1, deployment["metadata"]["name"]
     policies = by_kind(docs, "NetworkPolicy").values()
     for workload in workloads(docs).values():
-        labels = workload["spec"]["template"]["metadata"]["labels"]
-        own = [p for p in policies if selects(p["spec"]["podSelector"]["matchLabels"], labels)]
+        own = [p for p in policies if selects(p["spec"]["podSelector"]["matchLabels"], pod_labels(workload))]
         assert len(own) == 2, "the default deny and the tier's own policy"
+
+
+def test_the_gateway_fronts_the_device_locked_down_without_models(overlay: tuple[str, list[Manifest]]) -> None:
+    name, docs = overlay
+    assert gateways(docs), name
+    services = by_kind(docs, "Service")
+    devices = [w for w in tier_workloads(docs).values() if tier_of(w) == "device"]
+    for gateway in gateways(docs).values():
+        assert gateway["kind"] == "Deployment"
+        pod = gateway["spec"]["template"]
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        assert not spec.get("initContainers"), "the gateway reads no models"
+        assert "models" not in {volume["name"] for volume in spec.get("volumes", [])}
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(GATEWAY_PORT)
+        (container,) = spec["containers"]
+        # The device image: recserve and all its dependencies, no fourth image.
+        assert container["image"] == devices[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert container["command"] == ["recserve", "gateway"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= container["resources"]["requests"].keys() <= container["resources"]["limits"].keys()
+        assert container["ports"] == [{"name": "http", "containerPort": GATEWAY_PORT}]
+        # Ready while the device answers; alive while it accepts connections, whatever the tiers do.
+        assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+        liveness = container["livenessProbe"]
+        assert liveness.get("tcpSocket") == {"port": "http"} or liveness["httpGet"]["path"] != "/health"
+        assert "startupProbe" not in container or container["startupProbe"].get("httpGet", {}).get("path") != "/health"
+        config = config_of(docs, gateway)
+        assert config["RECSERVE_GATEWAY_PORT"] == str(GATEWAY_PORT)
+        assert config["RECSERVE_GATEWAY_HOST"] == "0.0.0.0"
+        # Its Service: port 8000 named http, selecting this gateway's pods.
+        (service,) = [s for s in services.values() if selects(s["spec"]["selector"], pod_labels(gateway))]
+        assert service["spec"]["ports"] == [
+            {"name": "http", "port": GATEWAY_PORT, "targetPort": "http", "appProtocol": "http"}
+        ]
+        # The target: a Service of this overlay on the gRPC port that selects device pods of the gateway's site.
+        host, port = config["RECSERVE_GATEWAY_TARGET"].split(":")
+        assert int(port) == GRPC_PORT
+        target = services[host]
+        assert GRPC_PORT in {p["port"] for p in target["spec"]["ports"]}
+        behind = [w for w in workloads(docs).values() if selects(target["spec"]["selector"], pod_labels(w))]
+        assert [tier_of(w) for w in behind] == ["device"], (name, host)
+        site = pod_labels(gateway).get("recserve.io/site")
+        assert pod_labels(behind[0]).get("recserve.io/site") == site
+        if target["spec"].get("internalTrafficPolicy") == "Local":
+            # The Service answers from the caller's own node only: the gateway runs where the devices run.
+            assert spec["nodeSelector"] == behind[0]["spec"]["template"]["spec"]["nodeSelector"]
+
+
+def test_network_policies_open_the_gateway_to_all_and_let_it_call_the_device(
+    overlay: tuple[str, list[Manifest]],
+) -> None:
+    _, docs = overlay
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    stranger = {"app": "anything"}
+    for gateway in gateways(docs).values():
+        policy = own_policy(docs, gateway)
+        assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        # Anyone may call its API, Prometheus included (/metrics is on the same port); nothing else gets in.
+        assert ingress_allows(policy, stranger, "http")
+        assert ingress_allows(policy, prometheus, "http")
+        assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {"http"}
+        # It calls the device tier's gRPC port and DNS, and nothing else.
+        for workload in tier_workloads(docs).values():
+            allowed = egress_allows(policy, pod_labels(workload), GRPC_PORT)
+            assert allowed == (tier_of(workload) == "device"), tier_of(workload)
+        dns = {"k8s-app": "kube-dns"}
+        assert egress_allows(policy, dns, 53)
+        # The device's ingress lets the gateway in on the gRPC port, and no other tier does.
+        for workload in tier_workloads(docs).values():
+            allowed = ingress_allows(own_policy(docs, workload), pod_labels(gateway), "grpc")
+            assert allowed == (tier_of(workload) == "device"), tier_of(workload)
 
 
 def test_multi_tier_pins_tiers_to_labelled_nodes_and_runs_vllm_on_gpus() -> None:
     docs = render(K8S / "overlays" / "multi-tier")
     sites = set()
-    for workload in workloads(docs).values():
+    for workload in tier_workloads(docs).values():
         tier = tier_of(workload)
         spec = workload["spec"]["template"]["spec"]
         assert spec["nodeSelector"]["recserve.io/tier"] == tier
@@ -192,9 +320,18 @@ def test_multi_tier_pins_tiers_to_labelled_nodes_and_runs_vllm_on_gpus() -> None
             assert config["RECSERVE_MODEL"].endswith("/hf")
             assert int(limits["nvidia.com/gpu"]) >= int(config.get("RECSERVE_TENSOR_PARALLEL_SIZE", "1"))
     assert len(sites) >= 2, "several edge sites"
+    # A gateway per site, on that site's device nodes, without the GPU patches of the vLLM tiers.
+    placed = {}
+    for gateway in gateways(docs).values():
+        spec = gateway["spec"]["template"]["spec"]
+        assert spec["nodeSelector"]["recserve.io/tier"] == "device"
+        placed[spec["nodeSelector"]["recserve.io/site"]] = config_of(docs, gateway)["RECSERVE_GATEWAY_TARGET"]
+        assert "tolerations" not in spec
+        assert [c["name"] for c in spec["containers"]] == ["gateway"]
+    assert placed == {site: f"device-{site}:{GRPC_PORT}" for site in sites}
 
 
-def test_the_service_monitor_scrapes_every_tier_service() -> None:
+def test_the_service_monitor_scrapes_every_tier_and_gateway_service() -> None:
     """ServiceMonitor is a CRD kubernetes-validate has no schema for: its structure is checked here instead."""
     (monitor,) = render(K8S / "prometheus-operator")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -209,10 +346,11 @@ def test_the_service_monitor_scrapes_every_tier_service() -> None:
         for service in by_kind(docs, "Service").values():
             assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
             ports = {p["name"]: p for p in service["spec"]["ports"]}
-            for endpoint in monitor["spec"]["endpoints"]:
-                assert endpoint["port"] in ports
-                pod_port = ports[endpoint["port"]]["targetPort"]
-                assert pod_port == "metrics"
+            # Exactly one endpoint per Service: a tier's metrics port, or the gateway's HTTP port.
+            (endpoint,) = [e for e in monitor["spec"]["endpoints"] if e["port"] in ports]
+            assert endpoint["path"] == "/metrics"
+            pod_port = ports[endpoint["port"]]["targetPort"]
+            assert pod_port == ("http" if tier_of(service) == GATEWAY else "metrics")
 
 
 # -- The pods, run for real with podman ------------------------------------------------------------------------
@@ -259,10 +397,13 @@ def load_images(env: dict[str, str]) -> None:
 
 
 def podman_pods(docs: list[Manifest], prefix: str) -> dict[str, tuple[list[Manifest], int, int]]:
-    """Per tier, a Pod (the workload's own pod template) and its ConfigMap, rewired for podman: host network,
-    127.0.0.1 on free ports, RECSERVE_NEXT the next pod's port. Returns tier -> (documents, grpc, metrics)."""
-    free = iter(free_ports(2 * len(TIERS)))
+    """Per tier and for the gateway, a Pod (the workload's own pod template) and its ConfigMap, rewired for podman:
+    host network, 127.0.0.1 on free ports, RECSERVE_NEXT (the gateway's RECSERVE_GATEWAY_TARGET) the next pod's
+    port. Returns component -> (documents, grpc or http port, metrics port)."""
+    free = iter(free_ports(2 * len(TIERS) + 1))
     ports = {tier: (next(free), next(free)) for tier in TIERS}
+    http_port = next(free)
+    ports[GATEWAY] = (http_port, http_port)  # the gateway serves /metrics on its HTTP port
     pods: dict[str, tuple[list[Manifest], int, int]] = {}
     for workload in workloads(docs).values():
         tier = tier_of(workload)
@@ -270,27 +411,54 @@ def podman_pods(docs: list[Manifest], prefix: str) -> dict[str, tuple[list[Manif
         config = copy.deepcopy(next(c for c in by_kind(docs, "ConfigMap").values()
                                     if c["metadata"]["name"] == workload["spec"]["template"]["spec"]["containers"][0]
                                     ["envFrom"][0]["configMapRef"]["name"]))  # fmt: skip
-        config["data"] |= {
-            "RECSERVE_HOST": "127.0.0.1", "RECSERVE_PORT": str(grpc_port),
-            "RECSERVE_METRICS_HOST": "127.0.0.1", "RECSERVE_METRICS_PORT": str(metrics_port),
-        }  # fmt: skip
-        if tier in NEXT:
-            config["data"]["RECSERVE_NEXT"] = f"127.0.0.1:{ports[NEXT[tier]][0]}"
         spec = copy.deepcopy(workload["spec"]["template"]["spec"])
         spec["hostNetwork"] = True
         spec["restartPolicy"] = "Never"
+        if tier == GATEWAY:
+            config["data"] |= {
+                "RECSERVE_GATEWAY_HOST": "127.0.0.1", "RECSERVE_GATEWAY_PORT": str(http_port),
+                "RECSERVE_GATEWAY_TARGET": f"127.0.0.1:{ports['device'][0]}",
+            }  # fmt: skip
+            spec.pop("topologySpreadConstraints", None)  # one pod, one host
+        else:
+            config["data"] |= {
+                "RECSERVE_HOST": "127.0.0.1", "RECSERVE_PORT": str(grpc_port),
+                "RECSERVE_METRICS_HOST": "127.0.0.1", "RECSERVE_METRICS_PORT": str(metrics_port),
+            }  # fmt: skip
+            if tier in NEXT:
+                config["data"]["RECSERVE_NEXT"] = f"127.0.0.1:{ports[NEXT[tier]][0]}"
         for container in spec["containers"]:
             container.pop("ports", None)
+            if tier == GATEWAY:
+                # Podman would run its HTTP and TCP probes as curl and nc inside the container, which the image does
+                # not carry: the fixture asks /health itself.
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    container.pop(probe, None)
+                continue
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 container[probe]["grpc"]["port"] = grpc_port
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": f"{prefix}-{tier}", "labels": workload["spec"]["template"]["metadata"]["labels"]},
+            "metadata": {"name": f"{prefix}-{tier}", "labels": pod_labels(workload)},
             "spec": spec,
         }
         pods[tier] = ([config, pod], grpc_port, metrics_port)
     return pods
+
+
+def wait_healthy_http(url: str, timeout: float) -> None:
+    """Until the gateway's /health answers 200 (the device behind it SERVING)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        assert time.monotonic() < deadline, f"{url} not healthy after {timeout:.0f}s"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +470,7 @@ def podman_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     load_images(env)
     prefix = f"recserve-k8s-{os.getpid()}"
     pods = podman_pods(render(K8S / "overlays" / "single-node"), prefix)
+    assert set(pods) == {*TIERS, GATEWAY}
     files = {}
     for tier, (documents, _, _) in pods.items():
         files[tier] = folder / f"{tier}.yaml"
@@ -315,11 +484,13 @@ def podman_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
             assert play.returncode == 0, f"podman kube play {tier}:\n{output[-3000:]}"
         for tier in TIERS:
             wait_serving(pods[tier][1], timeout=120)
+        wait_healthy_http(f"http://127.0.0.1:{pods[GATEWAY][1]}/health", timeout=60)
         yield {tier: port for tier, (_, port, _) in pods.items()}
     finally:
-        for tier in TIERS:
-            logs = subprocess.run(["podman", "logs", "--tail", "30", f"{prefix}-{tier}-tier"], capture_output=True,
-                                  text=True, env=env, check=False)  # fmt: skip
+        for tier, (documents, _, _) in pods.items():
+            container = documents[1]["spec"]["containers"][0]["name"]
+            logs = subprocess.run(["podman", "logs", "--tail", "30", f"{prefix}-{tier}-{container}"],
+                                  capture_output=True, text=True, env=env, check=False)  # fmt: skip
             print(f"--- {tier}\n{logs.stdout}{logs.stderr}")
         for path in files.values():
             subprocess.run(
@@ -349,3 +520,24 @@ def test_the_rendered_pods_run_and_a_prompt_crosses_all_three_tiers(podman_stack
     assert set(answered_by) == set(TIERS), answered_by
     assert crossed
     assert all(hops == list(TIERS) for hops in crossed), crossed
+
+
+def test_the_gateway_pod_serves_chat_completions_through_the_tiers(podman_stack: dict[str, int]) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Say hello."}]
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{podman_stack[GATEWAY]}/v1", api_key="unused", timeout=60) as client:
+        # Straight to the last tier: through the gateway pod and all three tier pods.
+        answer = client.chat.completions.create(
+            model="recserve", messages=messages, max_tokens=8, extra_body={"recserve": {"offload": "last_tier"}}
+        )
+        # Streamed, as the cascade chooses: who answered comes in the last chunk.
+        with client.chat.completions.create(model="recserve", messages=messages, max_tokens=8, stream=True) as stream:
+            chunks = list(stream)
+    assert answer.choices[0].message.content
+    served = answer.model_extra["recserve"]  # type: ignore[index]
+    assert served["answered_by"] == "cloud"
+    assert [hop["tier"] for hop in served["hops"]] == list(TIERS)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    served = chunks[-1].model_extra["recserve"]  # type: ignore[index]
+    assert served["answered_by"] in TIERS
+    assert [hop["tier"] for hop in served["hops"]] == list(TIERS[: len(served["hops"])])
+    assert served["hops"][-1]["tier"] == served["answered_by"]

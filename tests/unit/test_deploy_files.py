@@ -14,6 +14,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from recserve.core.metrics import Metrics
+from recserve.gateway.settings import OPTIONS as GATEWAY_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -116,7 +117,7 @@ def test_compose_file_matches_the_compose_specification() -> None:
 
 def test_compose_chains_the_tiers_by_service_name_and_starts_them_by_health(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {*TIERS, "prometheus", "grafana"}
+    assert set(services) == {*TIERS, "gateway", "prometheus", "grafana"}
     assert services["device"]["depends_on"] == {"edge": {"condition": "service_healthy"}}
     assert services["edge"]["depends_on"] == {"cloud": {"condition": "service_healthy"}}
     assert tier_env("device")["RECSERVE_NEXT"] == f"edge:{tier_env('edge')['RECSERVE_PORT']}"
@@ -146,10 +147,36 @@ def test_compose_publishes_ports_on_localhost_only(compose: dict[str, Any]) -> N
         assert not any(port.endswith(":50051") for port in published[tier])
 
 
-def test_prometheus_scrapes_every_tier_by_service_name() -> None:
+def test_compose_runs_the_gateway_from_the_device_image_in_front_of_the_device(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gateway, device = services["gateway"], services["device"]
+    # No fourth image: the device image carries recserve with the gateway's dependencies; never built or pulled.
+    assert gateway["image"] == device["image"]
+    assert "build" not in gateway
+    assert gateway["pull_policy"] == "never"
+    assert gateway["entrypoint"] == ["recserve", "gateway"]  # exec form: PID 1 gets SIGTERM
+    env = gateway["environment"]
+    known = {option.env for option in GATEWAY_OPTIONS}
+    assert set(env) <= known, set(env) - known
+    assert env["RECSERVE_GATEWAY_TARGET"] == f"device:{tier_env('device')['RECSERVE_PORT']}"
+    assert env["RECSERVE_GATEWAY_HOST"] == "0.0.0.0"
+    port = env["RECSERVE_GATEWAY_PORT"]
+    assert [with_defaults(p) for p in gateway["ports"]] == [f"127.0.0.1:8000:{port}"]
+    # Healthy while its /health says the device is SERVING, asked with the image's Python (no curl there).
+    check = gateway["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "python"]
+    assert f"http://127.0.0.1:{port}/health" in check[-1]
+    assert gateway["depends_on"] == {"device": {"condition": "service_healthy"}}
+    assert "volumes" not in gateway  # no models
+    for key in ("restart", "stop_grace_period"):
+        assert gateway[key] == device[key], key
+
+
+def test_prometheus_scrapes_every_tier_and_the_gateway_by_service_name(compose: dict[str, Any]) -> None:
     config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    assert targets == {f"{tier}:{tier_env(tier)['RECSERVE_METRICS_PORT']}" for tier in TIERS}
+    gateway = f"gateway:{compose['services']['gateway']['environment']['RECSERVE_GATEWAY_PORT']}"
+    assert targets == {f"{tier}:{tier_env(tier)['RECSERVE_METRICS_PORT']}" for tier in TIERS} | {gateway}
 
 
 def test_grafana_provisioning_points_the_dashboard_at_the_provisioned_datasource(
