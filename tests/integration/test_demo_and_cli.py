@@ -59,6 +59,11 @@ def test_ask_prints_the_answer_and_hops(tmp_path: Path) -> None:
         response = json.loads(as_json.stdout)
         assert [hop["tier"] for hop in response["hops"]] == ["device", "edge", "cloud"]
         assert int(response["hops"][0]["bytes_sent"]) > 0
+        streamed = subprocess.run(
+            [*ask, "--stream", "quiz question number 3?"], capture_output=True, text=True, check=True
+        )
+        assert streamed.stdout.splitlines()[0] == response["answer"]
+        assert "answered by cloud" in streamed.stdout
         bad = subprocess.run([*ask, ""], capture_output=True, text=True, check=False)
         assert bad.returncode == 1
         assert "INVALID_ARGUMENT: prompt is empty" in bad.stderr

@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ask.add_argument("--local-only", action="store_true", help="answer at the first tier, never forward")
     ask.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds, propagated up every hop")
     ask.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    ask.add_argument("--stream", action="store_true", help="print the answer as the answering tier streams it")
     ask.add_argument("--ca", default="", help="PEM CA bundle that signed the tier's certificate (TLS)")
     ask.add_argument("--cert", default="", help="PEM client certificate, for a tier that requires mTLS")
     ask.add_argument("--key", default="", help="PEM private key for --cert")
@@ -210,10 +211,26 @@ def _ask(args: argparse.Namespace) -> int:
 
     async def call() -> pb.InferResponse:
         async with _channel(args.target, args.ca, args.cert, args.key) as channel:
-            response: pb.InferResponse = await pb_grpc.TierServiceStub(channel).Infer(
-                request, timeout=args.timeout, metadata=bearer_metadata(bearer)
-            )
-            return response
+            stub = pb_grpc.TierServiceStub(channel)
+            if not args.stream:
+                response: pb.InferResponse = await stub.Infer(
+                    request, timeout=args.timeout, metadata=bearer_metadata(bearer)
+                )
+                return response
+            # The answer as it comes, then the final message, which leaves the streamed text out.
+            texts: list[str] = []
+            final = pb.InferResponse()
+            async for event in stub.InferStream(request, timeout=args.timeout, metadata=bearer_metadata(bearer)):
+                if event.WhichOneof("event") == "delta":
+                    texts.append(event.delta.text)
+                    if not args.json:
+                        print(event.delta.text, end="", flush=True)
+                else:
+                    final.CopyFrom(event.final)
+            if not args.json:
+                print()
+            final.answer = "".join(texts)
+            return final
 
     try:
         response = asyncio.run(call())
