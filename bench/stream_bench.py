@@ -1,19 +1,21 @@
 """Streaming through the cascade: time to first token and tokens per second, gateway → device → edge → cloud, against
 vLLM's own OpenAI server on the same model, measured side by side in one run with the official `openai` client.
 
-1. direct: `python -m vllm.entrypoints.openai.api_server` on the cloud's tiny model (what vLLM users run);
-2. cascade: `recserve gateway` in front of three `recserve serve` tiers: llama.cpp on the device and edge, vLLM on the
-   cloud with the same model and engine settings; the requests ask for the last tier (`offload: last_tier`), so the
-   tiers below relay without generating and the difference to direct is what the gateway and the three gRPC hops
-   add. A second pass lets the tiers below generate first (forward-all), and subtracts their engine seconds (from
-   the hop records) from each request's time to first token: "beyond the lower tiers' own generation";
-3. buffered: the same cascade with `stream: false`, the way a router that needs the whole answer before it streams
-   (vLLM's semantic router) serves: its time to first token is the whole answer's.
+- direct: `python -m vllm.entrypoints.openai.api_server` on the cloud's tiny model (what vLLM users run);
+- streamed: `recserve gateway` in front of three `recserve serve` tiers, llama.cpp on the device and edge, vLLM on
+  the cloud with the same model and engine settings. The requests ask for the last tier (`offload: last_tier`), so
+  the tiers below relay without generating and the difference to direct is what the gateway and the three gRPC
+  hops add;
+- buffered: the same with `stream: false`, the way a router that needs the whole answer before it streams (vLLM's
+  semantic router) serves: its time to first token is the whole answer's;
+- lower tiers generate: streamed, but the tiers below generate first (forward-all), and their engine seconds (from
+  the hop records) are taken off each request's time to first token: "beyond the lower tiers' own generation".
 
-The same greedy completion requests (fixed prompts, max_tokens) at concurrency 1 and 32. Goals: each of the three
-added hops adds at most 5 ms to the time to first token; tokens per second through the gateway at least 90% of
-direct. On a small CPU host the client, the gateway and the tiers share the cores with the engine under test, which
-counts against the cascade.
+Both servers run at once and the paths are measured in turns, round after round, so that a change in the machine's
+load over the run falls on every path alike. The same greedy completion requests (fixed prompts, max_tokens) at
+concurrency 1 and 32. Goals: each of the three added hops adds at most 5 ms to the time to first token; tokens per
+second through the gateway at least 90% of direct. On a small CPU host the client, the gateway and the tiers share
+the cores with the engine under test, which counts against the cascade.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ HOP_TARGET_SECONDS = 0.005
 THROUGHPUT_TARGET = 0.90
 ADDED_HOPS = 3  # gateway -> device -> edge -> cloud, against HTTP straight to the engine's server
 MODEL_NAME = "recserve"
+DIRECT = "vLLM OpenAI server, direct"
 
 
 @dataclass
@@ -53,6 +56,13 @@ class Request:
 class Level:
     requests: list[Request]
     wall: float
+
+    def joined(self, other: Level) -> Level:
+        return Level(self.requests + other.requests, self.wall + other.wall)
+
+    @property
+    def tokens_per_request(self) -> float:
+        return sum(r.tokens for r in self.requests) / len(self.requests)
 
     @property
     def ttft_median(self) -> float:
@@ -106,7 +116,7 @@ async def one(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, stream: 
 
 
 async def measure(
-    base_url: str, levels: list[int], requests: int, max_tokens: int, *, stream: bool, extra: dict[str, Any]
+    base_url: str, levels: list[int], requests: int, max_tokens: int, stream: bool, extra: dict[str, Any]
 ) -> dict[int, Level]:
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
     try:
@@ -146,49 +156,52 @@ def vllm_server(model: str, port: int, max_model_len: int, log: Path) -> subproc
     return subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
 
 
-def direct(model: str, args: argparse.Namespace, logs: Path) -> dict[int, Level]:
-    port = free_port()
-    process = vllm_server(model, port, args.max_model_len, logs / "vllm-server.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", process, timeout=600)
-        url = f"http://127.0.0.1:{port}/v1"
-        return asyncio.run(measure(url, args.concurrency, args.requests, args.max_tokens, stream=True, extra={}))
-    finally:
-        stop(process)
-
-
-def cascade(models: dict[str, Any], args: argparse.Namespace, logs: Path) -> dict[str, dict[int, Level]]:
+def tier_arguments(models: dict[str, Any], max_model_len: int) -> list[list[str]]:
     tiers = [
         ["--tier", "device", "--engine", "llama_cpp", "--model", str(models["device"].gguf), "--threads", "1"],
         ["--tier", "edge", "--engine", "llama_cpp", "--model", str(models["edge"].gguf), "--threads", "1"],
         ["--tier", "cloud", "--engine", "vllm", "--model", str(models["cloud"].hf_dir),
-         "--context-length", str(args.max_model_len)],
+         "--context-length", str(max_model_len)],
     ]  # fmt: skip
-    for tier in tiers:
-        tier += ["--policy", "forward-all", "--max-tokens", "4096", "--max-in-flight", "1024"]
-    stack = TierProcesses(tiers, logs)
-    gateway: subprocess.Popen[bytes] | None = None
+    return [[*tier, "--policy", "forward-all", "--max-tokens", "4096", "--max-in-flight", "1024"] for tier in tiers]
+
+
+def run_all(models: dict[str, Any], args: argparse.Namespace, logs: Path) -> dict[str, dict[int, Level]]:
+    """Both servers up at once, measured in turns (direct, streamed, buffered, and again), so that a change in the
+    machine's load over the run falls on every path alike."""
+    processes: list[subprocess.Popen[bytes]] = []
+    stack = TierProcesses(tier_arguments(models, args.max_model_len), logs)
     try:
+        direct_port = free_port()
+        processes.append(vllm_server(str(models["cloud"].hf_dir), direct_port, args.max_model_len, logs / "vllm.log"))
+        wait_http(f"http://127.0.0.1:{direct_port}/health", processes[-1], timeout=600)
         stack.start(timeout=600.0)
-        port = free_port()
-        log = logs / "gateway.log"
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "recserve", "gateway", "--target", f"127.0.0.1:{stack.ports[0]}",
-             "--port", str(port)],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{port}/health", gateway, timeout=60)
-        url = f"http://127.0.0.1:{port}/v1"
+        gateway_port = free_port()
+        gateway_args = ["-m", "recserve", "gateway", "--target", f"127.0.0.1:{stack.ports[0]}", "--port"]
+        log = (logs / "gateway.log").open("wb")
+        processes.append(subprocess.Popen([sys.executable, *gateway_args, str(gateway_port)], stdout=log, stderr=log))
+        wait_http(f"http://127.0.0.1:{gateway_port}/health", processes[-1], timeout=60)
+        direct_url, gateway_url = f"http://127.0.0.1:{direct_port}/v1", f"http://127.0.0.1:{gateway_port}/v1"
         last_tier = {"recserve": {"offload": "last_tier"}}
-        runs = {
-            "streamed": measure(url, args.concurrency, args.requests, args.max_tokens, stream=True, extra=last_tier),
-            "buffered": measure(url, args.concurrency, args.requests, args.max_tokens, stream=False, extra=last_tier),
-            "lower tiers generate": measure(url, [1], args.requests // 2, args.max_tokens, stream=True, extra={}),
+        paths = {
+            DIRECT: (direct_url, True, {}),
+            "gateway->3 tiers, streamed": (gateway_url, True, last_tier),
+            "gateway->3 tiers, buffered": (gateway_url, False, last_tier),
         }
-        return {name: asyncio.run(run) for name, run in runs.items()}
+        measured: dict[str, dict[int, Level]] = {}
+        for _ in range(args.rounds):
+            for name, (url, stream, extra) in paths.items():
+                levels = asyncio.run(measure(url, args.concurrency, args.requests, args.max_tokens, stream, extra))
+                for concurrency, level in levels.items():
+                    so_far = measured.setdefault(name, {}).get(concurrency)
+                    measured[name][concurrency] = level if so_far is None else so_far.joined(level)
+        measured["gateway->3 tiers, lower tiers generate"] = asyncio.run(
+            measure(gateway_url, [1], args.requests // 2, args.max_tokens, True, {})
+        )
+        return measured
     finally:
-        if gateway is not None:
-            stop(gateway)
+        for process in processes:
+            stop(process)
         stack.stop()
 
 
@@ -199,27 +212,25 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=2, help="turns of every path, to spread drifting load")
     args = parser.parse_args()
     models = make_tiny_models(args.models_dir)
     with tempfile.TemporaryDirectory(prefix="recserve-stream-bench-") as folder:
-        logs = Path(folder)
-        measured_direct = direct(str(models["cloud"].hf_dir), args, logs)
-        measured = cascade(models, args, logs)
-
-    print(f"streamed completions, {args.requests} requests x {args.max_tokens} tokens per level; times in ms")
-    print(f"{'path':>36}  {'conc.':>5}  {'TTFT p50':>8}  {'TTFT p90':>8}  {'tok/s':>7}  {'tok/s vs direct':>15}")
-    rows = [("vLLM OpenAI server, direct", measured_direct)] + [
-        (f"gateway->3 tiers, {k}", v) for k, v in measured.items()
-    ]
-    for name, levels in rows:
+        measured = run_all(models, args, Path(folder))
+    direct = measured[DIRECT]
+    print(f"completions, {args.requests} requests x up to {args.max_tokens} tokens per level and round, "
+          f"{args.rounds} rounds in turns; times in ms")  # fmt: skip
+    print(f"{'path':>38}  {'conc.':>5}  {'TTFT p50':>8}  {'TTFT p90':>8}  {'tokens/req':>10}  {'tok/s':>7}  "
+          f"{'tok/s vs direct':>15}")  # fmt: skip
+    for name, levels in measured.items():
         for concurrency, level in levels.items():
-            ratio = level.tokens_per_second / measured_direct[concurrency].tokens_per_second
-            print(f"{name:>36}  {concurrency:>5}  {1e3 * level.ttft_median:>8.1f}  {1e3 * level.ttft_p90:>8.1f}  "
-                  f"{level.tokens_per_second:>7.1f}  {ratio:>15.3f}")  # fmt: skip
+            ratio = level.tokens_per_second / direct[concurrency].tokens_per_second
+            print(f"{name:>38}  {concurrency:>5}  {1e3 * level.ttft_median:>8.1f}  {1e3 * level.ttft_p90:>8.1f}  "
+                  f"{level.tokens_per_request:>10.1f}  {level.tokens_per_second:>7.1f}  {ratio:>15.3f}")  # fmt: skip
+    streamed = measured["gateway->3 tiers, streamed"]
     for concurrency in args.concurrency:
-        added = measured["streamed"][concurrency].ttft_median - measured_direct[concurrency].ttft_median
-        per_hop = added / ADDED_HOPS
-        ratio = measured["streamed"][concurrency].tokens_per_second / measured_direct[concurrency].tokens_per_second
+        per_hop = (streamed[concurrency].ttft_median - direct[concurrency].ttft_median) / ADDED_HOPS
+        ratio = streamed[concurrency].tokens_per_second / direct[concurrency].tokens_per_second
         print(f"concurrency {concurrency}: {1e3 * per_hop:+.1f} ms per hop to the median time to first token "
               f"({'meets' if per_hop <= HOP_TARGET_SECONDS else 'misses'} the {1e3 * HOP_TARGET_SECONDS:.0f} ms goal); "
               f"tokens/s {ratio:.1%} of direct ({'meets' if ratio >= THROUGHPUT_TARGET else 'misses'} the "
