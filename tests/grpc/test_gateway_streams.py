@@ -114,7 +114,9 @@ async def test_a_chat_stream_in_openai_chunks(gateway: Gateway, tier: tuple[Scri
     content = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in content) == "w0 w1 w2 "
     assert content[0].choices[0].delta.role == "assistant"
-    assert [c.choices[0].finish_reason for c in content] == [None, None, "stop"]
+    # Each delta as it comes, then an empty one with the finish reason, as OpenAI's API ends a stream.
+    assert [c.choices[0].finish_reason for c in content] == [None, None, None, "stop"]
+    assert content[-1].choices[0].delta.content is None
     assert all(c.model_extra["recserve"]["tier"] == "cloud" for c in content)
     assert all(c.id == "chatcmpl-r-1" and c.object == "chat.completion.chunk" for c in chunks)
     assert [t.logprob for c in content for t in c.choices[0].logprobs.content] == [-0.25] * 3

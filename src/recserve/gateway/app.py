@@ -221,9 +221,9 @@ async def _stream(
     metrics: GatewayMetrics,
     started: float,
 ) -> AsyncIterator[str]:
-    """SSE events of a stream. One delta is held back until the next event comes, so that the last content chunk
-    can carry the finish reason (and the `recserve` object, without include_usage), which come with the final."""
-    held: pb.TokenDelta | None = None
+    """SSE events of a stream: each delta as it comes (holding one back for the finish reason would cost a token's
+    time to first token), then, as OpenAI's API does, a chunk with an empty delta and the finish reason (carrying
+    the `recserve` object, without include_usage), and the usage chunk."""
     first_token: float | None = None
     event: Any = first
     try:
@@ -234,14 +234,12 @@ async def _stream(
             if event.WhichOneof("event") == "delta":
                 if first_token is None:
                     first_token = time.monotonic() - started
-                if held is not None:
-                    yield fmt.chunk(held, None)
-                held = event.delta
+                yield fmt.chunk(event.delta, None)
             else:
                 final = event.final
                 served = recserve_object(final, request_id)
-                yield fmt.chunk(held, final.finish_reason or "stop", None if include_usage else served)
-                held = None
+                closing = pb.TokenDelta(tier=final.answered_by)
+                yield fmt.chunk(closing, final.finish_reason or "stop", None if include_usage else served)
                 if include_usage:
                     yield fmt.usage_chunk(final, served)
                 tokens = final.usage.completion_tokens
@@ -254,8 +252,6 @@ async def _stream(
     except (grpc.aio.AioRpcError, GatewayError) as exc:
         error = client.error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
         logger.warning("stream %s ended by an error: %s", request_id, error.message)
-        if held is not None:
-            yield fmt.chunk(held, None)
         yield sse(error.body())
     finally:
         call.cancel()  # a no-op once the call has ended; otherwise the tiers stop generating

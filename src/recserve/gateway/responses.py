@@ -101,7 +101,7 @@ class Format:
     def chunk(
         self, delta: pb.TokenDelta | None, finish_reason: str | None, recserve: dict[str, Any] | None = None
     ) -> str:
-        """One content chunk: a delta's text (none: empty), its tier and, for the last, the finish reason."""
+        """One chunk: a delta's text and the tier it came from, or (the last) an empty delta with the finish reason."""
         text = delta.text if delta is not None else ""
         tokens = delta.logprobs if delta is not None else ()
         payload = self._envelope([self._chunk_choice(text, tokens, finish_reason)])
@@ -147,7 +147,9 @@ class ChatFormat(Format):
         }
 
     def _chunk_choice(self, text: str, tokens: Sequence[pb.TokenLogprob], finish: str | None) -> dict[str, Any]:
-        delta = {"role": "assistant", "content": text} if self.sent_chunks == 0 else {"content": text}
+        delta: dict[str, Any] = {"role": "assistant"} if self.sent_chunks == 0 else {}
+        if text or finish is None:
+            delta["content"] = text
         return {"index": 0, "delta": delta, "logprobs": self._logprobs(tokens), "finish_reason": finish}
 
 
