@@ -134,3 +134,24 @@ def test_a_client_that_hangs_up_mid_stream_aborts_the_generating_engine(front: F
     while front.metric(tier, "recserve_aborted_generations_total") == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert front.metric(tier, "recserve_aborted_generations_total") == before + 1
+
+
+def test_max_tokens_temperature_and_stop_reach_the_engine(front: Front) -> None:
+    def complete(**fields: object) -> openai.types.Completion:
+        return front.client.completions.create(
+            model="recserve", prompt=PROMPT, extra_body={"recserve": {"offload": "last_tier"}}, **fields
+        )
+
+    whole = complete(max_tokens=16, temperature=0)
+    text = whole.choices[0].text
+    assert len(text) > 8
+    short = complete(max_tokens=3, temperature=0)
+    assert short.usage.completion_tokens == 3
+    assert short.choices[0].finish_reason == "length"
+    assert text.startswith(short.choices[0].text)
+    stop = text[4:7]
+    cut = complete(max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    sampled = {complete(max_tokens=16, temperature=1.5, seed=None).choices[0].text for _ in range(3)}
+    assert sampled != {text}, "a high temperature samples, greedy would repeat the same text"
