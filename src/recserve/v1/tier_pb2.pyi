@@ -65,7 +65,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("tier", "confidence", "threshold", "decision", "engine_seconds", "bytes_sent", "bytes_received", "answer")
+    __slots__ = ("tier", "confidence", "threshold", "decision", "engine_seconds", "bytes_sent", "bytes_received", "answer", "inference_joules", "transmission_joules")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,8 @@ class Hop(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_JOULES_FIELD_NUMBER: _ClassVar[int]
+    TRANSMISSION_JOULES_FIELD_NUMBER: _ClassVar[int]
     tier: str
     confidence: float
     threshold: float
@@ -82,10 +84,12 @@ class Hop(_message.Message):
     bytes_sent: int
     bytes_received: int
     answer: str
-    def __init__(self, tier: _Optional[str] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., engine_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., answer: _Optional[str] = ...) -> None: ...
+    inference_joules: float
+    transmission_joules: float
+    def __init__(self, tier: _Optional[str] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., engine_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., answer: _Optional[str] = ..., inference_joules: _Optional[float] = ..., transmission_joules: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "system_prompt", "task", "options", "family", "sampling", "reference", "offload", "hops", "messages")
+    __slots__ = ("request_id", "prompt", "system_prompt", "task", "options", "family", "sampling", "reference", "offload", "hops", "messages", "requirement_seconds", "service_class")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +101,8 @@ class InferRequest(_message.Message):
     OFFLOAD_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    REQUIREMENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     system_prompt: str
@@ -108,7 +114,9 @@ class InferRequest(_message.Message):
     offload: OffloadMode
     hops: _containers.RepeatedCompositeFieldContainer[Hop]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., system_prompt: _Optional[str] = ..., task: _Optional[_Union[TaskKind, str]] = ..., options: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reference: _Optional[str] = ..., offload: _Optional[_Union[OffloadMode, str]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    requirement_seconds: float
+    service_class: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., system_prompt: _Optional[str] = ..., task: _Optional[_Union[TaskKind, str]] = ..., options: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reference: _Optional[str] = ..., offload: _Optional[_Union[OffloadMode, str]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., requirement_seconds: _Optional[float] = ..., service_class: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
