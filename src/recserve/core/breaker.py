@@ -51,6 +51,12 @@ class CircuitBreaker:
     def closed(self) -> bool:
         return self.state is BreakerState.CLOSED
 
+    def could_allow(self) -> bool:
+        """Whether allow() would let a call out now, without taking the half-open probe."""
+        if self.state is BreakerState.OPEN:
+            return self._clock() - self._opened_at >= self._cooldown
+        return self.state is BreakerState.CLOSED or not self._probing
+
     def allow(self) -> bool:
         """Whether a call may go out now; in half-open state only one probe is in flight at a time."""
         if self.state is BreakerState.OPEN and self._clock() - self._opened_at >= self._cooldown:

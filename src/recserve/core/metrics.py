@@ -71,6 +71,20 @@ class Metrics:
             ["tier"],
             registry=registry,
         )
+        self.energy = Counter(
+            "recserve_energy_joules",
+            "Energy this tier accounted, in joules, by kind: inference (its engine's busy time times its power, or per "
+            "token), transmission (the bytes on its links up) and idle (its idle power over wall time).",
+            ["tier", "kind"],
+            registry=registry,
+        )
+        self.requirements = Counter(
+            "recserve_requirements",
+            "Requests with a processing-time requirement this tier finished, by whether it was met (from their "
+            "arrival at this tier).",
+            ["tier", "outcome"],
+            registry=registry,
+        )
         self.request_seconds = Histogram(
             "recserve_request_seconds",
             "End-to-end time of a request at this tier, upstream hops included.",
@@ -101,6 +115,13 @@ class TierMetrics:
 
     def count_outcome(self, outcome: str) -> None:
         self.families.requests.labels(self.tier, outcome).inc()
+
+    def count_energy(self, kind: str, joules: float) -> None:
+        if joules > 0:
+            self.families.energy.labels(self.tier, kind).inc(joules)
+
+    def count_requirement(self, *, met: bool) -> None:
+        self.families.requirements.labels(self.tier, "met" if met else "missed").inc()
 
     def count_aborted_generation(self) -> None:
         self.families.aborted_generations.labels(self.tier).inc()

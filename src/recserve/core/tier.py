@@ -8,13 +8,14 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from recserve.core.breaker import BreakerState, CircuitBreaker
+from recserve.core.breaker import CircuitBreaker
 from recserve.core.confidence import Score, choice_scorer, generate_scorer
+from recserve.core.energy import EnergyModel, PowerReader
 from recserve.core.engine import (
     ChatMessage,
     Engine,
@@ -37,11 +38,13 @@ from recserve.core.errors import (
 )
 from recserve.core.forward_timeout import ForwardTimeout
 from recserve.core.judge import is_correct
+from recserve.core.links import UNKNOWN_PEER, Link, Links, Slot
 from recserve.core.metrics import TierMetrics
 from recserve.core.offload import OffloadPolicy, Verdict
+from recserve.core.placement import Placement, PlacementOutcome, PlacementRequest
 from recserve.core.transport import Reply, Upstream
 from recserve.core.untrusted import excerpt
-from recserve.core.validation import NAME_PATTERN, RequestValidator, TierLimits
+from recserve.core.validation import RequestValidator, TierLimits
 from recserve.v1 import tier_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -50,7 +53,6 @@ T = TypeVar("T")
 # client can name it.
 OVERFLOW_FAMILY = "(overflow)"
 PROBE_WAIT_SECONDS = 2.0
-UNKNOWN_PEER = "next"
 
 
 @dataclass
@@ -64,6 +66,8 @@ class _Served:
     probe_rate: float | None = None  # the policy's Verdict.probe_rate, handed back with the verdict
     judged: bool = False
     learns: bool = True  # False for a request the policy did not decide (sent straight to the last tier)
+    link: int = 0  # the next-tier candidate it went to, for its Feedback
+    arrived: float = 0.0  # when this tier received it (the tier's clock)
 
 
 def new_request_id() -> str:
@@ -71,7 +75,8 @@ def new_request_id() -> str:
 
 
 class Tier:
-    """One tier of the cascade. `upstream` is None for the last tier, which never forwards."""
+    """One tier of the cascade. It forwards to `upstream`, or to one of `links` (several next-tier candidates, chosen
+    by `placement`); with neither it is the last tier, which never forwards."""
 
     def __init__(
         self,
@@ -91,22 +96,24 @@ class Tier:
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = new_request_id,
         callers: Iterable[str] = (),
+        links: Sequence[Link] = (),
+        placement: Placement | None = None,
+        energy: EnergyModel | None = None,
+        power: PowerReader | None = None,
     ) -> None:
         self.name = name
         self.engine = engine
         self.policy = policy
         self.metrics = metrics
-        self.upstream = upstream
+        if upstream is not None:
+            links = [Link(upstream, breaker, forward_timeout or ForwardTimeout()), *links]
+        self.links = Links(links, placement, max_forwarding)
+        self.energy = energy or EnergyModel()
+        self.power = power
         self.limits = limits or TierLimits()
         self._score_generation = generate_scorer(scorer)
         self._score_choice = choice_scorer(choice_scorer_name)
         self._feedback_memory = feedback_memory
-        self.breaker = breaker
-        self.forward_timeout = forward_timeout or ForwardTimeout()
-        # Requests waiting on the next tier at once (None: no cap). Beyond, they are answered here, so a hung next
-        # tier cannot hold every slot this tier needs to answer by itself.
-        self.max_forwarding = max_forwarding
-        self._forwarding = 0
         self._served: OrderedDict[str, _Served] = OrderedDict()
         self._ids_in_flight: set[str] = set()
         self._families: set[str] = set()
@@ -116,18 +123,30 @@ class Tier:
         # are clients, and clients send no hops.
         self.callers = frozenset(callers)
         self._validator = RequestValidator(name, self.limits, self.callers)
-        # The next tier's name, learned from its first reply, so only the address needs configuring.
-        self.peer_name = UNKNOWN_PEER
+        self._idle_since: float | None = None  # from the first request on
 
     @property
     def is_last(self) -> bool:
-        return self.upstream is None
+        return not self.links
+
+    # The first candidate's link, for a tier with one next tier (and the tests that look at it).
+    @property
+    def upstream(self) -> Upstream | None:
+        return self.links.links[0].upstream if self.links else None
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        return self.links.links[0].breaker if self.links else None
+
+    @property
+    def peer_name(self) -> str:
+        return self.links.links[0].peer_name if self.links else UNKNOWN_PEER
 
     async def infer(self, request: pb.InferRequest, timeout: float | None = None) -> pb.InferResponse:
         started = self._clock()
         try:
             with self._request_id_held(request):
-                response = await self._infer(request, None if timeout is None else started + timeout)
+                response = await self._infer(request, None if timeout is None else started + timeout, started)
         except BaseException:
             self.metrics.count_outcome("error")
             raise
@@ -151,7 +170,7 @@ class Tier:
                 deadline = None if timeout is None else started + timeout
                 # Closed explicitly, here and below: `async for` leaves a generator it stops early to the garbage
                 # collector, and a client that hangs up must stop the engines now.
-                async with aclosing(self._infer_stream(request, deadline)) as events:
+                async with aclosing(self._infer_stream(request, deadline, started)) as events:
                     async for event in events:
                         yield event
         except BaseException:
@@ -159,12 +178,13 @@ class Tier:
             raise
         self.metrics.observe_request_seconds(self._clock() - started)
 
-    async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
+    async def _infer(self, request: pb.InferRequest, deadline: float | None, arrived: float) -> pb.InferResponse:
         family = self._validator.validate(request)
+        self._check_requirement(request, deadline, arrived)
         degraded = False
         if self._skips_engine(request):
             try:
-                return await self._forward_unscored(request, family, deadline)
+                return await self._forward_unscored(request, family, deadline, arrived)
             except UpstreamUnavailable as exc:
                 logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
                 degraded = True
@@ -172,31 +192,37 @@ class Tier:
         family = self._family_window(family)
         score, verdict, hop = self._decide(request, family, generation, engine_seconds)
         if verdict.forward and not degraded:
-            served = _Served(family, False, sender(request), score.value, probe_rate=verdict.probe_rate)
-            with self._forwarding_slot() as breaker_probe:
-                if breaker_probe is not None:
+            served = _Served(family, False, sender(request), score.value, verdict.probe_rate, arrived=arrived)
+            placing = self._placement_request(request, family, arrived, generation)
+            with self.links.slot(placing) as slot:
+                if slot is not None:
                     try:
-                        return await self._forward(request, hop, served, deadline, breaker_probe=breaker_probe)
+                        return await self._forward(request, hop, served, deadline, slot, placing)
                     except UpstreamUnavailable as exc:
                         logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
             degraded = True
-        return self._answer_here(request, family, generation, score, hop, degraded=degraded)
+        return self._answer_here(request, family, generation, score, hop, degraded=degraded, arrived=arrived)
 
     async def _infer_stream(
-        self, request: pb.InferRequest, deadline: float | None
+        self, request: pb.InferRequest, deadline: float | None, arrived: float
     ) -> AsyncGenerator[pb.InferStreamResponse, None]:
         family = self._validator.validate(request)
+        self._check_requirement(request, deadline, arrived)
         degraded = False
         if self._skips_engine(request):
-            served = _Served(family, False, sender(request), 0.0, learns=False)
-            try:
-                async with aclosing(self._forward_stream(request, self._unscored_hop(), served, deadline)) as events:
-                    async for event in events:
-                        yield event
-                return
-            except UpstreamUnavailable as exc:
-                logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
-                degraded = True
+            served = _Served(family, False, sender(request), 0.0, learns=False, arrived=arrived)
+            placing = self._placement_request(request, family, arrived)
+            with self.links.slot(placing) as slot:
+                if slot is not None:
+                    try:
+                        relayed = self._forward_stream(request, self._unscored_hop(), served, deadline, slot, placing)
+                        async with aclosing(relayed) as events:
+                            async for event in events:
+                                yield event
+                        return
+                    except UpstreamUnavailable as exc:
+                        logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
+            degraded = True
         if degraded or self._answers_whatever(request):
             # The answer stays here whatever the confidence: stream it as the engine generates.
             generation: Generation | None = None
@@ -211,7 +237,7 @@ class Tier:
                 raise Unavailable(f"tier {self.name}: the engine's stream ended without its generation")
             family = self._family_window(family)
             score, _, hop = self._decide(request, family, generation, self._clock() - started)
-            response = self._answer_here(request, family, generation, score, hop, degraded=degraded)
+            response = self._answer_here(request, family, generation, score, hop, degraded=degraded, arrived=arrived)
             response.answer = ""
             yield pb.InferStreamResponse(final=response)
             return
@@ -219,11 +245,12 @@ class Tier:
         family = self._family_window(family)
         score, verdict, hop = self._decide(request, family, generation, engine_seconds)
         if verdict.forward:
-            served = _Served(family, False, sender(request), score.value, probe_rate=verdict.probe_rate)
-            with self._forwarding_slot() as breaker_probe:
-                if breaker_probe is not None:
+            served = _Served(family, False, sender(request), score.value, verdict.probe_rate, arrived=arrived)
+            placing = self._placement_request(request, family, arrived, generation)
+            with self.links.slot(placing) as slot:
+                if slot is not None:
                     try:
-                        relayed = self._forward_stream(request, hop, served, deadline, breaker_probe)
+                        relayed = self._forward_stream(request, hop, served, deadline, slot, placing)
                         async with aclosing(relayed) as events:
                             async for event in events:
                                 yield event
@@ -231,14 +258,42 @@ class Tier:
                     except UpstreamUnavailable as exc:
                         logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
             degraded = True
-        response = self._answer_here(request, family, generation, score, hop, degraded=degraded)
+        response = self._answer_here(request, family, generation, score, hop, degraded=degraded, arrived=arrived)
         yield self._delta(request, response.answer, _tokens(generation))
         response.answer = ""
         yield pb.InferStreamResponse(final=response)
 
+    def _check_requirement(self, request: pb.InferRequest, deadline: float | None, arrived: float) -> None:
+        """A client's requirement must be one the call's deadline leaves room for; a forwarded one was checked below
+        (and is cut to this tier's deadline if the link took a little of it)."""
+        if not request.HasField("requirement_seconds") or request.hops:
+            return
+        requirement = request.requirement_seconds
+        if deadline is not None and requirement > deadline - arrived:
+            raise InvalidRequest(
+                f"requirement_seconds {requirement:g} is beyond the call's deadline of {deadline - arrived:.3g} s: "
+                "ask for an answer within the time the call may take, or give the call a later deadline"
+            )
+
+    def _placement_request(
+        self, request: pb.InferRequest, family: str, arrived: float, generation: Generation | None = None
+    ) -> PlacementRequest:
+        return PlacementRequest(
+            family=family,
+            requirement_seconds=self._requirement_left(request, arrived),
+            service_class=request.service_class,
+            prompt_tokens=generation.prompt_tokens if generation is not None else 0,
+            max_tokens=request.sampling.max_tokens or self.limits.default_max_tokens,
+        )
+
+    def _requirement_left(self, request: pb.InferRequest, arrived: float) -> float | None:
+        if not request.HasField("requirement_seconds"):
+            return None
+        return request.requirement_seconds - (self._clock() - arrived)
+
     def _skips_engine(self, request: pb.InferRequest) -> bool:
         """A request for the last tier passes the tiers below without their engines."""
-        return request.offload == pb.OFFLOAD_MODE_LAST_TIER and self.upstream is not None
+        return request.offload == pb.OFFLOAD_MODE_LAST_TIER and bool(self.links)
 
     def _answers_whatever(self, request: pb.InferRequest) -> bool:
         return self.is_last or request.offload == pb.OFFLOAD_MODE_LOCAL_ONLY
@@ -299,27 +354,17 @@ class Tier:
             threshold=verdict.threshold,
             engine_seconds=engine_seconds,
             answer=generation.text[: self.limits.max_answer_chars],
-            decision=pb.DECISION_FORWARDED if verdict.forward and self.upstream is not None else pb.DECISION_ANSWERED,
+            decision=pb.DECISION_FORWARDED if verdict.forward and self.links else pb.DECISION_ANSWERED,
+            inference_joules=self._inference_joules(generation, engine_seconds),
         )
+        self.metrics.count_energy("inference", hop.inference_joules)
         return score, verdict, hop
 
-    @contextmanager
-    def _forwarding_slot(self) -> Iterator[bool | None]:
-        """Hold a forwarding slot and the breaker's leave to forward: yields whether the call is the breaker's probe,
-        or None when the request must stay here (every slot taken, or the breaker open)."""
-        if self.max_forwarding is not None and self._forwarding >= self.max_forwarding:
-            yield None
-            return
-        # The slot is checked first: a breaker's allow() in half-open state hands out its one probe.
-        if self.breaker is not None and not self.breaker.allow():
-            yield None
-            return
-        breaker_probe = self.breaker is not None and self.breaker.state is BreakerState.HALF_OPEN
-        self._forwarding += 1
-        try:
-            yield breaker_probe
-        finally:
-            self._forwarding -= 1
+    def _inference_joules(self, generation: Generation, engine_seconds: float) -> float:
+        # An engine that knows its busy time (an emulated server, whose wall time includes its queue) says so.
+        busy = float(generation.metadata.get("busy_seconds", engine_seconds))
+        watts = self.power.watts() if self.power is not None else None
+        return self.energy.inference_joules(busy, generation.completion_tokens, watts)
 
     def _answer_here(
         self,
@@ -330,6 +375,7 @@ class Tier:
         hop: pb.Hop,
         *,
         degraded: bool,
+        arrived: float,
     ) -> pb.InferResponse:
         # The next tier is down, hung, too slow or overloaded, or enough requests already wait on it: the client
         # still gets this tier's answer, marked degraded.
@@ -354,7 +400,23 @@ class Tier:
         if request.reference:
             self._record_verdict(served, _judge(request, response))
         self.metrics.count_outcome("degraded" if degraded else "answered")
+        self._count_requirement(request, arrived)
         return response
+
+    def _count_requirement(self, request: pb.InferRequest, arrived: float) -> None:
+        left = self._requirement_left(request, arrived)
+        if left is not None:
+            self.metrics.count_requirement(met=left >= 0)
+        self._account_idle()
+
+    def _account_idle(self) -> None:
+        """Idle power over the time since the last request ended: the tier's share of PerLLM's E_idle."""
+        if not self.energy.idle_watts:
+            return
+        now = self._clock()
+        if self._idle_since is not None:
+            self.metrics.count_energy("idle", self.energy.idle_watts * max(now - self._idle_since, 0.0))
+        self._idle_since = now
 
     def _delta(
         self, request: pb.InferRequest, text: str, tokens: Iterable[tuple[str, float]]
@@ -368,14 +430,27 @@ class Tier:
         return pb.Hop(tier=self.name, decision=pb.DECISION_FORWARDED)
 
     async def _forward_unscored(
-        self, request: pb.InferRequest, family: str, deadline: float | None
+        self, request: pb.InferRequest, family: str, deadline: float | None, arrived: float
     ) -> pb.InferResponse:
         """Pass a request for the last tier on without generating; the policy neither decides nor learns from it."""
-        served = _Served(family, False, sender(request), 0.0, learns=False)
-        with self._forwarding_slot() as breaker_probe:
-            if breaker_probe is None:
-                raise UpstreamUnavailable(f"tier {self.name} may not forward now (breaker open or every slot taken)")
-            return await self._forward(request, self._unscored_hop(), served, deadline, breaker_probe=breaker_probe)
+        served = _Served(family, False, sender(request), 0.0, learns=False, arrived=arrived)
+        placing = self._placement_request(request, family, arrived)
+        with self.links.slot(placing) as slot:
+            if slot is None:
+                raise UpstreamUnavailable(f"tier {self.name} may not forward now (breakers open or every slot taken)")
+            return await self._forward(request, self._unscored_hop(), served, deadline, slot, placing)
+
+    def _forwarded_request(self, request: pb.InferRequest, hop: pb.Hop, arrived: float) -> pb.InferRequest:
+        """The request as the next tier gets it: with this tier's hop, and what is left of its requirement."""
+        forwarded = pb.InferRequest()
+        forwarded.CopyFrom(request)
+        forwarded.hops.append(hop)
+        left = self._requirement_left(request, arrived)
+        if left is not None and left > 0:
+            forwarded.requirement_seconds = left
+        else:
+            forwarded.ClearField("requirement_seconds")  # none, or already missed: nothing left to meet
+        return forwarded
 
     async def _forward(
         self,
@@ -383,47 +458,67 @@ class Tier:
         hop: pb.Hop,
         served: _Served,
         deadline: float | None,
-        *,
-        breaker_probe: bool = False,
+        slot: Slot,
+        placing: PlacementRequest,
     ) -> pb.InferResponse:
-        assert self.upstream is not None
-        forwarded = pb.InferRequest()
-        forwarded.CopyFrom(request)
-        forwarded.hops.append(hop)
-        reply = await self._call_upstream(forwarded, deadline, breaker_probe)
-        return self._forwarded(request, hop, served, reply.response, reply.bytes_sent, reply.bytes_received)
+        forwarded = self._forwarded_request(request, hop, served.arrived)
+        sent_at = self._clock()
+        try:
+            reply = await self._call_upstream(slot, forwarded, deadline)
+        except UpstreamUnavailable:
+            self.links.observe(placing, slot, _failed(self._clock() - sent_at))
+            raise
+        response = self._forwarded(request, hop, served, slot, reply.response, reply.bytes_sent, reply.bytes_received)
+        self.links.observe(placing, slot, self._outcome(placing, response, len(request.hops), self._clock() - sent_at))
+        return response
+
+    def _outcome(
+        self, placing: PlacementRequest, response: pb.InferResponse, own: int, seconds: float
+    ) -> PlacementOutcome:
+        """What the candidate gave: its time as seen here, and the energy of this link and every hop above."""
+        above = response.hops[own + 1 :]
+        energy = response.hops[own].transmission_joules + sum(h.inference_joules + h.transmission_joules for h in above)
+        met = placing.requirement_seconds is None or seconds <= placing.requirement_seconds
+        return PlacementOutcome(seconds=seconds, energy_joules=energy, met=met)
 
     def _forwarded(
         self,
         request: pb.InferRequest,
         hop: pb.Hop,
         served: _Served,
+        slot: Slot,
         response: pb.InferResponse,
         bytes_sent: int,
         bytes_received: int,
         answer: str | None = None,
     ) -> pb.InferResponse:
-        """Record what the next tier's answer cost and showed: this tier's hop bytes, metrics, and the policy's
-        lessons. `answer`: the streamed text, where the response itself leaves it out."""
+        """Record what the next tier's answer cost and showed: this tier's hop bytes and energy, metrics, and the
+        policy's lessons. `answer`: the streamed text, where the response itself leaves it out."""
         own = len(request.hops)
         if len(response.hops) <= own or response.hops[own].tier != self.name:
             raise Unavailable(f"tier {self.name}: the next tier returned a response without this tier's hop")
-        response.hops[own].bytes_sent = bytes_sent
-        response.hops[own].bytes_received = bytes_received
+        mine = response.hops[own]
+        mine.bytes_sent = bytes_sent
+        mine.bytes_received = bytes_received
+        mine.transmission_joules = self.energy.transmission_joules(bytes_sent + bytes_received)
+        self.metrics.count_energy("transmission", mine.transmission_joules)
+        link = slot.link
         if len(response.hops) > own + 1:
-            self._learn_peer_name(response.hops[own + 1].tier)
-        self.metrics.count_bytes(self.peer_name, sent=bytes_sent, received=bytes_received)
+            link.learn_peer_name(response.hops[own + 1].tier)
+        self.metrics.count_bytes(link.peer_name, sent=bytes_sent, received=bytes_received)
         if served.learns:
             # Each hop below the answering one records the bytes of the link above it: what this request cost.
             spent = [h.bytes_sent + h.bytes_received for h in response.hops[own:-1]]
             lower = tuple(h.confidence for h in request.hops)
             self.policy.observe_cost(served.family, size=request.ByteSize() + hop.ByteSize(), spent=spent, lower=lower)
+        served.link = slot.index
         self._remember(request.request_id, served)
         if request.reference and served.learns:
             # Judged here too, so this tier's policy learns how the tiers above fare on what it forwards.
             judged = response if answer is None else _with_answer(response, answer)
             self._observe_upstream_verdict(served, _judge(request, judged))
         self.metrics.count_outcome("forwarded")
+        self._count_requirement(request, served.arrived)
         return response
 
     async def _forward_stream(
@@ -432,20 +527,21 @@ class Tier:
         hop: pb.Hop,
         served: _Served,
         deadline: float | None,
-        breaker_probe: bool = False,
+        slot: Slot,
+        placing: PlacementRequest,
     ) -> AsyncGenerator[pb.InferStreamResponse, None]:
         """Relay the next tier's answer stream. Before its first event, a failure is UpstreamUnavailable (the caller
         answers degraded); after, StreamInterrupted, or DeadlineExceeded when the caller's deadline ran out."""
-        assert self.upstream is not None
-        forwarded = pb.InferRequest()
-        forwarded.CopyFrom(request)
-        forwarded.hops.append(hop)
+        link = slot.link
+        forwarded = self._forwarded_request(request, hop, served.arrived)
         remaining = self._remaining(deadline)
-        limit = min(self.forward_timeout.seconds, PROBE_WAIT_SECONDS) if breaker_probe else self.forward_timeout.seconds
+        timeout = link.forward_timeout.seconds
+        limit = min(timeout, PROBE_WAIT_SECONDS) if slot.breaker_probe else timeout
         # The first event must come within the forward timeout, leaving a little of the caller's time to answer
         # here; the stream as a whole may take all the caller's time.
         first_limit = min(limit, remaining * 0.9) if remaining is not None else limit
-        stream = self.upstream.infer_stream(forwarded, remaining, wait_for_ready=breaker_probe)
+        sent_at = self._clock()
+        stream = link.upstream.infer_stream(forwarded, remaining, wait_for_ready=slot.breaker_probe)
         received = 0
         texts: list[str] = []
         judged = False
@@ -469,8 +565,9 @@ class Tier:
         except UpstreamUnavailable as exc:
             caller_ran_out = deadline is not None and deadline - self._clock() <= 0
             if not caller_ran_out:
-                self._judge_upstream(ok=False)
+                self._judge_upstream(link, ok=False)
                 judged = True
+            self.links.observe(placing, slot, _failed(self._clock() - sent_at))
             if texts:
                 if caller_ran_out:
                     raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the answer streamed") from None
@@ -481,22 +578,24 @@ class Tier:
             raise
         finally:
             await _close(stream)  # when the caller went away, so does the call up
-            if breaker_probe and not judged and self.breaker is not None:
-                self.breaker.release_probe()
-        self._judge_upstream(ok=True)
+            if slot.breaker_probe and not judged and link.breaker is not None:
+                link.breaker.release_probe()
+        self._judge_upstream(link, ok=True)
         judged = True
+        final = event.message.final
         response = self._forwarded(
-            request, hop, served, event.message.final, forwarded.ByteSize(), received, answer="".join(texts)
+            request, hop, served, slot, final, forwarded.ByteSize(), received, answer="".join(texts)
         )
+        self.links.observe(placing, slot, self._outcome(placing, response, len(request.hops), self._clock() - sent_at))
         yield pb.InferStreamResponse(final=response)
 
-    async def _call_upstream(self, forwarded: pb.InferRequest, deadline: float | None, breaker_probe: bool) -> Reply:
-        """Send `forwarded` up within the forward timeout, and tell the breaker and the timeout what the call showed
-        of the next tier. Only the next tier's own failures and slowness count against it: not a timeout that the
-        caller's deadline set, nor a verdict on the request, nor a cancelled call."""
-        assert self.upstream is not None
-        limit = self.forward_timeout.seconds
-        if breaker_probe:
+    async def _call_upstream(self, slot: Slot, forwarded: pb.InferRequest, deadline: float | None) -> Reply:
+        """Send `forwarded` up `slot`'s link within its forward timeout, and tell the breaker and the timeout what the
+        call showed of the next tier. Only the next tier's own failures and slowness count against it: not a timeout
+        that the caller's deadline set, nor a verdict on the request, nor a cancelled call."""
+        link = slot.link
+        limit = link.forward_timeout.seconds
+        if slot.breaker_probe:
             # A breaker's probe waits a little for the link to come up instead of failing at once on a
             # connection still backing off; otherwise a tier that came back could be missed for a long time.
             limit = min(limit, PROBE_WAIT_SECONDS)
@@ -509,40 +608,42 @@ class Tier:
             callers_budget = remaining is not None and remaining * 0.9 < limit
             budget = remaining * 0.9 if remaining is not None and callers_budget else limit
             started = self._clock()
-            call = asyncio.ensure_future(self.upstream.infer(forwarded, budget, wait_for_ready=breaker_probe))
-            if self.breaker is not None:
+            call = asyncio.ensure_future(link.upstream.infer(forwarded, budget, wait_for_ready=slot.breaker_probe))
+            if link.breaker is not None:
                 # Counted as slow as soon as it is, while still waiting: a hung next tier opens the breaker after
                 # half the timeout, before the calls it holds time out.
-                await asyncio.wait((call,), timeout=self.forward_timeout.slow_after)
+                await asyncio.wait((call,), timeout=link.forward_timeout.slow_after)
                 if not call.done():
-                    self._judge_upstream(ok=False)
+                    self._judge_upstream(link, ok=False)
                     judged = True
             reply = await call
         except UpstreamUnavailable as exc:
             if not judged and not (isinstance(exc, UpstreamTimedOut) and callers_budget):
-                self._judge_upstream(ok=False)
+                self._judge_upstream(link, ok=False)
                 judged = True
             raise
         else:
-            self.forward_timeout.observe(self._clock() - started)
+            link.forward_timeout.observe(self._clock() - started)
             if not judged:
-                self._judge_upstream(ok=True)
+                self._judge_upstream(link, ok=True)
                 judged = True
             return reply
         finally:
             if call is not None:
                 call.cancel()  # when the caller went away, so does the call up
-            if breaker_probe and not judged and self.breaker is not None:
-                self.breaker.release_probe()
+            if slot.breaker_probe and not judged and link.breaker is not None:
+                link.breaker.release_probe()
 
-    def _judge_upstream(self, *, ok: bool) -> None:
-        if self.breaker is None:
+    def _judge_upstream(self, link: Link, *, ok: bool) -> None:
+        if link.breaker is None:
             return
         if ok:
-            self.breaker.record_success()
+            link.breaker.record_success()
         else:
-            self.breaker.record_failure()
-        self.metrics.set_breaker_open(not self.breaker.closed)
+            link.breaker.record_failure()
+        # Open while any candidate's breaker is: the gauge says the tier cannot reach all it may forward to.
+        breakers = [candidate.breaker for candidate in self.links.links if candidate.breaker is not None]
+        self.metrics.set_breaker_open(any(not breaker.closed for breaker in breakers))
 
     async def feedback(self, request: pb.FeedbackRequest) -> pb.FeedbackResponse:
         if not request.request_id:
@@ -556,10 +657,11 @@ class Tier:
                 f"request id returned by this stack, among the last {self._feedback_memory}"
             )
         if not served.answered_here:
-            if self.upstream is None:  # pragma: no cover - a last tier answers everything it serves
+            if served.link >= len(self.links.links):  # pragma: no cover - a last tier answers everything it serves
                 raise FailedPrecondition(f"tier {self.name} forwarded a request but has no next tier")
-            reply = await self.upstream.feedback(request, None)
-            self.metrics.count_bytes(self.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
+            link = self.links.links[served.link]
+            reply = await link.upstream.feedback(request, None)
+            self.metrics.count_bytes(link.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
             self._observe_upstream_verdict(served, request.correct)
             return reply.response
         if served.judged:
@@ -617,11 +719,6 @@ class Tier:
             return family
         return OVERFLOW_FAMILY
 
-    def _learn_peer_name(self, name: str) -> None:
-        # Kept once learned, and only a tier name: the peer label takes one value, whatever later replies say.
-        if self.peer_name == UNKNOWN_PEER and NAME_PATTERN.fullmatch(name):
-            self.peer_name = name
-
     def _remember(self, request_id: str, served: _Served) -> _Served:
         self._served[request_id] = served
         self._served.move_to_end(request_id)
@@ -661,6 +758,10 @@ async def _close(stream: AsyncIterator[object]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+def _failed(seconds: float) -> PlacementOutcome:
+    return PlacementOutcome(seconds=seconds, energy_joules=0.0, met=False, failed=True)
 
 
 def _tokens(generation: Generation) -> tuple[tuple[str, float], ...]:
