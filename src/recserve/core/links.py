@@ -98,6 +98,10 @@ class Links:
         finally:
             self._count(index, link, -1)
 
+    async def close(self) -> None:
+        for link in self.links:
+            await link.upstream.close()
+
     def observe(self, request: PlacementRequest, slot: Slot, outcome: PlacementOutcome) -> None:
         if self.placement is not None:
             self.placement.observe(request, self.candidates, slot.index, outcome)

@@ -86,8 +86,21 @@ class RequestValidator:
                 f"unknown offload mode {request.offload}: use OFFLOAD_MODE_AUTO, OFFLOAD_MODE_LOCAL_ONLY or "
                 "OFFLOAD_MODE_LAST_TIER"
             )
+        self._check_requirement(request)
         self._check_hops(request.hops)
         return self._check_family(request.family)
+
+    @staticmethod
+    def _check_requirement(request: pb.InferRequest) -> None:
+        if request.HasField("requirement_seconds"):
+            requirement = request.requirement_seconds
+            if not math.isfinite(requirement) or requirement <= 0:
+                raise InvalidRequest(
+                    f"requirement_seconds {requirement} is not a positive number of seconds: give the time the answer "
+                    "may take, or leave it unset for none"
+                )
+        if request.service_class and not NAME_PATTERN.fullmatch(request.service_class):
+            raise InvalidRequest(f"service_class {excerpt(request.service_class)} must be {NAME_RULE}")
 
     def _check_messages(self, request: pb.InferRequest) -> None:
         if request.prompt or request.system_prompt:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from recserve.core.breaker import CircuitBreaker
 from recserve.core.engine import Engine
 from recserve.core.forward_timeout import ForwardTimeout
+from recserve.core.links import UNKNOWN_PEER, Link
 from recserve.core.metrics import TierMetrics
 from recserve.core.tier import Tier
 from recserve.core.validation import TierLimits
@@ -94,8 +95,7 @@ class RunningTier:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         await self.tier.engine.shutdown()
-        if self.tier.upstream is not None:
-            await self.tier.upstream.close()
+        await self.tier.links.close()
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.close()
 
@@ -117,23 +117,12 @@ async def start_tier(
         engine,
         settings.policy.build(),
         TierMetrics.standalone(registry, settings.tier),
-        _upstream(settings, upstream_auth_token),
         limits=settings.limits,
         scorer=settings.scorer,
         choice_scorer_name=settings.choice_scorer,
-        breaker=CircuitBreaker(
-            time.monotonic,
-            failures=settings.breaker_failures,
-            cooldown=settings.breaker_cooldown,
-            failure_rate=settings.breaker_failure_rate,
-        ),
-        forward_timeout=ForwardTimeout(
-            ceiling=settings.forward_timeout,
-            floor=min(settings.forward_timeout_min, settings.forward_timeout),
-            factor=settings.forward_timeout_factor,
-        ),
         max_forwarding=settings.forward_slots,
         callers=settings.caller_names,
+        links=_links(settings, upstream_auth_token),
     )
     server = grpc.aio.server(options=server_options(settings.limits))
     servicer = TierServicer(
@@ -153,8 +142,7 @@ async def start_tier(
     try:
         port = _add_port(server, settings)
     except StartupError:
-        if tier.upstream is not None:
-            await tier.upstream.close()
+        await tier.links.close()
         raise
     await server.start()
 
@@ -228,15 +216,32 @@ async def _start_metrics(endpoint: MetricsEndpoint, settings: TierSettings) -> i
         raise StartupError(f"cannot serve metrics on {address}: {reason}") from None
 
 
-def _upstream(settings: TierSettings, auth_token: str) -> GrpcUpstream | None:
-    if not settings.next:
-        return None
-    return GrpcUpstream(
-        settings.next,
-        credentials=upstream_credentials(settings),
-        server_name=settings.upstream_server_name,
-        auth_token=auth_token,
-    )
+def _links(settings: TierSettings, auth_token: str) -> list[Link]:
+    """A link, with its own breaker and forward timeout, to every next-tier candidate of --next and --skip-to."""
+    return [
+        Link(
+            GrpcUpstream(
+                candidate.address,
+                credentials=upstream_credentials(settings),
+                server_name=settings.upstream_server_name,
+                auth_token=auth_token,
+            ),
+            breaker=CircuitBreaker(
+                time.monotonic,
+                failures=settings.breaker_failures,
+                cooldown=settings.breaker_cooldown,
+                failure_rate=settings.breaker_failure_rate,
+            ),
+            forward_timeout=ForwardTimeout(
+                ceiling=settings.forward_timeout,
+                floor=min(settings.forward_timeout_min, settings.forward_timeout),
+                factor=settings.forward_timeout_factor,
+            ),
+            level=candidate.level,
+            peer_name=candidate.name or UNKNOWN_PEER,
+        )
+        for candidate in settings.candidates
+    ]
 
 
 async def serve(settings: TierSettings) -> int:

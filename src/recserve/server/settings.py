@@ -39,6 +39,30 @@ def bool_flag(text: str | bool) -> bool:
 
 
 @dataclass(frozen=True)
+class NextCandidate:
+    name: str  # the peer label; empty: learned from its first reply
+    address: str
+    level: int
+
+
+def parse_candidates(text: str) -> list[tuple[str, str]]:
+    """`[NAME=]HOST:PORT,...` as (name or "", address) pairs; ValueError naming what is wrong."""
+    candidates = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, _, address = item.rpartition("=")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{item!r} is not [NAME=]HOST:PORT")
+        if name and not NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"the name in {item!r} must be {NAME_RULE}")
+        candidates.append((name, address))
+    names = [name for name, _ in candidates if name]
+    if len(set(names)) != len(names):
+        raise ValueError("candidate names must be distinct")
+    return candidates
+
+
+@dataclass(frozen=True)
 class Option:
     name: str  # the dataclass field; the flag is --name-with-dashes, the variable RECSERVE_NAME
     kind: Callable[[str], Any]
@@ -67,7 +91,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", str, "[::]", "address to bind the gRPC server to"),
     Option("port", int, 50051, "gRPC port (0 picks a free one)"),
     Option("metrics_port", int, 0, "Prometheus /metrics HTTP port (0: no metrics endpoint)"),
-    Option("next", str, "", "HOST:PORT of the next tier; empty for the last tier, which never forwards"),
+    Option(
+        "next",
+        str,
+        "",
+        "HOST:PORT of the next tier, or several candidates [NAME=]HOST:PORT,... of which the placement picks one per "
+        "request; empty for the last tier, which never forwards",
+    ),
+    Option(
+        "skip_to",
+        str,
+        "",
+        "candidates one tier beyond the next, [NAME=]HOST:PORT,...: a request may go there, skipping the next tier, "
+        "when the placement finds that the only way to meet its requirement",
+    ),
     Option("engine", str, "replay", "generation engine", ENGINE_NAMES),
     Option(
         "model",
@@ -173,6 +210,7 @@ class TierSettings:
     port: int
     metrics_port: int
     next: str
+    skip_to: str
     engine: str
     model: str
     traces: str
@@ -235,8 +273,13 @@ class TierSettings:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 yield f"{name} must be within 0-65535"
-        if self.next and (":" not in self.next or not self.next.rsplit(":", 1)[1].isdigit()):
-            yield f"--next must be HOST:PORT, got {self.next!r}"
+        for flag, text in (("--next", self.next), ("--skip-to", self.skip_to)):
+            try:
+                parse_candidates(text)
+            except ValueError as exc:
+                yield f"{flag}: {exc}"
+        if self.skip_to and not self.next:
+            yield "--skip-to needs --next: a tier skips its next tier only when it has one"
         if self.engine == "replay" and not (self.traces and self.trace_model):
             yield "the replay engine needs --traces DIR and --trace-model MODEL"
         if self.engine == "llama_cpp" and not self.model:
@@ -284,7 +327,7 @@ class TierSettings:
         if not self.plaintext and not self.tls_cert:
             yield ("no TLS certificate given: pass --tls-cert and --tls-key (`make certs` makes development ones), "
                    "or --plaintext to serve unencrypted")  # fmt: skip
-        if not self.plaintext and self.next and not self.upstream_ca:
+        if not self.plaintext and self.candidates and not self.upstream_ca:
             yield "--next without --upstream-ca would forward unencrypted: give --upstream-ca, or --plaintext"
         for name in ("auth_token", "upstream_auth_token"):
             if getattr(self, name) and getattr(self, f"{name}_file"):
@@ -307,6 +350,15 @@ class TierSettings:
     @property
     def caller_names(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.callers.split(",") if name.strip())
+
+    @property
+    def candidates(self) -> list[NextCandidate]:
+        """The next tier's candidates (level 1), then those one tier beyond (level 2)."""
+        return [
+            NextCandidate(name, address, level)
+            for level, text in ((1, self.next), (2, self.skip_to))
+            for name, address in parse_candidates(text)
+        ]
 
     @property
     def engine_config(self) -> EngineConfig:
