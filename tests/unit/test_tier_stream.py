@@ -60,7 +60,9 @@ class WordEngine:
     def _generation(self) -> Generation:
         words = self.text.split(" ")
         tokens = tuple(word if index == 0 else " " + word for index, word in enumerate(words))
-        return Generation(text=self.text, token_logprobs=(-0.1,) * len(tokens), tokens=tokens)
+        return Generation(
+            text=self.text, token_logprobs=(-0.1,) * len(tokens), tokens=tokens, completion_tokens=len(tokens)
+        )
 
     async def healthy(self) -> bool:
         return True

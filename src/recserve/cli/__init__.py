@@ -47,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ask.add_argument("--system", default="", help="system prompt")
     ask.add_argument("--max-tokens", type=int, default=0, help="0: the tier's default")
     ask.add_argument("--local-only", action="store_true", help="answer at the first tier, never forward")
+    ask.add_argument(
+        "--requirement",
+        type=float,
+        default=None,
+        help="seconds the answer may take: a processing-time requirement the placement meets where it can "
+        "(apart from --timeout, past which the call fails)",
+    )
+    ask.add_argument("--service-class", default="", help="e.g. interactive or batch")
     ask.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds, propagated up every hop")
     ask.add_argument("--json", action="store_true", help="print the whole response as JSON")
     ask.add_argument("--stream", action="store_true", help="print the answer as the answering tier streams it")
@@ -201,6 +209,8 @@ def _ask(args: argparse.Namespace) -> int:
         reference=args.reference,
         sampling=pb.SamplingParams(max_tokens=args.max_tokens),
         offload=pb.OFFLOAD_MODE_LOCAL_ONLY if args.local_only else pb.OFFLOAD_MODE_AUTO,
+        requirement_seconds=args.requirement,
+        service_class=args.service_class,
     )
 
     try:

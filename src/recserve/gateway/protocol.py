@@ -39,6 +39,10 @@ class RecServeOptions(BaseModel):
     reference: str = ""  # the correct answer, for the tiers' accuracy metrics
     offload: Literal["auto", "local_only", "last_tier"] = "auto"
     request_id: str | None = None  # default: one the gateway makes
+    # Seconds the answer may take (a processing-time requirement, apart from the request's timeout); none: no
+    # requirement. The placement picks the candidates that can meet it.
+    requirement_seconds: float | None = Field(default=None, gt=0)
+    service_class: str = ""  # e.g. "interactive" or "batch"
 
     @field_validator("request_id")
     @classmethod
@@ -136,6 +140,8 @@ class _CompletionRequest(_Lenient):
             sampling=pb.SamplingParams(
                 max_tokens=max_tokens or 0, temperature=self.temperature or 0.0, stop=stop, logprobs=logprobs
             ),
+            requirement_seconds=options.requirement_seconds,
+            service_class=options.service_class,
         )
 
 
