@@ -27,6 +27,10 @@ requests add up to the server's busy time (not to a multiple of it). The final G
 - `emulated_seconds`: admission to the last token; `emulated_queue_seconds`: the wait before admission;
 - `emulated_batch_max`: the most requests running at once during its decode; `emulated_profile`: the profile.
 
+A simplification: prefills overlap other requests' decode steps without slowing them (a real server's prefill
+holds up the batch while it runs), so under load the emulated latency is a little optimistic, and each prefill
+counts in full to its request's busy share (the shares can then add up to slightly more than the wall time).
+
 The engine keeps the totals: `busy_seconds`, `joules`, and `running` / `queued` now. Closing a stream early (the
 client went away, a deadline) aborts it: counted in `aborted`, its place freed for the next in the queue.
 """
