@@ -15,7 +15,18 @@ ENGINE_NAMES = ("replay", "llama_cpp", "vllm", "openai")
 
 
 def create_engine(name: str, config: EngineConfig) -> Engine:
-    """Build the engine called `name`; raise ValueError naming the choices or the missing extra."""
+    """Build the engine called `name`, wrapped in an EmulatedEngine when `config.emulate` names a server profile;
+    raise ValueError naming the choices, the missing extra or the unknown profile."""
+    if not config.emulate:
+        return _create_engine(name, config)
+    from recserve.engines.emulated import EmulatedEngine
+    from recserve.engines.profiles import get_profile
+
+    profile = get_profile(config.emulate)  # before the engine is built: a wrong name fails fast
+    return EmulatedEngine(_create_engine(name, config), profile)
+
+
+def _create_engine(name: str, config: EngineConfig) -> Engine:
     if name == "replay":
         from recserve.engines.replay import ReplayEngine
 

@@ -25,3 +25,6 @@ class EngineConfig:
     base_url: str = ""  # openai: the server's base URL, e.g. http://HOST:8000/v1
     api_key: str = ""  # openai
     request_timeout: float = 60.0  # openai: seconds per request
+    # Any engine: answer as the chosen engine does but take the time of a server of this profile (a name of
+    # recserve.engines.profiles.PROFILES: phone, edge-box, edge-gpu, cloud-gpu, ...); "": the engine's own time.
+    emulate: str = ""
