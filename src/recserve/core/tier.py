@@ -361,10 +361,12 @@ class Tier:
         return score, verdict, hop
 
     def _inference_joules(self, generation: Generation, engine_seconds: float) -> float:
-        # An engine that knows its busy time (an emulated server, whose wall time includes its queue) says so.
-        busy = float(generation.metadata.get("busy_seconds", engine_seconds))
+        # An emulated server knows its request's share of its busy time and energy (its wall time includes its queue
+        # and steps shared with other requests): recserve.engines.emulated.
+        if "emulated_joules" in generation.metadata:
+            return float(generation.metadata["emulated_joules"])
         watts = self.power.watts() if self.power is not None else None
-        return self.energy.inference_joules(busy, generation.completion_tokens, watts)
+        return self.energy.inference_joules(engine_seconds, generation.completion_tokens, watts)
 
     def _answer_here(
         self,

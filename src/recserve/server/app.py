@@ -24,6 +24,7 @@ from recserve.core.metrics import TierMetrics
 from recserve.core.tier import Tier
 from recserve.core.validation import TierLimits
 from recserve.engines import create_engine
+from recserve.engines.power import detect_power_reader
 from recserve.server.metrics_http import MetricsEndpoint
 from recserve.server.security import server_credentials, token, upstream_credentials
 from recserve.server.servicer import SERVICE_NAME, TierServicer, add_tier_service
@@ -123,6 +124,8 @@ async def start_tier(
         max_forwarding=settings.forward_slots,
         callers=settings.caller_names,
         links=_links(settings, upstream_auth_token),
+        energy=settings.energy_model,
+        power=detect_power_reader() if settings.power_reader == "auto" else None,
     )
     server = grpc.aio.server(options=server_options(settings.limits))
     servicer = TierServicer(

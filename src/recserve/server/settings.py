@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
+from recserve.core.energy import EnergyModel
 from recserve.core.validation import NAME_PATTERN, NAME_RULE, TierLimits
 from recserve.engines import ENGINE_NAMES
 from recserve.engines.config import EngineConfig
+from recserve.engines.profiles import PROFILES, get_profile
 from recserve.policies import (
     POLICY_ALIASES,
     POLICY_NAMES,
@@ -131,6 +134,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_key", str, "", "openai: bearer token for the server (empty: none)"),
     Option("request_timeout", float, 60.0, "openai: seconds to wait for the server, per request and at start-up"),
     Option(
+        "emulate",
+        str,
+        "",
+        "give the engine the speed, capacity and power of a server profile (a queue, continuous batching): "
+        + ", ".join(PROFILES)
+        + "; empty: the engine's own",
+    ),
+    Option("busy_watts", float, 0.0, "energy: power above idle while the engine generates (0: the profile's, or none)"),
+    Option("idle_watts", float, 0.0, "energy: power while idle, accounted over wall time (0: the profile's, or none)"),
+    Option("joules_per_token", float, 0.0, "energy: joules per generated token, on top of busy_watts"),
+    Option(
+        "joules_per_byte", float, 0.0, "energy: joules per byte on this tier's links up (0: the profile's, or none)"
+    ),
+    Option(
+        "power_reader",
+        str,
+        "auto",
+        "where busy power comes from: auto (NVML on NVIDIA GPUs, else RAPL on Intel CPUs, else busy_watts) or none",
+        ("auto", "none"),
+    ),
+    Option(
         "replay_delay_seconds",
         float,
         0.0,
@@ -225,6 +249,12 @@ class TierSettings:
     base_url: str
     api_key: str
     request_timeout: float
+    emulate: str
+    busy_watts: float
+    idle_watts: float
+    joules_per_token: float
+    joules_per_byte: float
+    power_reader: str
     replay_delay_seconds: float
     policy: PolicyConfig  # from --policy and that policy's options (the other policies' are ignored)
     scorer: str
@@ -296,6 +326,12 @@ class TierSettings:
             yield f"max_num_seqs must not be negative, got {self.max_num_seqs}"
         if self.request_timeout <= 0:
             yield f"request_timeout must be positive, got {self.request_timeout}"
+        if self.emulate and self.emulate not in PROFILES:
+            yield f"--emulate: unknown server profile {self.emulate!r}; choose one of: {', '.join(PROFILES)}"
+        for name in ("busy_watts", "idle_watts", "joules_per_token", "joules_per_byte"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                yield f"{name} must be a number of at least 0, got {value}"
         if not 0 <= self.replay_delay_seconds <= 60:
             yield f"replay_delay_seconds must be within 0 and 60, got {self.replay_delay_seconds}"
         if not 1 <= self.default_max_tokens <= self.max_tokens:
@@ -377,7 +413,16 @@ class TierSettings:
             api_key=self.api_key,
             request_timeout=self.request_timeout,
             replay_delay_seconds=self.replay_delay_seconds,
+            emulate=self.emulate,
         )
+
+    @property
+    def energy_model(self) -> EnergyModel:
+        """The figures given, or, for an emulated server given none, its profile's."""
+        given = EnergyModel(self.busy_watts, self.idle_watts, self.joules_per_token, self.joules_per_byte)
+        if self.emulate and given == EnergyModel():
+            return get_profile(self.emulate).energy_model()
+        return given
 
     @property
     def forward_slots(self) -> int:
