@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -63,11 +63,20 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float) -> Non
 class TierProcesses:
     """`recserve serve` child processes, last tier first, each started once its next tier is ready."""
 
-    def __init__(self, tier_args: Sequence[list[str]], log_dir: Path) -> None:
+    def __init__(
+        self,
+        tier_args: Sequence[list[str]],
+        log_dir: Path,
+        *,
+        wiring: Callable[[int, list[int]], list[str]] | None = None,
+    ) -> None:
+        """`wiring`: the --next/--skip-to/--callers arguments of tier `index` given every tier's port; default, a
+        chain (each tier forwards to the one after it)."""
         ports = free_ports(2 * len(tier_args))
         self.ports, self.metrics_ports = ports[: len(tier_args)], ports[len(tier_args) :]
         self.log_dir = log_dir
         self._tier_args = tier_args
+        self._wiring = wiring
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._logs: list[BinaryIO] = []
 
@@ -90,10 +99,13 @@ class TierProcesses:
         ]  # fmt: skip
         if "--tls-cert" not in args:
             args.append("--plaintext")  # loopback only: the tiers never leave this machine
-        if index + 1 < len(self._tier_args):
-            args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
-        if index > 0 and "--callers" not in args:
-            args += ["--callers", _tier_name(self._tier_args[index - 1])]
+        if self._wiring is not None:
+            args += self._wiring(index, self.ports)
+        else:
+            if index + 1 < len(self._tier_args):
+                args += ["--next", f"127.0.0.1:{self.ports[index + 1]}"]
+            if index > 0 and "--callers" not in args:
+                args += ["--callers", _tier_name(self._tier_args[index - 1])]
         log_path = self.log_dir / f"tier{index}.log"
         self._logs.append(log_path.open("ab"))
         start = log_path.stat().st_size

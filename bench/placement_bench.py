@@ -1,0 +1,251 @@
+"""Placement under load: Poisson arrivals at rising rates through real tier processes (gRPC on loopback) whose
+engines replay real models' recorded answers at the speed, capacity and power of emulated servers.
+
+Topology: a device (the bundled trace's llama3.2-1b on a `phone`) that chooses per forwarded request between two
+edge sites (llama3.1-8b: `edge-box` at site a, `edge-gpu` at site b) or, skipping them, the cloud (llama3.1-70b on
+a `cloud-gpu`); each edge forwards to the cloud. Every tier decides by its own confidence (RecServe, β below); the
+device's placement decides where its forwarded requests go. Requests carry a processing-time requirement by
+service class: interactive (most) and batch.
+
+For each placement and rate: the share of requests that met their requirement, energy per request (inference and
+transmission from the hop records; idle from the tiers' counters), accuracy (the trace's verdicts), bytes per
+request, and the highest rate sustained with at least 95% met. Goals (issue 17): CS-UCB sustains at least 1.6x the
+rate of the best baseline at 95% met, uses at least 50% less energy than cloud-only, and loses no accuracy against
+the plain cascade (`first`) at the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from recserve.client.trace_client import TraceClient
+from recserve.core.traces import BUNDLED_TRACE, TraceQuery, TraceSet
+from recserve.server.processes import TierProcesses
+from recserve.v1 import tier_pb2 as pb
+from recserve.v1 import tier_pb2_grpc as pb_grpc
+
+CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
+POLICIES = ("cs-ucb", "first", "random", "round-robin", "least-loaded", "edge-first", "cloud-only")
+# Service classes: (share of requests, requirement in seconds).
+CLASSES = {"interactive": (0.8, 2.0), "batch": (0.2, 20.0)}
+MET_TARGET = 0.95
+
+
+@dataclass
+class Point:
+    policy: str
+    rate: float
+    requests: int
+    met: float
+    errors: int
+    accuracy: float
+    bytes_per_request: float
+    joules_per_request: float  # inference and transmission, from the hop records
+    idle_joules_per_request: float
+    p50_seconds: float
+    p95_seconds: float
+    shares: dict[str, float]  # where the device's forwarded requests went, and the device itself
+
+
+def tier_arguments(policy: str, beta: float) -> list[list[str]]:
+    replay = ["--engine", "replay", "--traces", str(BUNDLED_TRACE), "--policy", "recserve", "--beta", str(beta),
+              "--max-in-flight", "4096", "--forward-timeout", "60"]  # fmt: skip
+    return [
+        ["--tier", "device", *replay, "--trace-model", CHAIN[0], "--emulate", "phone", "--placement", policy],
+        ["--tier", "edge-a", *replay, "--trace-model", CHAIN[1], "--emulate", "edge-box"],
+        ["--tier", "edge-b", *replay, "--trace-model", CHAIN[1], "--emulate", "edge-gpu"],
+        ["--tier", "cloud", *replay, "--trace-model", CHAIN[2], "--emulate", "cloud-gpu"],
+    ]
+
+
+class Stack:
+    """The four tier processes, wired device -> {edge-a, edge-b} -> cloud and device -> cloud."""
+
+    def __init__(self, policy: str, beta: float, logs: Path) -> None:
+        self.processes = TierProcesses(tier_arguments(policy, beta), logs, wiring=self._wire)
+
+    @staticmethod
+    def _wire(index: int, ports: list[int]) -> list[str]:
+        cloud = f"cloud=127.0.0.1:{ports[3]}"
+        if index == 0:
+            return ["--next", f"edge-a=127.0.0.1:{ports[1]},edge-b=127.0.0.1:{ports[2]}", "--skip-to", cloud]
+        if index in (1, 2):
+            return ["--next", cloud, "--callers", "device"]
+        return ["--callers", "edge-a,edge-b,device"]
+
+    def idle_joules(self) -> float:
+        total = 0.0
+        for port in self.processes.metrics_ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "recserve_energy_joules_total" and sample.labels.get("kind") == "idle":
+                        total += sample.value
+        return total
+
+
+def requirement(rng: random.Random) -> tuple[str, float]:
+    draw = rng.random()
+    for name, (share, seconds) in CLASSES.items():
+        if draw < share:
+            return name, seconds
+        draw -= share
+    return "batch", CLASSES["batch"][1]
+
+
+async def run_rate(
+    target: str, client: TraceClient, queries: list[TraceQuery], rate: float, seconds: float, seed: int
+) -> tuple[list[tuple[TraceQuery, pb.InferResponse | None, float, float]], float]:
+    """Poisson arrivals at `rate` for `seconds`: (query, response or None, latency, requirement) per request."""
+    rng = random.Random(seed)
+    results: list[tuple[TraceQuery, pb.InferResponse | None, float, float]] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.TierServiceStub(channel)
+
+        async def one(query: TraceQuery, service_class: str, limit: float) -> None:
+            request = client.request(query)
+            request.requirement_seconds = limit
+            request.service_class = service_class
+            started = time.perf_counter()
+            try:
+                response = await stub.Infer(request, timeout=120)
+            except grpc.aio.AioRpcError:
+                results.append((query, None, time.perf_counter() - started, limit))
+                return
+            results.append((query, response, time.perf_counter() - started, limit))
+
+        tasks = []
+        started = time.perf_counter()
+        clock = 0.0
+        while True:
+            clock += rng.expovariate(rate)
+            if clock > seconds:
+                break
+            await asyncio.sleep(max(0.0, started + clock - time.perf_counter()))
+            service_class, limit = requirement(rng)
+            tasks.append(asyncio.ensure_future(one(rng.choice(queries), service_class, limit)))
+        await asyncio.gather(*tasks)
+        return results, time.perf_counter() - started
+
+
+def summarise(policy: str, rate: float, results: list, client: TraceClient, idle: float) -> Point:  # type: ignore[type-arg]
+    answered = [(q, r, latency, limit) for q, r, latency, limit in results if r is not None]
+    met = sum(latency <= limit for _, r, latency, limit in results if r is not None) / max(len(results), 1)
+    verdicts = [client.outcome(q, r).correct for q, r, _, _ in answered]
+    judged = [v for v in verdicts if v is not None]
+    latencies = sorted(latency for _, _, latency, _ in answered) or [0.0]
+    joules = [sum(h.inference_joules + h.transmission_joules for h in r.hops) for _, r, _, _ in answered]
+    sizes = [sum(h.bytes_sent + h.bytes_received for h in r.hops) for _, r, _, _ in answered]
+    places: dict[str, int] = {}
+    for _, r, _, _ in answered:
+        where = r.hops[1].tier if len(r.hops) > 1 else "device"
+        places[where] = places.get(where, 0) + 1
+    count = max(len(answered), 1)
+    return Point(
+        policy=policy,
+        rate=rate,
+        requests=len(results),
+        met=met,
+        errors=len(results) - len(answered),
+        accuracy=sum(judged) / max(len(judged), 1),
+        bytes_per_request=sum(sizes) / count,
+        joules_per_request=sum(joules) / count,
+        idle_joules_per_request=idle / max(len(results), 1),
+        p50_seconds=latencies[len(latencies) // 2],
+        p95_seconds=latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        shares={k: v / count for k, v in sorted(places.items())},
+    )
+
+
+def measure(policy: str, args: argparse.Namespace, logs: Path) -> list[Point]:
+    trace_set = TraceSet.load(BUNDLED_TRACE)
+    queries = [q for q in trace_set.queries if q.split == "test"]
+    client = TraceClient(trace_set, CHAIN)
+    stack = Stack(policy, args.beta, logs)
+    points = []
+    try:
+        stack.processes.start(timeout=120.0)
+        target = f"127.0.0.1:{stack.processes.ports[0]}"
+        # Warm-up at a low rate: every placement learns from the same start.
+        asyncio.run(run_rate(target, client, queries, args.rates[0], args.warmup, seed=args.seed - 1))
+        for index, rate in enumerate(args.rates):
+            idle_before = stack.idle_joules()
+            results, _ = asyncio.run(run_rate(target, client, queries, rate, args.seconds, seed=args.seed + index))
+            point = summarise(policy, rate, results, client, stack.idle_joules() - idle_before)
+            points.append(point)
+            print(
+                f"  {policy:>12} {rate:6.1f}/s: met {point.met:.3f}, {point.joules_per_request:8.2f} J/req, "
+                f"accuracy {point.accuracy:.3f}, p95 {point.p95_seconds:.2f} s, {point.shares}",
+                flush=True,
+            )
+    finally:
+        stack.processes.stop()
+    return points
+
+
+def sustained(points: list[Point]) -> float:
+    """The highest rate with at least MET_TARGET met, every lower rate too."""
+    best = 0.0
+    for point in sorted(points, key=lambda p: p.rate):
+        if point.met < MET_TARGET:
+            break
+        best = point.rate
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16, 24, 32])
+    parser.add_argument("--seconds", type=float, default=20.0, help="arrivals per rate")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of arrivals at the first rate, unmeasured")
+    parser.add_argument("--beta", type=float, default=0.5, help="RecServe's beta at every tier")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="write every point here")
+    args = parser.parse_args()
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory(prefix="recserve-placement-bench-") as folder:
+        for policy in args.policies:
+            logs = Path(folder) / policy
+            logs.mkdir()
+            points += measure(policy, args, logs)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
+    print(f"\nrates {args.rates} req/s, {args.seconds:.0f} s each; requirement classes {CLASSES}")
+    print(f"{'placement':>12}  {'sustained at 95% met':>20}  {'J/req (infer+tran)':>18}  {'idle J/req':>10}  "
+          f"{'accuracy':>8}  {'bytes/req':>9}")  # fmt: skip
+    summary = {}
+    for policy in args.policies:
+        mine = [p for p in points if p.policy == policy]
+        at_low = mine[0]
+        summary[policy] = (sustained(mine), at_low)
+        print(
+            f"{policy:>12}  {sustained(mine):>20.1f}  {at_low.joules_per_request:>18.2f}  "
+            f"{at_low.idle_joules_per_request:>10.2f}  {at_low.accuracy:>8.3f}  {at_low.bytes_per_request:>9.0f}"
+        )
+    if "cs-ucb" in summary:
+        baselines = {p: s for p, (s, _) in summary.items() if p != "cs-ucb"}
+        if baselines:
+            best = max(baselines, key=lambda p: baselines[p])
+            ours = summary["cs-ucb"][0]
+            ratio = ours / baselines[best] if baselines[best] else float("inf")
+            print(f"CS-UCB sustains {ratio:.2f}x the rate of the best baseline ({best}) at 95% met (goal 1.6x)")
+        if "cloud-only" in summary:
+            saving = 1 - summary["cs-ucb"][1].joules_per_request / summary["cloud-only"][1].joules_per_request
+            print(f"CS-UCB uses {saving:.0%} less energy per request than cloud-only at the lowest rate (goal 50%)")
+
+
+if __name__ == "__main__":
+    main()
