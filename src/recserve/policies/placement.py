@@ -12,28 +12,31 @@ nothing to act on from this side; a candidate that offers two resource shapes ca
 What PerLLM leaves open and what was chosen (docs/placement.md says more):
 
 - Statistics are per candidate, pooled over service classes and request sizes, over a sliding window of the
-  candidate's last `window` outcomes (sliding-window UCB): a candidate whose processing time changes is judged on
-  the new figures after at most `window` of its outcomes, and after `detect` when the change is abrupt (see below).
-- The processing time a candidate is expected to give is its window's mean plus `margin` standard deviations (a
-  tail, so that most requests, not half, meet the requirement); the optimistic (lower-confidence-bound) time
-  subtracts δ·s·sqrt(ln t / n), where s is the window's standard deviation floored at a tenth of its mean, t the
-  decisions made so far and n the candidate's outcomes in the window.
-- Constraint satisfaction: candidates whose optimistic time meets the request's requirement are feasible; among
-  them the one with the least optimistic energy wins (mean energy - δ·Ē·sqrt(ln t / n), Ē the mean energy over the
-  candidates, so δ means the same for time and energy). None feasible: the fastest (least optimistic time).
-  No requirement: the least optimistic energy among all.
+  candidate's last `window` outcomes (sliding-window UCB).
+- The time a candidate is expected to take is its window's mean plus `margin` spreads (a tail, so that most
+  requests, not half, meet the requirement), where the spread is the window's standard deviation floored at a tenth
+  of its mean. The optimistic (lower-confidence-bound) time subtracts δ·spread·sqrt(ln t / n), t the decisions made
+  so far and n the candidate's outcomes in the window; it is then scaled up, never down, by this tier's load there:
+  ((1 + requests in flight there now) / (1 + the mean in flight at its window's outcomes)) ** `load_weight`, so a
+  candidate whose answers stop coming back looks slower before the late answers arrive (PerLLM's scheduler knows
+  each server's capacity; a tier knows only its own requests in flight).
+- Constraint satisfaction: candidates whose optimistic time is within the request's requirement less `headroom`
+  (a share kept in reserve: an energy-minimising choice otherwise rides the requirement's edge, where any lag in
+  the statistics is a miss) are feasible; among them the one with the least optimistic energy wins (mean energy
+  - δ·Ē·sqrt(ln t / n), Ē the mean energy over the usable candidates, so δ means the same for time and energy).
+  None feasible: the fastest (least optimistic time). No requirement: the least optimistic energy among all.
 - Energy is what the outcome reports (inference and transmission from the candidate up). PerLLM's idle energy is
-  not a per-request quantity: it depends on how long servers sit idle, which one placement decision barely moves,
-  so the placement does not weigh it (the simulator reports it); PerLLM's ω weights would need the outcome to split
-  inference from transmission energy.
+  not a per-request quantity (servers draw it whether or not this request goes there), so the placement does not
+  weigh it; PerLLM's ω weights would need the outcome to split inference from transmission energy.
 - A failure (the candidate failed or timed out) counts as a miss taking at least `failure_seconds`.
-- Slow-down detector: `detect` outcomes in a row that lie more than three spreads (as above) from the window's mean
-  on the same side replace the window by those outcomes. An abrupt slow-down is thus noticed within `detect`
-  outcomes of the slowed candidate.
-- Recovery: a usable candidate not chosen in the last `probe` decisions is tried once (a probe); when the probe's
-  time lies more than three spreads from its stale window, the window restarts from the probe. A candidate that
-  recovered therefore wins traffic back within `probe` decisions plus a few outcomes to confirm it.
-- Untried usable candidates go first, in their order; ties go to the earlier candidate. The bandit itself is
+- Slowing down: with the margin above, one outcome far slower than the window moves the expected time past most
+  requirements at once; should it not, `detect` outcomes in a row more than three spreads above the window's mean
+  replace the window by those outcomes. A candidate that slows down abruptly thus loses its traffic within
+  `detect` of its outcomes (and after at most `window` whatever the change's shape).
+- Recovery: a usable candidate not chosen in the last `probe` decisions is tried once (a probe); a probe faster
+  than its stale window's mean restarts the window from the probe. A candidate that recovered therefore wins its
+  traffic back within `probe` decisions (the next probe), plus the outcomes in flight.
+- Untried usable candidates go first, in their order; ties go to the earlier candidate. The bandit is
   deterministic; the seed only serves `RandomPlacement`.
 """
 
@@ -48,7 +51,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Self
 
 from recserve.core.placement import Candidate, Placement, PlacementOutcome, PlacementRequest
-from recserve.policies.config import PolicyOption, at_least_one, option
+from recserve.policies.config import PolicyOption, at_least_one, option, share
 
 
 def _positive(value: float) -> str | None:
@@ -247,9 +250,9 @@ class CsUcbConfig(PlacementConfig):
     placement_delta: float = option(
         1.0, "CS-UCB exploration: δ of the confidence bound δ·sqrt(ln t / n)", check=_not_negative
     )
-    placement_window: int = option(30, "CS-UCB: outcomes kept per candidate (sliding window)", check=at_least_one)
+    placement_window: int = option(16, "CS-UCB: outcomes kept per candidate (sliding window)", check=at_least_one)
     placement_margin: float = option(
-        1.0, "CS-UCB: a candidate's expected time is its mean plus this many standard deviations", check=_not_negative
+        2.0, "CS-UCB: a candidate's expected time is its mean plus this many standard deviations", check=_not_negative
     )
     placement_detect: int = option(
         3, "CS-UCB: this many outlying outcomes in a row restart a candidate's window", check=at_least_one
@@ -259,6 +262,15 @@ class CsUcbConfig(PlacementConfig):
     )
     placement_failure_seconds: float = option(
         60.0, "CS-UCB: the time a failed request counts as taking, at least", check=_positive
+    )
+    placement_headroom: float = option(
+        0.25, "CS-UCB: the share of a request's requirement kept in reserve when judging a candidate", check=share
+    )
+    placement_load_weight: float = option(
+        1.0,
+        "CS-UCB: scale a candidate's expected time by ((1 + in flight now) / (1 + in flight at its outcomes)) to "
+        "this power (0: ignore this tier's load)",
+        check=_not_negative,
     )
 
     def build(self) -> CsUcbPlacement:
@@ -277,8 +289,8 @@ class _Arm:
     def __init__(self, window: int) -> None:
         self.times: deque[float] = deque(maxlen=window)
         self.energies: deque[float] = deque(maxlen=window)
-        self.outliers: list[tuple[float, float]] = []  # the current run of outcomes on one side of the mean
-        self.outlier_side = 0
+        self.loads: deque[int] = deque(maxlen=window)  # this tier's requests in flight there at each outcome
+        self.outliers: list[tuple[float, float, int]] = []  # the current run of outcomes on one side of the mean
         self.last_chosen = 0  # the decision that last chose it
         self.probing = False  # chosen as a probe: its window is stale
 
@@ -297,34 +309,39 @@ class _Arm:
     def energy_mean(self) -> float:
         return sum(self.energies) / len(self.energies)
 
-    def add(self, seconds: float, joules: float, detect: int) -> None:
+    def load_mean(self) -> float:
+        return sum(self.loads) / len(self.loads)
+
+    def add(self, seconds: float, joules: float, load: int, detect: int) -> None:
+        outcome = (seconds, joules, load)
+        probing, self.probing = self.probing, False
         if self.times:
             mean, spread = self.time_mean(), self.time_spread()
-            side = 0 if abs(seconds - mean) <= _CHANGE_SPREADS * spread else (1 if seconds > mean else -1)
-            if side and self.probing:
-                self.restart([(seconds, joules)])
-                self.probing = False
+            if probing and seconds < mean:  # a probe faster than its stale window: start again from the probe
+                self.restart([outcome])
                 return
-            if side and side == self.outlier_side:
-                self.outliers.append((seconds, joules))
+            if seconds > mean + _CHANGE_SPREADS * spread:  # slower: one more in the run
+                self.outliers.append(outcome)
+                if len(self.outliers) >= detect:
+                    self.restart(self.outliers)
+                    return
             else:
-                self.outliers = [(seconds, joules)] if side else []
-                self.outlier_side = side
-            if len(self.outliers) >= detect:
-                self.restart(self.outliers)
-                return
-        self.probing = False
+                self.outliers = []
+        self._append(outcome)
+
+    def _append(self, outcome: tuple[float, float, int]) -> None:
+        seconds, joules, load = outcome
         self.times.append(seconds)
         self.energies.append(joules)
+        self.loads.append(load)
 
-    def restart(self, outcomes: list[tuple[float, float]]) -> None:
+    def restart(self, outcomes: list[tuple[float, float, int]]) -> None:
         self.times.clear()
         self.energies.clear()
-        for seconds, joules in outcomes:
-            self.times.append(seconds)
-            self.energies.append(joules)
+        self.loads.clear()
+        for outcome in outcomes:
+            self._append(outcome)
         self.outliers = []
-        self.outlier_side = 0
 
 
 class CsUcbPlacement:
@@ -334,6 +351,7 @@ class CsUcbPlacement:
         self.config = config or CsUcbConfig()
         self._arms: dict[str, _Arm] = {}
         self._decisions = 0
+        self._in_flight: dict[int, int] = {}  # by candidate index, as `in_flight` reports it
 
     def _arm(self, candidate: Candidate) -> _Arm:
         arm = self._arms.get(candidate.name)
@@ -367,12 +385,17 @@ class CsUcbPlacement:
         for index, arm in arms.items():
             bonus = self.config.placement_delta * math.sqrt(log_t / arm.n)
             spread = arm.time_spread()
-            times[index] = arm.time_mean() + self.config.placement_margin * spread - bonus * spread
+            load = (
+                max(1.0, (1 + self._in_flight.get(index, 0)) / (1 + arm.load_mean()))
+                ** self.config.placement_load_weight
+            )
+            times[index] = (arm.time_mean() + self.config.placement_margin * spread - bonus * spread) * load
             energies[index] = arm.energy_mean() - bonus * energy_scale
         requirement = request.requirement_seconds
         if requirement is None:
             return min(arms, key=lambda index: (energies[index], index))
-        feasible = [index for index in arms if times[index] <= requirement]
+        limit = requirement * (1.0 - self.config.placement_headroom)
+        feasible = [index for index in arms if times[index] <= limit]
         if feasible:
             return min(feasible, key=lambda index: (energies[index], times[index], index))
         return min(arms, key=lambda index: (times[index], index))
@@ -383,10 +406,13 @@ class CsUcbPlacement:
         seconds = outcome.seconds
         if outcome.failed:
             seconds = max(seconds, self.config.placement_failure_seconds)
-        self._arm(candidates[chosen]).add(seconds, max(outcome.energy_joules, 0.0), self.config.placement_detect)
+        # The load it met: this tier's requests in flight there now (the request itself included, until its -1).
+        load = max(self._in_flight.get(chosen, 0) - 1, 0)
+        arm = self._arm(candidates[chosen])
+        arm.add(seconds, max(outcome.energy_joules, 0.0), load, self.config.placement_detect)
 
     def in_flight(self, chosen: int, delta: int) -> None:
-        return None
+        self._in_flight[chosen] = max(self._in_flight.get(chosen, 0) + delta, 0)
 
     def estimate(self, candidate: Candidate) -> tuple[float, float] | None:
         """The candidate's mean time (seconds) and energy (joules) over its window, or None before an outcome."""
