@@ -101,13 +101,26 @@ def test_cs_ucb_moves_off_a_server_that_slows_down_within_detect_outcomes_and_ba
     servers = {"edge": edge, "cloud": steady(0.8, 200.0, rng)}
     chosen = drive(CsUcbPlacement(config), servers, 700)
     assert Counter(chosen[100:200])["edge"] >= 95
-    # Slowed down: off the edge once `detect` slow outcomes restarted its window (a request or so of slack).
+    # Slowed down: off the edge within `detect` of its slow outcomes (one far-off outcome is enough at margin 2).
     assert Counter(chosen[200:205])["edge"] <= config.placement_detect + 1
     assert Counter(chosen[205:400])["edge"] <= 195 // config.placement_probe + 2  # probes only
     # Recovered: back on the edge within `probe` decisions (the first probe after 400), and staying.
     back = next(step for step in range(400, 700) if chosen[step] == "edge")
     assert back <= 400 + config.placement_probe + 1
     assert Counter(chosen[back + 5 : back + 105])["edge"] >= 95
+
+
+def test_cs_ucb_moves_off_a_candidate_whose_answers_stop_coming_back() -> None:
+    rng = random.Random(6)
+    placement = CsUcbPlacement()
+    drive(placement, {"edge": steady(1.0, 50.0, rng), "cloud": steady(0.8, 200.0, rng)}, 50)
+    assert placement.choose(REQUEST, TWO, [True, True]) == 0
+    for _ in range(3):  # sent to the edge, no answer yet: its expected time grows with this tier's load there
+        placement.in_flight(0, +1)
+    assert placement.choose(REQUEST, TWO, [True, True]) == 1
+    for _ in range(3):
+        placement.in_flight(0, -1)
+    assert placement.choose(REQUEST, TWO, [True, True]) == 0
 
 
 def test_cs_ucb_counts_a_failure_as_a_long_miss() -> None:

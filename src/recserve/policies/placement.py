@@ -290,7 +290,7 @@ class _Arm:
         self.times: deque[float] = deque(maxlen=window)
         self.energies: deque[float] = deque(maxlen=window)
         self.loads: deque[int] = deque(maxlen=window)  # this tier's requests in flight there at each outcome
-        self.outliers: list[tuple[float, float, int]] = []  # the current run of outcomes on one side of the mean
+        self.outliers: list[tuple[float, float, int]] = []  # the current run of outcomes far above the mean
         self.last_chosen = 0  # the decision that last chose it
         self.probing = False  # chosen as a probe: its window is stale
 
@@ -406,7 +406,8 @@ class CsUcbPlacement:
         seconds = outcome.seconds
         if outcome.failed:
             seconds = max(seconds, self.config.placement_failure_seconds)
-        # The load it met: this tier's requests in flight there now (the request itself included, until its -1).
+        # The load it met: this tier's other requests in flight there now (assuming the tier reports the outcome
+        # before the request's in_flight(-1); the other order counts one fewer, a small bias).
         load = max(self._in_flight.get(chosen, 0) - 1, 0)
         arm = self._arm(candidates[chosen])
         arm.add(seconds, max(outcome.energy_joules, 0.0), load, self.config.placement_detect)
