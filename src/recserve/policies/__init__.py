@@ -1,4 +1,5 @@
-"""Offload policies: given a tier's confidence, answer here or forward to the next tier.
+"""Offload policies: given a tier's confidence, answer here or forward to the next tier; and placement policies:
+which of the next-tier candidates a forwarded request goes to (recserve.policies.placement).
 
 Implements `recserve.core.offload.OffloadPolicy`. May import `recserve.core` only: the tiers, the live servers
 and the offline replay all build their policies here, each from its frozen configuration (`PolicyConfig`).
@@ -12,6 +13,15 @@ from typing import Any
 
 from recserve.policies.budget import BudgetConfig
 from recserve.policies.config import PolicyConfig, PolicyOption
+from recserve.policies.placement import (
+    DEFAULT_PLACEMENT,
+    PLACEMENT_CONFIGS,
+    PLACEMENT_NAMES,
+    PlacementConfig,
+    placement_config,
+    placement_config_type,
+    placement_options,
+)
 from recserve.policies.quality import QualityConfig
 from recserve.policies.simple import FixedConfig, ForwardAllConfig, LocalConfig, RecServeConfig
 
@@ -61,6 +71,9 @@ def _policies(names: list[str]) -> str:
 
 
 __all__ = [
+    "DEFAULT_PLACEMENT",
+    "PLACEMENT_CONFIGS",
+    "PLACEMENT_NAMES",
     "POLICY_ALIASES",
     "POLICY_CONFIGS",
     "POLICY_NAMES",
@@ -68,11 +81,15 @@ __all__ = [
     "FixedConfig",
     "ForwardAllConfig",
     "LocalConfig",
+    "PlacementConfig",
     "PolicyConfig",
     "PolicyOption",
     "QualityConfig",
     "RecServeConfig",
     "config_type",
+    "placement_config",
+    "placement_config_type",
+    "placement_options",
     "policy_config",
     "policy_options",
 ]

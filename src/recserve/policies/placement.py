@@ -1,0 +1,471 @@
+"""Placement policies: which next-tier candidate serves a forwarded request (after PerLLM, arXiv 2405.14636).
+
+Implements `recserve.core.placement.Placement`. Pure: no gRPC, no clock (time comes in the outcomes), randomness
+from a seed, so the live tiers and the discrete-event simulator (recserve.evaluation.placement_sim) drive the same
+objects. Each is built from a frozen configuration (`PlacementConfig`) whose fields are also command-line options.
+
+`CsUcbPlacement` is PerLLM's CS-UCB: an upper-confidence-bound bandit with a constraint-satisfaction step.
+PerLLM's arms are (server, resource choice) pairs. Here an arm is a candidate alone: a tier does not allocate its
+next tier's GPU share or batch slot (the next tier's engine schedules its own batch), so the resource dimension has
+nothing to act on from this side; a candidate that offers two resource shapes can be listed as two candidates.
+
+What PerLLM leaves open and what was chosen (docs/placement.md says more):
+
+- Statistics are per candidate, pooled over service classes and request sizes, over a sliding window of the
+  candidate's last `window` outcomes (sliding-window UCB).
+- The time a candidate is expected to take is its window's mean plus `margin` spreads (a tail, so that most
+  requests, not half, meet the requirement), where the spread is the window's standard deviation floored at a tenth
+  of its mean. The optimistic (lower-confidence-bound) time subtracts δ·spread·sqrt(ln t / n), t the decisions made
+  so far and n the candidate's outcomes in the window; it is then scaled up, never down, by this tier's load there:
+  ((1 + requests in flight there now) / (1 + the mean in flight at its window's outcomes)) ** `load_weight`, so a
+  candidate whose answers stop coming back looks slower before the late answers arrive (PerLLM's scheduler knows
+  each server's capacity; a tier knows only its own requests in flight).
+- Constraint satisfaction: candidates whose optimistic time is within the request's requirement less `headroom`
+  (a share kept in reserve: an energy-minimising choice otherwise rides the requirement's edge, where any lag in
+  the statistics is a miss) are feasible; among them the one with the least optimistic energy wins (mean energy
+  - δ·Ē·sqrt(ln t / n), Ē the mean energy over the usable candidates, so δ means the same for time and energy).
+  None feasible: the fastest (least optimistic time). No requirement: the least optimistic energy among all.
+- Energy is what the outcome reports (inference and transmission from the candidate up). PerLLM's idle energy is
+  not a per-request quantity (servers draw it whether or not this request goes there), so the placement does not
+  weigh it; PerLLM's ω weights would need the outcome to split inference from transmission energy.
+- A failure (the candidate failed or timed out) counts as a miss taking at least `failure_seconds`.
+- Slowing down: with the margin above, one outcome far slower than the window moves the expected time past most
+  requirements at once; should it not, `detect` outcomes in a row more than three spreads above the window's mean
+  replace the window by those outcomes. A candidate that slows down abruptly thus loses its traffic within
+  `detect` of its outcomes (and after at most `window` whatever the change's shape).
+- Recovery: a usable candidate not chosen in the last `probe` decisions is tried once (a probe); a probe faster
+  than its stale window's mean restarts the window from the probe. A candidate that recovered therefore wins its
+  traffic back within `probe` decisions (the next probe), plus the outcomes in flight.
+- Untried usable candidates go first, in their order; ties go to the earlier candidate. The bandit is
+  deterministic; the seed only serves `RandomPlacement`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self
+
+from recserve.core.placement import Candidate, Placement, PlacementOutcome, PlacementRequest
+from recserve.policies.config import PolicyOption, at_least_one, option, share
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementConfig(ABC):
+    """The configuration of one placement policy; subclasses are frozen dataclasses of `option` fields, named
+    `placement_*` so that they never clash with an offload policy's options."""
+
+    name: ClassVar[str]  # the `--placement` value
+
+    def __post_init__(self) -> None:
+        problems = list(self.problems())
+        if problems:
+            raise ValueError(f"{self.name} placement: {'; '.join(problems)}")
+
+    def problems(self) -> Iterator[str]:
+        for spec in self.options():
+            value = getattr(self, spec.name)
+            complaint = spec.check(value) if spec.check else None
+            if complaint:
+                yield f"{spec.name} {complaint}, got {spec.format(value)}"
+
+    @abstractmethod
+    def build(self) -> Placement:
+        """A new placement object, with no state yet."""
+
+    def serve_flags(self) -> list[str]:
+        """The `recserve serve` flags that make a tier build this configuration."""
+        flags = ["--placement", self.name]
+        for spec in self.options():
+            flags += [spec.flag, spec.format(getattr(self, spec.name))]
+        return flags
+
+    @classmethod
+    def options(cls) -> tuple[PolicyOption, ...]:
+        return tuple(PolicyOption.of(config_field) for config_field in fields(cls))
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> Self:
+        """The configuration with its options' values found in `values` (by option name), defaults for the rest."""
+        return cls(**{spec.name: values[spec.name] for spec in cls.options() if spec.name in values})
+
+
+def _usable(usable: Sequence[bool]) -> list[int]:
+    indices = [index for index, ok in enumerate(usable) if ok]
+    if not indices:
+        raise ValueError("placement: no usable candidate")
+    return indices
+
+
+class _Unlearning:
+    """Placements that learn nothing from outcomes and ignore load."""
+
+    def observe(
+        self, request: PlacementRequest, candidates: Sequence[Candidate], chosen: int, outcome: PlacementOutcome
+    ) -> None:
+        return None
+
+    def in_flight(self, chosen: int, delta: int) -> None:
+        return None
+
+
+# --- the baselines --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class FirstConfig(PlacementConfig):
+    name = "first"
+
+    def build(self) -> FirstPlacement:
+        return FirstPlacement()
+
+
+class FirstPlacement(_Unlearning):
+    """The first usable candidate: the plain cascade (the next tier, or the next usable one)."""
+
+    def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
+        return _usable(usable)[0]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RandomConfig(PlacementConfig):
+    name = "random"
+
+    placement_seed: int = option(0, "seed of the random placement")
+
+    def build(self) -> RandomPlacement:
+        return RandomPlacement(self.placement_seed)
+
+
+class RandomPlacement(_Unlearning):
+    """A usable candidate drawn uniformly, from a seeded generator."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._random = random.Random(seed)
+
+    def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
+        return self._random.choice(_usable(usable))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundRobinConfig(PlacementConfig):
+    name = "round-robin"
+
+    def build(self) -> RoundRobinPlacement:
+        return RoundRobinPlacement()
+
+
+class RoundRobinPlacement(_Unlearning):
+    """The usable candidate after the one chosen last, in the candidates' order, wrapping around."""
+
+    def __init__(self) -> None:
+        self._last = -1
+
+    def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
+        indices = _usable(usable)
+        chosen = next((index for index in indices if index > self._last), indices[0])
+        self._last = chosen
+        return chosen
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeastLoadedConfig(PlacementConfig):
+    name = "least-loaded"
+
+    def build(self) -> LeastLoadedPlacement:
+        return LeastLoadedPlacement()
+
+
+class LeastLoadedPlacement:
+    """The usable candidate with the fewest of this tier's requests in flight (from `in_flight`); ties to the
+    earlier candidate."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[int, int] = {}
+
+    def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
+        return min(_usable(usable), key=lambda index: (self._in_flight.get(index, 0), index))
+
+    def observe(
+        self, request: PlacementRequest, candidates: Sequence[Candidate], chosen: int, outcome: PlacementOutcome
+    ) -> None:
+        return None
+
+    def in_flight(self, chosen: int, delta: int) -> None:
+        self._in_flight[chosen] = max(self._in_flight.get(chosen, 0) + delta, 0)
+
+    def load(self, chosen: int) -> int:
+        return self._in_flight.get(chosen, 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeFirstConfig(PlacementConfig):
+    name = "edge-first"
+
+    def build(self) -> EdgeFirstPlacement:
+        return EdgeFirstPlacement()
+
+
+class EdgeFirstPlacement(_Unlearning):
+    """The first usable candidate of the lowest level (the nearest tier): cloud only when no edge is usable."""
+
+    def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
+        return min(_usable(usable), key=lambda index: (candidates[index].level, index))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudOnlyConfig(PlacementConfig):
+    name = "cloud-only"
+
+    def build(self) -> CloudOnlyPlacement:
+        return CloudOnlyPlacement()
+
+
+class CloudOnlyPlacement(_Unlearning):
+    """The first usable candidate of the highest level (the farthest tier, the cloud)."""
+
+    def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
+        return min(_usable(usable), key=lambda index: (-candidates[index].level, index))
+
+
+# --- CS-UCB ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CsUcbConfig(PlacementConfig):
+    name = "cs-ucb"
+
+    placement_delta: float = option(
+        1.0, "CS-UCB exploration: δ of the confidence bound δ·sqrt(ln t / n)", check=_not_negative
+    )
+    placement_window: int = option(16, "CS-UCB: outcomes kept per candidate (sliding window)", check=at_least_one)
+    placement_margin: float = option(
+        2.0, "CS-UCB: a candidate's expected time is its mean plus this many standard deviations", check=_not_negative
+    )
+    placement_detect: int = option(
+        3, "CS-UCB: this many outlying outcomes in a row restart a candidate's window", check=at_least_one
+    )
+    placement_probe: int = option(
+        100, "CS-UCB: a usable candidate not chosen in this many decisions is tried once", check=at_least_one
+    )
+    placement_failure_seconds: float = option(
+        60.0, "CS-UCB: the time a failed request counts as taking, at least", check=_positive
+    )
+    placement_headroom: float = option(
+        0.25, "CS-UCB: the share of a request's requirement kept in reserve when judging a candidate", check=share
+    )
+    placement_load_weight: float = option(
+        1.0,
+        "CS-UCB: scale a candidate's expected time by ((1 + in flight now) / (1 + in flight at its outcomes)) to "
+        "this power (0: ignore this tier's load)",
+        check=_not_negative,
+    )
+
+    def build(self) -> CsUcbPlacement:
+        return CsUcbPlacement(self)
+
+
+# How far (in spreads) an outcome must lie from its window's mean to count as a change, and the spread's floor
+# relative to the mean (a window of equal times would otherwise call any difference a change).
+_CHANGE_SPREADS = 3.0
+_SPREAD_FLOOR = 0.1
+
+
+class _Arm:
+    """What CS-UCB knows of one candidate: its last outcomes (seconds, joules) and the change detector's run."""
+
+    def __init__(self, window: int) -> None:
+        self.times: deque[float] = deque(maxlen=window)
+        self.energies: deque[float] = deque(maxlen=window)
+        self.loads: deque[int] = deque(maxlen=window)  # this tier's requests in flight there at each outcome
+        self.outliers: list[tuple[float, float, int]] = []  # the current run of outcomes far above the mean
+        self.last_chosen = 0  # the decision that last chose it
+        self.probing = False  # chosen as a probe: its window is stale
+
+    @property
+    def n(self) -> int:
+        return len(self.times)
+
+    def time_mean(self) -> float:
+        return sum(self.times) / len(self.times)
+
+    def time_spread(self) -> float:
+        mean = self.time_mean()
+        variance = sum((time - mean) ** 2 for time in self.times) / len(self.times)
+        return max(math.sqrt(variance), _SPREAD_FLOOR * mean)
+
+    def energy_mean(self) -> float:
+        return sum(self.energies) / len(self.energies)
+
+    def load_mean(self) -> float:
+        return sum(self.loads) / len(self.loads)
+
+    def add(self, seconds: float, joules: float, load: int, detect: int) -> None:
+        outcome = (seconds, joules, load)
+        probing, self.probing = self.probing, False
+        if self.times:
+            mean, spread = self.time_mean(), self.time_spread()
+            if probing and seconds < mean:  # a probe faster than its stale window: start again from the probe
+                self.restart([outcome])
+                return
+            if seconds > mean + _CHANGE_SPREADS * spread:  # slower: one more in the run
+                self.outliers.append(outcome)
+                if len(self.outliers) >= detect:
+                    self.restart(self.outliers)
+                    return
+            else:
+                self.outliers = []
+        self._append(outcome)
+
+    def _append(self, outcome: tuple[float, float, int]) -> None:
+        seconds, joules, load = outcome
+        self.times.append(seconds)
+        self.energies.append(joules)
+        self.loads.append(load)
+
+    def restart(self, outcomes: list[tuple[float, float, int]]) -> None:
+        self.times.clear()
+        self.energies.clear()
+        self.loads.clear()
+        for outcome in outcomes:
+            self._append(outcome)
+        self.outliers = []
+
+
+class CsUcbPlacement:
+    """PerLLM's CS-UCB over a tier's candidates (module docstring: what was chosen where PerLLM is silent)."""
+
+    def __init__(self, config: CsUcbConfig | None = None) -> None:
+        self.config = config or CsUcbConfig()
+        self._arms: dict[str, _Arm] = {}
+        self._decisions = 0
+        self._in_flight: dict[int, int] = {}  # by candidate index, as `in_flight` reports it
+
+    def _arm(self, candidate: Candidate) -> _Arm:
+        arm = self._arms.get(candidate.name)
+        if arm is None:
+            arm = self._arms[candidate.name] = _Arm(self.config.placement_window)
+        return arm
+
+    def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
+        self._decisions += 1
+        indices = _usable(usable)
+        arms = {index: self._arm(candidates[index]) for index in indices}
+        chosen = self._pick(request, arms)
+        arms[chosen].last_chosen = self._decisions
+        return chosen
+
+    def _pick(self, request: PlacementRequest, arms: dict[int, _Arm]) -> int:
+        for index, arm in arms.items():
+            if arm.n == 0:
+                return index
+        stale = [
+            index for index, arm in arms.items() if self._decisions - arm.last_chosen > self.config.placement_probe
+        ]
+        if len(stale) < len(arms) and stale:  # when all are stale there is nothing to compare them with
+            index = min(stale, key=lambda index: (arms[index].last_chosen, index))
+            arms[index].probing = True
+            return index
+        log_t = math.log(max(self._decisions, 2))
+        energy_scale = sum(arm.energy_mean() for arm in arms.values()) / len(arms)
+        times: dict[int, float] = {}
+        energies: dict[int, float] = {}
+        for index, arm in arms.items():
+            bonus = self.config.placement_delta * math.sqrt(log_t / arm.n)
+            spread = arm.time_spread()
+            load = (
+                max(1.0, (1 + self._in_flight.get(index, 0)) / (1 + arm.load_mean()))
+                ** self.config.placement_load_weight
+            )
+            times[index] = (arm.time_mean() + self.config.placement_margin * spread - bonus * spread) * load
+            energies[index] = arm.energy_mean() - bonus * energy_scale
+        requirement = request.requirement_seconds
+        if requirement is None:
+            return min(arms, key=lambda index: (energies[index], index))
+        limit = requirement * (1.0 - self.config.placement_headroom)
+        feasible = [index for index in arms if times[index] <= limit]
+        if feasible:
+            return min(feasible, key=lambda index: (energies[index], times[index], index))
+        return min(arms, key=lambda index: (times[index], index))
+
+    def observe(
+        self, request: PlacementRequest, candidates: Sequence[Candidate], chosen: int, outcome: PlacementOutcome
+    ) -> None:
+        seconds = outcome.seconds
+        if outcome.failed:
+            seconds = max(seconds, self.config.placement_failure_seconds)
+        # The load it met: this tier's other requests in flight there now (assuming the tier reports the outcome
+        # before the request's in_flight(-1); the other order counts one fewer, a small bias).
+        load = max(self._in_flight.get(chosen, 0) - 1, 0)
+        arm = self._arm(candidates[chosen])
+        arm.add(seconds, max(outcome.energy_joules, 0.0), load, self.config.placement_detect)
+
+    def in_flight(self, chosen: int, delta: int) -> None:
+        self._in_flight[chosen] = max(self._in_flight.get(chosen, 0) + delta, 0)
+
+    def estimate(self, candidate: Candidate) -> tuple[float, float] | None:
+        """The candidate's mean time (seconds) and energy (joules) over its window, or None before an outcome."""
+        arm = self._arms.get(candidate.name)
+        return (arm.time_mean(), arm.energy_mean()) if arm and arm.n else None
+
+
+# --- the registry ---------------------------------------------------------------------------------------------
+
+PLACEMENT_CONFIGS: tuple[type[PlacementConfig], ...] = (
+    CsUcbConfig,
+    RandomConfig,
+    RoundRobinConfig,
+    LeastLoadedConfig,
+    EdgeFirstConfig,
+    CloudOnlyConfig,
+    FirstConfig,
+)
+PLACEMENT_NAMES = tuple(config.name for config in PLACEMENT_CONFIGS)
+DEFAULT_PLACEMENT = FirstConfig.name  # today's behaviour: the first usable candidate
+
+
+def placement_config_type(name: str) -> type[PlacementConfig]:
+    for config in PLACEMENT_CONFIGS:
+        if name == config.name:
+            return config
+    raise ValueError(f"unknown placement {name!r}; choose one of: {', '.join(PLACEMENT_NAMES)}")
+
+
+def placement_config(name: str, values: Mapping[str, Any] | None = None) -> PlacementConfig:
+    """The configuration of placement `name` from the values of its options in `values`, defaults for the rest."""
+    return placement_config_type(name).from_values(values or {})
+
+
+def placement_options() -> tuple[PolicyOption, ...]:
+    """Every placement option once, its help prefixed by the placements that take it."""
+    options: dict[str, PolicyOption] = {}
+    takers: dict[str, list[str]] = {}
+    for config in PLACEMENT_CONFIGS:
+        for spec in config.options():
+            if options.setdefault(spec.name, spec) != spec:
+                raise TypeError(f"the {config.name} placement's {spec.name} differs from another placement's")
+            takers.setdefault(spec.name, []).append(config.name)
+    return tuple(
+        PolicyOption(
+            spec.name,
+            spec.default,
+            f"{', '.join(takers[name])} placement: {spec.help}",
+            spec.parse,
+            spec.text,
+            spec.check,
+            spec.in_eval,
+        )
+        for name, spec in options.items()
+    )
