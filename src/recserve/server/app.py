@@ -124,6 +124,7 @@ async def start_tier(
         max_forwarding=settings.forward_slots,
         callers=settings.caller_names,
         links=_links(settings, upstream_auth_token),
+        placement=settings.placement.build(),
         energy=settings.energy_model,
         power=detect_power_reader() if settings.power_reader == "auto" else None,
     )
@@ -169,13 +170,14 @@ async def start_tier(
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
-        "tier %s serving on port %d (metrics %s, next %s, engine %s, policy %s)",
+        "tier %s serving on port %d (metrics %s, next %s, engine %s, policy %s, placement %s)",
         settings.tier,
         port,
         running.metrics_port or "off",
-        settings.next or "none",
+        ", ".join(c.name or c.address for c in settings.candidates) or "none",
         settings.engine,
         settings.policy.name,
+        settings.placement.name,
     )
     return running
 

@@ -24,6 +24,13 @@ from recserve.policies import (
     policy_config,
     policy_options,
 )
+from recserve.policies.placement import (
+    DEFAULT_PLACEMENT,
+    PLACEMENT_NAMES,
+    PlacementConfig,
+    placement_config,
+    placement_options,
+)
 
 ENV_PREFIX = "RECSERVE_"
 INVALID = "invalid settings: "
@@ -162,6 +169,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("policy", str, "recserve", "offload policy", POLICY_NAMES, tuple(POLICY_ALIASES.items())),
     *map(Option.of_policy, policy_options()),
+    Option(
+        "placement",
+        str,
+        DEFAULT_PLACEMENT,
+        "which next-tier candidate a forwarded request goes to (with several --next or --skip-to); first: the first "
+        "usable one, as a plain cascade; docs/placement.md",
+        PLACEMENT_NAMES,
+    ),
+    *map(Option.of_policy, placement_options()),
     Option("scorer", str, "perplexity", "confidence scorer for GENERATE tasks", tuple(GENERATE_SCORERS)),
     Option("choice_scorer", str, "option_probability", "confidence scorer for CHOICE tasks", tuple(CHOICE_SCORERS)),
     Option("max_prompt_chars", int, TierLimits.max_prompt_chars, "longest prompt + system prompt accepted"),
@@ -257,6 +273,7 @@ class TierSettings:
     power_reader: str
     replay_delay_seconds: float
     policy: PolicyConfig  # from --policy and that policy's options (the other policies' are ignored)
+    placement: PlacementConfig  # from --placement and its options
     scorer: str
     choice_scorer: str
     max_prompt_chars: int
@@ -495,17 +512,25 @@ def from_namespace(namespace: argparse.Namespace) -> TierSettings:
 def _settings(values: dict[str, Any]) -> TierSettings:
     """Settings from every option's value by name: `policy` and its options make the policy's configuration.
     What is wrong with the policy's options and with the others is said in one message."""
-    others = {f.name: values[f.name] for f in fields(TierSettings) if f.name != "policy"}
+    others = {f.name: values[f.name] for f in fields(TierSettings) if f.name not in ("policy", "placement")}
+    problems = []
+    policy: PolicyConfig = LocalConfig()  # a valid stand-in, to check the other settings too
+    placement = placement_config(DEFAULT_PLACEMENT)
     try:
         policy = policy_config(values["policy"], values)
     except ValueError as exc:
-        problems = [str(exc)]
-        try:
-            TierSettings(**others, policy=LocalConfig())  # a valid stand-in, to check the other settings too
-        except ValueError as other:
-            problems.append(str(other).removeprefix(INVALID))
-        raise ValueError(INVALID + "; ".join(problems)) from None
-    return TierSettings(**others, policy=policy)
+        problems.append(str(exc))
+    try:
+        placement = placement_config(values["placement"], values)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if not problems:
+        return TierSettings(**others, policy=policy, placement=placement)
+    try:
+        TierSettings(**others, policy=policy, placement=placement)
+    except ValueError as other:
+        problems.append(str(other).removeprefix(INVALID))
+    raise ValueError(INVALID + "; ".join(problems)) from None
 
 
 def settings_table(options: Sequence[Option] = OPTIONS) -> str:
