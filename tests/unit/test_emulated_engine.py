@@ -186,6 +186,15 @@ async def test_concurrent_requests_beyond_the_batch_limit_queue() -> None:
     assert engine.busy_seconds == pytest.approx(4 * (0.2 + 4 * 0.01 / 2) + (0.2 + 4 * 0.01))
 
 
+async def test_replicas_serve_side_by_side_each_at_its_own_batch() -> None:
+    clock = VirtualClock()
+    engine = EmulatedEngine(FakeEngine(DELTAS, ANSWER), PROFILE, clock=clock.time, sleep=clock.sleep, replicas=2)
+    await clock.run(asyncio.gather(*(engine.generate(GenerationRequest(prompt="q")) for _ in range(8))))
+    # Eight at once on two servers of four: no queue, each step at a batch of four, 25 ms.
+    assert clock.now == pytest.approx(0.2 + 4 * 0.025)
+    assert engine.queued == 0
+
+
 async def test_the_step_cost_grows_with_the_batch() -> None:
     clock = VirtualClock()
     engine = emulated(clock)

@@ -28,3 +28,4 @@ class EngineConfig:
     # Any engine: answer as the chosen engine does but take the time of a server of this profile (a name of
     # recserve.engines.profiles.PROFILES: phone, edge-box, edge-gpu, cloud-gpu, ...); "": the engine's own time.
     emulate: str = ""
+    emulate_replicas: int = 1  # servers of the emulated profile behind the tier

@@ -60,9 +60,15 @@ class EmulatedEngine:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        replicas: int = 1,
     ) -> None:
+        """`replicas`: identical servers behind the tier, requests spread evenly over them (a device tier that stands
+        for a fleet of phones, each serving its own user)."""
+        if replicas < 1:
+            raise ValueError("an emulated tier needs at least one replica")
         self.inner = inner
         self.profile = profile
+        self.replicas = replicas
         self.name = inner.name
         self.aborted = 0
         self.busy_seconds = 0.0  # the server's busy time so far: the sum of every request's share
@@ -89,7 +95,7 @@ class EmulatedEngine:
         return await collect(self.stream(request))
 
     async def _admit(self) -> None:
-        if self.running < self.profile.batch_limit and not self._waiters:
+        if self.running < self.profile.batch_limit * self.replicas and not self._waiters:
             self.running += 1
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -146,7 +152,7 @@ class EmulatedEngine:
             # Steps after the last delta (tokens without text: an end-of-generation token, a held-back tail).
             for delta, tokens in [*zip(deltas, counts[:-1], strict=True), (None, counts[-1])]:
                 for _ in range(tokens):
-                    batch = max(self.running, 1)
+                    batch = max(-(-self.running // self.replicas), 1)  # on each replica
                     batch_max = max(batch_max, batch)
                     step = profile.step_seconds(batch)
                     deadline += step

@@ -148,6 +148,12 @@ OPTIONS: tuple[Option, ...] = (
         + ", ".join(PROFILES)
         + "; empty: the engine's own",
     ),
+    Option(
+        "emulate_replicas",
+        int,
+        1,
+        "--emulate: identical servers of the profile behind this tier, e.g. a device tier standing for many phones",
+    ),
     Option("busy_watts", float, 0.0, "energy: power above idle while the engine generates (0: the profile's, or none)"),
     Option("idle_watts", float, 0.0, "energy: power while idle, accounted over wall time (0: the profile's, or none)"),
     Option("joules_per_token", float, 0.0, "energy: joules per generated token, on top of busy_watts"),
@@ -266,6 +272,7 @@ class TierSettings:
     api_key: str
     request_timeout: float
     emulate: str
+    emulate_replicas: int
     busy_watts: float
     idle_watts: float
     joules_per_token: float
@@ -343,6 +350,8 @@ class TierSettings:
             yield f"max_num_seqs must not be negative, got {self.max_num_seqs}"
         if self.request_timeout <= 0:
             yield f"request_timeout must be positive, got {self.request_timeout}"
+        if self.emulate_replicas < 1:
+            yield f"emulate_replicas must be at least 1, got {self.emulate_replicas}"
         if self.emulate and self.emulate not in PROFILES:
             yield f"--emulate: unknown server profile {self.emulate!r}; choose one of: {', '.join(PROFILES)}"
         for name in ("busy_watts", "idle_watts", "joules_per_token", "joules_per_byte"):
@@ -431,6 +440,7 @@ class TierSettings:
             request_timeout=self.request_timeout,
             replay_delay_seconds=self.replay_delay_seconds,
             emulate=self.emulate,
+            emulate_replicas=self.emulate_replicas,
         )
 
     @property
