@@ -22,12 +22,10 @@ import json
 import random
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from recserve.client.trace_client import TraceClient
 from recserve.core.traces import BUNDLED_TRACE, TraceQuery, TraceSet
@@ -58,7 +56,6 @@ class Point:
     accuracy: float
     bytes_per_request: float
     joules_per_request: float  # inference and transmission, from the hop records
-    idle_joules_per_request: float
     p50_seconds: float
     p95_seconds: float
     shares: dict[str, float]  # where the device's forwarded requests went, and the device itself
@@ -90,17 +87,6 @@ class Stack:
         if index in (1, 2):
             return ["--next", cloud, "--callers", "device"]
         return ["--callers", "edge-a,edge-b,device"]
-
-    def idle_joules(self) -> float:
-        total = 0.0
-        for port in self.processes.metrics_ports:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-                text = reply.read().decode()
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "recserve_energy_joules_total" and sample.labels.get("kind") == "idle":
-                        total += sample.value
-        return total
 
 
 def requirement(rng: random.Random) -> tuple[str, float]:
@@ -147,7 +133,7 @@ async def run_rate(
         return results, time.perf_counter() - started
 
 
-def summarise(policy: str, rate: float, results: list, client: TraceClient, idle: float) -> Point:  # type: ignore[type-arg]
+def summarise(policy: str, rate: float, results: list, client: TraceClient) -> Point:  # type: ignore[type-arg]
     answered = [(q, r, latency, limit) for q, r, latency, limit in results if r is not None]
     met = sum(latency <= limit for _, r, latency, limit in results if r is not None) / max(len(results), 1)
     verdicts = [client.trace_set.answers[q.key][MODEL_OF[r.answered_by]].correct for q, r, _, _ in answered]
@@ -169,7 +155,6 @@ def summarise(policy: str, rate: float, results: list, client: TraceClient, idle
         accuracy=sum(judged) / max(len(judged), 1),
         bytes_per_request=sum(sizes) / count,
         joules_per_request=sum(joules) / count,
-        idle_joules_per_request=idle / max(len(results), 1),
         p50_seconds=latencies[len(latencies) // 2],
         p95_seconds=latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
         shares={k: v / count for k, v in sorted(places.items())},
@@ -192,9 +177,8 @@ def measure(policy: str, args: argparse.Namespace, logs: Path) -> list[Point]:
         # Warm-up at a low rate: every placement learns from the same start.
         asyncio.run(run_rate(target, client, queries, args.rates[0], args.warmup, seed=args.seed - 1))
         for index, rate in enumerate(args.rates):
-            idle_before = stack.idle_joules()
             results, _ = asyncio.run(run_rate(target, client, queries, rate, args.seconds, seed=args.seed + index))
-            point = summarise(policy, rate, results, client, stack.idle_joules() - idle_before)
+            point = summarise(policy, rate, results, client)
             points.append(point)
             print(
                 f"  {policy:>12} {rate:6.1f}/s: met {point.met:.3f}, {point.joules_per_request:8.2f} J/req, "
@@ -235,8 +219,9 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
     print(f"\nrates {args.rates} req/s, {args.seconds:.0f} s each; requirement classes {CLASSES}")
-    print(f"{'placement':>12}  {'sustained at 95% met':>20}  {'J/req (infer+tran)':>18}  {'idle J/req':>10}  "
-          f"{'accuracy':>8}  {'bytes/req':>9}")  # fmt: skip
+    # Idle power is left out: every server is on whatever the placement (EnergyModel: busy power is above idle).
+    print(f"{'placement':>12}  {'sustained at 95% met':>20}  {'J/req (infer+tran)':>18}  {'accuracy':>8}  "
+          f"{'bytes/req':>9}")  # fmt: skip
     summary = {}
     for policy in args.policies:
         mine = [p for p in points if p.policy == policy]
@@ -244,7 +229,7 @@ def main() -> None:
         summary[policy] = (sustained(mine), at_low)
         print(
             f"{policy:>12}  {sustained(mine):>20.1f}  {at_low.joules_per_request:>18.2f}  "
-            f"{at_low.idle_joules_per_request:>10.2f}  {at_low.accuracy:>8.3f}  {at_low.bytes_per_request:>9.0f}"
+            f"{at_low.accuracy:>8.3f}  {at_low.bytes_per_request:>9.0f}"
         )
     if "cs-ucb" in summary:
         baselines = {p: s for p, (s, _) in summary.items() if p != "cs-ucb"}
