@@ -195,6 +195,15 @@ async def test_replicas_serve_side_by_side_each_at_its_own_batch() -> None:
     assert engine.queued == 0
 
 
+async def test_a_slowed_server_takes_longer_in_wall_time_but_spends_the_profiles_energy() -> None:
+    clock = VirtualClock()
+    engine = EmulatedEngine(FakeEngine(DELTAS, ANSWER), PROFILE, clock=clock.time, sleep=clock.sleep, speed=0.5)
+    generation = await clock.run(engine.generate(GenerationRequest(prompt="q")))
+    assert clock.now == pytest.approx(2 * 0.24)
+    assert float(generation.metadata["emulated_busy_seconds"]) == pytest.approx(0.24)
+    assert float(generation.metadata["emulated_joules"]) == pytest.approx(24.0)
+
+
 async def test_the_step_cost_grows_with_the_batch() -> None:
     clock = VirtualClock()
     engine = emulated(clock)

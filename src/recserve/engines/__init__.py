@@ -23,7 +23,9 @@ def create_engine(name: str, config: EngineConfig) -> Engine:
     from recserve.engines.profiles import get_profile
 
     profile = get_profile(config.emulate)  # before the engine is built: a wrong name fails fast
-    return EmulatedEngine(_create_engine(name, config), profile, replicas=config.emulate_replicas)
+    return EmulatedEngine(
+        _create_engine(name, config), profile, replicas=config.emulate_replicas, speed=config.emulate_speed
+    )
 
 
 def _create_engine(name: str, config: EngineConfig) -> Engine:

@@ -29,3 +29,4 @@ class EngineConfig:
     # recserve.engines.profiles.PROFILES: phone, edge-box, edge-gpu, cloud-gpu, ...); "": the engine's own time.
     emulate: str = ""
     emulate_replicas: int = 1  # servers of the emulated profile behind the tier
+    emulate_speed: float = 1.0  # wall-time speed of the emulated server against its profile

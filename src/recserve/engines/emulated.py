@@ -61,11 +61,15 @@ class EmulatedEngine:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         replicas: int = 1,
+        speed: float = 1.0,
     ) -> None:
         """`replicas`: identical servers behind the tier, requests spread evenly over them (a device tier that stands
-        for a fleet of phones, each serving its own user)."""
-        if replicas < 1:
-            raise ValueError("an emulated tier needs at least one replica")
+        for a fleet of phones, each serving its own user). `speed`: the server runs this many times as fast as its
+        profile in wall time (0.25: four times as slow), while busy time and energy stay the profile's; a
+        benchmark slows every tier alike to reach the servers' saturation at rates its own processes can drive."""
+        if replicas < 1 or not speed > 0:
+            raise ValueError("an emulated tier needs at least one replica and a positive speed")
+        self.speed = speed
         self.inner = inner
         self.profile = profile
         self.replicas = replicas
@@ -143,7 +147,7 @@ class EmulatedEngine:
                 raise EngineError("the engine's stream ended without a final generation")
             prompt_tokens = final.prompt_tokens or -(-len(_prompt_text(request)) // CHARS_PER_TOKEN)
             prefill = profile.prefill_seconds(prompt_tokens)
-            deadline = admitted_at + prefill
+            deadline = admitted_at + prefill / self.speed
             busy = prefill
             joules = prefill * max(profile.watts(1) - profile.idle_watts, 0.0)
             batch_max = 1
@@ -155,7 +159,7 @@ class EmulatedEngine:
                     batch = max(-(-self.running // self.replicas), 1)  # on each replica
                     batch_max = max(batch_max, batch)
                     step = profile.step_seconds(batch)
-                    deadline += step
+                    deadline += step / self.speed
                     busy += step / batch
                     joules += step / batch * max(profile.watts(batch) - profile.idle_watts, 0.0)
                 await self._until(deadline)

@@ -154,6 +154,13 @@ OPTIONS: tuple[Option, ...] = (
         1,
         "--emulate: identical servers of the profile behind this tier, e.g. a device tier standing for many phones",
     ),
+    Option(
+        "emulate_speed",
+        float,
+        1.0,
+        "--emulate: wall-time speed against the profile (0.25: four times as slow; busy time and energy stay the "
+        "profile's), to reach saturation at rates a benchmark's processes can drive",
+    ),
     Option("busy_watts", float, 0.0, "energy: power above idle while the engine generates (0: the profile's, or none)"),
     Option("idle_watts", float, 0.0, "energy: power while idle, accounted over wall time (0: the profile's, or none)"),
     Option("joules_per_token", float, 0.0, "energy: joules per generated token, on top of busy_watts"),
@@ -273,6 +280,7 @@ class TierSettings:
     request_timeout: float
     emulate: str
     emulate_replicas: int
+    emulate_speed: float
     busy_watts: float
     idle_watts: float
     joules_per_token: float
@@ -350,6 +358,8 @@ class TierSettings:
             yield f"max_num_seqs must not be negative, got {self.max_num_seqs}"
         if self.request_timeout <= 0:
             yield f"request_timeout must be positive, got {self.request_timeout}"
+        if not (math.isfinite(self.emulate_speed) and self.emulate_speed > 0):
+            yield f"emulate_speed must be positive, got {self.emulate_speed}"
         if self.emulate_replicas < 1:
             yield f"emulate_replicas must be at least 1, got {self.emulate_replicas}"
         if self.emulate and self.emulate not in PROFILES:
@@ -441,6 +451,7 @@ class TierSettings:
             replay_delay_seconds=self.replay_delay_seconds,
             emulate=self.emulate,
             emulate_replicas=self.emulate_replicas,
+            emulate_speed=self.emulate_speed,
         )
 
     @property
