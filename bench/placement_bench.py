@@ -61,9 +61,9 @@ class Point:
     shares: dict[str, float]  # where the device's forwarded requests went, and the device itself
 
 
-def tier_arguments(policy: str, beta: float) -> list[list[str]]:
+def tier_arguments(policy: str, beta: float, speed: float) -> list[list[str]]:
     replay = ["--engine", "replay", "--traces", str(BUNDLED_TRACE), "--policy", "recserve", "--beta", str(beta),
-              "--max-in-flight", "4096", "--forward-timeout", "60"]  # fmt: skip
+              "--max-in-flight", "4096", "--forward-timeout", "120", "--emulate-speed", str(speed)]  # fmt: skip
     phones = ["--emulate", "phone", "--emulate-replicas", str(PHONES), "--placement", policy]
     return [
         ["--tier", "device", *replay, "--trace-model", CHAIN[0], *phones],
@@ -76,8 +76,8 @@ def tier_arguments(policy: str, beta: float) -> list[list[str]]:
 class Stack:
     """The four tier processes, wired device -> {edge-a, edge-b} -> cloud and device -> cloud."""
 
-    def __init__(self, policy: str, beta: float, logs: Path) -> None:
-        self.processes = TierProcesses(tier_arguments(policy, beta), logs, wiring=self._wire)
+    def __init__(self, policy: str, beta: float, speed: float, logs: Path) -> None:
+        self.processes = TierProcesses(tier_arguments(policy, beta, speed), logs, wiring=self._wire)
 
     @staticmethod
     def _wire(index: int, ports: list[int]) -> list[str]:
@@ -89,17 +89,18 @@ class Stack:
         return ["--callers", "edge-a,edge-b,device"]
 
 
-def requirement(rng: random.Random) -> tuple[str, float]:
+def requirement(rng: random.Random, speed: float) -> tuple[str, float]:
+    """A service class and its requirement, in the wall time of servers running at `speed`."""
     draw = rng.random()
     for name, (share, seconds) in CLASSES.items():
         if draw < share:
-            return name, seconds
+            return name, seconds / speed
         draw -= share
-    return "batch", CLASSES["batch"][1]
+    return "batch", CLASSES["batch"][1] / speed
 
 
 async def run_rate(
-    target: str, client: TraceClient, queries: list[TraceQuery], rate: float, seconds: float, seed: int
+    target: str, client: TraceClient, queries: list[TraceQuery], rate: float, seconds: float, seed: int, speed: float
 ) -> tuple[list[tuple[TraceQuery, pb.InferResponse | None, float, float]], float]:
     """Poisson arrivals at `rate` for `seconds`: (query, response or None, latency, requirement) per request."""
     rng = random.Random(seed)
@@ -127,7 +128,7 @@ async def run_rate(
             if clock > seconds:
                 break
             await asyncio.sleep(max(0.0, started + clock - time.perf_counter()))
-            service_class, limit = requirement(rng)
+            service_class, limit = requirement(rng, speed)
             tasks.append(asyncio.ensure_future(one(rng.choice(queries), service_class, limit)))
         await asyncio.gather(*tasks)
         return results, time.perf_counter() - started
@@ -169,15 +170,17 @@ def measure(policy: str, args: argparse.Namespace, logs: Path) -> list[Point]:
         if q.split == "test" and all(trace_set.answers[q.key][m].tokens_out <= MAX_ANSWER_TOKENS for m in CHAIN)
     ]
     client = TraceClient(trace_set, CHAIN)
-    stack = Stack(policy, args.beta, logs)
+    stack = Stack(policy, args.beta, args.speed, logs)
     points = []
     try:
         stack.processes.start(timeout=120.0)
         target = f"127.0.0.1:{stack.processes.ports[0]}"
         # Warm-up at a low rate: every placement learns from the same start.
-        asyncio.run(run_rate(target, client, queries, args.rates[0], args.warmup, seed=args.seed - 1))
+        asyncio.run(run_rate(target, client, queries, args.rates[0], args.warmup, args.seed - 1, args.speed))
         for index, rate in enumerate(args.rates):
-            results, _ = asyncio.run(run_rate(target, client, queries, rate, args.seconds, seed=args.seed + index))
+            results, _ = asyncio.run(
+                run_rate(target, client, queries, rate, args.seconds, args.seed + index, args.speed)
+            )
             point = summarise(policy, rate, results, client)
             points.append(point)
             print(
@@ -208,6 +211,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of arrivals at the first rate, unmeasured")
     parser.add_argument("--beta", type=float, default=0.5, help="RecServe's beta at every tier")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=0.25,
+        help="every server's wall-time speed against its profile, requirements scaled alike: a rate r here is r / "
+        "speed at full speed (the tiers' Python processes on a small host cannot drive the full-speed rates)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every point here")
     args = parser.parse_args()
     points: list[Point] = []
@@ -218,7 +228,8 @@ def main() -> None:
             points += measure(policy, args, logs)
     if args.json:
         args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
-    print(f"\nrates {args.rates} req/s, {args.seconds:.0f} s each; requirement classes {CLASSES}")
+    print(f"\nrates {args.rates} req/s at speed {args.speed} ({[r / args.speed for r in args.rates]} req/s at full "
+          f"speed), {args.seconds:.0f} s each; requirement classes at full speed {CLASSES}")  # fmt: skip
     # Idle power is left out: every server is on whatever the placement (EnergyModel: busy power is above idle).
     print(f"{'placement':>12}  {'sustained at 95% met':>20}  {'J/req (infer+tran)':>18}  {'accuracy':>8}  "
           f"{'bytes/req':>9}")  # fmt: skip
