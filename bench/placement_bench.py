@@ -34,7 +34,10 @@ from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
 CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
-POLICIES = ("cs-ucb", "first", "random", "round-robin", "least-loaded", "edge-first", "cloud-only")
+POLICIES = ("cs-ucb", "first", "random", "round-robin", "least-loaded", "edge-first", "cloud-only", "cloud-serving")
+# Not a placement: every request straight to the cloud (OFFLOAD_MODE_LAST_TIER through the cloud-only placement),
+# the cloud-only serving that the energy goal is measured against.
+CLOUD_SERVING = "cloud-serving"
 # Service classes: (share of requests, requirement in seconds).
 CLASSES = {"interactive": (0.8, 1.5), "batch": (0.2, 10.0)}
 # The device tier stands for this many phones, each serving its own user: the device's own answers never queue.
@@ -64,7 +67,8 @@ class Point:
 def tier_arguments(policy: str, beta: float, speed: float) -> list[list[str]]:
     replay = ["--engine", "replay", "--traces", str(BUNDLED_TRACE), "--policy", "recserve", "--beta", str(beta),
               "--max-in-flight", "4096", "--forward-timeout", "120", "--emulate-speed", str(speed)]  # fmt: skip
-    phones = ["--emulate", "phone", "--emulate-replicas", str(PHONES), "--placement", policy]
+    placement = "cloud-only" if policy == CLOUD_SERVING else policy
+    phones = ["--emulate", "phone", "--emulate-replicas", str(PHONES), "--placement", placement]
     return [
         ["--tier", "device", *replay, "--trace-model", CHAIN[0], *phones],
         ["--tier", "edge-a", *replay, "--trace-model", CHAIN[1], "--emulate", "edge-box"],
@@ -100,7 +104,14 @@ def requirement(rng: random.Random, speed: float) -> tuple[str, float]:
 
 
 async def run_rate(
-    target: str, client: TraceClient, queries: list[TraceQuery], rate: float, seconds: float, seed: int, speed: float
+    target: str,
+    client: TraceClient,
+    queries: list[TraceQuery],
+    rate: float,
+    seconds: float,
+    seed: int,
+    speed: float,
+    offload: int = pb.OFFLOAD_MODE_AUTO,
 ) -> tuple[list[tuple[TraceQuery, pb.InferResponse | None, float, float]], float]:
     """Poisson arrivals at `rate` for `seconds`: (query, response or None, latency, requirement) per request."""
     rng = random.Random(seed)
@@ -112,6 +123,7 @@ async def run_rate(
             request = client.request(query)
             request.requirement_seconds = limit
             request.service_class = service_class
+            request.offload = offload  # type: ignore[assignment]
             started = time.perf_counter()
             try:
                 response = await stub.Infer(request, timeout=120)
@@ -176,11 +188,11 @@ def measure(policy: str, args: argparse.Namespace, logs: Path) -> list[Point]:
         stack.processes.start(timeout=120.0)
         target = f"127.0.0.1:{stack.processes.ports[0]}"
         # Warm-up at a low rate: every placement learns from the same start.
-        asyncio.run(run_rate(target, client, queries, args.rates[0], args.warmup, args.seed - 1, args.speed))
+        offload = pb.OFFLOAD_MODE_LAST_TIER if policy == CLOUD_SERVING else pb.OFFLOAD_MODE_AUTO
+        asyncio.run(run_rate(target, client, queries, args.rates[0], args.warmup, args.seed - 1, args.speed, offload))
         for index, rate in enumerate(args.rates):
-            results, _ = asyncio.run(
-                run_rate(target, client, queries, rate, args.seconds, args.seed + index, args.speed)
-            )
+            seed = args.seed + index
+            results, _ = asyncio.run(run_rate(target, client, queries, rate, args.seconds, seed, args.speed, offload))
             point = summarise(policy, rate, results, client)
             points.append(point)
             print(
@@ -209,7 +221,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16, 24, 32])
     parser.add_argument("--seconds", type=float, default=20.0, help="arrivals per rate")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of arrivals at the first rate, unmeasured")
-    parser.add_argument("--beta", type=float, default=0.5, help="RecServe's beta at every tier")
+    parser.add_argument("--beta", type=float, default=0.3, help="RecServe's beta at every tier (the default's)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--speed",
@@ -243,15 +255,16 @@ def main() -> None:
             f"{at_low.accuracy:>8.3f}  {at_low.bytes_per_request:>9.0f}"
         )
     if "cs-ucb" in summary:
-        baselines = {p: s for p, (s, _) in summary.items() if p != "cs-ucb"}
+        baselines = {p: s for p, (s, _) in summary.items() if p not in ("cs-ucb", CLOUD_SERVING)}
         if baselines:
             best = max(baselines, key=lambda p: baselines[p])
             ours = summary["cs-ucb"][0]
             ratio = ours / baselines[best] if baselines[best] else float("inf")
             print(f"CS-UCB sustains {ratio:.2f}x the rate of the best baseline ({best}) at 95% met (goal 1.6x)")
-        if "cloud-only" in summary:
-            saving = 1 - summary["cs-ucb"][1].joules_per_request / summary["cloud-only"][1].joules_per_request
-            print(f"CS-UCB uses {saving:.0%} less energy per request than cloud-only at the lowest rate (goal 50%)")
+        if CLOUD_SERVING in summary:
+            saving = 1 - summary["cs-ucb"][1].joules_per_request / summary[CLOUD_SERVING][1].joules_per_request
+            print(f"CS-UCB uses {saving:.0%} less energy per request than cloud-only serving at the lowest rate "
+                  "(goal 50%)")  # fmt: skip
 
 
 if __name__ == "__main__":
