@@ -1,9 +1,10 @@
 """The containers as a user runs them: `make up` (the one command from a fresh clone: models, wheels, images,
-compose) builds the three images on the local Debian base and starts device (llama.cpp) -> edge (vLLM on CPU) ->
-cloud (vLLM on CPU) and the OpenAI-compatible gateway in front of the device with compose; prompts go from the host
-through the device tier's gRPC API, and chat completions through the gateway with the official `openai` client;
-each tier's and the gateway's metrics are scraped and queried through a Prometheus on the host; `make down` leaves
-nothing behind.
+compose) builds the three images on the local Debian base and starts the device (llama.cpp), which forwards to one
+of two edges (edge: vLLM on CPU; edge-b: llama.cpp) or skips them to the cloud (vLLM on CPU) as CS-UCB placement
+chooses, and the OpenAI-compatible gateway in front of the device with compose; prompts with a processing-time
+requirement go from the host through the device tier's gRPC API, and chat completions through the gateway with the
+official `openai` client; each tier's and the gateway's metrics (energy and requirements among them) are scraped and
+queried through a Prometheus on the host; `make down` leaves nothing behind.
 
 Prometheus and Grafana are left out of the compose run (`SERVICES=gateway` starts the tiers and the gateway alone):
 their public images cannot be pulled here. Debian's `prometheus` on the host scrapes the tiers' and the gateway's
@@ -41,14 +42,35 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "recserve.json"
 LOCAL_BASE_IMAGE = "recserve-base:bookworm"
-TIERS = ("device", "edge", "cloud")
-# What `make up SERVICES=gateway` starts: the gateway and, by its depends_on, the three tiers.
+# The tiers' services (and tier names): the device, two edges, the cloud.
+TIERS = ("device", "edge", "edge-b", "cloud")
+# The device's candidates: both edges (RECSERVE_NEXT) and, skipping them, the cloud (RECSERVE_SKIP_TO).
+CANDIDATES = ("edge", "edge-b", "cloud")
+ENGINES = {"device": "llama_cpp", "edge": "vllm", "edge-b": "llama_cpp", "cloud": "vllm"}
+# What `make up SERVICES=gateway` starts: the gateway and, by its depends_on, the four tiers.
 SERVICES = (*TIERS, "gateway")
-IMAGES = tuple(f"recserve-{tier}:latest" for tier in TIERS)
+# One image per tier kind: edge-b runs the edge image.
+IMAGES = tuple(f"recserve-{tier}:latest" for tier in ("device", "edge", "cloud"))
 PROJECT = f"recserve-test-{os.getpid()}"
 OPTIONS = ("A", "B", "C", "D")
-# Enough questions of one family that the device's and the edge's windowed thresholds start forwarding.
-QUESTIONS = [f"Question {i}: which option is right, {', '.join(OPTIONS)}?" for i in range(24)]
+# Enough questions of one family that the device's windowed threshold forwards several of them: CS-UCB tries each
+# candidate once before it compares them, so the forwarded ones reach more than one candidate.
+QUESTIONS = [f"Question {i}: which option is right, {', '.join(OPTIONS)}?" for i in range(40)]
+# Seconds each question's answer may take: generous, so that the requirement is met whichever candidate serves.
+REQUIREMENT_SECONDS = 30.0
+
+
+def metrics_port_variable(tier: str) -> str:
+    return f"{tier.upper().replace('-', '_')}_METRICS_PORT"
+
+
+def valid_path(hops: list[str]) -> bool:
+    """device, then optionally a candidate, then the cloud if that candidate was an edge."""
+    if not hops or hops[0] != "device" or len(hops) > 3:
+        return False
+    if len(hops) >= 2 and hops[1] not in CANDIDATES:
+        return False
+    return len(hops) < 3 or (hops[1] != "cloud" and hops[2] == "cloud")
 
 
 def free_port() -> int:
@@ -134,7 +156,7 @@ def stack() -> Iterator[Stack]:
     if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
         pytest.fail("no Docker daemon: run `make docker-ready` (root installs and starts it), or use `make test`")
     ports = {"DEVICE_PORT": free_port(), "GATEWAY_PORT": free_port(), "GRAFANA_PORT": free_port()}
-    ports |= {f"{tier.upper()}_METRICS_PORT": free_port() for tier in TIERS}
+    ports |= {metrics_port_variable(tier): free_port() for tier in TIERS}
     # A make started by pytest started by make must not inherit the outer make's job server and flags.
     env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
     env |= {name: str(port) for name, port in ports.items()}
@@ -145,15 +167,15 @@ def stack() -> Iterator[Stack]:
         make,
         ports["DEVICE_PORT"],
         ports["GATEWAY_PORT"],
-        {tier: ports[f"{tier.upper()}_METRICS_PORT"] for tier in TIERS},
+        {tier: ports[metrics_port_variable(tier)] for tier in TIERS},
         up_seconds=0.0,
     )
     try:
         # Builds what is missing (base image, wheels, images: cached after the first run), then starts the
-        # tiers in order of health: cloud, then edge, then device, then the gateway.
+        # tiers in order of health: cloud, then both edges, then device, then the gateway.
         run([*make, "up"], env=env, timeout=1800)
-        # `up` already waited for cloud, edge and device (the gateway starts once the device is healthy): only the
-        # gateway is left.
+        # `up` already waited for cloud, the edges and device (the gateway starts once the device is healthy): only
+        # the gateway is left.
         stack.wait_healthy(timeout=300)
         wait_serving(stack.grpc_port, timeout=10)
         stack.up_seconds = time.monotonic() - started
@@ -189,8 +211,8 @@ def test_images_run_as_non_root_without_build_tools_and_check_their_own_health(s
         assert health == "healthy", tier
 
 
-def test_the_device_runs_llama_cpp_and_edge_and_cloud_run_vllm(stack: Stack) -> None:
-    for tier, engine in {"device": "llama_cpp", "edge": "vllm", "cloud": "vllm"}.items():
+def test_the_device_and_edge_b_run_llama_cpp_and_edge_and_cloud_run_vllm(stack: Stack) -> None:
+    for tier, engine in ENGINES.items():
         container = stack.container(tier)
         env = json.loads(run(["docker", "inspect", "--format", "{{json .Config.Env}}", container]))
         assert f"RECSERVE_ENGINE={engine}" in env, (tier, env)
@@ -257,7 +279,9 @@ def wait_for(prometheus: str, expr: str, names: tuple[str, ...], expected: dict[
         time.sleep(0.5)
 
 
-def test_prompts_from_the_host_cross_the_tiers_and_every_metric_shows_up(stack: Stack, prometheus: str) -> None:
+def test_prompts_with_a_requirement_reach_several_candidates_and_every_metric_shows_up(
+    stack: Stack, prometheus: str
+) -> None:
     # Prometheus has scraped the idle stack before the traffic, so its rates cover the traffic.
     targets = {(f"127.0.0.1:{port}",): 1.0 for port in stack.metrics_ports.values()}
     wait_for(prometheus, 'up{job="recserve"}', ("instance",), targets)
@@ -269,6 +293,7 @@ def test_prompts_from_the_host_cross_the_tiers_and_every_metric_shows_up(stack: 
             request = pb.InferRequest(
                 request_id=f"compose-{index:03d}", prompt=question, task=pb.TASK_KIND_CHOICE, options=OPTIONS,
                 family="quiz", reference=OPTIONS[index % 4], sampling=pb.SamplingParams(max_tokens=1),
+                requirement_seconds=REQUIREMENT_SECONDS,
             )  # fmt: skip
             responses.append((request, stub.Infer(request, timeout=60)))
         generated = stub.Infer(
@@ -279,48 +304,78 @@ def test_prompts_from_the_host_cross_the_tiers_and_every_metric_shows_up(stack: 
     assert generated.usage.completion_tokens > 0
 
     answered_by = Counter(response.answered_by for _, response in responses)
-    assert set(answered_by) == set(TIERS), answered_by  # some reach the edge, some the cloud
+    # The device's placement spread what it forwarded over its candidates: more than one of both edges and the
+    # cloud (reached directly, skipping the edges) served a request.
+    first_hop = Counter(response.hops[1].tier for _, response in responses if len(response.hops) > 1)
+    print(f"device's candidates served {dict(first_hop)}; answered by {dict(answered_by)}")
+    assert len(first_hop) > 1, first_hop
+    assert set(first_hop) <= set(CANDIDATES), first_hop
+    assert "device" in answered_by
+    assert set(answered_by) <= set(TIERS), answered_by
     right: Counter[str] = Counter()
-    link_bytes = [0, 0]
-    for request, response in responses:
+    link_bytes: Counter[tuple[str, str]] = Counter()  # (caller, callee) -> bytes, from the hop records
+    for request, response in [*responses, (None, generated)]:
         hops = list(response.hops)
-        assert [hop.tier for hop in hops] == list(TIERS[: len(hops)])
+        assert valid_path([hop.tier for hop in hops]), [hop.tier for hop in hops]
         assert response.answered_by == hops[-1].tier
-        assert response.chosen_option in OPTIONS
         for index, hop in enumerate(hops[:-1]):
             assert hop.decision == pb.DECISION_FORWARDED
             assert hop.confidence < hop.threshold
             assert hop.bytes_sent > 0
             assert hop.bytes_received > 0
-            link_bytes[index] += hop.bytes_sent + hop.bytes_received
+            link_bytes[hop.tier, hops[index + 1].tier] += hop.bytes_sent + hop.bytes_received
         assert hops[-1].decision == pb.DECISION_ANSWERED
         assert 0.0 <= hops[-1].confidence <= 1.0
-        right[response.answered_by] += response.chosen_option == request.reference
+        if request is not None:
+            assert response.chosen_option in OPTIONS
+            right[response.answered_by] += response.chosen_option == request.reference
 
     scraped = {tier: scrape(port) for tier, port in stack.metrics_ports.items()}
     bytes_total = "recserve_transmitted_bytes_total"
-    # Each link is counted at both ends, and both agree with the hop records the client got.
-    assert total(scraped["device"], bytes_total, peer="edge") == link_bytes[0]
-    assert total(scraped["edge"], bytes_total, peer="device") == link_bytes[0]
-    assert total(scraped["edge"], bytes_total, peer="cloud") == link_bytes[1]
-    assert total(scraped["cloud"], bytes_total, peer="edge") == link_bytes[1]
+    # Each link is counted at both ends (the caller names the callee by its candidate name, the callee the caller by
+    # its hop), and both agree with the hop records the client got.
+    for (caller, callee), sent_and_received in link_bytes.items():
+        assert total(scraped[caller], bytes_total, peer=callee) == sent_and_received, (caller, callee)
+        assert total(scraped[callee], bytes_total, peer=caller) == sent_and_received, (caller, callee)
     assert total(scraped["device"], bytes_total, peer="client", direction="received") > 0
     for tier in TIERS:
         judged = "recserve_judged_answers_total"
         assert total(scraped[tier], judged, family="quiz") == answered_by[tier]
         assert total(scraped[tier], judged, family="quiz", verdict="right") == right[tier]
+    # Every question carried a requirement, met or missed at the device; the tiers above count those they served.
+    requirements = "recserve_requirements_total"
+    assert total(scraped["device"], requirements) == len(QUESTIONS)
+    for tier in CANDIDATES:
+        assert total(scraped[tier], requirements) == sum(
+            tier in [hop.tier for hop in response.hops] for _, response in responses
+        ), tier
 
     # The same numbers through Prometheus.
-    wait_for(
-        prometheus, f"sum by (tier, peer) ({bytes_total})", ("tier", "peer"),
-        {(tier, peer): total(scraped[tier], bytes_total, peer=peer)
-         for tier, peer in (("device", "client"), ("device", "edge"), ("edge", "device"), ("edge", "cloud"),
-                            ("cloud", "edge"))},
-    )  # fmt: skip
+    expected_bytes = {("device", "client"): total(scraped["device"], bytes_total, peer="client")}
+    for caller, callee in link_bytes:
+        expected_bytes[caller, callee] = total(scraped[caller], bytes_total, peer=callee)
+        expected_bytes[callee, caller] = total(scraped[callee], bytes_total, peer=caller)
+    wait_for(prometheus, f"sum by (tier, peer) ({bytes_total})", ("tier", "peer"), expected_bytes)
     accuracy = (
         'sum by (tier) (recserve_judged_answers_total{verdict="right"}) / sum by (tier) (recserve_judged_answers_total)'
     )
-    wait_for(prometheus, accuracy, ("tier",), {(tier,): right[tier] / answered_by[tier] for tier in TIERS})
+    # A tier with no right answer has no verdict="right" series, so no ratio either.
+    wait_for(
+        prometheus, accuracy, ("tier",), {(tier,): right[tier] / answered_by[tier] for tier in right if right[tier]}
+    )
+    wait_for(
+        prometheus, f"sum by (tier) ({requirements})", ("tier",),
+        {(tier,): total(scraped[tier], requirements) for tier in TIERS if total(scraped[tier], requirements)},
+    )  # fmt: skip
+    # Energy: every tier that ran its engine accounted inference energy, and the device its uplink's.
+    energy = "recserve_energy_joules_total"
+    engines_ran = {hop.tier for _, response in responses for hop in response.hops}
+    wait_for(
+        prometheus, f'sum by (tier) ({energy}{{kind="inference"}})', ("tier",),
+        {(tier,): total(scraped[tier], energy, kind="inference") for tier in engines_ran},
+    )  # fmt: skip
+    assert all(total(scraped[tier], energy, kind="inference") > 0 for tier in engines_ran)
+    assert total(scraped["device"], energy, kind="transmission") > 0
 
     # Every dashboard query runs and returns series, over metrics that a live scrape really shows.
     time.sleep(3)  # a few scrapes after the traffic, so rates see it
@@ -334,14 +389,14 @@ def test_prompts_from_the_host_cross_the_tiers_and_every_metric_shows_up(stack: 
             assert query(prometheus, expr), f"{panel['title']}: {expr} returned nothing"
     share = by_labels(query(prometheus, dashboard["panels"][1]["targets"][0]["expr"].replace(
         "$__rate_interval", "1m")), "tier")  # fmt: skip
-    assert set(share) == {(tier,) for tier in TIERS}
+    assert set(share) == {(tier,) for tier in {*answered_by, generated.answered_by}}
     assert sum(share.values()) == pytest.approx(1.0)
 
 
 def served_by(extra: dict[str, Any]) -> list[str]:
     """The tiers a gateway response's `recserve` object says the request crossed, checked for consistency."""
     hops = [hop["tier"] for hop in extra["hops"]]
-    assert hops == list(TIERS[: len(hops)]), extra
+    assert valid_path(hops), extra
     assert extra["answered_by"] == hops[-1]
     assert [hop["decision"] for hop in extra["hops"]] == ["forwarded"] * (len(hops) - 1) + ["answered"]
     return hops
@@ -355,7 +410,8 @@ def test_chat_completions_through_the_gateway_with_the_openai_client(stack: Stac
     with openai.OpenAI(base_url=f"http://127.0.0.1:{stack.gateway_port}/v1", api_key="unused", timeout=60) as client:
         assert [model.id for model in client.models.list()] == ["recserve"]
 
-        # The cascade's choice, then straight to the last tier: a request through every container.
+        # The cascade's choice, then straight to the last tier: through the device and whichever candidate its
+        # placement chose (an edge, or the cloud itself) to the cloud.
         answer = client.chat.completions.create(model="recserve", messages=messages, max_tokens=8)
         assert answer.choices[0].message.content
         assert answer.usage is not None
@@ -363,10 +419,10 @@ def test_chat_completions_through_the_gateway_with_the_openai_client(stack: Stac
         served_by(answer.model_extra["recserve"])  # type: ignore[index]
         cloud = client.chat.completions.create(model="recserve", messages=messages, max_tokens=8, extra_body=last_tier)
         assert cloud.choices[0].message.content
-        assert served_by(cloud.model_extra["recserve"]) == list(TIERS)  # type: ignore[index]
+        assert served_by(cloud.model_extra["recserve"])[-1] == "cloud"  # type: ignore[index]
 
-        # Streamed: the cloud's deltas relayed by edge, device and gateway as they come; who answered in the last
-        # chunk.
+        # Streamed: the cloud's deltas relayed by the tiers below and the gateway as they come; who answered in the
+        # last chunk.
         with client.chat.completions.create(
             model="recserve", messages=messages, max_tokens=8, stream=True, extra_body=last_tier
         ) as stream:
@@ -375,7 +431,7 @@ def test_chat_completions_through_the_gateway_with_the_openai_client(stack: Stac
     assert text
     assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
     assert {chunk.model_extra["recserve"]["tier"] for chunk in chunks if chunk.choices} == {"cloud"}  # type: ignore[index]
-    assert served_by(chunks[-1].model_extra["recserve"]) == list(TIERS)  # type: ignore[index]
+    assert served_by(chunks[-1].model_extra["recserve"])[-1] == "cloud"  # type: ignore[index]
 
     # The gateway's /metrics, scraped by the host's Prometheus: its target is up and counts these requests.
     wait_for(prometheus, 'up{job="recserve-gateway"}', ("instance",), {(f"127.0.0.1:{stack.gateway_port}",): 1.0})

