@@ -191,3 +191,31 @@ async def test_the_energy_counters_equal_the_sum_over_the_hop_records() -> None:
     )
     assert totals[("device", "transmission")] == pytest.approx(sent * 0.001)
     assert device.energy is ENERGY
+
+
+async def test_cs_ucb_skips_the_edge_when_only_the_cloud_meets_the_requirement() -> None:
+    """The edge is cheap but takes 0.2 s; the cloud is fast but costly. With a 0.1 s requirement the device learns
+    to skip the edge; without one it sends its requests to the cheaper edge."""
+    from recserve.policies.placement import placement_config
+
+    metrics = Metrics(CollectorRegistry())
+    cloud = Tier("cloud", WordEngine("cloud answer"), ForwardAllPolicy(), metrics.for_tier("cloud"),
+                 callers=("edge", "device"), energy=EnergyModel(joules_per_token=10.0))  # fmt: skip
+    edge = Tier("edge", WordEngine("edge answer", delay=0.1), ForwardAllPolicy(), metrics.for_tier("edge"),
+                callers=("device",), energy=EnergyModel(joules_per_token=0.1))  # fmt: skip
+    # The edge answers itself here (the last tier of its own chain), so its outcome is its own time and energy.
+    links = [
+        Link(InProcessUpstream(edge), peer_name="edge"),
+        Link(InProcessUpstream(cloud), level=2, peer_name="cloud"),
+    ]
+    placement = placement_config("cs-ucb").build()
+    device = Tier("device", WordEngine("device"), ForwardAllPolicy(), metrics.for_tier("device"), links=links,
+                  placement=placement)  # fmt: skip
+
+    async def served_by(**fields: object) -> list[str]:
+        return [(await device.infer(question(**fields))).answered_by for _ in range(12)]
+
+    strict = await served_by(requirement_seconds=0.1)
+    assert strict[2:] == ["cloud"] * 10  # after trying each once
+    relaxed = await served_by()
+    assert relaxed[-5:] == ["edge"] * 5
