@@ -116,6 +116,16 @@ class BudgetPolicy:
         state = self._families.get(family)
         return None if state is None else state.threshold
 
+    def forward_count(self, family: str) -> int:
+        """Requests of `family` this tier has forwarded so far."""
+        state = self._families.get(family)
+        return 0 if state is None else state.controller.forwards
+
+    def decision_count(self, family: str) -> int:
+        """Requests of `family` this tier has decided on so far."""
+        state = self._families.get(family)
+        return 0 if state is None else state.controller.decisions
+
     def observe_verdict(
         self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
     ) -> None:
