@@ -17,6 +17,8 @@ import asyncio
 import itertools
 import json
 import statistics
+import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -206,7 +208,10 @@ async def _rival_rows(replay: TraceReplay, table: DepthTable, train_table: Depth
 
 
 def _study(traces: Path, chain: tuple[str, ...], earlier: ChainStudy | None = None) -> ChainStudy:
-    return asyncio.run(study_chain(traces, chain, earlier))
+    started = time.monotonic()
+    study = asyncio.run(study_chain(traces, chain, earlier))
+    print(f"{' → '.join(chain)}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    return study
 
 
 def load_studies(path: Path, with_quality: bool = True) -> dict[tuple[str, ...], ChainStudy]:
