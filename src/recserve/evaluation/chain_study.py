@@ -225,7 +225,11 @@ def load_studies(path: Path, with_quality: bool = True) -> dict[tuple[str, ...],
                     **{k: _point(row[k]) for k in ("policy", "casserve", "recserve", "hindsight")},
                     "short_bytes": {int(n): share for n, share in row["short_bytes"].items()},
                     "fill_caps": tuple(tuple(pair) for pair in row.get("fill_caps", ())),
-                    "at_rival_bytes": None,
+                    "at_rival_bytes": (
+                        {rival: _point(p) for rival, p in row["at_rival_bytes"].items()}
+                        if row.get("at_rival_bytes")
+                        else None
+                    ),
                 }
             )
             for row in entry["budgets"]
@@ -415,8 +419,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = models_by_train_accuracy(TraceSet.load(args.traces))
     chains = every_chain(models, [int(s) for s in args.sizes.split(",")])[: args.limit]
     earlier = load_studies(args.reuse, args.reuse_quality) if args.reuse else {}
+    partial = args.out / "results" / "chains.partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    studies = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        studies = list(pool.map(_study, itertools.repeat(args.traces), chains, [earlier.get(c) for c in chains]))
+        for study in pool.map(_study, itertools.repeat(args.traces), chains, [earlier.get(c) for c in chains]):
+            studies.append(study)
+            # What is done so far, should a long run be stopped (load_studies reads it back).
+            partial.write_text(json.dumps([asdict(s) for s in studies]) + "\n")
+    partial.unlink()
     print(write_report(studies, args.out))
     return 0
 
