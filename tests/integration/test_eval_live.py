@@ -91,3 +91,13 @@ def test_budget_policy_holding_measured_bytes_live_equals_offline(tmp_path: Path
     device = plan.offline[0]
     assert isinstance(device, BudgetPolicy)
     assert device.holds_bytes("mmlu")
+
+
+def test_budget_policy_with_fill_caps_chosen_on_train_live_equals_offline(tmp_path: Path) -> None:
+    """With a train split, eval chooses the budget policy's fill caps there and hands them to the live tiers as
+    --family-fill-caps: the live tiers take the same decisions."""
+    folder = write_trace_folder(tmp_path / "traces", n_per_family=40, seed=5, splits=("train", "test"))
+    policy = ["--policy", "budget", "--budget", "0.35", "--window", "9"]
+    offline = eval_json(folder, "small,medium,large", tmp_path / "offline.json", *policy)
+    live = eval_json(folder, "small,medium,large", tmp_path / "live.json", *policy, "--live")
+    assert live == offline

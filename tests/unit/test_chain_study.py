@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,12 @@ import pytest
 from recserve.core.traces import TraceSet
 from recserve.evaluation.chain_study import (
     BUDGETS,
+    BudgetRow,
     ChainStudy,
+    Point,
+    _equal_bytes_margin,
+    _meets_goal,
+    _meets_goal_strictly,
     study_chain,
     summary_lines,
     verdict,
@@ -92,3 +98,18 @@ def test_the_summary_counts_every_chain_once_per_budget(study: ChainStudy) -> No
         cells = row.split(" | ")
         assert sum(int(n) for n in cells[1].split(" / ")) == 2
         assert sum(int(n) for n in cells[2].split(" / ")) == 2
+
+
+def test_the_goal_compares_at_the_bytes_each_rival_spent() -> None:
+    def at(accuracy: float, spent: float) -> Point:
+        return Point(accuracy, spent, {})
+
+    rival = {"casserve": at(0.80, 0.42), "recserve": at(0.78, 0.38)}
+    row = BudgetRow(0.4, at(0.79, 0.40), **rival, recserve_beta=0.3, hindsight=at(0.8, 0.4), short_bytes={})
+    assert not _meets_goal_strictly(row)  # less accurate than CasServe, and more bytes than RecServe
+    # Given CasServe's 0.42 it is as accurate; given RecServe's 0.38, more accurate.
+    matched = replace(row, at_rival_bytes={"casserve": at(0.797, 0.419), "recserve": at(0.785, 0.381)})
+    assert _meets_goal(matched)
+    assert _equal_bytes_margin(matched) == pytest.approx(-0.003)
+    overspent = replace(row, at_rival_bytes={"casserve": at(0.80, 0.43), "recserve": at(0.785, 0.381)})
+    assert not _meets_goal(overspent)

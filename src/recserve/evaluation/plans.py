@@ -12,9 +12,11 @@ from typing import Any
 from recserve.client.tally import Summary, summaries, summarise
 from recserve.core.offload import OffloadPolicy
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
+from recserve.evaluation.splits import tune_family_fill_caps
 from recserve.policies import (
     POLICY_ALIASES,
     POLICY_NAMES,
+    BudgetConfig,
     FixedConfig,
     PolicyConfig,
     RecServeConfig,
@@ -97,6 +99,15 @@ class EvalRequest:
 async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
     tiers = len(request.chain)
     config = config_type(request.policy)
+    if config is BudgetConfig:
+        budget_config = BudgetConfig.from_values(request.options)
+        train = replay.queries("train")
+        if train and tiers > 2 and "fill_cap" not in request.options:
+            # The split between links, per family, chosen on the train split for this budget (the policy holds
+            # the bytes online); without a train split, or with a fill cap given, that fill cap.
+            caps = tune_family_fill_caps(await replay.depth_table(train), budget_config.byte_budget)
+            budget_config = replace(budget_config, family_fill_caps=caps)
+        return chain_plan(budget_config, tiers)
     if config is not FixedConfig:
         return chain_plan(config.from_values(request.options), tiers)
     if request.thresholds:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from recserve.core.offload import Verdict
 from recserve.policies.config import SplitTargetConfig, option, share, window_option
 from recserve.policies.controller import ControlledQuantile
+from recserve.policies.simple import FamilyThresholds, format_family_thresholds, parse_family_thresholds
 from recserve.policies.spending import ByteLedger, split_budget
 
 # The links above the first forward at least this share: the first tier needs some requests to cross every link
@@ -19,12 +20,26 @@ def _fill_share(value: float) -> str | None:
     return None if 0.0 < value <= 1.0 else "must be within (0, 1]"
 
 
+def _fill_shares(values: FamilyThresholds) -> str | None:
+    return None if all(0.0 < value <= 1.0 for _, value in values) else "must all be within (0, 1]"
+
+
 @dataclass(frozen=True, kw_only=True)
 class BudgetConfig(SplitTargetConfig):
     name = "budget"
 
     byte_budget: float = option(0.4, "bytes to spend, as a share of cloud-only serving", check=share)
     fill_cap: float = option(0.85, "the most a tier below the last link forwards before links above", check=_fill_share)
+    # Chosen on a labelled calibration set for the budget (`recserve eval` and the chain study tune them on the
+    # train split: evaluation.splits.tune_family_fill_caps); families not named take `fill_cap`.
+    family_fill_caps: tuple[tuple[str, float], ...] = option(
+        (),
+        "per-family fill caps chosen on a labelled calibration set, e.g. mmlu=0.6,medmcqa=0.45",
+        check=_fill_shares,
+        parse=parse_family_thresholds,
+        text=format_family_thresholds,
+        in_eval=False,
+    )
     window: int = window_option()
 
     def build(self) -> BudgetPolicy:
@@ -54,12 +69,20 @@ class BudgetPolicy:
     def __init__(self, config: BudgetConfig) -> None:
         self.config = config
         self.rates = split_budget(config.byte_budget, config.links, config.fill_cap)
+        self._family_rates = {
+            family: split_budget(config.byte_budget, config.links, cap) for family, cap in config.family_fill_caps
+        }
         self._families: dict[str, _FamilyBudget] = {}
 
-    def target_rate(self, depth: int) -> float:
-        if depth >= len(self.rates):
+    def rates_for(self, family: str) -> list[float]:
+        """The per-link forward rates of `family`: its own fill cap's split when it has one, else the default."""
+        return self._family_rates.get(family, self.rates)
+
+    def target_rate(self, depth: int, family: str | None = None) -> float:
+        rates = self.rates if family is None else self.rates_for(family)
+        if depth >= len(rates):
             return 0.0
-        return max(self.rates[depth], MIN_RATE) if depth > 0 else self.rates[depth]
+        return max(rates[depth], MIN_RATE) if depth > 0 else rates[depth]
 
     def _family(self, family: str) -> _FamilyBudget:
         state = self._families.get(family)
@@ -73,7 +96,7 @@ class BudgetPolicy:
         depth = len(lower)
         state.holding_bytes = depth == 0 and not is_last and state.ledger.ready
         forward, state.threshold = state.controller.decide(
-            confidence, self.target_rate(depth), hold_rate=not state.holding_bytes
+            confidence, self.target_rate(depth, family), hold_rate=not state.holding_bytes
         )
         return Verdict(forward and not is_last, state.threshold)
 
@@ -92,6 +115,16 @@ class BudgetPolicy:
     def threshold(self, family: str) -> float | None:
         state = self._families.get(family)
         return None if state is None else state.threshold
+
+    def forward_count(self, family: str) -> int:
+        """Requests of `family` this tier has forwarded so far."""
+        state = self._families.get(family)
+        return 0 if state is None else state.controller.forwards
+
+    def decision_count(self, family: str) -> int:
+        """Requests of `family` this tier has decided on so far."""
+        state = self._families.get(family)
+        return 0 if state is None else state.controller.decisions
 
     def observe_verdict(
         self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None

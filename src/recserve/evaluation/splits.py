@@ -1,0 +1,81 @@
+"""The budget policy's split of a byte budget between links, chosen on a labelled calibration set (the train split).
+
+The budget policy forwards a share of each tier's requests (`split_budget`: the lower links filled first, up to a
+fill cap); which split is best depends on the chain (a middle tier as good as the top wants most of the bytes on the
+first link; a weak one, on the last) and on the task family. Here the fill cap of each family is chosen on labelled
+queries of the chain, by replaying the rates over their depth table, as CasServe's thresholds are tuned on the same
+split. The operator supplies such a set; the policy then holds the bytes online.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from recserve.evaluation.replay import DepthTable
+from recserve.policies.spending import split_budget
+
+
+def rate_depths(
+    table: DepthTable, rows: npt.NDArray[np.int64], rates: Sequence[float], ties: npt.NDArray[np.float64]
+) -> npt.NDArray[np.int64]:
+    """The answering depth of each of `rows` when tier d forwards the share rates[d] of the requests reaching it
+    with the lowest confidences (ties broken by `ties`, as the budget policy's controller breaks them over time)."""
+    depths = np.zeros(len(rows), dtype=np.int64)
+    reaching = np.arange(len(rows))
+    for depth, rate in enumerate(rates):
+        if not reaching.size:
+            break
+        order = np.lexsort((ties[rows[reaching]], table.confidence[rows[reaching], depth]))
+        forwarded = reaching[order[: round(min(1.0, max(0.0, rate)) * reaching.size)]]
+        depths[forwarded] = depth + 1
+        reaching = forwarded
+    return depths
+
+
+def split_at_budget(
+    table: DepthTable, rows: npt.NDArray[np.int64], rates: Sequence[float], budget: float, ties: npt.NDArray[np.float64]
+) -> tuple[float, float]:
+    """(accuracy, bytes) of `rows` with the links above the first at `rates` and the first link's rate moved until
+    the bytes are `budget` of cloud-only (as the first tier's controller moves it), or as near as it gets."""
+    cloud_only = max(int(table.cloud_only_bytes[rows].sum()), 1)
+    spent_by_depth = table.link_bytes[rows].sum(axis=2)  # [row, depth]
+    index = np.arange(len(rows))
+
+    def measure(first: float) -> tuple[float, float]:
+        depths = rate_depths(table, rows, [first, *rates[1:]], ties)
+        return float(table.correct[rows, depths].mean()), float(spent_by_depth[index, depths].sum()) / cloud_only
+
+    low, high = 0.0, 1.0
+    for _ in range(20):
+        middle = (low + high) / 2
+        if measure(middle)[1] > budget:
+            high = middle
+        else:
+            low = middle
+    return measure(low)
+
+
+def tune_family_fill_caps(
+    table: DepthTable, budget: float, points: int = 11, seed: int = 0
+) -> tuple[tuple[str, float], ...]:
+    """The budget policy's fill cap per benchmark (family) for `budget`, chosen on a labelled calibration set (the
+    train split): of `points` caps spanning every split of the budget between the links, the one whose split, at
+    exactly the budget, is most accurate on the family's queries (each cap scored by the mean accuracy of it and its
+    neighbours, so that one lucky query does not pick it). Chains of one link have no split to choose: none."""
+    links = table.confidence.shape[1] - 1
+    if links < 2:
+        return ()
+    ties = np.random.default_rng(seed).random(len(table.benchmarks))
+    caps = np.linspace(budget, min(1.0, links * budget), points)
+    tuned = []
+    for benchmark in np.unique(table.benchmarks):
+        rows = np.flatnonzero(table.benchmarks == benchmark)
+        accuracy = np.array(
+            [split_at_budget(table, rows, split_budget(budget, links, float(cap)), budget, ties)[0] for cap in caps]
+        )
+        smoothed = np.convolve(np.pad(accuracy, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+        tuned.append((str(benchmark), float(min(1.0, max(caps[int(np.argmax(smoothed))], 1e-6)))))
+    return tuple(tuned)

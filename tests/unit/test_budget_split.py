@@ -1,0 +1,100 @@
+"""The budget policy's split between links: chosen on labelled queries of the chain, and held online in bytes."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from recserve.evaluation.replay import DepthTable
+from recserve.evaluation.splits import split_at_budget, tune_family_fill_caps
+from recserve.policies.budget import MIN_RATE, BudgetConfig, BudgetPolicy
+from recserve.policies.spending import split_budget
+
+
+def three_tier_table(n: int, middle_as_good_as_top: bool, seed: int = 0) -> DepthTable:
+    """One family; the device is right with probability its confidence, the cloud 90% of the time, and the middle
+    tier either right exactly when the cloud is or exactly when the device is. Every link a request crosses costs
+    100 bytes."""
+    rng = np.random.default_rng(seed)
+    confidence = rng.random((n, 3))
+    device = rng.random(n) < confidence[:, 0]
+    cloud = rng.random(n) < 0.9
+    middle = cloud if middle_as_good_as_top else device
+    link_bytes = np.zeros((n, 3, 2), dtype=np.int64)
+    link_bytes[:, 1, 0] = 100
+    link_bytes[:, 2, :] = 100
+    return DepthTable(np.array(["quiz"] * n), confidence, np.column_stack([device, middle, cloud]), link_bytes)
+
+
+@pytest.mark.parametrize("middle_as_good_as_top", [True, False])
+def test_the_policy_learns_to_spend_on_the_link_that_pays(middle_as_good_as_top: bool) -> None:
+    budget = 0.4
+    table = three_tier_table(2000, middle_as_good_as_top)
+    caps = tune_family_fill_caps(table, budget)
+    (family, cap), *_ = caps
+    # All of the budget on the first link (the middle tier answers as well as the cloud, for half the bytes), or
+    # straight through to the cloud (the middle tier knows no more than the device).
+    assert (family, cap) == ("quiz", pytest.approx(2 * budget if middle_as_good_as_top else budget))
+    rows = np.arange(2000)
+    ties = np.zeros(2000)
+    chosen = split_at_budget(table, rows, split_budget(budget, 2, cap), budget, ties)
+    for other in np.linspace(budget, 2 * budget, 5):
+        assert chosen[0] >= split_at_budget(table, rows, split_budget(budget, 2, other), budget, ties)[0] - 0.005
+    # The policy built with the caps forwards at the chosen split: the middle tier keeps nearly everything, or
+    # forwards everything that reaches it.
+    policy = BudgetConfig(byte_budget=budget, links=2, family_fill_caps=caps).build()
+    assert policy.target_rate(0, "quiz") == pytest.approx(2 * budget if middle_as_good_as_top else budget)
+    assert policy.target_rate(1, "quiz") == pytest.approx(MIN_RATE if middle_as_good_as_top else 1.0)
+    assert policy.target_rate(0, "other family") == pytest.approx(policy.rates[0])  # the default fill cap
+
+
+def test_a_chain_of_one_link_has_no_split_to_choose() -> None:
+    table = three_tier_table(100, True)
+    two_tiers = DepthTable(table.benchmarks, table.confidence[:, :2], table.correct[:, :2], table.link_bytes[:, :2, :1])
+    assert tune_family_fill_caps(two_tiers, 0.4) == ()
+
+
+def serve(tiers: list[BudgetPolicy], rng: random.Random, edge_reply: int) -> tuple[int, int]:
+    """One request through device → edge → cloud: (bytes spent, cloud-only bytes). Each link carries the request
+    (its size plus 40 bytes per hop below) up and the answering tier's reply plus 40 bytes per hop down."""
+    size = rng.randint(200, 600)
+    cloud_reply = 300
+    cloud_only = (size + 40 + cloud_reply + 120) + (size + 80 + cloud_reply + 120)
+    device, edge, cloud = tiers
+    links: list[int] = []
+    c0, c1 = rng.random(), rng.random()
+    if device.decide("quiz", c0, is_last=False).forward:
+        if edge.decide("quiz", c1, is_last=False, lower=(c0,)).forward:
+            cloud.decide("quiz", rng.random(), is_last=True, lower=(c0, c1))
+            links = [size + 40 + cloud_reply + 120, size + 80 + cloud_reply + 120]
+            edge.observe_cost("quiz", size=size + 40, spent=links[1:], lower=(c0,))
+        else:
+            links = [size + 40 + edge_reply + 80]
+            edge.observe_cost("quiz", size=size + 40, spent=(), lower=(c0,))
+    device.observe_cost("quiz", size=size, spent=links)
+    return sum(links), cloud_only
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_the_byte_controller_holds_the_budget_when_the_better_link_changes_midway(budget: float) -> None:
+    """Halfway through, the edge's answers grow from 50 to 900 bytes, so that answering at the edge costs the
+    first link more than a cloud answer does, and what each link costs per request flips: bytes per request
+    answered at the edge jump, and the rates of the split alone would overspend. The first tier measures the
+    bytes and moves its rate: each half spends the budget."""
+    config = BudgetConfig(byte_budget=budget, links=2, fill_cap=min(1.0, 1.5 * budget), window=2000)
+    tiers = [config.build() for _ in range(3)]
+    rng = random.Random(11)
+    device_rates = []
+    for edge_reply in (50, 900):
+        before = (tiers[0].forward_count("quiz"), tiers[0].decision_count("quiz"))
+        served = [serve(tiers, rng, edge_reply) for _ in range(4000)]
+        settled = served[500:]  # after the first few hundred requests of each half
+        share = sum(s for s, _ in settled) / sum(c for _, c in settled)
+        assert share == pytest.approx(budget, abs=0.02)
+        forwards, decisions = tiers[0].forward_count("quiz") - before[0], tiers[0].decision_count("quiz") - before[1]
+        device_rates.append(forwards / decisions)
+    # Not the split's rates: the device forwards well above them while edge answers are cheap, and falls back
+    # once they are dear.
+    assert device_rates[0] > device_rates[1] + 0.1
