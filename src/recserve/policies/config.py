@@ -74,17 +74,17 @@ def window_option() -> Any:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PolicyConfig(ABC):
-    """The configuration of one offload policy; subclasses are frozen dataclasses of `option` fields."""
+class OptionConfig(ABC):
+    """A frozen configuration whose fields are `option`s: it checks them, and makes and reads their flags. The base of
+    the offload policies' and the placements' configurations."""
 
-    name: ClassVar[str]  # the `--policy` value
-    aliases: ClassVar[tuple[str, ...]] = ()  # other names `--policy` accepts for it
-    learns_from_feedback: ClassVar[bool] = False  # whether an evaluation sends it each request's verdict
+    name: ClassVar[str]  # the value of its flag
+    kind: ClassVar[str]  # "policy" or "placement": the flag is --KIND, and its complaints name it
 
     def __post_init__(self) -> None:
         problems = list(self.problems())
         if problems:
-            raise ValueError(f"{self.name} policy: {'; '.join(problems)}")
+            raise ValueError(f"{self.name} {self.kind}: {'; '.join(problems)}")
 
     def problems(self) -> Iterator[str]:
         for spec in self.options():
@@ -93,17 +93,9 @@ class PolicyConfig(ABC):
             if complaint:
                 yield f"{spec.name} {complaint}, got {spec.format(value)}"
 
-    @abstractmethod
-    def build(self) -> OffloadPolicy:
-        """A new policy object, with no state yet."""
-
-    def for_chain(self, tiers: int) -> Self:
-        """This configuration for a tier of a chain of `tiers` tiers."""
-        return self
-
     def serve_flags(self) -> list[str]:
         """The `recserve serve` flags that make a tier build this configuration."""
-        flags = ["--policy", self.name]
+        flags = [f"--{self.kind}", self.name]
         for spec in self.options():
             flags += [spec.flag, spec.format(getattr(self, spec.name))]
         return flags
@@ -117,6 +109,23 @@ class PolicyConfig(ABC):
         """The configuration with the values of its options found in `values` (by option name) and the defaults
         of the others; values of options it does not have are ignored."""
         return cls(**{spec.name: values[spec.name] for spec in cls.options() if spec.name in values})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyConfig(OptionConfig):
+    """The configuration of one offload policy; subclasses are frozen dataclasses of `option` fields."""
+
+    kind: ClassVar[str] = "policy"
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names `--policy` accepts for it
+    learns_from_feedback: ClassVar[bool] = False  # whether an evaluation sends it each request's verdict
+
+    @abstractmethod
+    def build(self) -> OffloadPolicy:
+        """A new policy object, with no state yet."""
+
+    def for_chain(self, tiers: int) -> Self:
+        """This configuration for a tier of a chain of `tiers` tiers."""
+        return self
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,14 +44,14 @@ from __future__ import annotations
 
 import math
 import random
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Self
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from recserve.core.placement import Candidate, Placement, PlacementOutcome, PlacementRequest
-from recserve.policies.config import PolicyOption, at_least_one, option, share
+from recserve.policies.config import OptionConfig, PolicyOption, at_least_one, option, share
 
 
 def _positive(value: float) -> str | None:
@@ -63,43 +63,15 @@ def _not_negative(value: float) -> str | None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PlacementConfig(ABC):
+class PlacementConfig(OptionConfig):
     """The configuration of one placement policy; subclasses are frozen dataclasses of `option` fields, named
     `placement_*` so that they never clash with an offload policy's options."""
 
-    name: ClassVar[str]  # the `--placement` value
-
-    def __post_init__(self) -> None:
-        problems = list(self.problems())
-        if problems:
-            raise ValueError(f"{self.name} placement: {'; '.join(problems)}")
-
-    def problems(self) -> Iterator[str]:
-        for spec in self.options():
-            value = getattr(self, spec.name)
-            complaint = spec.check(value) if spec.check else None
-            if complaint:
-                yield f"{spec.name} {complaint}, got {spec.format(value)}"
+    kind: ClassVar[str] = "placement"
 
     @abstractmethod
     def build(self) -> Placement:
         """A new placement object, with no state yet."""
-
-    def serve_flags(self) -> list[str]:
-        """The `recserve serve` flags that make a tier build this configuration."""
-        flags = ["--placement", self.name]
-        for spec in self.options():
-            flags += [spec.flag, spec.format(getattr(self, spec.name))]
-        return flags
-
-    @classmethod
-    def options(cls) -> tuple[PolicyOption, ...]:
-        return tuple(PolicyOption.of(config_field) for config_field in fields(cls))
-
-    @classmethod
-    def from_values(cls, values: Mapping[str, Any]) -> Self:
-        """The configuration with its options' values found in `values` (by option name), defaults for the rest."""
-        return cls(**{spec.name: values[spec.name] for spec in cls.options() if spec.name in values})
 
 
 def _usable(usable: Sequence[bool]) -> list[int]:
