@@ -212,16 +212,13 @@ class Tier:
         if self._skips_engine(request):
             served = _Served(family, False, sender(request), 0.0, learns=False, arrived=arrived)
             placing = self._placement_request(request, family, arrived)
-            with self.links.slot(placing) as slot:
-                if slot is not None:
-                    try:
-                        relayed = self._forward_stream(request, self._unscored_hop(), served, deadline, slot, placing)
-                        async with aclosing(relayed) as events:
-                            async for event in events:
-                                yield event
-                        return
-                    except UpstreamUnavailable as exc:
-                        logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
+            relayed = False
+            async with aclosing(self._relay(request, self._unscored_hop(), served, deadline, placing)) as events:
+                async for event in events:
+                    relayed = True
+                    yield event
+            if relayed:
+                return
             degraded = True
         if degraded or self._answers_whatever(request):
             # The answer stays here whatever the confidence: stream it as the engine generates.
@@ -247,21 +244,33 @@ class Tier:
         if verdict.forward:
             served = _Served(family, False, sender(request), score.value, verdict.probe_rate, arrived=arrived)
             placing = self._placement_request(request, family, arrived, generation)
-            with self.links.slot(placing) as slot:
-                if slot is not None:
-                    try:
-                        relayed = self._forward_stream(request, hop, served, deadline, slot, placing)
-                        async with aclosing(relayed) as events:
-                            async for event in events:
-                                yield event
-                        return
-                    except UpstreamUnavailable as exc:
-                        logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
+            relayed = False
+            async with aclosing(self._relay(request, hop, served, deadline, placing)) as events:
+                async for event in events:
+                    relayed = True
+                    yield event
+            if relayed:
+                return
             degraded = True
         response = self._answer_here(request, family, generation, score, hop, degraded=degraded, arrived=arrived)
         yield self._delta(request, response.answer, _tokens(generation))
         response.answer = ""
         yield pb.InferStreamResponse(final=response)
+
+    async def _relay(
+        self, request: pb.InferRequest, hop: pb.Hop, served: _Served, deadline: float | None, placing: PlacementRequest
+    ) -> AsyncGenerator[pb.InferStreamResponse, None]:
+        """The next tier's stream through a candidate the placement picks; nothing at all when no candidate may be
+        used or the chosen one failed before its first event: the caller then answers degraded."""
+        with self.links.slot(placing) as slot:
+            if slot is None:
+                return
+            try:
+                async with aclosing(self._forward_stream(request, hop, served, deadline, slot, placing)) as events:
+                    async for event in events:
+                        yield event
+            except UpstreamUnavailable as exc:  # raised before any event: later failures are StreamInterrupted
+                logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
 
     def _check_requirement(self, request: pb.InferRequest, deadline: float | None, arrived: float) -> None:
         """A client's requirement must be one the call's deadline leaves room for; a forwarded one was checked below
