@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import tempfile
 import time
 import urllib.request
@@ -31,19 +30,26 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from recserve.client.trace_client import TraceClient
 from recserve.core.traces import BUNDLED_TRACE, TraceQuery, TraceSet
+from recserve.evaluation.placement_sim import (
+    LIVE_CHAIN,
+    LIVE_CLASSES,
+    LIVE_CLOUD_PROFILE,
+    LIVE_DEVICE_PROFILE,
+    LIVE_EDGES,
+    LIVE_PHONES,
+    live_queries,
+    poisson_arrivals,
+)
 from recserve.server.processes import TierProcesses
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
-CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
+# The setup is defined beside the simulator (recserve.evaluation.placement_sim), which runs it too.
+CHAIN = LIVE_CHAIN
 POLICIES = ("cs-ucb", "first", "random", "round-robin", "least-loaded", "edge-first", "cloud-only")
 # Service classes: (share of requests, requirement in seconds).
-CLASSES = {"interactive": (0.8, 1.5), "batch": (0.2, 10.0)}
-# The device tier stands for this many phones, each serving its own user: the device's own answers never queue.
-PHONES = 256
-# Queries whose recorded answers are at most this long at every tier: a requirement of seconds is about the
-# multiple-choice and short answers; a 2000-token essay at 23 tokens/s misses any interactive requirement anywhere.
-MAX_ANSWER_TOKENS = 32
+CLASSES = {service.name: (service.share, service.requirement_seconds) for service in LIVE_CLASSES}
+PHONES = LIVE_PHONES
 MET_TARGET = 0.95
 MODEL_OF = {"device": CHAIN[0], "edge-a": CHAIN[1], "edge-b": CHAIN[1], "cloud": CHAIN[2]}
 
@@ -67,12 +73,13 @@ class Point:
 def tier_arguments(policy: str, beta: float) -> list[list[str]]:
     replay = ["--engine", "replay", "--traces", str(BUNDLED_TRACE), "--policy", "recserve", "--beta", str(beta),
               "--max-in-flight", "4096", "--forward-timeout", "60"]  # fmt: skip
-    phones = ["--emulate", "phone", "--emulate-replicas", str(PHONES), "--placement", policy]
+    phones = ["--emulate", LIVE_DEVICE_PROFILE, "--emulate-replicas", str(PHONES), "--placement", policy]
+    (edge_a, profile_a), (edge_b, profile_b) = LIVE_EDGES
     return [
         ["--tier", "device", *replay, "--trace-model", CHAIN[0], *phones],
-        ["--tier", "edge-a", *replay, "--trace-model", CHAIN[1], "--emulate", "edge-box"],
-        ["--tier", "edge-b", *replay, "--trace-model", CHAIN[1], "--emulate", "edge-gpu"],
-        ["--tier", "cloud", *replay, "--trace-model", CHAIN[2], "--emulate", "cloud-gpu"],
+        ["--tier", edge_a, *replay, "--trace-model", CHAIN[1], "--emulate", profile_a],
+        ["--tier", edge_b, *replay, "--trace-model", CHAIN[1], "--emulate", profile_b],
+        ["--tier", "cloud", *replay, "--trace-model", CHAIN[2], "--emulate", LIVE_CLOUD_PROFILE],
     ]
 
 
@@ -103,20 +110,11 @@ class Stack:
         return total
 
 
-def requirement(rng: random.Random) -> tuple[str, float]:
-    draw = rng.random()
-    for name, (share, seconds) in CLASSES.items():
-        if draw < share:
-            return name, seconds
-        draw -= share
-    return "batch", CLASSES["batch"][1]
-
-
 async def run_rate(
     target: str, client: TraceClient, queries: list[TraceQuery], rate: float, seconds: float, seed: int
 ) -> tuple[list[tuple[TraceQuery, pb.InferResponse | None, float, float]], float]:
-    """Poisson arrivals at `rate` for `seconds`: (query, response or None, latency, requirement) per request."""
-    rng = random.Random(seed)
+    """Poisson arrivals at `rate` for `seconds` (the simulator's, so it meets the same requests): (query, response or
+    None, latency, requirement) per request."""
     results: list[tuple[TraceQuery, pb.InferResponse | None, float, float]] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.TierServiceStub(channel)
@@ -135,14 +133,11 @@ async def run_rate(
 
         tasks = []
         started = time.perf_counter()
-        clock = 0.0
-        while True:
-            clock += rng.expovariate(rate)
-            if clock > seconds:
-                break
-            await asyncio.sleep(max(0.0, started + clock - time.perf_counter()))
-            service_class, limit = requirement(rng)
-            tasks.append(asyncio.ensure_future(one(rng.choice(queries), service_class, limit)))
+        for arrival in poisson_arrivals(rate, seconds, seed, queries, LIVE_CLASSES):
+            await asyncio.sleep(max(0.0, started + arrival.seconds - time.perf_counter()))
+            limit = arrival.service.requirement_seconds
+            assert limit is not None  # every class of the bench has a requirement
+            tasks.append(asyncio.ensure_future(one(arrival.item, arrival.service.name, limit)))
         await asyncio.gather(*tasks)
         return results, time.perf_counter() - started
 
@@ -178,11 +173,7 @@ def summarise(policy: str, rate: float, results: list, client: TraceClient, idle
 
 def measure(policy: str, args: argparse.Namespace, logs: Path) -> list[Point]:
     trace_set = TraceSet.load(BUNDLED_TRACE)
-    queries = [
-        q
-        for q in trace_set.queries
-        if q.split == "test" and all(trace_set.answers[q.key][m].tokens_out <= MAX_ANSWER_TOKENS for m in CHAIN)
-    ]
+    queries = live_queries(trace_set, CHAIN)
     client = TraceClient(trace_set, CHAIN)
     stack = Stack(policy, args.beta, logs)
     points = []
