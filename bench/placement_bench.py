@@ -19,32 +19,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from recserve.client.trace_client import TraceClient
 from recserve.core.traces import BUNDLED_TRACE, TraceQuery, TraceSet
+from recserve.evaluation.placement_sim import (
+    LIVE_CHAIN,
+    LIVE_CLASSES,
+    LIVE_CLOUD_PROFILE,
+    LIVE_DEVICE_PROFILE,
+    LIVE_EDGES,
+    LIVE_PHONES,
+    live_queries,
+    poisson_arrivals,
+)
 from recserve.server.processes import TierProcesses
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
-CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
+# The setup is defined beside the simulator (recserve.evaluation.placement_sim), which runs it too.
+CHAIN = LIVE_CHAIN
 POLICIES = ("cs-ucb", "first", "random", "round-robin", "least-loaded", "edge-first", "cloud-only", "cloud-serving")
 # Not a placement: every request straight to the cloud (OFFLOAD_MODE_LAST_TIER through the cloud-only placement),
 # the cloud-only serving that the energy goal is measured against.
 CLOUD_SERVING = "cloud-serving"
 # Service classes: (share of requests, requirement in seconds).
-CLASSES = {"interactive": (0.8, 1.5), "batch": (0.2, 10.0)}
-# The device tier stands for this many phones, each serving its own user: the device's own answers never queue.
-PHONES = 256
-# Queries whose recorded answers are at most this long at every tier: a requirement of seconds is about the
-# multiple-choice and short answers; a 2000-token essay at 23 tokens/s misses any interactive requirement anywhere.
-MAX_ANSWER_TOKENS = 32
+CLASSES = {service.name: (service.share, service.requirement_seconds) for service in LIVE_CLASSES}
+PHONES = LIVE_PHONES
 MET_TARGET = 0.95
 MODEL_OF = {"device": CHAIN[0], "edge-a": CHAIN[1], "edge-b": CHAIN[1], "cloud": CHAIN[2]}
 
@@ -59,6 +67,7 @@ class Point:
     accuracy: float
     bytes_per_request: float
     joules_per_request: float  # inference and transmission, from the hop records
+    idle_joules_per_request: float
     p50_seconds: float
     p95_seconds: float
     shares: dict[str, float]  # where the device's forwarded requests went, and the device itself
@@ -68,12 +77,13 @@ def tier_arguments(policy: str, beta: float, speed: float) -> list[list[str]]:
     replay = ["--engine", "replay", "--traces", str(BUNDLED_TRACE), "--policy", "recserve", "--beta", str(beta),
               "--max-in-flight", "4096", "--forward-timeout", "120", "--emulate-speed", str(speed)]  # fmt: skip
     placement = "cloud-only" if policy == CLOUD_SERVING else policy
-    phones = ["--emulate", "phone", "--emulate-replicas", str(PHONES), "--placement", placement]
+    phones = ["--emulate", LIVE_DEVICE_PROFILE, "--emulate-replicas", str(PHONES), "--placement", placement]
+    (edge_a, profile_a), (edge_b, profile_b) = LIVE_EDGES
     return [
         ["--tier", "device", *replay, "--trace-model", CHAIN[0], *phones],
-        ["--tier", "edge-a", *replay, "--trace-model", CHAIN[1], "--emulate", "edge-box"],
-        ["--tier", "edge-b", *replay, "--trace-model", CHAIN[1], "--emulate", "edge-gpu"],
-        ["--tier", "cloud", *replay, "--trace-model", CHAIN[2], "--emulate", "cloud-gpu"],
+        ["--tier", edge_a, *replay, "--trace-model", CHAIN[1], "--emulate", profile_a],
+        ["--tier", edge_b, *replay, "--trace-model", CHAIN[1], "--emulate", profile_b],
+        ["--tier", "cloud", *replay, "--trace-model", CHAIN[2], "--emulate", LIVE_CLOUD_PROFILE],
     ]
 
 
@@ -92,15 +102,16 @@ class Stack:
             return ["--next", cloud, "--callers", "device"]
         return ["--callers", "edge-a,edge-b,device"]
 
-
-def requirement(rng: random.Random, speed: float) -> tuple[str, float]:
-    """A service class and its requirement, in the wall time of servers running at `speed`."""
-    draw = rng.random()
-    for name, (share, seconds) in CLASSES.items():
-        if draw < share:
-            return name, seconds / speed
-        draw -= share
-    return "batch", CLASSES["batch"][1] / speed
+    def idle_joules(self) -> float:
+        total = 0.0
+        for port in self.processes.metrics_ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+                text = reply.read().decode()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "recserve_energy_joules_total" and sample.labels.get("kind") == "idle":
+                        total += sample.value
+        return total
 
 
 async def run_rate(
@@ -110,11 +121,11 @@ async def run_rate(
     rate: float,
     seconds: float,
     seed: int,
-    speed: float,
+    speed: float = 1.0,
     offload: int = pb.OFFLOAD_MODE_AUTO,
 ) -> tuple[list[tuple[TraceQuery, pb.InferResponse | None, float, float]], float]:
-    """Poisson arrivals at `rate` for `seconds`: (query, response or None, latency, requirement) per request."""
-    rng = random.Random(seed)
+    """Poisson arrivals at `rate` for `seconds` (the simulator's, so it meets the same requests): (query, response or
+    None, latency, requirement) per request."""
     results: list[tuple[TraceQuery, pb.InferResponse | None, float, float]] = []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.TierServiceStub(channel)
@@ -134,19 +145,16 @@ async def run_rate(
 
         tasks = []
         started = time.perf_counter()
-        clock = 0.0
-        while True:
-            clock += rng.expovariate(rate)
-            if clock > seconds:
-                break
-            await asyncio.sleep(max(0.0, started + clock - time.perf_counter()))
-            service_class, limit = requirement(rng, speed)
-            tasks.append(asyncio.ensure_future(one(rng.choice(queries), service_class, limit)))
+        for arrival in poisson_arrivals(rate, seconds, seed, queries, LIVE_CLASSES):
+            await asyncio.sleep(max(0.0, started + arrival.seconds - time.perf_counter()))
+            assert arrival.service.requirement_seconds is not None  # every class of the bench has a requirement
+            limit = arrival.service.requirement_seconds / speed  # in the wall time of servers running at `speed`
+            tasks.append(asyncio.ensure_future(one(arrival.item, arrival.service.name, limit)))
         await asyncio.gather(*tasks)
         return results, time.perf_counter() - started
 
 
-def summarise(policy: str, rate: float, results: list, client: TraceClient) -> Point:  # type: ignore[type-arg]
+def summarise(policy: str, rate: float, results: list, client: TraceClient, idle: float) -> Point:  # type: ignore[type-arg]
     answered = [(q, r, latency, limit) for q, r, latency, limit in results if r is not None]
     met = sum(latency <= limit for _, r, latency, limit in results if r is not None) / max(len(results), 1)
     verdicts = [client.trace_set.answers[q.key][MODEL_OF[r.answered_by]].correct for q, r, _, _ in answered]
@@ -168,6 +176,7 @@ def summarise(policy: str, rate: float, results: list, client: TraceClient) -> P
         accuracy=sum(judged) / max(len(judged), 1),
         bytes_per_request=sum(sizes) / count,
         joules_per_request=sum(joules) / count,
+        idle_joules_per_request=idle / max(len(results), 1),
         p50_seconds=latencies[len(latencies) // 2],
         p95_seconds=latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
         shares={k: v / count for k, v in sorted(places.items())},
@@ -176,11 +185,7 @@ def summarise(policy: str, rate: float, results: list, client: TraceClient) -> P
 
 def measure(policy: str, args: argparse.Namespace, logs: Path) -> list[Point]:
     trace_set = TraceSet.load(BUNDLED_TRACE)
-    queries = [
-        q
-        for q in trace_set.queries
-        if q.split == "test" and all(trace_set.answers[q.key][m].tokens_out <= MAX_ANSWER_TOKENS for m in CHAIN)
-    ]
+    queries = live_queries(trace_set, CHAIN)
     client = TraceClient(trace_set, CHAIN)
     stack = Stack(policy, args.beta, args.speed, logs)
     points = []
@@ -191,9 +196,10 @@ def measure(policy: str, args: argparse.Namespace, logs: Path) -> list[Point]:
         offload = pb.OFFLOAD_MODE_LAST_TIER if policy == CLOUD_SERVING else pb.OFFLOAD_MODE_AUTO
         asyncio.run(run_rate(target, client, queries, args.rates[0], args.warmup, args.seed - 1, args.speed, offload))
         for index, rate in enumerate(args.rates):
+            idle_before = stack.idle_joules()
             seed = args.seed + index
             results, _ = asyncio.run(run_rate(target, client, queries, rate, args.seconds, seed, args.speed, offload))
-            point = summarise(policy, rate, results, client)
+            point = summarise(policy, rate, results, client, stack.idle_joules() - idle_before)
             points.append(point)
             print(
                 f"  {policy:>12} {rate:6.1f}/s: met {point.met:.3f}, {point.joules_per_request:8.2f} J/req, "
@@ -221,14 +227,14 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16, 24, 32])
     parser.add_argument("--seconds", type=float, default=20.0, help="arrivals per rate")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of arrivals at the first rate, unmeasured")
-    parser.add_argument("--beta", type=float, default=0.3, help="RecServe's beta at every tier (the default's)")
+    parser.add_argument("--beta", type=float, default=0.5, help="RecServe's beta at every tier")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--speed",
         type=float,
-        default=0.25,
+        default=1.0,
         help="every server's wall-time speed against its profile, requirements scaled alike: a rate r here is r / "
-        "speed at full speed (the tiers' Python processes on a small host cannot drive the full-speed rates)",
+        "speed at full speed, for saturation at rates the tiers' processes on a small host can drive",
     )
     parser.add_argument("--json", type=Path, default=None, help="write every point here")
     args = parser.parse_args()
@@ -242,9 +248,8 @@ def main() -> None:
         args.json.write_text(json.dumps([asdict(p) for p in points], indent=1))
     print(f"\nrates {args.rates} req/s at speed {args.speed} ({[r / args.speed for r in args.rates]} req/s at full "
           f"speed), {args.seconds:.0f} s each; requirement classes at full speed {CLASSES}")  # fmt: skip
-    # Idle power is left out: every server is on whatever the placement (EnergyModel: busy power is above idle).
-    print(f"{'placement':>12}  {'sustained at 95% met':>20}  {'J/req (infer+tran)':>18}  {'accuracy':>8}  "
-          f"{'bytes/req':>9}")  # fmt: skip
+    print(f"{'placement':>12}  {'sustained at 95% met':>20}  {'J/req (infer+tran)':>18}  {'idle J/req':>10}  "
+          f"{'accuracy':>8}  {'bytes/req':>9}")  # fmt: skip
     summary = {}
     for policy in args.policies:
         mine = [p for p in points if p.policy == policy]
@@ -252,7 +257,7 @@ def main() -> None:
         summary[policy] = (sustained(mine), at_low)
         print(
             f"{policy:>12}  {sustained(mine):>20.1f}  {at_low.joules_per_request:>18.2f}  "
-            f"{at_low.accuracy:>8.3f}  {at_low.bytes_per_request:>9.0f}"
+            f"{at_low.idle_joules_per_request:>10.2f}  {at_low.accuracy:>8.3f}  {at_low.bytes_per_request:>9.0f}"
         )
     if "cs-ucb" in summary:
         baselines = {p: s for p, (s, _) in summary.items() if p not in ("cs-ucb", CLOUD_SERVING)}

@@ -15,14 +15,15 @@ The model (docs/placement.md says more):
   server (PerLLM's central scheduler). A share `weak_share` of the sites, spread evenly, run a weaker box. At most
   `slots` of a group's requests are in flight at one candidate (the live tier's slot limit: a candidate with none
   free is not usable); with none usable the request is refused and counts as missed.
-- A server runs continuous batching as processor sharing: a request needs `tokens_in / prefill + tokens_out /
-  decode` seconds alone (its work); with b requests in the batch each advances at 1 / (1 + a·(b - 1)) of that
-  speed (a step costs more as the batch grows), up to `batch_limit` requests; the rest wait in a FIFO queue, so
-  queues form when arrivals exceed what the batch can serve.
-- Energy: a server draws `busy_watts` (all of it, idle floor included) while its batch is not empty, shared equally
-  by the requests in the batch (inference energy), and `idle_watts` while it is empty (idle energy, reported per
-  request over all requests: the placement cannot attribute it). A link takes `latency` plus bytes / bandwidth each
-  way and `joules_per_byte` (transmission energy), with `bytes_per_token` bytes per token; links do not contend.
+- A server is EmulatedEngine's (recserve.engines.emulated), on the shared profiles (recserve.engines.profiles):
+  at most batch_limit * replicas requests admitted, the rest in a FIFO queue; a request prefills, then decodes one
+  token per step_seconds(b), b the admitted requests per replica. Edge sites run `edge-gpu`, a share `weak_share`
+  `edge-box`; a cloud region `cloud_replicas` servers of `cloud-gpu`.
+- Energy as EmulatedEngine reports it: the prefill at batch-1 power above idle, each decode step's power above idle
+  at its batch shared by the batch (inference energy); every server's idle power over the whole run (idle energy,
+  reported per request over all requests: the placement cannot attribute it). A link takes `latency` plus bytes /
+  bandwidth each way and `joules_per_byte` (transmission energy: the phone's uplink), with `bytes_per_token` bytes
+  per token; links do not contend.
 - The placement sees, per request, the time from forwarding to the answer and the inference plus transmission
   energy: a PlacementOutcome, as a live tier would measure it.
 
@@ -31,11 +32,18 @@ still unanswered `drain` seconds after arrivals stop count as missed. All random
 arrivals (times, groups, classes, sizes) do not depend on the policy: every policy meets the same requests.
 
     python -m recserve.evaluation.placement_sim --sites 50 --clouds 5 --rates 100,200,400 --policies cs-ucb,random
+
+`--live-setup` runs bench/placement_bench.py's setup instead (simulate_live): its tiers and profiles, its queries and
+arrivals (poisson_arrivals, which the bench calls), and every tier's RecServe decision on the confidence its replayed
+model recorded, so the two can be compared figure by figure (docs/placement.md, "Live and simulated").
+
+    python -m recserve.evaluation.placement_sim --live-setup --policies cs-ucb,first --rates 8,64
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import heapq
 import json
 import math
@@ -45,44 +53,34 @@ from collections import deque
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import simpy
 
+from recserve.client.trace_client import TraceClient
+from recserve.core.confidence import choice_scorer, generate_scorer
+from recserve.core.engine import GenerationRequest
 from recserve.core.placement import Candidate, Placement, PlacementOutcome, PlacementRequest
-from recserve.core.traces import BUNDLED_TRACE, TraceSet
+from recserve.core.traces import BUNDLED_TRACE, TraceQuery, TraceSet
+from recserve.engines.profiles import (
+    PHONE_JOULES_PER_BYTE,
+    PHONE_UPLINK_BYTES_PER_S,
+    PROFILES,
+    ServerProfile,
+    get_profile,
+)
+from recserve.engines.replay import ReplayEngine
 from recserve.policies.placement import PLACEMENT_NAMES, placement_config, placement_options
-
-
-@dataclass(frozen=True)
-class ServerProfile:
-    """What one server can do. PLACEHOLDER figures below: to be replaced by the shared engine profiles
-    (recserve.engines.profiles) once they exist."""
-
-    name: str
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float  # per sequence, at batch 1
-    batch_limit: int
-    batch_slowdown: float  # a: with b in the batch each step takes (1 + a·(b - 1)) times as long
-    busy_watts: float  # drawn while the batch is not empty (idle floor included)
-    idle_watts: float  # drawn while it is empty
-
-    def work_seconds(self, tokens_in: int, tokens_out: int) -> float:
-        return tokens_in / self.prefill_tokens_per_s + tokens_out / self.decode_tokens_per_s
-
-
-# PLACEHOLDER numbers, of the right order only: an 8B model on an edge box (a small GPU); a 70B model on a cloud
-# node of four GPUs (tensor-parallel), its host and cooling included; an on-device model (a phone; not a placement
-# target here). Per generated token at a full batch the edge box spends about 0.6 J, the cloud node about 2.5 J (a
-# model nine times larger); at batch 1 about 2.7 J and 90 J.
-PHONE = ServerProfile("phone", 200.0, 15.0, 1, 0.0, 6.0, 0.5)
-EDGE_BOX = ServerProfile("edge-box", 2_000.0, 30.0, 8, 0.10, 80.0, 20.0)
-WEAK_EDGE_BOX = ServerProfile("weak-edge-box", 600.0, 10.0, 4, 0.15, 45.0, 12.0)  # an older box or a CPU-only one
-CLOUD_GPU = ServerProfile("cloud-gpu", 20_000.0, 45.0, 64, 0.01, 4_000.0, 1_000.0)
+from recserve.policies.simple import RecServeConfig
+from recserve.v1 import tier_pb2 as pb
 
 
 @dataclass(frozen=True)
 class Link:
+    """A path from a device group to one candidate. Kept beside the shared profiles because they give a server's
+    uplink rate and joules per byte but no latency, and the latency here depends on the pair (own site, another
+    site, the nearest or a farther cloud), not on the server."""
+
     latency_seconds: float  # one way
     bytes_per_second: float
     joules_per_byte: float
@@ -117,13 +115,20 @@ class SimConfig:
     warmup: float = 60.0  # requests forwarded before this are not measured (the placements learn meanwhile)
     drain: float = 60.0  # seconds after the arrivals stop before unanswered requests count as missed
     slots: int = 32  # of one group's requests in flight at one candidate
-    edge: ServerProfile = EDGE_BOX
-    weak_edge: ServerProfile = WEAK_EDGE_BOX
-    weak_share: float = 0.3  # of the edge sites, spread evenly, that are weak_edge boxes
-    cloud: ServerProfile = CLOUD_GPU
-    home_link: Link = Link(0.005, 12.5e6, 1e-6)  # device to its site: ~100 Mbit/s radio
-    neighbour_link: Link = Link(0.015, 12.5e6, 2e-6)  # to another site, through the metro network
-    cloud_link: Link = Link(0.030, 12.5e6, 4e-6)  # to the nearest cloud; each farther one adds cloud_step
+    # The servers: the shared profiles (recserve.engines.profiles). An edge site runs `edge`, or `weak_edge` at a share
+    # `weak_share` of the sites spread evenly; a cloud region runs `cloud_replicas` servers of `cloud` (one model
+    # replica a GPU: a 70B model on an H200 has room for a batch of 8 only).
+    edge: ServerProfile = PROFILES["edge-gpu"]
+    weak_edge: ServerProfile = PROFILES["edge-box"]
+    weak_share: float = 0.3
+    cloud: ServerProfile = PROFILES["cloud-gpu"]
+    cloud_replicas: int = 8
+    # The links from a device: the phone's uplink (its rate and joules per byte from the phone profile) and a latency
+    # by distance, which the profiles lack: its own site, another site through the metro network, the nearest cloud
+    # (each farther one adds cloud_step_seconds).
+    home_link: Link = Link(0.005, PHONE_UPLINK_BYTES_PER_S, PHONE_JOULES_PER_BYTE)
+    neighbour_link: Link = Link(0.015, PHONE_UPLINK_BYTES_PER_S, PHONE_JOULES_PER_BYTE)
+    cloud_link: Link = Link(0.030, PHONE_UPLINK_BYTES_PER_S, PHONE_JOULES_PER_BYTE)
     cloud_step_seconds: float = 0.015
     bytes_per_token: int = 4
     classes: tuple[ServiceClass, ...] = DEFAULT_CLASSES
@@ -184,84 +189,102 @@ class SimResult:
 
 
 class _Job:
-    __slots__ = ("done", "energy", "start_energy", "work")
+    __slots__ = ("done", "energy", "start_energy", "tokens_in", "tokens_out")
 
-    def __init__(self, work: float, done: simpy.Event) -> None:
-        self.work = work
+    def __init__(self, tokens_in: int, tokens_out: int, done: simpy.Event) -> None:
+        self.tokens_in = tokens_in
+        self.tokens_out = tokens_out
         self.done = done
-        self.energy = 0.0
+        self.energy = 0.0  # inference joules above idle, as EmulatedEngine's `emulated_joules`
         self.start_energy = 0.0
 
 
 class _Server:
-    """Continuous batching as processor sharing, in virtual time: `attained` is the work (solo seconds) each job in
-    the batch has received since the start, so a job finishes when it reaches its admission's value plus its work,
-    and only arrivals and completions are events."""
+    """EmulatedEngine's server (recserve.engines.emulated) in virtual time: at most batch_limit * replicas requests
+    admitted at once, the rest in a FIFO queue; an admitted request prefills for prefill_seconds(tokens_in), then
+    decodes tokens_out tokens, each taking step_seconds(b), b = ceil(admitted / replicas) (prefilling ones count, as
+    there). Energy as there: the prefill at batch-1 power above idle, and each decode step's power above idle at its
+    batch shared by the b requests.
 
-    def __init__(self, env: simpy.Environment, profile: ServerProfile) -> None:
+    Only admissions, prefill ends and completions are events: between them b is constant, so every decoding request
+    gains tokens at 1 / step_seconds(b) a second and joules at (watts(b) - idle) / b a second. `tokens` and
+    `energy_per_job` integrate those rates since the start; a request that starts decoding at `tokens` = T finishes
+    at T + tokens_out. The one difference from EmulatedEngine: it samples b at each streamed delta (a word) and steps
+    whole tokens, this integrates continuously."""
+
+    def __init__(self, env: simpy.Environment, profile: ServerProfile, replicas: int = 1) -> None:
         self.env = env
         self.profile = profile
-        self.attained = 0.0
-        self.energy_per_job = 0.0  # joules each job in the batch has been charged since the start
+        self.replicas = replicas
+        self.capacity = profile.batch_limit * replicas
+        self.running = 0  # admitted: prefilling or decoding
+        self.tokens = 0.0
+        self.energy_per_job = 0.0
         self.last = 0.0
-        self.batch: list[tuple[float, int, _Job]] = []  # (attained at which it finishes, order, job)
+        self.decoding: list[tuple[float, int, _Job]] = []  # (tokens at which it finishes, order, job)
         self.waiting: deque[_Job] = deque()
-        self.busy_seconds = 0.0
-        self.idle_seconds = 0.0
         self.admitted = 0
         self.wake = env.event()
         env.process(self._run())
 
-    def submit(self, work: float) -> _Job:
-        self._advance()
-        job = _Job(work, self.env.event())
-        if len(self.batch) < self.profile.batch_limit:
+    def submit(self, tokens_in: int, tokens_out: int) -> _Job:
+        job = _Job(tokens_in, max(tokens_out, 1), self.env.event())
+        if self.running < self.capacity and not self.waiting:
             self._admit(job)
         else:
             self.waiting.append(job)
-        if not self.wake.triggered:
-            self.wake.succeed()
         return job
 
-    def _speed(self) -> float:
-        return 1.0 / (1.0 + self.profile.batch_slowdown * (len(self.batch) - 1))
+    def _batch(self) -> int:
+        return max(-(-self.running // self.replicas), 1)
 
     def _advance(self) -> None:
         elapsed = self.env.now - self.last
-        if elapsed > 0:
-            if self.batch:
-                self.attained += elapsed * self._speed()
-                self.energy_per_job += self.profile.busy_watts * elapsed / len(self.batch)
-                self.busy_seconds += elapsed
-            else:
-                self.idle_seconds += elapsed
+        if elapsed > 0 and self.decoding:
+            batch = self._batch()
+            self.tokens += elapsed / self.profile.step_seconds(batch)
+            above = max(self.profile.watts(batch) - self.profile.idle_watts, 0.0)
+            self.energy_per_job += above * elapsed / batch
         self.last = self.env.now
 
     def _admit(self, job: _Job) -> None:
+        self._advance()
+        self.running += 1
+        self.admitted += 1
+        prefill = self.profile.prefill_seconds(job.tokens_in)
+        job.energy = prefill * max(self.profile.watts(1) - self.profile.idle_watts, 0.0)
+        self._poke()
+        self.env.timeout(prefill).callbacks.append(lambda _: self._decode(job))
+
+    def _decode(self, job: _Job) -> None:
+        self._advance()
         job.start_energy = self.energy_per_job
         self.admitted += 1
-        heapq.heappush(self.batch, (self.attained + job.work, self.admitted, job))
+        heapq.heappush(self.decoding, (self.tokens + job.tokens_out, self.admitted, job))
+        self._poke()
+
+    def _poke(self) -> None:
+        if not self.wake.triggered:
+            self.wake.succeed()
 
     def _run(self) -> Generator[simpy.Event, Any, None]:
         while True:
-            if self.batch:
-                wait = max(self.batch[0][0] - self.attained, 0.0) / self._speed()
-                yield self.env.timeout(wait) | self.wake
+            if self.decoding:
+                left = max(self.decoding[0][0] - self.tokens, 0.0)
+                yield self.env.timeout(left * self.profile.step_seconds(self._batch())) | self.wake
             else:
                 yield self.wake
             if self.wake.triggered:
                 self.wake = self.env.event()
             self._advance()
-            tolerance = 1e-9 * max(1.0, self.attained)
-            while self.batch and self.batch[0][0] <= self.attained + tolerance:
-                _, _, job = heapq.heappop(self.batch)
-                job.energy = self.energy_per_job - job.start_energy
+            tolerance = 1e-9 * max(1.0, self.tokens)
+            while self.decoding and self.decoding[0][0] <= self.tokens + tolerance:
+                _, _, job = heapq.heappop(self.decoding)
+                job.energy += self.energy_per_job - job.start_energy
+                self.running -= 1
                 job.done.succeed()
-                if self.waiting:
+                if self.waiting:  # the place passes to the next in the queue, as in EmulatedEngine
                     self._admit(self.waiting.popleft())
-
-    def close(self) -> None:
-        self._advance()
 
 
 @dataclass
@@ -307,7 +330,7 @@ def simulate(
         )
         for site in range(config.sites)
     ]
-    clouds = [_Server(env, config.cloud) for _ in range(config.clouds)]
+    clouds = [_Server(env, config.cloud, config.cloud_replicas) for _ in range(config.clouds)]
     groups = _groups(edges, clouds, config, policy, options or {})
     tally = _Tally()
     measured = [0]
@@ -336,7 +359,7 @@ def simulate(
         link, server = group.links[chosen], group.servers[chosen]
         bytes_in, bytes_out = tokens_in * config.bytes_per_token, tokens_out * config.bytes_per_token
         yield env.timeout(link.seconds(bytes_in))
-        job = server.submit(server.profile.work_seconds(tokens_in, tokens_out))
+        job = server.submit(tokens_in, tokens_out)
         yield job.done
         yield env.timeout(link.seconds(bytes_out))
         seconds = env.now - start
@@ -380,10 +403,8 @@ def simulate(
     env.process(arrivals())
     env.process(watch_queue())
     env.run(until=config.duration + config.drain)
-    idle = 0.0
-    for server in (*edges, *clouds):
-        server.close()
-        idle += server.idle_seconds * server.profile.idle_watts
+    # The idle floor of every server over the whole run (inference energy is what a request adds above it).
+    idle = sum(server.profile.idle_watts * server.replicas for server in (*edges, *clouds)) * env.now
     answered = max(tally.answered, 1)
     latencies = sorted(tally.seconds) + [math.inf] * (measured[0] - tally.answered)  # refused, unfinished
     return SimResult(
@@ -454,6 +475,317 @@ def _group(index: int, edges: list[_Server], clouds: list[_Server], config: SimC
     return _Group(tuple(candidates), tuple(servers), tuple(links), placement, [0] * len(candidates))
 
 
+# The live bench's setup (bench/placement_bench.py runs it through real tier processes): the bundled trace's chain, a
+# device tier standing for a fleet of phones that places each forwarded request on one of two edge sites or, skipping
+# them, the cloud; each edge forwards to the cloud. Every tier decides by RecServe at `beta` on the confidences its
+# replayed model recorded.
+LIVE_CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
+LIVE_CLASSES = (ServiceClass("interactive", 0.8, 1.5), ServiceClass("batch", 0.2, 10.0))
+LIVE_PHONES = 256  # phones behind the device tier, each serving its own user: the device's own answers never queue
+LIVE_EDGES = (("edge-a", "edge-box"), ("edge-b", "edge-gpu"))  # (tier, profile)
+LIVE_DEVICE_PROFILE = "phone"
+LIVE_CLOUD_PROFILE = "cloud-gpu"
+# Queries whose recorded answers are at most this long at every tier: a requirement of seconds is about the
+# multiple-choice and short answers; a 2000-token essay at 23 tokens/s misses any interactive requirement anywhere.
+LIVE_MAX_ANSWER_TOKENS = 32
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Arrival(Generic[T]):
+    seconds: float  # since the start of the arrivals
+    service: ServiceClass
+    item: T
+
+
+def draw_class(rng: random.Random, classes: Sequence[ServiceClass]) -> ServiceClass:
+    """A service class drawn by share (one rng.random() call); the last class takes any remainder."""
+    draw = rng.random()
+    for service in classes:
+        if draw < service.share:
+            return service
+        draw -= service.share
+    return classes[-1]
+
+
+def poisson_arrivals(
+    rate: float, seconds: float, seed: int, items: Sequence[T], classes: Sequence[ServiceClass] = LIVE_CLASSES
+) -> list[Arrival[T]]:
+    """Poisson arrivals at `rate` a second for `seconds`, each with a service class and an item drawn uniformly: the
+    live bench's arrivals (bench/placement_bench.py sends these), so the simulator meets the same requests."""
+    rng = random.Random(seed)
+    arrivals: list[Arrival[T]] = []
+    clock = 0.0
+    while True:
+        clock += rng.expovariate(rate)
+        if clock > seconds:
+            return arrivals
+        service = draw_class(rng, classes)
+        arrivals.append(Arrival(clock, service, rng.choice(items)))
+
+
+def live_queries(trace_set: TraceSet, chain: Sequence[str] = LIVE_CHAIN) -> list[TraceQuery]:
+    """The bench's queries: the test split's, with recorded answers of at most LIVE_MAX_ANSWER_TOKENS at every tier."""
+    return [
+        query
+        for query in trace_set.queries
+        if query.split == "test"
+        and all(trace_set.answers[query.key][model].tokens_out <= LIVE_MAX_ANSWER_TOKENS for model in chain)
+    ]
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What one tier's replayed model gives for a query, as the tier sees it."""
+
+    confidence: float  # the tier's scorer on the replayed generation
+    tokens_in: int
+    tokens_out: int
+    correct: bool
+    hop_bytes: int  # the tier's hop in a message
+
+
+@dataclass(frozen=True)
+class _Query:
+    family: str
+    max_tokens: int  # the request's sampling.max_tokens, which the placement sees
+    request_bytes: int  # as the client sends it (requirement and class included)
+    answers: tuple[_Answer, ...]  # per tier of the chain
+
+    def sent(self, depth: int) -> int:
+        """Bytes of the request forwarded from tier `depth`: the client's and the hops so far."""
+        return self.request_bytes + sum(answer.hop_bytes for answer in self.answers[: depth + 1])
+
+    def received(self, answered: int, hops: int) -> int:
+        """Bytes of the response from tier `answered` (at chain depth), carrying `hops` hops."""
+        # request id, answer, answered_by, confidence, usage, finish reason; then the hops.
+        return 100 + self.answers[answered].hop_bytes + sum(answer.hop_bytes for answer in self.answers[:hops])
+
+
+def _live_query_table(trace_set: TraceSet, queries: Sequence[TraceQuery], chain: Sequence[str]) -> list[_Query]:
+    """Each query's confidence at every tier, computed as the tiers compute it (the replay engine's generation through
+    the default scorers), its recorded token counts and verdicts, and message sizes for transmission energy."""
+    client = TraceClient(trace_set, chain)
+    engines = [ReplayEngine(BUNDLED_TRACE, model) for model in chain]
+    score_generation, score_choice = generate_scorer("perplexity"), choice_scorer("option_probability")
+
+    async def table() -> list[_Query]:
+        for engine in engines:
+            await engine.start()
+        rows = []
+        for query in queries:
+            request = client.request(query)
+            request.requirement_seconds = 10.0
+            request.service_class = "interactive"
+            options = tuple(request.options)
+            generation_request = GenerationRequest(
+                prompt=query.user_prompt, system_prompt=query.system_prompt, options=options,
+                max_tokens=request.sampling.max_tokens,
+            )  # fmt: skip
+            answers = []
+            for engine, model in zip(engines, chain, strict=True):
+                generation = await engine.generate(generation_request)
+                score = score_choice(generation, options) if options else score_generation(generation)
+                recorded = trace_set.answers[query.key][model]
+                hop = pb.Hop(tier="edge-a", confidence=0.5, threshold=0.5, engine_seconds=0.5, answer=recorded.answer,
+                             decision=pb.DECISION_FORWARDED, inference_joules=1.0, bytes_sent=1000,
+                             bytes_received=1000, transmission_joules=0.001)  # fmt: skip
+                answers.append(_Answer(score.value, generation.prompt_tokens, generation.completion_tokens,
+                                       recorded.correct, hop.ByteSize() + 3))  # fmt: skip
+            rows.append(_Query(query.benchmark, request.sampling.max_tokens, request.ByteSize(), tuple(answers)))
+        return rows
+
+    return asyncio.run(table())
+
+
+@dataclass(frozen=True)
+class LiveSetup:
+    """The live bench's setup, for the simulator; `hop_overhead_seconds` is the time a gRPC hop (client to device,
+    tier to tier) takes in the live stack beyond the emulated servers' time: Python, protobuf and loopback."""
+
+    policy_beta: float = 0.5  # RecServe's beta at every tier
+    seconds: float = 20.0  # arrivals per rate
+    warmup: float = 10.0  # seconds of arrivals at the first rate, unmeasured
+    seed: int = 1
+    phones: int = LIVE_PHONES
+    hop_overhead_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class LivePoint:
+    """The bench's figures for one policy and rate (bench/placement_bench.py's Point, less bytes)."""
+
+    policy: str
+    rate: float
+    requests: int
+    met: float
+    accuracy: float
+    joules_per_request: float  # inference and transmission, per answered request
+    idle_joules_per_request: float
+    p50_seconds: float
+    p95_seconds: float
+    shares: tuple[tuple[str, float], ...]  # where the device's forwarded requests went, and the device itself
+
+
+def simulate_live(
+    policy: str,
+    rates: Sequence[float],
+    setup: LiveSetup = LiveSetup(),
+    options: Mapping[str, Any] | None = None,
+    table: Sequence[_Query] | None = None,
+) -> list[LivePoint]:
+    """The live bench's run for one placement: a warm-up at the first rate, then each rate in turn, on one stack (the
+    policies keep what they learnt), each rate's requests all answered before the next rate starts."""
+    if table is None:
+        trace_set = TraceSet.load(BUNDLED_TRACE, LIVE_CHAIN)
+        table = _live_query_table(trace_set, live_queries(trace_set), LIVE_CHAIN)
+    queries = table
+    env = simpy.Environment()
+    device = _Server(env, get_profile(LIVE_DEVICE_PROFILE), setup.phones)
+    edges = {name: _Server(env, get_profile(profile)) for name, profile in LIVE_EDGES}
+    cloud = _Server(env, get_profile(LIVE_CLOUD_PROFILE))
+    servers = {"device": device, **edges, "cloud": cloud}
+    offload = {name: RecServeConfig(beta=setup.policy_beta).build() for name in servers}
+    placement = placement_config(policy, dict(options or {})).build()
+    candidates = (*(Candidate(name, 1) for name in edges), Candidate("cloud", 2))
+    usable = [True] * len(candidates)
+    # Each tier's idle energy as a live tier accounts it: idle watts over the time since its last request ended.
+    idle = dict.fromkeys(servers, 0.0)
+    last_end: dict[str, float | None] = dict.fromkeys(servers, None)
+    overhead = setup.hop_overhead_seconds
+
+    def ended(tier: str) -> None:
+        previous = last_end[tier]
+        if previous is not None:
+            idle[tier] += servers[tier].profile.idle_watts * (env.now - previous)
+        last_end[tier] = env.now
+
+    def at_cloud(query: _Query) -> Generator[Any, Any, float]:
+        answer = query.answers[2]
+        job = cloud.submit(answer.tokens_in, answer.tokens_out)
+        yield job.done
+        offload["cloud"].decide(query.family, answer.confidence, is_last=True)
+        ended("cloud")
+        return job.energy
+
+    def at_edge(name: str, query: _Query) -> Generator[Any, Any, tuple[float, int]]:
+        """(inference and transmission energy from this edge up, the chain depth that answered)"""
+        answer = query.answers[1]
+        job = edges[name].submit(answer.tokens_in, answer.tokens_out)
+        yield job.done
+        verdict = offload[name].decide(query.family, answer.confidence, is_last=False)
+        energy, depth = job.energy, 1
+        if verdict.forward:
+            yield env.timeout(overhead)
+            energy += yield from at_cloud(query)
+            depth = 2
+            link_bytes = query.sent(1) + query.received(2, 3)
+            energy += link_bytes * edges[name].profile.joules_per_byte
+        ended(name)
+        return energy, depth
+
+    def request(
+        arrival: Arrival[_Query], record: list[tuple[float, bool, float, str, bool]]
+    ) -> Generator[Any, Any, None]:
+        query, started = arrival.item, env.now
+        yield env.timeout(overhead)  # client to device
+        arrived = env.now
+        answer = query.answers[0]
+        job = device.submit(answer.tokens_in, answer.tokens_out)
+        yield job.done
+        energy = job.energy
+        verdict = offload["device"].decide(query.family, answer.confidence, is_last=False)
+        where, depth = "device", 0
+        if verdict.forward:
+            placing = PlacementRequest(
+                family=query.family,
+                requirement_seconds=arrival.service.requirement_seconds - (env.now - arrived)
+                if arrival.service.requirement_seconds is not None
+                else None,
+                service_class=arrival.service.name,
+                prompt_tokens=answer.tokens_in,
+                max_tokens=query.max_tokens,
+            )
+            chosen = placement.choose(placing, candidates, usable)
+            placement.in_flight(chosen, +1)
+            sent_at = env.now
+            yield env.timeout(overhead)
+            where = candidates[chosen].name
+            if where == "cloud":
+                above, depth = (yield from at_cloud(query)), 2
+                received = query.received(2, 2)
+            else:
+                above, depth = yield from at_edge(where, query)
+                received = query.received(depth, depth + 1)
+            transmission = (query.sent(0) + received) * device.profile.joules_per_byte
+            seconds = env.now - sent_at
+            requirement = placing.requirement_seconds
+            met = requirement is None or seconds <= requirement
+            placement.observe(placing, candidates, chosen, PlacementOutcome(seconds, transmission + above, met))
+            placement.in_flight(chosen, -1)
+            energy += transmission + above
+        ended("device")
+        latency = env.now - started
+        limit = arrival.service.requirement_seconds
+        record.append((latency, limit is None or latency <= limit, energy, where, query.answers[depth].correct))
+
+    points: list[LivePoint] = []
+
+    def run() -> Generator[Any, Any, None]:
+        phases = [(rates[0], setup.warmup, setup.seed - 1, False)]
+        phases += [(rate, setup.seconds, setup.seed + index, True) for index, rate in enumerate(rates)]
+        for rate, seconds, seed, measured in phases:
+            record: list[tuple[float, bool, float, str, bool]] = []
+            idle_before = sum(idle.values())
+            start = env.now
+            processes = []
+            for arrival in poisson_arrivals(rate, seconds, seed, queries, LIVE_CLASSES):
+                yield env.timeout(max(start + arrival.seconds - env.now, 0.0))
+                processes.append(env.process(request(arrival, record)))
+            yield env.all_of(processes)
+            if measured:
+                points.append(_live_point(policy, rate, record, sum(idle.values()) - idle_before))
+
+    env.process(run())
+    env.run()
+    return points
+
+
+def _live_point(policy: str, rate: float, record: list[tuple[float, bool, float, str, bool]], idle: float) -> LivePoint:
+    count = max(len(record), 1)
+    latencies = sorted(item[0] for item in record) or [0.0]
+    places: dict[str, int] = {}
+    for item in record:
+        places[item[3]] = places.get(item[3], 0) + 1
+    return LivePoint(
+        policy=policy,
+        rate=rate,
+        requests=len(record),
+        met=sum(item[1] for item in record) / count,
+        accuracy=sum(item[4] for item in record) / count,
+        joules_per_request=sum(item[2] for item in record) / count,
+        idle_joules_per_request=idle / count,
+        # As the bench takes them.
+        p50_seconds=latencies[len(latencies) // 2],
+        p95_seconds=latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        shares=tuple((where, places[where] / count) for where in sorted(places)),
+    )
+
+
+def format_live(points: Sequence[LivePoint]) -> str:
+    lines = [f"{'policy':<13}{'rate/s':>8}{'reqs':>6}{'met':>8}{'J/req':>8}{'idle J':>8}{'acc':>7}{'p50 s':>7}"
+             f"{'p95 s':>7}  shares"]  # fmt: skip
+    for point in points:
+        shares = ", ".join(f"{where} {share:.0%}" for where, share in point.shares)
+        lines.append(
+            f"{point.policy:<13}{point.rate:>8g}{point.requests:>6}{point.met:>8.1%}{point.joules_per_request:>8.2f}"
+            f"{point.idle_joules_per_request:>8.2f}{point.accuracy:>7.3f}{point.p50_seconds:>7.2f}"
+            f"{point.p95_seconds:>7.2f}  {shares}"
+        )
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Sweep:
     results: tuple[SimResult, ...]
@@ -498,48 +830,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=50, help="edge sites")
     parser.add_argument("--clouds", type=int, default=5)
+    parser.add_argument("--cloud-replicas", type=int, default=8, help="cloud-gpu servers in each cloud region")
     parser.add_argument("--groups", type=int, default=0, help="device groups (0: one per site)")
     parser.add_argument("--neighbours", type=int, default=2, help="other edge sites each group may place on")
     parser.add_argument(
-        "--rates", default="100,200,300,400,500,600", help="device requests per second, comma-separated"
-    )
-    parser.add_argument("--policies", default=",".join(PLACEMENT_NAMES), help="placements, comma-separated")
+        "--rates", default=None, help="device requests per second, comma-separated (default 100,...,600; "
+        "with --live-setup 8,64)"
+    )  # fmt: skip
+    parser.add_argument("--policies", default=None, help="placements, comma-separated (default all; with "
+                        "--live-setup cs-ucb,first)")  # fmt: skip
     parser.add_argument("--forward-share", type=float, default=0.3, help="share of requests devices forward")
     parser.add_argument("--duration", type=float, default=180.0, help="simulated seconds of arrivals")
-    parser.add_argument("--warmup", type=float, default=60.0, help="simulated seconds not measured")
+    parser.add_argument("--warmup", type=float, default=None, help="simulated seconds not measured (default 60; "
+                        "with --live-setup the bench's warm-up at the first rate, 10)")  # fmt: skip
     parser.add_argument("--slots", type=int, default=32, help="in flight per group and candidate")
-    parser.add_argument("--weak-share", type=float, default=0.3, help="share of the edge sites that are weak boxes")
+    parser.add_argument("--weak-share", type=float, default=0.3, help="share of the edge sites that are edge-box")
     parser.add_argument(
         "--central", action="store_true", help="one placement for all groups over every server (PerLLM's scheduler)"
     )
     parser.add_argument("--trace", default=None, help="a trace folder for request sizes ('bundled': the bundled one)")
     parser.add_argument("--trace-model", default=None, help="the trace model whose token counts to use")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="default 0; with --live-setup the bench's, 1")
+    parser.add_argument(
+        "--live-setup",
+        action="store_true",
+        help="simulate bench/placement_bench.py's setup instead: its tiers, queries, arrivals and figures",
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="--live-setup: arrivals per rate")
+    parser.add_argument("--beta", type=float, default=0.5, help="--live-setup: RecServe's beta at every tier")
+    parser.add_argument(
+        "--hop-overhead", type=float, default=0.0, help="--live-setup: seconds a gRPC hop adds (client to device, "
+        "tier to tier)"
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results as JSON to this file ('-': stdout)")
     for spec in placement_options():
         parser.add_argument(spec.flag, type=spec.parse, default=argparse.SUPPRESS, help=spec.help)
     args = parser.parse_args(argv)
-    policies = [name.strip() for name in args.policies.split(",") if name.strip()]
+    default_policies = "cs-ucb,first" if args.live_setup else ",".join(PLACEMENT_NAMES)
+    policies = [name.strip() for name in (args.policies or default_policies).split(",") if name.strip()]
     unknown = [name for name in policies if name not in PLACEMENT_NAMES]
     if unknown:
         parser.error(f"unknown placements {unknown}; choose from {', '.join(PLACEMENT_NAMES)}")
-    rates = [float(rate) for rate in args.rates.split(",") if rate.strip()]
+    default_rates = "8,64" if args.live_setup else "100,200,300,400,500,600"
+    rates = [float(rate) for rate in (args.rates or default_rates).split(",") if rate.strip()]
+    options = {spec.name: getattr(args, spec.name) for spec in placement_options() if hasattr(args, spec.name)}
+    if args.live_setup:
+        setup = LiveSetup(
+            policy_beta=args.beta,
+            seconds=args.seconds,
+            warmup=10.0 if args.warmup is None else args.warmup,
+            seed=1 if args.seed is None else args.seed,
+            hop_overhead_seconds=args.hop_overhead,
+        )
+        trace_set = TraceSet.load(BUNDLED_TRACE, LIVE_CHAIN)
+        table = _live_query_table(trace_set, live_queries(trace_set), LIVE_CHAIN)
+        points = [point for policy in policies for point in simulate_live(policy, rates, setup, options, table)]
+        if args.json != "-":
+            print(format_live(points))
+        if args.json:
+            _write_json(args.json, {"setup": asdict(setup), "options": options,
+                                    "results": [asdict(point) for point in points]})  # fmt: skip
+        return 0
     config = SimConfig(
         sites=args.sites,
         clouds=args.clouds,
+        cloud_replicas=args.cloud_replicas,
         groups=args.groups,
         neighbours=args.neighbours,
         forward_share=args.forward_share,
         duration=args.duration,
-        warmup=args.warmup,
+        warmup=60.0 if args.warmup is None else args.warmup,
         slots=args.slots,
         weak_share=args.weak_share,
         central=args.central,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
     )
     trace = BUNDLED_TRACE if args.trace == "bundled" else args.trace
-    sizes = trace_sizes(trace, args.trace_model) if trace else fixed_sizes(seed=args.seed)
-    options = {spec.name: getattr(args, spec.name) for spec in placement_options() if hasattr(args, spec.name)}
+    sizes = trace_sizes(trace, args.trace_model) if trace else fixed_sizes(seed=config.seed)
     result = sweep(policies, rates, config, sizes, options)
     if args.json != "-":
         print(format_table(result))
@@ -551,12 +918,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "results": [asdict(item) | {"energy_joules": item.energy_joules} for item in result.results],
             "sustained": {policy: result.sustained(policy) for policy in policies},
         }
-        text = json.dumps(document, indent=2, default=str)
-        if args.json == "-":
-            sys.stdout.write(text + "\n")
-        else:
-            Path(args.json).write_text(text + "\n")
+        _write_json(args.json, document)
     return 0
+
+
+def _write_json(destination: str, document: Mapping[str, Any]) -> None:
+    text = json.dumps(document, indent=2, default=str)
+    if destination == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(destination).write_text(text + "\n")
 
 
 if __name__ == "__main__":
