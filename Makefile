@@ -44,7 +44,7 @@ K8S_VERSION ?= 1.32.0
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
 .PHONY: help install install-dev proto proto-check lint layers typecheck check test test-unit test-processes test-integration demo serve bench models demo-trace clean
-.PHONY: docker-ready base-image wheels images up down results chains ceiling certs chaos load podman-ready k8s-validate
+.PHONY: docker-ready base-image wheels images up down bench-placement results chains ceiling certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -111,6 +111,9 @@ bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop
 	$(BIN)/python bench/serving_bench.py
 	$(BIN)/python bench/vllm_bench.py
 	$(BIN)/python bench/stream_bench.py
+
+bench-placement: install ## placement under Poisson load through device, two edges and a cloud on emulated servers (~15 min; docs/placement.md)
+	$(BIN)/python bench/placement_bench.py --beta 0.3 --speed 0.25 --rates 8 16 24 32 48 --seconds 12 --warmup 6
 
 results: install ## regenerate docs/results.md and its plots from a trace folder (TRACES=DIR; takes ~15 min)
 	@test -n "$(TRACES)" || { echo "results: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
