@@ -23,7 +23,7 @@ from recserve.evaluation import command as eval_command
 from recserve.gateway import settings as gateway_settings
 from recserve.server import settings as tier_settings
 from recserve.server.health import add_health_command, check_health
-from recserve.server.security import bearer_metadata, token
+from recserve.server.security import bearer_metadata, channel_credentials, token
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
@@ -188,13 +188,9 @@ def _gateway(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Se
 
 
 def _channel(target: str, ca: str, cert: str, key: str) -> grpc.aio.Channel:
-    if not ca:
+    credentials = channel_credentials(ca, cert, key)
+    if credentials is None:
         return grpc.aio.insecure_channel(target)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes(),
-        private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None,
-    )
     return grpc.aio.secure_channel(target, credentials)
 
 

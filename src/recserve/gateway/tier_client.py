@@ -4,14 +4,12 @@ messages and recserve.server.security."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recserve.gateway.errors import GatewayError, from_rpc
 from recserve.gateway.settings import GatewaySettings
-from recserve.server.security import bearer_metadata
+from recserve.server.security import bearer_metadata, channel_credentials
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
@@ -28,10 +26,6 @@ CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
 ]
 
 
-def _read(path: str) -> bytes | None:
-    return Path(path).read_bytes() if path else None
-
-
 class TierClient:
     """Calls the first tier; a failed call raises GatewayError with the HTTP status it means. Create it on the event
     loop that uses it."""
@@ -44,12 +38,8 @@ class TierClient:
         options = list(CHANNEL_OPTIONS)
         if settings.server_name:
             options.append(("grpc.ssl_target_name_override", settings.server_name))
-        if settings.ca:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(settings.ca),
-                private_key=_read(settings.key),
-                certificate_chain=_read(settings.cert),
-            )
+        credentials = channel_credentials(settings.ca, settings.cert, settings.key)
+        if credentials is not None:
             self._channel = grpc.aio.secure_channel(settings.target, credentials, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(settings.target, options=options)

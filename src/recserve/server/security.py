@@ -28,15 +28,19 @@ def server_credentials(settings: TierSettings) -> grpc.ServerCredentials | None:
     )
 
 
-def upstream_credentials(settings: TierSettings) -> grpc.ChannelCredentials | None:
-    """TLS to the next tier, verified against --upstream-ca, presenting --upstream-cert for mTLS."""
-    if not settings.upstream_ca:
+def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials | None:
+    """TLS to a tier, verified against the CA bundle `ca`, presenting `cert` (with `key`) for mTLS; None without a
+    CA: plaintext."""
+    if not ca:
         return None
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(settings.upstream_ca),
-        private_key=_read(settings.upstream_key),
-        certificate_chain=_read(settings.upstream_cert),
+        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
     )
+
+
+def upstream_credentials(settings: TierSettings) -> grpc.ChannelCredentials | None:
+    """TLS to the next tier, verified against --upstream-ca, presenting --upstream-cert for mTLS."""
+    return channel_credentials(settings.upstream_ca, settings.upstream_cert, settings.upstream_key)
 
 
 def token(value: str, path: str) -> str:
