@@ -38,6 +38,14 @@ class ScriptedTier(pb_grpc.TierServiceServicer):
         self.requests: list[pb.InferRequest] = []
         self.cancelled = asyncio.Event()
 
+    async def _hang(self) -> None:
+        """Wait until the call is cancelled, and say so."""
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
     @staticmethod
     def _prompt(request: pb.InferRequest) -> str:
         return request.messages[-1].content if request.messages else request.prompt
@@ -50,11 +58,7 @@ class ScriptedTier(pb_grpc.TierServiceServicer):
         if prompt == "bad":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is bad")
         if prompt == "slow":
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                self.cancelled.set()
-                raise
+            await self._hang()
         response = final("a b c")
         response.request_id = request.request_id
         return response
@@ -77,11 +81,7 @@ class ScriptedTier(pb_grpc.TierServiceServicer):
         if prompt == "fail":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the cloud went away")
         if prompt == "slow":
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                self.cancelled.set()
-                raise
+            await self._hang()
         done = final(tokens=words, finish="length" if prompt == "words 4" else "stop")
         done.request_id = request.request_id
         yield pb.InferStreamResponse(final=done)
