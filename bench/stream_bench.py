@@ -224,9 +224,10 @@ def main() -> None:
           f"{'tok/s vs direct':>15}")  # fmt: skip
     for name, levels in measured.items():
         for concurrency, level in levels.items():
-            ratio = level.tokens_per_second / direct[concurrency].tokens_per_second
+            against = direct.get(concurrency)
+            ratio = f"{level.tokens_per_second / against.tokens_per_second:.3f}" if against else "-"
             print(f"{name:>38}  {concurrency:>5}  {1e3 * level.ttft_median:>8.1f}  {1e3 * level.ttft_p90:>8.1f}  "
-                  f"{level.tokens_per_request:>10.1f}  {level.tokens_per_second:>7.1f}  {ratio:>15.3f}")  # fmt: skip
+                  f"{level.tokens_per_request:>10.1f}  {level.tokens_per_second:>7.1f}  {ratio:>15}")  # fmt: skip
     streamed = measured["gateway->3 tiers, streamed"]
     for concurrency in args.concurrency:
         per_hop = (streamed[concurrency].ttft_median - direct[concurrency].ttft_median) / ADDED_HOPS

@@ -85,6 +85,34 @@ class Metrics:
             ["tier", "outcome"],
             registry=registry,
         )
+        self.progressive = Counter(
+            "recserve_progressive_requests",
+            "Long GENERATE requests by the path this tier's progressive scheduler chose (local, cloud-direct, "
+            "progressive) and how it ended: served, or fell back (the sketch failed or did not parse, or a point "
+            "could not be written) to this tier's own answer.",
+            ["tier", "path", "outcome"],
+            registry=registry,
+        )
+        self.progressive_points = Counter(
+            "recserve_progressive_points",
+            "Sketch points this tier expanded, by outcome: kept (its own expansion) or repaired (written again by "
+            "the next tier: its confidence was below the point threshold, or its expansion failed).",
+            ["tier", "outcome"],
+            registry=registry,
+        )
+        self.cloud_tokens_saved = Counter(
+            "recserve_cloud_tokens_saved",
+            "Answer tokens this tier wrote itself on the progressive path, less the tokens of the next tier's sketch: "
+            "what the next tier would have generated to answer in full.",
+            ["tier"],
+            registry=registry,
+        )
+        self.sketches = Counter(
+            "recserve_sketches",
+            "Sketches this tier wrote for a tier below, by whether they parsed as a numbered list of points.",
+            ["tier", "outcome"],
+            registry=registry,
+        )
         self.request_seconds = Histogram(
             "recserve_request_seconds",
             "End-to-end time of a request at this tier, upstream hops included.",
@@ -142,6 +170,20 @@ class TierMetrics:
 
     def observe_request_seconds(self, seconds: float) -> None:
         self.families.request_seconds.labels(self.tier).observe(seconds)
+
+    def count_progressive(self, path: str, outcome: str) -> None:
+        self.families.progressive.labels(self.tier, path, outcome).inc()
+
+    def count_points(self, *, kept: int, repaired: int) -> None:
+        self.families.progressive_points.labels(self.tier, "kept").inc(kept)
+        self.families.progressive_points.labels(self.tier, "repaired").inc(repaired)
+
+    def count_cloud_tokens_saved(self, tokens: int) -> None:
+        if tokens > 0:
+            self.families.cloud_tokens_saved.labels(self.tier).inc(tokens)
+
+    def count_sketch(self, *, parsed: bool) -> None:
+        self.families.sketches.labels(self.tier, "parsed" if parsed else "unparsable").inc()
 
 
 TOKENS_PER_SECOND_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)

@@ -42,6 +42,17 @@ from recserve.core.links import UNKNOWN_PEER, Link, Links, Slot
 from recserve.core.metrics import TierMetrics
 from recserve.core.offload import OffloadPolicy, Verdict
 from recserve.core.placement import Placement, PlacementOutcome, PlacementRequest
+from recserve.core.progressive import (
+    PointWindows,
+    ProgressiveDecision,
+    ProgressiveOptions,
+    ProgressivePath,
+    ProgressiveScheduler,
+    UpstreamLoad,
+    conversation_of,
+    question_of,
+)
+from recserve.core.sketch import SKETCH_MAX_WORDS, SketchParseError, assemble_point, expand_request, parse_sketch, sketch_request
 from recserve.core.transport import Reply, Upstream
 from recserve.core.untrusted import excerpt
 from recserve.core.validation import RequestValidator, TierLimits
@@ -53,8 +64,10 @@ T = TypeVar("T")
 # client can name it.
 OVERFLOW_FAMILY = "(overflow)"
 PROBE_WAIT_SECONDS = 2.0
-# A streaming tier sends the deltas its engine made within this long as one message (the first at once).
-STREAM_COALESCE_SECONDS = 0.02
+# A streaming tier sends the deltas its engine made within this long as one message (the first at once): under load
+# every message costs every hop's CPU, and a message a token cut relayed tokens/s to 69% of the engine's own server.
+# 50 ms is 20 updates a second, faster than anyone reads; vLLM's --stream-interval trades the same way, in tokens.
+STREAM_INTERVAL_SECONDS = 0.05
 
 
 @dataclass
@@ -70,6 +83,30 @@ class _Served:
     learns: bool = True  # False for a request the policy did not decide (sent straight to the last tier)
     link: int = 0  # the next-tier candidate it went to, for its Feedback
     arrived: float = 0.0  # when this tier received it (the tier's clock)
+
+
+@dataclass
+class _Point:
+    """One sketch point as it goes into the answer."""
+
+    text: str
+    expansion: pb.PointExpansion
+    prompt_tokens: int
+    completion_tokens: int
+    repair: pb.InferResponse | None = None  # the next tier's reply, when it wrote the point
+
+
+class _ProgressiveFallback(Exception):
+    """The progressive path cannot give a whole answer; the tier answers the request as any other."""
+
+    def __init__(self, outcome: str, *, degraded: bool) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome  # for the metric: sketch_failed, unparsable, point_failed
+        self.degraded = degraded  # the next tier failed: do not forward the request to it again
+
+
+# Tasks a tier below asks of this one to answer progressively: always answered here.
+PART_TASKS = (pb.TASK_KIND_SKETCH, pb.TASK_KIND_EXPAND)
 
 
 def new_request_id() -> str:
@@ -102,6 +139,10 @@ class Tier:
         placement: Placement | None = None,
         energy: EnergyModel | None = None,
         power: PowerReader | None = None,
+        stream_interval: float = STREAM_INTERVAL_SECONDS,
+        progressive: ProgressiveScheduler | None = None,
+        progressive_options: ProgressiveOptions | None = None,
+        capacity: int = 0,
     ) -> None:
         self.name = name
         self.engine = engine
@@ -113,6 +154,13 @@ class Tier:
         self.energy = energy or EnergyModel()
         self.power = power
         self.limits = limits or TierLimits()
+        self.stream_interval = stream_interval
+        self.progressive = progressive
+        self.progressive_options = progressive_options or ProgressiveOptions()
+        self._point_windows = PointWindows(self.progressive_options.point_beta, self.progressive_options.point_window)
+        self.capacity = capacity  # reported in each reply's load, for the tiers below
+        self._in_flight = 0
+        self._upstream_load: tuple[UpstreamLoad, float] | None = None  # the next tier's last report, and when
         self._score_generation = generate_scorer(scorer)
         self._score_choice = choice_scorer(choice_scorer_name)
         self._feedback_memory = feedback_memory
@@ -147,8 +195,9 @@ class Tier:
     async def infer(self, request: pb.InferRequest, timeout: float | None = None) -> pb.InferResponse:
         started = self._clock()
         try:
-            with self._request_id_held(request):
+            with self._request_id_held(request), self._counted_in_flight():
                 response = await self._infer(request, None if timeout is None else started + timeout, started)
+                self._stamp_load(response)
         except BaseException:
             self.metrics.count_outcome("error")
             raise
@@ -168,12 +217,14 @@ class Tier:
         """
         started = self._clock()
         try:
-            with self._request_id_held(request):
+            with self._request_id_held(request), self._counted_in_flight():
                 deadline = None if timeout is None else started + timeout
                 # Closed explicitly, here and below: `async for` leaves a generator it stops early to the garbage
                 # collector, and a client that hangs up must stop the engines now.
                 async with aclosing(self._infer_stream(request, deadline, started)) as events:
                     async for event in events:
+                        if event.HasField("final"):
+                            self._stamp_load(event.final)
                         yield event
         except BaseException:
             self.metrics.count_outcome("error")
@@ -183,13 +234,32 @@ class Tier:
     async def _infer(self, request: pb.InferRequest, deadline: float | None, arrived: float) -> pb.InferResponse:
         family = self._validator.validate(request)
         self._check_requirement(request, deadline, arrived)
+        if request.task in PART_TASKS:
+            return await self._write_part(request, family, deadline, arrived)
         degraded = False
-        if self._skips_engine(request):
+        decision = self._progressive_decision(request)
+        if decision is not None and decision.path is ProgressivePath.PROGRESSIVE:
+            parts: list[str] = []
             try:
-                return await self._forward_unscored(request, family, deadline, arrived)
+                async with aclosing(self._progressive(request, family, decision, deadline, arrived)) as events:
+                    async for event in events:
+                        if isinstance(event, str):
+                            parts.append(event)
+                        else:
+                            event.answer = "".join(parts)
+                            return event
+            except _ProgressiveFallback as fallback:
+                self.metrics.count_progressive(decision.path, fallback.outcome)
+                degraded = fallback.degraded
+        direct = self._count_path(decision)
+        if (self._skips_engine(request) or direct) and not degraded:
+            try:
+                response = await self._forward_unscored(request, family, deadline, arrived)
             except UpstreamUnavailable as exc:
                 logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
                 degraded = True
+            else:
+                return response
         generation, engine_seconds = await self._generate(request, deadline)
         family = self._family_window(family)
         score, verdict, hop = self._decide(request, family, generation, engine_seconds)
@@ -210,8 +280,35 @@ class Tier:
     ) -> AsyncGenerator[pb.InferStreamResponse, None]:
         family = self._validator.validate(request)
         self._check_requirement(request, deadline, arrived)
+        if request.task in PART_TASKS:
+            response = await self._write_part(request, family, deadline, arrived)
+            yield self._delta(request, response.answer, ())
+            response.answer = ""
+            yield pb.InferStreamResponse(final=response)
+            return
         degraded = False
-        if self._skips_engine(request):
+        decision = self._progressive_decision(request)
+        if decision is not None and decision.path is ProgressivePath.PROGRESSIVE:
+            sent = 0
+            try:
+                async with aclosing(self._progressive(request, family, decision, deadline, arrived)) as events:
+                    async for event in events:
+                        if isinstance(event, str):
+                            sent += 1
+                            yield self._delta(request, event, ())
+                        else:
+                            yield pb.InferStreamResponse(final=event)
+                            return
+            except _ProgressiveFallback as fallback:
+                self.metrics.count_progressive(decision.path, fallback.outcome)
+                if sent:
+                    raise StreamInterrupted(
+                        f"tier {self.name}: a point of the answer could be written neither here nor above after "
+                        f"{sent} points were sent; the answer is incomplete"
+                    ) from None
+                degraded = fallback.degraded
+        direct = self._count_path(decision)
+        if (self._skips_engine(request) or direct) and not degraded:
             served = _Served(family, False, sender(request), 0.0, learns=False, arrived=arrived)
             placing = self._placement_request(request, family, arrived)
             relayed = False
@@ -236,9 +333,8 @@ class Tier:
                             continue
                         held.append(item)
                         now = self._clock()
-                        # The first delta goes at once; later ones at most every STREAM_COALESCE_SECONDS, merged:
-                        # under load each message costs every hop's CPU, and a message a token halved the throughput.
-                        if sent_at is None or now - sent_at >= STREAM_COALESCE_SECONDS:
+                        # The first delta goes at once; later ones at most every stream_interval, merged.
+                        if sent_at is None or now - sent_at >= self.stream_interval:
                             yield self._held_delta(request, held)
                             held, sent_at = [], now
             except RecServeError:
@@ -288,6 +384,282 @@ class Tier:
                         yield event
             except UpstreamUnavailable as exc:  # raised before any event: later failures are StreamInterrupted
                 logger.warning("tier %s answers request %s itself: %s", self.name, request.request_id, exc)
+
+    # Progressive inference (PICE): see recserve.core.progressive.
+
+    def _progressive_decision(self, request: pb.InferRequest) -> ProgressiveDecision | None:
+        """The scheduler's path for a GENERATE request this tier decides on; None where there is no choice to make."""
+        if (
+            self.progressive is None
+            or request.task != pb.TASK_KIND_GENERATE
+            or request.offload != pb.OFFLOAD_MODE_AUTO
+            or not self.links
+        ):
+            return None
+        max_tokens = request.sampling.max_tokens or self.limits.default_max_tokens
+        return self.progressive.decide(question_of(request), max_tokens, self._last_upstream_load())
+
+    def _count_path(self, decision: ProgressiveDecision | None) -> bool:
+        """Count a local or cloud-direct decision; whether the request goes to the next tier without generating."""
+        if decision is None or decision.path is ProgressivePath.PROGRESSIVE:
+            return False
+        self.metrics.count_progressive(decision.path, "served")
+        return decision.path is ProgressivePath.CLOUD_DIRECT
+
+    async def _progressive(
+        self, request: pb.InferRequest, family: str, decision: ProgressiveDecision, deadline: float | None, arrived: float
+    ) -> AsyncGenerator[str | pb.InferResponse, None]:
+        """Answer by a sketch from the next tier, its points expanded here concurrently: each point's text in order as
+        it is ready, then the response (its answer empty). Raises _ProgressiveFallback where no whole answer can be
+        had this way; points already yielded are then all the caller has."""
+        options = self.progressive_options
+        question = conversation_of(request)
+        own = len(request.hops)
+        hop = pb.Hop(tier=self.name, decision=pb.DECISION_PROGRESSIVE)
+        ask = self._part_request(request, hop, arrived, pb.TASK_KIND_SKETCH, "sketch")
+        ask.sketch.max_points = min(decision.max_points, self.limits.max_sketch_points)
+        ask.sketch.max_words = options.max_words
+        try:
+            sketch = await self._ask_up(ask, request, family, hop, deadline, arrived)
+        except UpstreamUnavailable as exc:
+            logger.warning("tier %s answers request %s itself: no sketch: %s", self.name, request.request_id, exc)
+            raise _ProgressiveFallback("sketch_failed", degraded=True) from None
+        points = tuple(sketch.points)
+        if not points:
+            raise _ProgressiveFallback("unparsable", degraded=False)
+        hop.progressive.points.extend(points)
+        hop.progressive.sketched_by = sketch.answered_by
+        hop.progressive.sketch_tokens = sketch.usage.completion_tokens
+        max_tokens = request.sampling.max_tokens or self.limits.default_max_tokens
+        point_tokens = options.point_max_tokens or max(16, max_tokens // len(points))
+        started = self._clock()
+        # Every point at once: the engine batches them (vLLM) or queues them (llama.cpp's one context).
+        tasks = [
+            asyncio.ensure_future(
+                self._point(request, family, question, points, index, point_tokens, hop, deadline, arrived)
+            )
+            for index in range(len(points))
+        ]
+        written: list[_Point] = []
+        try:
+            for index, task in enumerate(tasks):
+                point = await task
+                written.append(point)
+                hop.progressive.expansions.append(point.expansion)
+                yield assemble_point(index, points[index], point.text)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        hop.engine_seconds = self._clock() - started
+        confidences = [p.expansion.confidence for p in written if not p.repair]
+        confidences += [p.repair.confidence.value for p in written if p.repair]
+        hop.confidence = min(confidences)
+        repairs = [p.repair for p in written if p.repair is not None]
+        response = pb.InferResponse(
+            request_id=request.request_id,
+            answered_by=self.name,
+            confidence=pb.Confidence(value=hop.confidence),
+            hops=[*request.hops, hop, *sketch.hops[own + 1 :], *(h for r in repairs for h in r.hops[own + 1 :])],
+            usage=pb.Usage(
+                prompt_tokens=sum(p.prompt_tokens for p in written),
+                completion_tokens=sum(p.completion_tokens for p in written),
+            ),
+            finish_reason="stop",
+        )
+        kept = [p for p in written if p.repair is None]
+        self.metrics.count_progressive(decision.path, "served")
+        self.metrics.count_points(kept=len(kept), repaired=len(repairs))
+        self.metrics.count_cloud_tokens_saved(sum(p.completion_tokens for p in kept) - hop.progressive.sketch_tokens)
+        self.metrics.count_outcome("answered")
+        served = _Served(family, answered_here=True, sender=sender(request), confidence=hop.confidence)
+        self._remember(request.request_id, served)
+        self._count_requirement(request, arrived)
+        yield response
+
+    async def _point(
+        self,
+        request: pb.InferRequest,
+        family: str,
+        question: str | tuple[ChatMessage, ...],
+        points: Sequence[str],
+        index: int,
+        max_tokens: int,
+        hop: pb.Hop,
+        deadline: float | None,
+        arrived: float,
+    ) -> _Point:
+        """Point `index` of the sketch: expanded here, and written again by the next tier when this tier's expansion
+        is among the least confident (PointWindows) or failed. A failed repair keeps this tier's expansion; with
+        neither, _ProgressiveFallback: the answer never has a hole."""
+        wanted = expand_request(question, points, index, max_tokens=max_tokens, temperature=request.sampling.temperature)
+        expansion = pb.PointExpansion()
+        local: Generation | None = None
+        started = self._clock()
+        try:
+            local = await asyncio.wait_for(self.engine.generate(wanted), self._remaining(deadline))
+        except (EngineError, TimeoutError) as exc:
+            logger.warning("tier %s could not expand point %d of request %s: %s", self.name, index,
+                           request.request_id, exc or "deadline")  # fmt: skip
+        expansion.engine_seconds = self._clock() - started
+        if local is not None:
+            score = self._score_generation(local)
+            unsure, threshold = self._point_windows.judge(self._family_window(family), score.value)
+            unsure = unsure or not local.text.strip()
+            expansion.confidence = _finite(score.value)
+            expansion.threshold = _finite(threshold)
+            expansion.completion_tokens = local.completion_tokens
+            joules = self._inference_joules(local, expansion.engine_seconds)
+            hop.inference_joules += joules
+            self.metrics.count_energy("inference", joules)
+            if not unsure:
+                return _Point(local.text, expansion, local.prompt_tokens, local.completion_tokens)
+        ask = self._part_request(request, hop, arrived, pb.TASK_KIND_EXPAND, f"point-{index}")
+        ask.expand.points.extend(points)
+        ask.expand.index = index
+        ask.sampling.max_tokens = max_tokens
+        try:
+            repair = await self._ask_up(ask, request, family, hop, deadline, arrived)
+        except UpstreamUnavailable as exc:
+            if local is not None and local.text.strip():
+                return _Point(local.text, expansion, local.prompt_tokens, local.completion_tokens)
+            logger.warning("tier %s: point %d of request %s was written nowhere: %s", self.name, index,
+                           request.request_id, exc)  # fmt: skip
+            raise _ProgressiveFallback("point_failed", degraded=True) from None
+        expansion.repaired_by = repair.answered_by
+        return _Point(repair.answer, expansion, repair.usage.prompt_tokens, repair.usage.completion_tokens, repair)
+
+    def _part_request(
+        self, request: pb.InferRequest, hop: pb.Hop, arrived: float, task: pb.TaskKind.ValueType, part: str
+    ) -> pb.InferRequest:
+        """A sketch or a point to ask of the next tier for `request`, under an id of its own (the parts are asked
+        at once, and a tier serves one request an id at a time)."""
+        ask = self._forwarded_request(request, hop, arrived)
+        ask.request_id = f"{request.request_id[: self.limits.max_request_id_chars - len(part) - 1]}/{part}"
+        ask.task = task
+        ask.ClearField("reference")  # a part is not the answer the reference is for
+        ask.sampling.ClearField("stop")
+        ask.sampling.ClearField("max_tokens")
+        ask.sampling.logprobs = False
+        return ask
+
+    async def _ask_up(
+        self,
+        ask: pb.InferRequest,
+        request: pb.InferRequest,
+        family: str,
+        hop: pb.Hop,
+        deadline: float | None,
+        arrived: float,
+    ) -> pb.InferResponse:
+        """Send a part up a candidate the placement picks; its bytes and energy go into `hop` and the metrics."""
+        placing = self._placement_request(request, family, arrived)
+        with self.links.slot(placing) as slot:
+            if slot is None:
+                raise UpstreamUnavailable(f"tier {self.name} may not forward now (breakers open or every slot taken)")
+            sent_at = self._clock()
+            try:
+                reply = await self._call_upstream(slot, ask, deadline)
+            except UpstreamUnavailable:
+                self.links.observe(placing, slot, _failed(self._clock() - sent_at))
+                raise
+            response = reply.response
+            transmission = self.energy.transmission_joules(reply.bytes_sent + reply.bytes_received)
+            hop.bytes_sent += reply.bytes_sent
+            hop.bytes_received += reply.bytes_received
+            hop.transmission_joules += transmission
+            self.metrics.count_energy("transmission", transmission)
+            link = slot.link
+            link.learn_peer_name(response.answered_by)
+            self.metrics.count_bytes(link.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
+            self._note_load(response)
+            own = len(ask.hops) - 1
+            seconds = self._clock() - sent_at
+            energy = transmission + sum(h.inference_joules + h.transmission_joules for h in response.hops[own + 1 :])
+            met = placing.requirement_seconds is None or seconds <= placing.requirement_seconds
+            self.links.observe(placing, slot, PlacementOutcome(seconds=seconds, energy_joules=energy, met=met))
+            return response
+
+    async def _write_part(
+        self, request: pb.InferRequest, family: str, deadline: float | None, arrived: float
+    ) -> pb.InferResponse:
+        """A sketch or one point of it, for a tier below that answers progressively: written here, never forwarded,
+        and kept out of the offload policy's windows (a part is not an answer to a client)."""
+        question = conversation_of(request)
+        temperature = request.sampling.temperature
+        if request.task == pb.TASK_KIND_SKETCH:
+            max_words = request.sketch.max_words or self.progressive_options.max_words or SKETCH_MAX_WORDS
+            wanted = sketch_request(question, request.sketch.max_points, max_words, temperature=temperature)
+        else:
+            max_tokens = request.sampling.max_tokens or self.limits.default_max_tokens
+            points = tuple(request.expand.points)
+            wanted = expand_request(question, points, request.expand.index, max_tokens=max_tokens,
+                                    temperature=temperature)  # fmt: skip
+        started = self._clock()
+        try:
+            generation = await asyncio.wait_for(self.engine.generate(wanted), self._remaining(deadline))
+        except TimeoutError:
+            raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the engine was generating") from None
+        except EngineError as exc:
+            raise self._engine_error(exc) from None
+        engine_seconds = self._clock() - started
+        score = self._score_generation(generation)
+        hop = pb.Hop(
+            tier=self.name,
+            confidence=_finite(score.value),
+            engine_seconds=engine_seconds,
+            decision=pb.DECISION_ANSWERED,
+            inference_joules=self._inference_joules(generation, engine_seconds),
+        )
+        self.metrics.count_energy("inference", hop.inference_joules)
+        response = pb.InferResponse(
+            request_id=request.request_id,
+            answer=generation.text,
+            answered_by=self.name,
+            confidence=_confidence_message(score),
+            hops=[*request.hops, hop],
+            usage=pb.Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
+            finish_reason=generation.finish_reason,
+        )
+        if request.task == pb.TASK_KIND_SKETCH:
+            try:
+                truncated = generation.finish_reason == "length"
+                response.points.extend(parse_sketch(generation.text, request.sketch.max_points, truncated=truncated))
+            except SketchParseError as exc:
+                # The tier below answers the request itself; the count says how often a model's sketches fail.
+                logger.warning("tier %s wrote a sketch that does not parse: %s", self.name, exc)
+            self.metrics.count_sketch(parsed=bool(response.points))
+        self.metrics.count_outcome("answered")
+        self._count_requirement(request, arrived)
+        return response
+
+    @contextmanager
+    def _counted_in_flight(self) -> Iterator[None]:
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
+    def _stamp_load(self, response: pb.InferResponse) -> None:
+        """This tier's load, in its reply: what a tier below weighs before it sends more (each tier stamps over the
+        load of the tier above, which it noted)."""
+        response.load.in_flight = self._in_flight
+        response.load.capacity = self.capacity
+
+    def _note_load(self, response: pb.InferResponse) -> None:
+        if response.HasField("load"):
+            load = UpstreamLoad(response.load.in_flight, response.load.capacity)
+            self._upstream_load = (load, self._clock())
+
+    def _last_upstream_load(self) -> UpstreamLoad | None:
+        if self._upstream_load is None:
+            return None
+        load, at = self._upstream_load
+        age = self._clock() - at
+        if age > self.progressive_options.load_max_age_seconds:
+            return None
+        return UpstreamLoad(load.in_flight, load.capacity, age)
 
     def _check_requirement(self, request: pb.InferRequest, deadline: float | None, arrived: float) -> None:
         """A client's requirement must be one the call's deadline leaves room for; a forwarded one was checked below
@@ -528,6 +900,7 @@ class Tier:
         own = len(request.hops)
         if len(response.hops) <= own or response.hops[own].tier != self.name:
             raise Unavailable(f"tier {self.name}: the next tier returned a response without this tier's hop")
+        self._note_load(response)
         mine = response.hops[own]
         mine.bytes_sent = bytes_sent
         mine.bytes_received = bytes_received

@@ -34,6 +34,10 @@ class TierLimits:
     max_families: int = 64
     max_request_id_chars: int = 128
     max_answer_chars: int = 32_768  # a hop's answer, as a lower tier records it
+    # Progressive inference: a sketch's points, and the words of each, as a tier asks for them.
+    max_sketch_points: int = 10
+    max_point_words: int = 16
+    max_point_chars: int = 256
 
     @property
     def max_request_bytes(self) -> int:
@@ -48,6 +52,7 @@ class TierLimits:
             + self.max_options * self.max_option_chars
             + self.max_stop_sequences * 64
             + self.max_hops * hop_chars
+            + 2 * self.max_sketch_points * self.max_point_chars  # expand.points, and a progressive hop's points
         )
         return 4 * chars + 64 * 1024
 
@@ -166,10 +171,32 @@ class RequestValidator:
         elif request.task == pb.TASK_KIND_GENERATE:
             if request.options:
                 raise InvalidRequest("options are only for CHOICE tasks: set task to TASK_KIND_CHOICE or drop them")
+        elif request.task == pb.TASK_KIND_SKETCH:
+            if not 1 <= request.sketch.max_points <= limits.max_sketch_points:
+                raise InvalidRequest(
+                    f"sketch.max_points {request.sketch.max_points} is out of range: use 1 to {limits.max_sketch_points}"
+                )
+            if request.sketch.max_words > limits.max_point_words:
+                raise InvalidRequest(
+                    f"sketch.max_words {request.sketch.max_words} is out of range: use 1 to "
+                    f"{limits.max_point_words} (0 for the default)"
+                )
+        elif request.task == pb.TASK_KIND_EXPAND:
+            points = request.expand.points
+            if not 1 <= len(points) <= limits.max_sketch_points:
+                raise InvalidRequest(f"expand.points has {len(points)} points: give 1 to {limits.max_sketch_points}")
+            if any(not point.strip() or len(point) > limits.max_point_chars for point in points):
+                raise InvalidRequest(f"every sketch point must be non-blank and at most {limits.max_point_chars} characters")
+            if request.expand.index >= len(points):
+                raise InvalidRequest(f"expand.index {request.expand.index} names no point: use 0 to {len(points) - 1}")
         elif request.task == pb.TASK_KIND_UNSPECIFIED:
             raise InvalidRequest("task is unspecified: set it to TASK_KIND_GENERATE or TASK_KIND_CHOICE")
         else:
             raise InvalidRequest(f"unknown task kind {request.task}: use TASK_KIND_GENERATE or TASK_KIND_CHOICE")
+        if request.task != pb.TASK_KIND_SKETCH and request.HasField("sketch"):
+            raise InvalidRequest("sketch parameters are only for TASK_KIND_SKETCH")
+        if request.task != pb.TASK_KIND_EXPAND and request.HasField("expand"):
+            raise InvalidRequest("expand parameters are only for TASK_KIND_EXPAND")
 
     def _check_sampling(self, sampling: pb.SamplingParams) -> None:
         limits = self.limits

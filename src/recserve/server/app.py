@@ -127,6 +127,8 @@ async def start_tier(
         placement=settings.placement.build(),
         energy=settings.energy_model,
         power=detect_power_reader() if settings.power_reader == "auto" else None,
+        stream_interval=settings.stream_interval,
+        capacity=settings.serving_capacity,
     )
     server = grpc.aio.server(options=server_options(settings.limits))
     servicer = TierServicer(

@@ -11,6 +11,7 @@ from typing import Any
 
 from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
 from recserve.core.energy import EnergyModel
+from recserve.core.tier import STREAM_INTERVAL_SECONDS
 from recserve.core.validation import NAME_PATTERN, NAME_RULE, TierLimits
 from recserve.engines import ENGINE_NAMES
 from recserve.engines.config import EngineConfig
@@ -198,6 +199,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("default_max_tokens", int, TierLimits.default_max_tokens, "max_tokens when a request gives 0"),
     Option("max_hops", int, TierLimits.max_hops, "requests that crossed this many tiers are rejected"),
     Option("grace_seconds", float, 10.0, "on SIGTERM, how long in-flight requests may finish"),
+    Option(
+        "stream_interval",
+        float,
+        STREAM_INTERVAL_SECONDS,
+        "a streaming tier sends what its engine made within this many seconds as one message (the first at once); "
+        "0 sends every delta",
+    ),
     Option("max_in_flight", int, 256, "requests served at once; beyond, RESOURCE_EXHAUSTED at once"),
     Option(
         "forward_timeout",
@@ -296,6 +304,7 @@ class TierSettings:
     default_max_tokens: int
     max_hops: int
     grace_seconds: float
+    stream_interval: float
     max_in_flight: int
     forward_timeout: float
     forward_timeout_min: float
@@ -373,6 +382,8 @@ class TierSettings:
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             yield "default_max_tokens must be within 1 and max_tokens"
         yield from self._security_problems()
+        if not self.stream_interval >= 0:
+            yield f"stream_interval must be zero or positive seconds, got {self.stream_interval}"
         if self.max_in_flight < 1 or self.forward_timeout <= 0:
             yield "max_in_flight must be at least 1 and forward_timeout positive"
         if self.breaker_failures < 1 or self.breaker_cooldown <= 0:
@@ -461,6 +472,16 @@ class TierSettings:
         if self.emulate and given == EnergyModel():
             return get_profile(self.emulate).energy_model()
         return given
+
+    @property
+    def serving_capacity(self) -> int:
+        """Requests the tier serves at once before they queue, as its replies report it to the tiers below: an
+        emulated server's batch, vLLM's sequences, else what the tier admits."""
+        if self.emulate:
+            return get_profile(self.emulate).batch_limit * self.emulate_replicas
+        if self.engine == "vllm" and self.max_num_seqs:
+            return self.max_num_seqs
+        return self.max_in_flight
 
     @property
     def forward_slots(self) -> int:

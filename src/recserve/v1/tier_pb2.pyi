@@ -12,6 +12,8 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
     TASK_KIND_GENERATE: _ClassVar[TaskKind]
     TASK_KIND_CHOICE: _ClassVar[TaskKind]
+    TASK_KIND_SKETCH: _ClassVar[TaskKind]
+    TASK_KIND_EXPAND: _ClassVar[TaskKind]
 
 class OffloadMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,9 +27,12 @@ class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_ANSWERED: _ClassVar[Decision]
     DECISION_FORWARDED: _ClassVar[Decision]
     DECISION_DEGRADED: _ClassVar[Decision]
+    DECISION_PROGRESSIVE: _ClassVar[Decision]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_GENERATE: TaskKind
 TASK_KIND_CHOICE: TaskKind
+TASK_KIND_SKETCH: TaskKind
+TASK_KIND_EXPAND: TaskKind
 OFFLOAD_MODE_AUTO: OffloadMode
 OFFLOAD_MODE_LOCAL_ONLY: OffloadMode
 OFFLOAD_MODE_LAST_TIER: OffloadMode
@@ -35,6 +40,7 @@ DECISION_UNSPECIFIED: Decision
 DECISION_ANSWERED: Decision
 DECISION_FORWARDED: Decision
 DECISION_DEGRADED: Decision
+DECISION_PROGRESSIVE: Decision
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "stop", "logprobs")
@@ -65,7 +71,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("tier", "confidence", "threshold", "decision", "engine_seconds", "bytes_sent", "bytes_received", "answer", "inference_joules", "transmission_joules")
+    __slots__ = ("tier", "confidence", "threshold", "decision", "engine_seconds", "bytes_sent", "bytes_received", "answer", "inference_joules", "transmission_joules", "progressive")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +82,7 @@ class Hop(_message.Message):
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_JOULES_FIELD_NUMBER: _ClassVar[int]
     TRANSMISSION_JOULES_FIELD_NUMBER: _ClassVar[int]
+    PROGRESSIVE_FIELD_NUMBER: _ClassVar[int]
     tier: str
     confidence: float
     threshold: float
@@ -86,10 +93,53 @@ class Hop(_message.Message):
     answer: str
     inference_joules: float
     transmission_joules: float
-    def __init__(self, tier: _Optional[str] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., engine_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., answer: _Optional[str] = ..., inference_joules: _Optional[float] = ..., transmission_joules: _Optional[float] = ...) -> None: ...
+    progressive: Progressive
+    def __init__(self, tier: _Optional[str] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., engine_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., answer: _Optional[str] = ..., inference_joules: _Optional[float] = ..., transmission_joules: _Optional[float] = ..., progressive: _Optional[_Union[Progressive, _Mapping]] = ...) -> None: ...
+
+class Progressive(_message.Message):
+    __slots__ = ("points", "sketched_by", "sketch_tokens", "expansions")
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    SKETCHED_BY_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPANSIONS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedScalarFieldContainer[str]
+    sketched_by: str
+    sketch_tokens: int
+    expansions: _containers.RepeatedCompositeFieldContainer[PointExpansion]
+    def __init__(self, points: _Optional[_Iterable[str]] = ..., sketched_by: _Optional[str] = ..., sketch_tokens: _Optional[int] = ..., expansions: _Optional[_Iterable[_Union[PointExpansion, _Mapping]]] = ...) -> None: ...
+
+class PointExpansion(_message.Message):
+    __slots__ = ("engine_seconds", "confidence", "threshold", "repaired_by", "completion_tokens")
+    ENGINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_BY_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    engine_seconds: float
+    confidence: float
+    threshold: float
+    repaired_by: str
+    completion_tokens: int
+    def __init__(self, engine_seconds: _Optional[float] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., repaired_by: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class SketchParams(_message.Message):
+    __slots__ = ("max_points", "max_words")
+    MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORDS_FIELD_NUMBER: _ClassVar[int]
+    max_points: int
+    max_words: int
+    def __init__(self, max_points: _Optional[int] = ..., max_words: _Optional[int] = ...) -> None: ...
+
+class ExpandParams(_message.Message):
+    __slots__ = ("points", "index")
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedScalarFieldContainer[str]
+    index: int
+    def __init__(self, points: _Optional[_Iterable[str]] = ..., index: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "system_prompt", "task", "options", "family", "sampling", "reference", "offload", "hops", "messages", "requirement_seconds", "service_class")
+    __slots__ = ("request_id", "prompt", "system_prompt", "task", "options", "family", "sampling", "reference", "offload", "hops", "messages", "requirement_seconds", "service_class", "sketch", "expand")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +153,8 @@ class InferRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     REQUIREMENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SERVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_FIELD_NUMBER: _ClassVar[int]
+    EXPAND_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     system_prompt: str
@@ -116,7 +168,17 @@ class InferRequest(_message.Message):
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     requirement_seconds: float
     service_class: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., system_prompt: _Optional[str] = ..., task: _Optional[_Union[TaskKind, str]] = ..., options: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reference: _Optional[str] = ..., offload: _Optional[_Union[OffloadMode, str]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., requirement_seconds: _Optional[float] = ..., service_class: _Optional[str] = ...) -> None: ...
+    sketch: SketchParams
+    expand: ExpandParams
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., system_prompt: _Optional[str] = ..., task: _Optional[_Union[TaskKind, str]] = ..., options: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reference: _Optional[str] = ..., offload: _Optional[_Union[OffloadMode, str]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., requirement_seconds: _Optional[float] = ..., service_class: _Optional[str] = ..., sketch: _Optional[_Union[SketchParams, _Mapping]] = ..., expand: _Optional[_Union[ExpandParams, _Mapping]] = ...) -> None: ...
+
+class Load(_message.Message):
+    __slots__ = ("in_flight", "capacity")
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    in_flight: int
+    capacity: int
+    def __init__(self, in_flight: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -139,7 +201,7 @@ class Confidence(_message.Message):
     def __init__(self, value: _Optional[float] = ..., mean_logprob: _Optional[float] = ..., min_logprob: _Optional[float] = ..., first_token_margin: _Optional[float] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "answer", "chosen_option", "answered_by", "confidence", "hops", "usage", "degraded", "logprobs", "finish_reason")
+    __slots__ = ("request_id", "answer", "chosen_option", "answered_by", "confidence", "hops", "usage", "degraded", "logprobs", "finish_reason", "points", "load")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_OPTION_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +212,8 @@ class InferResponse(_message.Message):
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     chosen_option: str
@@ -160,7 +224,9 @@ class InferResponse(_message.Message):
     degraded: bool
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     finish_reason: str
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., chosen_option: _Optional[str] = ..., answered_by: _Optional[str] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., degraded: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    points: _containers.RepeatedScalarFieldContainer[str]
+    load: Load
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., chosen_option: _Optional[str] = ..., answered_by: _Optional[str] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., degraded: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., points: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("text", "logprobs", "tier")
