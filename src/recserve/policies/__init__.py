@@ -1,5 +1,7 @@
-"""Offload policies: given a tier's confidence, answer here or forward to the next tier; and placement policies:
-which of the next-tier candidates a forwarded request goes to (recserve.policies.placement).
+"""Offload policies: given a tier's confidence, answer here or forward to the next tier; placement policies: which of
+the next-tier candidates a forwarded request goes to (recserve.policies.placement); and the progressive scheduler:
+sketch at the cloud and expand here, forward whole, or answer here (recserve.policies.progressive, with the sketch
+router of recserve.policies.sketch_router).
 
 Implements `recserve.core.offload.OffloadPolicy`. May import `recserve.core` only: the tiers, the live servers
 and the offline replay all build their policies here, each from its frozen configuration (`PolicyConfig`).

@@ -27,6 +27,14 @@ def at_least_one(value: int) -> str | None:
     return None if value >= 1 else "must be at least 1"
 
 
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
 def a_number(value: float) -> str | None:
     return "must be a number" if math.isnan(value) else None
 

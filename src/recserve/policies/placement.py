@@ -51,15 +51,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from recserve.core.placement import Candidate, Placement, PlacementOutcome, PlacementRequest
-from recserve.policies.config import OptionConfig, PolicyOption, at_least_one, option, share
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be positive"
-
-
-def _not_negative(value: float) -> str | None:
-    return None if value >= 0 else "must not be negative"
+from recserve.policies.config import OptionConfig, PolicyOption, at_least_one, not_negative, option, positive, share
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,11 +212,11 @@ class CsUcbConfig(PlacementConfig):
     name = "cs-ucb"
 
     placement_delta: float = option(
-        1.0, "CS-UCB exploration: δ of the confidence bound δ·sqrt(ln t / n)", check=_not_negative
+        1.0, "CS-UCB exploration: δ of the confidence bound δ·sqrt(ln t / n)", check=not_negative
     )
     placement_window: int = option(16, "CS-UCB: outcomes kept per candidate (sliding window)", check=at_least_one)
     placement_margin: float = option(
-        2.0, "CS-UCB: a candidate's expected time is its mean plus this many standard deviations", check=_not_negative
+        2.0, "CS-UCB: a candidate's expected time is its mean plus this many standard deviations", check=not_negative
     )
     placement_detect: int = option(
         3, "CS-UCB: this many outlying outcomes in a row restart a candidate's window", check=at_least_one
@@ -233,7 +225,7 @@ class CsUcbConfig(PlacementConfig):
         100, "CS-UCB: a usable candidate not chosen in this many decisions is tried once", check=at_least_one
     )
     placement_failure_seconds: float = option(
-        60.0, "CS-UCB: the time a failed request counts as taking, at least", check=_positive
+        60.0, "CS-UCB: the time a failed request counts as taking, at least", check=positive
     )
     placement_headroom: float = option(
         0.25, "CS-UCB: the share of a request's requirement kept in reserve when judging a candidate", check=share
@@ -242,7 +234,7 @@ class CsUcbConfig(PlacementConfig):
         1.0,
         "CS-UCB: scale a candidate's expected time by ((1 + in flight now) / (1 + in flight at its outcomes)) to "
         "this power (0: ignore this tier's load)",
-        check=_not_negative,
+        check=not_negative,
     )
 
     def build(self) -> CsUcbPlacement:
