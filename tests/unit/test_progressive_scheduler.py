@@ -1,5 +1,5 @@
 """The progressive scheduler picks progressive, cloud-direct or local by its documented rules, shortens sketches as
-the cloud's load rises, forgets stale load reports, and refuses inconsistent settings."""
+the cloud's load rises, and refuses inconsistent settings. (Stale load reports are the tier's: test_progressive_tier.)"""
 
 from __future__ import annotations
 
@@ -8,14 +8,8 @@ from typing import Any
 
 import pytest
 
-from recserve.policies.progressive import (
-    CloudLoad,
-    LatestLoad,
-    ProgressiveConfig,
-    ProgressiveDecision,
-    ProgressivePath,
-    ProgressiveScheduler,
-)
+from recserve.core.progressive import ProgressiveDecision, ProgressivePath, UpstreamLoad
+from recserve.policies.progressive import ProgressiveConfig, ProgressiveScheduler
 
 LIST_QUESTION = "What are the most effective ways to deal with stress?"
 CODE_QUESTION = "Implement a binary search algorithm to find a specific element in a sorted array."
@@ -36,9 +30,9 @@ def scheduler(**settings: Any) -> ProgressiveScheduler:
     return ProgressiveScheduler(ProgressiveConfig(**settings), FixedRouter({LIST_QUESTION: 0.9, CODE_QUESTION: 0.1}))
 
 
-def at(pressure: float, capacity: int = 100) -> CloudLoad:
-    """A report of this pressure (running alone: the formula does not care what a real engine could hold)."""
-    return CloudLoad(running=round(pressure * capacity), waiting=0, capacity=capacity)
+def at(pressure: float, capacity: int = 100) -> UpstreamLoad:
+    """A report of this pressure."""
+    return UpstreamLoad(in_flight=round(pressure * capacity), capacity=capacity)
 
 
 def test_short_answers_stay_local_whatever_the_question() -> None:
@@ -48,12 +42,6 @@ def test_short_answers_stay_local_whatever_the_question() -> None:
         assert decision.max_points == 0
         assert "short answer" in decision.reason
     assert scheduler().decide(LIST_QUESTION, 200, None).path is ProgressivePath.PROGRESSIVE
-
-
-def test_an_unreachable_cloud_keeps_everything_local() -> None:
-    for question in (LIST_QUESTION, CODE_QUESTION):
-        decision = scheduler().decide(question, LONG, at(0.0), reachable=False)
-        assert decision == ProgressiveDecision(ProgressivePath.LOCAL, 0, "cloud unreachable")
 
 
 def test_a_question_unsuited_to_a_sketch_goes_to_the_cloud_whole_until_it_is_overloaded() -> None:
@@ -96,12 +84,12 @@ def test_sketches_shrink_from_max_to_min_points_as_load_rises() -> None:
     assert len(set(points)) > 3
 
 
-def test_queued_requests_mean_a_full_batch_whatever_the_capacity() -> None:
-    assert CloudLoad(running=4, waiting=1, capacity=1000).pressure(256) == 1.0
-    assert CloudLoad(running=64, waiting=0).pressure(256) == 0.25
-    assert CloudLoad(running=300, waiting=300, capacity=300).pressure(256) == 2.0
-    policy = scheduler()
-    assert policy.decide(LIST_QUESTION, LONG, CloudLoad(running=4, waiting=1, capacity=1000)).max_points == 3
+def test_pressure_is_in_flight_over_capacity_and_a_report_without_capacity_uses_the_configured_one() -> None:
+    policy = scheduler(cloud_capacity=256)
+    assert policy.pressure(UpstreamLoad(in_flight=1001, capacity=1000)) == pytest.approx(1.001)
+    assert policy.pressure(UpstreamLoad(in_flight=64, capacity=0)) == 0.25
+    assert policy.pressure(None) == 0.0
+    assert policy.decide(LIST_QUESTION, LONG, UpstreamLoad(in_flight=1001, capacity=1000)).max_points == 3
 
 
 def test_unknown_load_counts_as_an_idle_cloud() -> None:
@@ -116,25 +104,6 @@ def test_sketches_are_capped_so_that_every_point_has_room() -> None:
     assert policy.decide(LIST_QUESTION, 200, None).max_points == 5
     assert policy.decide(LIST_QUESTION, 280, None).max_points == 7
     assert policy.decide(LIST_QUESTION, 4000, None).max_points == 10
-
-
-def test_stale_load_reports_decay_to_unknown() -> None:
-    latest = LatestLoad(max_age_s=10.0)
-    assert latest.current(0.0) is None
-    assert latest.age(0.0) is None
-    overloaded = at(5.0)
-    latest.record(overloaded, now=100.0)
-    assert latest.current(105.0) == overloaded
-    assert latest.current(110.0) == overloaded
-    assert latest.current(110.5) is None
-    assert latest.age(110.5) == pytest.approx(10.5)
-    assert latest.current(99.0) == overloaded  # stamped "after" now: a clock step, counted as fresh
-
-    policy = scheduler(load_max_age_s=10.0)
-    policy.observe_load(overloaded, now=0.0)
-    assert policy.decide(LIST_QUESTION, LONG, policy.load.current(5.0)).path is ProgressivePath.LOCAL
-    # The old "overloaded" no longer keeps requests away from the cloud.
-    assert policy.decide(LIST_QUESTION, LONG, policy.load.current(11.0)).path is ProgressivePath.PROGRESSIVE
 
 
 def test_learned_answer_lengths_lower_the_expected_length() -> None:
@@ -162,7 +131,7 @@ def test_length_learning_can_be_turned_off() -> None:
 
 def test_decisions_are_deterministic() -> None:
     questions = [LIST_QUESTION, CODE_QUESTION] * 3
-    loads = [None, at(0.3), at(0.8), at(1.7), at(2.5), CloudLoad(1, 2)]
+    loads = [None, at(0.3), at(0.8), at(1.7), at(2.5), UpstreamLoad(1, 0)]
     first = [scheduler().decide(q, LONG, load) for q in questions for load in loads]
     assert first == [scheduler().decide(q, LONG, load) for q in questions for load in loads]
 
@@ -184,7 +153,6 @@ def test_the_default_scheduler_uses_the_bundled_router() -> None:
         ({"light_load": -0.1}, "light_load must not be negative"),
         ({"direct_limit": 3.0, "sketch_limit": 2.0}, r"direct_limit \(3.0\) must not exceed sketch_limit \(2.0\)"),
         ({"min_answer_tokens": 100}, r"min_answer_tokens \(100\) must be at least min_points \* tokens_per_point"),
-        ({"load_max_age_s": 0.0}, "load_max_age_s must be positive"),
         ({"length_window": 10}, r"length_min_observations \(20\) must not exceed length_window \(10\)"),
     ],
 )
@@ -193,13 +161,7 @@ def test_inconsistent_settings_are_refused_with_a_clear_message(settings: dict[s
         ProgressiveConfig(**settings)
 
 
-def test_bad_reports_and_requests_are_refused() -> None:
-    with pytest.raises(ValueError, match="must not be negative"):
-        CloudLoad(running=-1, waiting=0)
-    with pytest.raises(ValueError, match="capacity must be at least 1"):
-        CloudLoad(running=1, waiting=0, capacity=0)
-    with pytest.raises(ValueError, match="max_age_s must be positive"):
-        LatestLoad(0.0)
+def test_bad_requests_are_refused() -> None:
     with pytest.raises(ValueError, match="max_tokens must be at least 1"):
         scheduler().decide(LIST_QUESTION, 0, None)
     with pytest.raises(ValueError, match="completion_tokens must not be negative"):

@@ -47,8 +47,8 @@ class UpstreamLoad:
 @dataclass(frozen=True)
 class ProgressiveDecision:
     path: ProgressivePath
-    max_points: int = 0  # PROGRESSIVE: the most points the sketch may have
-    reason: str = ""  # why, for logs and tests
+    max_points: int = 0  # the sketch's longest list of points; 0 unless the path is progressive
+    reason: str = ""  # for logs and tests: which rule decided, with the figures it used
 
 
 class ProgressiveScheduler(Protocol):
@@ -58,6 +58,9 @@ class ProgressiveScheduler(Protocol):
     def decide(self, question: str, max_tokens: int, load: UpstreamLoad | None) -> ProgressiveDecision:
         """The path for `question`, which may be answered in up to `max_tokens` tokens, given the next tier's last
         reported `load` (None: none reported yet, or too long ago)."""
+
+    def observe_answer(self, completion_tokens: int, max_tokens: int) -> None:
+        """The length of an answer this tier returned to a GENERATE request that allowed `max_tokens`."""
 
 
 @dataclass(frozen=True)

@@ -197,7 +197,7 @@ class Tier:
         try:
             with self._request_id_held(request), self._counted_in_flight():
                 response = await self._infer(request, None if timeout is None else started + timeout, started)
-                self._stamp_load(response)
+                self._finish(request, response)
         except BaseException:
             self.metrics.count_outcome("error")
             raise
@@ -224,7 +224,7 @@ class Tier:
                 async with aclosing(self._infer_stream(request, deadline, started)) as events:
                     async for event in events:
                         if event.HasField("final"):
-                            self._stamp_load(event.final)
+                            self._finish(request, event.final)
                         yield event
         except BaseException:
             self.metrics.count_outcome("error")
@@ -641,11 +641,14 @@ class Tier:
         finally:
             self._in_flight -= 1
 
-    def _stamp_load(self, response: pb.InferResponse) -> None:
-        """This tier's load, in its reply: what a tier below weighs before it sends more (each tier stamps over the
-        load of the tier above, which it noted)."""
+    def _finish(self, request: pb.InferRequest, response: pb.InferResponse) -> None:
+        """Stamp this tier's load on its reply, what a tier below weighs before it sends more (each tier stamps over
+        the load of the tier above, which it noted); tell the progressive scheduler how long the answer was."""
         response.load.in_flight = self._in_flight
         response.load.capacity = self.capacity
+        if self.progressive is not None and request.task == pb.TASK_KIND_GENERATE:
+            max_tokens = request.sampling.max_tokens or self.limits.default_max_tokens
+            self.progressive.observe_answer(response.usage.completion_tokens, max_tokens)
 
     def _note_load(self, response: pb.InferResponse) -> None:
         if response.HasField("load"):

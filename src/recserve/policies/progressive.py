@@ -15,26 +15,26 @@ The tier below the cloud (the edge) has three paths for a GENERATE request:
    `length_min_observations` have been seen) is below `min_answer_tokens`: a sketch costs a cloud round trip and
    a second prefill, which only pays back over a long answer written in parallel; short answers are the cascade's
    business.
-2. Cloud unreachable → local. Nothing can be sent there.
-3. The router says the question does not suit a sketch (P < `threshold`: maths, code, one-line answers, steps that
+2. The router says the question does not suit a sketch (P < `threshold`: maths, code, one-line answers, steps that
    build on each other, a text in one voice) → cloud-direct, the strongest model writing the dependent whole;
    but local when the cloud's pressure exceeds `direct_limit`, since a full answer is the heaviest work one can
    add to a busy cloud.
-4. It suits a sketch → progressive, unless the pressure exceeds `sketch_limit` (→ local). A sketch is far less
+3. It suits a sketch → progressive, unless the pressure exceeds `sketch_limit` (→ local). A sketch is far less
    cloud work than a full answer, so it is kept longer: `sketch_limit` ≥ `direct_limit`.
 
-Pressure is (running + waiting) / capacity from the cloud's latest load report, and at least 1 whenever requests
-wait (a queue means the batch is full, whatever the configured capacity says). Unknown load (no report, or one
-older than `load_max_age_s`) counts as no pressure: a report goes stale only when the cloud has answered nothing
-for that long, so this edge has sent it little; the next reply brings a fresh report. Without the decay, an edge
-that went local because the cloud was overloaded would never hear that it recovered.
+Pressure is in-flight requests / capacity from the cloud's latest load report (its replies carry it): above 1,
+requests queue. Unknown load (no report, or one older than the tier's load_max_age_seconds) counts as no pressure:
+a report goes stale only when the cloud has answered nothing for that long, so this edge has sent it little; the
+next reply brings a fresh report. Without the decay, an edge that went local because the cloud was overloaded
+would never hear that it recovered. A cloud that cannot be reached at all is the breakers' business: the tier
+falls back to its own answer at once.
 
 Sketch length: `max_points` at pressure ≤ `light_load`, `min_points` at ≥ `heavy_load`, linear in between (rounded
 to the nearest point): a busy cloud queues every sketch token behind its batch, so shorter sketches return sooner,
 and the edge writes more of each point. It is also capped at expected tokens / `tokens_per_point`, so that each
 point has room to be expanded; the configuration ensures the cap never falls below `min_points`.
 
-Pure and deterministic: time is passed in (`now`), no randomness, no gRPC.
+Pure and deterministic: no clock, no randomness, no gRPC.
 """
 
 from __future__ import annotations
@@ -44,74 +44,11 @@ import statistics
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
 
+from recserve.core.progressive import ProgressiveDecision, ProgressivePath, UpstreamLoad
 from recserve.policies.config import OptionConfig, at_least_one, not_negative, option, positive, share
 from recserve.policies.sketch_router import SketchRouter
-
-
-class ProgressivePath(StrEnum):
-    PROGRESSIVE = "progressive"
-    CLOUD_DIRECT = "cloud-direct"
-    LOCAL = "local"
-
-
-@dataclass(frozen=True)
-class CloudLoad:
-    """One load report of the cloud's engine: requests in its batch, requests queued, and (when it says) the batch's
-    size."""
-
-    running: int
-    waiting: int
-    capacity: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.running < 0 or self.waiting < 0:
-            raise ValueError(
-                f"cloud load: running and waiting must not be negative, got {self.running}, {self.waiting}"
-            )
-        if self.capacity is not None and self.capacity < 1:
-            raise ValueError(f"cloud load: capacity must be at least 1, got {self.capacity}")
-
-    def pressure(self, default_capacity: int) -> float:
-        """(running + waiting) / capacity (`default_capacity` when the report has none); at least 1 while requests
-        wait."""
-        capacity = self.capacity if self.capacity is not None else default_capacity
-        pressure = (self.running + self.waiting) / capacity
-        return max(pressure, 1.0) if self.waiting > 0 else pressure
-
-
-class LatestLoad:
-    """The cloud's latest load report and when it came (`now`, any monotonic clock in seconds); older than
-    `max_age_s` it decays to unknown."""
-
-    def __init__(self, max_age_s: float) -> None:
-        if not max_age_s > 0:
-            raise ValueError(f"latest load: max_age_s must be positive, got {max_age_s}")
-        self.max_age_s = max_age_s
-        self._report: tuple[CloudLoad, float] | None = None
-
-    def record(self, load: CloudLoad, now: float) -> None:
-        self._report = (load, now)
-
-    def age(self, now: float) -> float | None:
-        """Seconds since the latest report (None: none yet); a report stamped after `now` is 0 seconds old."""
-        return None if self._report is None else max(0.0, now - self._report[1])
-
-    def current(self, now: float) -> CloudLoad | None:
-        """The latest report, or None when there is none or it is older than `max_age_s`."""
-        age = self.age(now)
-        if self._report is None or age is None or age > self.max_age_s:
-            return None
-        return self._report[0]
-
-
-@dataclass(frozen=True)
-class ProgressiveDecision:
-    path: ProgressivePath
-    max_points: int  # the sketch's longest list of points; 0 unless the path is progressive
-    reason: str  # for logs and traces: which rule decided, with the figures it used
 
 
 class SuitabilityRouter(Protocol):
@@ -140,7 +77,7 @@ class ProgressiveConfig(OptionConfig):
     max_points: int = option(10, "points of a sketch when the cloud is idle", check=at_least_one)
     # A point expanded in a sentence or two (Skeleton-of-Thought's expansion prompt): about 40 tokens.
     tokens_per_point: int = option(40, "answer tokens each point needs at least", check=at_least_one)
-    # Pressures, (running + waiting) / capacity. Below half the batch the cloud has room: full sketches.
+    # Pressures, in-flight requests / capacity. Below half the batch the cloud has room: full sketches.
     light_load: float = option(0.5, "cloud pressure up to which sketches have max_points", check=not_negative)
     # A full batch: any more work queues, so sketches are cut to min_points.
     heavy_load: float = option(1.0, "cloud pressure from which sketches have min_points", check=positive)
@@ -151,11 +88,8 @@ class ProgressiveConfig(OptionConfig):
     # A whole batch queued: even a sketch's few tokens wait for a batch to drain.
     sketch_limit: float = option(2.0, "cloud pressure above which every long-form request stays local", check=positive)
     # Batch slots assumed when a report omits its capacity; set it to the cloud engine's batch limit (vLLM:
-    # --max-num-seqs). Queued requests make the pressure at least 1 whatever this says.
+    # --max-num-seqs).
     cloud_capacity: int = option(256, "cloud batch slots assumed when a load report omits them", check=at_least_one)
-    # Load reports ride on the cloud's replies, several a second under traffic: 10 s without one means little
-    # traffic to the cloud, and an old "overloaded" must not keep requests away from it for good.
-    load_max_age_s: float = option(10.0, "seconds after which a load report is unknown", check=positive)
     # Recent long-form answers whose median lowers the expected length (0: learn nothing, use max_tokens alone).
     length_window: int = option(200, "recent answer lengths kept (0: expected length = max_tokens)", check=not_negative)
     # Answers seen before the median is trusted: fewer say little about the traffic.
@@ -189,17 +123,12 @@ class ProgressiveConfig(OptionConfig):
 
 class ProgressiveScheduler:
     """Chooses a path per long-form request (module docstring); learns the typical answer length from
-    `observe_answer` and keeps the cloud's latest load report in `load`."""
+    `observe_answer`."""
 
     def __init__(self, config: ProgressiveConfig | None = None, router: SuitabilityRouter | None = None) -> None:
         self.config = config or ProgressiveConfig()
         self.router: SuitabilityRouter = router if router is not None else SketchRouter.load()
-        self.load = LatestLoad(self.config.load_max_age_s)
         self._lengths: deque[int] = deque(maxlen=self.config.length_window or None)
-
-    def observe_load(self, load: CloudLoad, now: float) -> None:
-        """A load report from a cloud reply received at `now`."""
-        self.load.record(load, now)
 
     def observe_answer(self, completion_tokens: int, max_tokens: int) -> None:
         """The length of a finished answer; only long-form requests (max_tokens ≥ min_answer_tokens) count, so
@@ -227,19 +156,21 @@ class ProgressiveScheduler:
             points = math.floor(config.max_points - share_of_range * (config.max_points - config.min_points) + 0.5)
         return max(config.min_points, min(points, expected_tokens // config.tokens_per_point))
 
-    def decide(
-        self, question: str, max_tokens: int, load: CloudLoad | None, *, reachable: bool = True
-    ) -> ProgressiveDecision:
-        """The path for this request, given the cloud's current load (None: unknown) and whether it is reachable."""
+    def pressure(self, load: UpstreamLoad | None) -> float:
+        """In-flight requests over capacity (`cloud_capacity` where the report has none); 0 when unknown."""
+        if load is None:
+            return 0.0
+        return load.in_flight / (load.capacity or self.config.cloud_capacity)
+
+    def decide(self, question: str, max_tokens: int, load: UpstreamLoad | None) -> ProgressiveDecision:
+        """The path for this request, given the cloud's latest load (None: unknown)."""
         config = self.config
         if max_tokens < 1:
             raise ValueError(f"progressive scheduler: max_tokens must be at least 1, got {max_tokens}")
         expected = self.expected_tokens(max_tokens)
         if expected < config.min_answer_tokens:
             return _local(f"short answer: {expected} expected tokens < {config.min_answer_tokens}")
-        if not reachable:
-            return _local("cloud unreachable")
-        pressure = 0.0 if load is None else load.pressure(config.cloud_capacity)
+        pressure = self.pressure(load)
         load_text = "load unknown" if load is None else f"cloud pressure {pressure:.2f}"
         probability = self.router.probability(question)
         if probability < config.threshold:
