@@ -79,6 +79,7 @@ class FakeEngine:
         self.deltas, self.generation = deltas, generation
         self.aborted = 0
         self.started = False
+        self.requests: list[GenerationRequest] = []  # what was asked, in order
 
     async def start(self) -> None:
         self.started = True
@@ -87,6 +88,7 @@ class FakeEngine:
         return self.generation
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[TextDelta | Generation, None]:
+        self.requests.append(request)
         for delta in self.deltas:
             yield delta
         yield self.generation
@@ -147,6 +149,15 @@ async def test_the_inner_answer_and_log_probs_pass_through_unchanged() -> None:
     assert {k: v for k, v in generation.metadata.items() if not k.startswith("emulated_")} == {"engine": "fake"}
     unchanged = [f for f in Generation.__dataclass_fields__ if f != "metadata"]
     assert all(getattr(generation, f) == getattr(ANSWER, f) for f in unchanged)
+
+
+async def test_the_request_reaches_the_inner_engine_as_sent_grammar_included() -> None:
+    clock = VirtualClock()
+    engine = emulated(clock)
+    request = GenerationRequest(prompt="q", stop=("\n",), grammar='root ::= "1. " [a-z]+')
+    await clock.run(engine.generate(request))
+    assert isinstance(engine.inner, FakeEngine)
+    assert engine.inner.requests == [request]
 
 
 async def test_the_stream_is_paced_by_the_decode_steps() -> None:

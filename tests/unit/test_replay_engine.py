@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -57,6 +58,17 @@ async def test_unknown_prompt_and_wrong_system_prompt_are_not_found(trace_folder
         await engine.generate(GenerationRequest(prompt="quiz question number 0?", system_prompt="other"))
     found = await engine.generate(GenerationRequest(prompt="quiz question number 0?", system_prompt=CHOICE_SYSTEM))
     assert found.text
+
+
+async def test_a_grammar_replays_a_recorded_prompt_and_cannot_help_an_unrecorded_one(trace_folder: Path) -> None:
+    engine = await started(trace_folder, "small")
+    recorded = GenerationRequest(prompt="chat question number 1?", system_prompt=GENERATE_SYSTEM)
+    constrained = await engine.generate(dataclasses.replace(recorded, grammar='root ::= "1. " [a-z]+'))
+    assert constrained == await engine.generate(recorded)
+    with pytest.raises(UnknownPromptError, match=r"no recorded answer.*cannot generate one that follows the request's"):
+        await engine.generate(GenerationRequest(prompt="never asked", grammar='root ::= "x"'))
+    with pytest.raises(UnknownPromptError, match="cannot generate one that follows"):
+        await anext(engine.stream(GenerationRequest(messages=(ChatMessage("user", "never"),), grammar='root ::= "x"')))
 
 
 async def test_unknown_model_or_folder_is_a_clear_error(trace_folder: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from recserve.core.engine import EngineError
+from recserve.core.engine import ChatMessage, EngineError, GenerationRequest
 from recserve.engines import create_engine
 from recserve.engines.config import VLLM_INSTALL_HINT, EngineConfig
 from recserve.engines.openai import OpenAIEngine, option_logprobs_from_top
@@ -127,3 +127,18 @@ def test_missing_options_get_a_bounding_estimate() -> None:
     crowded = {"A": math.log(0.05), "B": math.log(0.01)}
     assert option_logprobs_from_top(("A", "B", "C"), crowded)[2] == pytest.approx(math.log(0.01))
     assert option_logprobs_from_top(("C",), {"A": 0.0})[0] == -math.inf
+
+
+def test_the_openai_engine_sends_a_grammar_in_the_fields_vllm_and_llama_cpp_servers_read() -> None:
+    engine = OpenAIEngine("http://127.0.0.1:1/v1", model="m")
+    grammar = 'root ::= "1. " [a-z]+'
+    for request in (
+        GenerationRequest(prompt="q", grammar=grammar),
+        GenerationRequest(messages=(ChatMessage("user", "q"),), grammar=grammar),
+    ):
+        _, body = engine._request(request, stream=False)
+        assert body["structured_outputs"] == {"grammar": grammar}
+        assert body["grammar"] == grammar
+    _, plain = engine._request(GenerationRequest(prompt="q"), stream=True)
+    assert "structured_outputs" not in plain
+    assert "grammar" not in plain

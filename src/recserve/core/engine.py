@@ -23,6 +23,11 @@ class GenerationRequest:
 
     A request holds either a prompt (with an optional system prompt), sent as plain completion text
     (`full_prompt`), or chat `messages`, which each engine renders with its model's chat template.
+
+    `grammar`, when given, constrains the text to a GBNF grammar (llama.cpp's syntax, which vLLM's xgrammar backend
+    also reads; root rule `root`): llama.cpp and vLLM mask every token the grammar does not admit, and report
+    log-probs renormalised over the admitted tokens. An OpenAI-compatible server may ignore it, and a replay engine
+    cannot apply it, so whoever needs the shape checks the text as well (recserve.core.sketch.parse_sketch does).
     """
 
     prompt: str = ""
@@ -35,6 +40,8 @@ class GenerationRequest:
     options: tuple[str, ...] = ()
     # How many alternatives to report at the first generated position (for the top-2 margin).
     top_logprobs: int = 2
+    # A GBNF grammar the generated text must follow; empty: unconstrained.
+    grammar: str = ""
 
     @property
     def full_prompt(self) -> str:

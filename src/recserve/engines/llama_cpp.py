@@ -26,11 +26,22 @@ What is reported, and how it matches vLLM's conventions:
   completion, as with a system prompt like "Answer with A, B, C or D." (for a chat: the first position after
   the rendered template). A CHOICE request asking for 0 tokens still generates 1, since only sampling produces
   the first position's logits.
+
+Grammars (`GenerationRequest.grammar`, GBNF): the logits processor masks every token llama.cpp's grammar sampler
+rejects (logit -inf) before the token is chosen, and the log-probs are taken from the masked logits: renormalised
+over the admitted tokens, as vLLM reports them under structured outputs, so both engines give the same tokens and
+log-probs for a constrained request (a token the grammar forces has log-prob 0). The grammar is not handed to
+`Llama.generate(grammar=...)`, which applies it after the logits processor, where the log-probs are read. Each
+request gets its own grammar sampler (it holds the parse state); llama.cpp parses a grammar of a few rules in
+about 20 microseconds, so a cache of parsed grammars would save nothing. A grammar that does not parse is an
+EngineError before anything is generated; one that admits no token where the model must go on ends the request
+with an EngineError rather than a token outside it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import math
 import os
 import threading
@@ -56,6 +67,45 @@ def _log_softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float6
     x = np.asarray(logits, dtype=np.float64)
     peak = float(np.max(x))
     return x - (peak + math.log(float(np.sum(np.exp(x - peak)))))
+
+
+class _GrammarMask:
+    """One request's grammar state in llama.cpp's grammar sampler: masks the logits, then follows the chosen token.
+
+    Runs on the engine's thread, like every llama.cpp call.
+    """
+
+    _DTYPE = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)  # llama_token_data
+
+    def __init__(self, llm: Any, grammar: str) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        # NULL when the grammar does not parse (llama.cpp logs why on stderr).
+        self._sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode("utf-8"), b"root")
+        if not self._sampler:
+            raise EngineError("llama_cpp engine: the request's grammar is not valid GBNF with a `root` rule")
+        size = llm.n_vocab()
+        self._data = np.zeros(size, dtype=self._DTYPE)
+        self._data["id"] = np.arange(size, dtype=np.intc)
+        self._array = llama_cpp.llama_token_data_array(
+            data=self._data.ctypes.data_as(llama_cpp.llama_token_data_p), size=size, selected=-1, sorted=False
+        )
+
+    def mask(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The logits with -inf for every token the grammar does not admit next (the end of generation included)."""
+        self._data["logit"] = logits
+        self._array.size, self._array.selected, self._array.sorted = len(self._data), -1, False
+        self._lib.llama_sampler_apply(self._sampler, ctypes.byref(self._array))
+        return np.array(self._data["logit"], dtype=np.float32, copy=True)
+
+    def accept(self, token: int) -> None:
+        self._lib.llama_sampler_accept(self._sampler, token)
+
+    def close(self) -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler:
+            self._lib.llama_sampler_free(sampler)
 
 
 class LlamaCppEngine:
@@ -260,8 +310,13 @@ class LlamaCppEngine:
         max_tokens = min(max(request.max_tokens, 1 if request.options else 0), room)
 
         rows: list[npt.NDArray[np.float32]] = []
+        grammar = _GrammarMask(llm, request.grammar) if request.grammar else None
 
         def capture(_input_ids: Any, scores: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            if grammar is not None:
+                masked = grammar.mask(scores)
+                rows.append(masked)
+                return masked  # written back into llama.cpp's candidates, so the token is chosen among the admitted
             # The array is a view of llama.cpp's candidate buffer, reused at the next step: copy it.
             rows.append(np.array(scores, dtype=np.float32, copy=True))
             return scores
@@ -293,6 +348,9 @@ class LlamaCppEngine:
                     return None
                 token = int(next(stream))
                 row = rows.pop()
+                if grammar is not None and not np.isfinite(row[token]):
+                    # Every token was masked; llama.cpp aborts the process on accepting one its grammar rejects.
+                    raise EngineError("llama_cpp engine: the request's grammar admits no token the model has here")
                 if first_row is None:
                     first_row = row
                 tokens.append(token)
@@ -302,6 +360,8 @@ class LlamaCppEngine:
                 if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                     finish = "stop"
                     break
+                if grammar is not None:
+                    grammar.accept(token)
                 shown = text.feed(llm.detokenize([token]))
                 if shown:
                     emit(TextDelta(shown, tuple(pending)))
@@ -311,6 +371,8 @@ class LlamaCppEngine:
                     break
         finally:
             stream.close()
+            if grammar is not None:
+                grammar.close()
         rest = text.finish()
         if rest or pending:
             emit(TextDelta(rest, tuple(pending)))

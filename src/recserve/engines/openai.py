@@ -11,6 +11,12 @@ text and tokens as a delta; the server holds back text that could start a stop s
 cancelling it, closes the HTTP response, which makes the server abort the request; `aborted` counts them.
 `generate` sends one non-streaming request; both build the Generation the same way (`_generation`).
 
+Grammars (`GenerationRequest.grammar`, GBNF) go in two extra body fields: `structured_outputs: {"grammar": ...}`,
+which vLLM's server (0.11 and later) applies, and `grammar`, which llama.cpp's server reads. vLLM ignores the
+second one (it logs unknown fields at debug level), llama.cpp's server the first; other servers (and vLLM before
+0.11, which named it `guided_grammar`) may ignore both and answer unconstrained, which is why whoever needs the
+grammar's shape checks the text (recserve.core.sketch.parse_sketch).
+
 What the completions API gives, and so what is reported:
 - token_logprobs: the server's per-token log-probs (vLLM's are the model's raw log-softmax; other servers
   may report them after temperature), and `tokens` their token texts;
@@ -148,6 +154,9 @@ class OpenAIEngine:
         }
         if request.stop:
             body["stop"] = list(request.stop)
+        if request.grammar:
+            body["structured_outputs"] = {"grammar": request.grammar}
+            body["grammar"] = request.grammar
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

@@ -11,6 +11,10 @@ An answer that is none of the options gets equal log-probs on every option: maxi
 Chat requests: a chat of one user turn, after an optional system turn, is looked up as that (system prompt,
 user prompt) pair; any other chat is not in a trace.
 
+Grammars (`GenerationRequest.grammar`): a replay engine generates nothing, so it cannot make an answer follow one.
+A recorded prompt replays its recorded answer as it was recorded (not checked against the grammar: whoever needs the
+shape parses the text); an unrecorded one is an UnknownPromptError that says a grammar cannot change that.
+
 Streaming is emulation: the recorded answer is yielded in word-sized deltas (each word with the whitespace
 before it, so they concatenate to the answer), with `delay` seconds before each (EngineConfig
 `replay_delay_seconds`, default 0) to emulate a model's generation speed in tests and benchmarks; `generate`
@@ -110,7 +114,14 @@ class ReplayEngine:
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[TextDelta | Generation, None]:
         if not self._ready:
             raise EngineError("replay engine not started")
-        recorded = self.lookup_request(request)
+        try:
+            recorded = self.lookup_request(request)
+        except UnknownPromptError as exc:
+            if not request.grammar:
+                raise
+            raise UnknownPromptError(
+                f"{exc}; it replays recorded answers only and cannot generate one that follows the request's grammar"
+            ) from exc
         chosen, option_logprobs = _option_logprobs(recorded, request.options) if request.options else (None, ())
         generation = Generation(
             text=recorded.answer,

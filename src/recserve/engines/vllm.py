@@ -19,6 +19,12 @@ What is reported follows llama_cpp.py, so the scorers need no engine-specific pa
   vLLM's `logprob_token_ids` would do this in one request, but in vLLM 0.32 it replaces the top-k log-probs of
   every other request in the same batch, so concurrent GENERATE requests would lose their top-2 margin.
 
+Grammars (`GenerationRequest.grammar`, GBNF) go to vLLM's structured outputs (`StructuredOutputsParams(grammar=...)`,
+vLLM 0.11 and later; its default backend, xgrammar, reads GBNF, on CPU too). vLLM masks the logits before it samples
+and computes log-probs, so they are renormalised over the tokens the grammar admits (a forced token: 0; a token it
+rejects, among the top log-probs: -inf), as llama_cpp.py reports them. A grammar vLLM cannot parse is an
+EngineError for that request; the engine goes on serving.
+
 `generate` asks vLLM for the final output only; `stream` for deltas, whose text vLLM already holds back while it
 could still be the start of a stop string. Both build the Generation the same way (`_generation`). Closing a
 stream, or cancelling either call, closes vLLM's output generator, which aborts the request in vLLM (AsyncLLM
@@ -197,7 +203,19 @@ class VllmEngine:
             stop=list(request.stop) or None,
             logprobs=max(request.top_logprobs, CHOICE_TOP_LOGPROBS if request.options else 0),
             output_kind=output_kind,
+            structured_outputs=self._structured(request.grammar) if request.grammar else None,
         )
+
+    @staticmethod
+    def _structured(grammar: str) -> Any:
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+        except ImportError as exc:
+            raise EngineError(
+                "vllm engine: this vLLM has no structured outputs (StructuredOutputsParams, vLLM 0.11 or later), "
+                "so it cannot follow the request's grammar"
+            ) from exc
+        return StructuredOutputsParams(grammar=grammar)
 
     async def generate(self, request: GenerationRequest) -> Generation:
         if self._engine is None:
