@@ -1,5 +1,5 @@
 """The progressive scheduler picks progressive, cloud-direct or local by its documented rules, shortens sketches as
-the cloud's load rises, and refuses inconsistent settings. (Stale load reports are the tier's: test_progressive_tier.)"""
+the cloud's load rises, and refuses inconsistent settings (stale load reports are the tier's: test_progressive_tier)."""
 
 from __future__ import annotations
 

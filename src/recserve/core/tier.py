@@ -52,7 +52,14 @@ from recserve.core.progressive import (
     conversation_of,
     question_of,
 )
-from recserve.core.sketch import SKETCH_MAX_WORDS, SketchParseError, assemble_point, expand_request, parse_sketch, sketch_request
+from recserve.core.sketch import (
+    SKETCH_MAX_WORDS,
+    SketchParseError,
+    assemble_point,
+    expand_request,
+    parse_sketch,
+    sketch_request,
+)
 from recserve.core.transport import Reply, Upstream
 from recserve.core.untrusted import excerpt
 from recserve.core.validation import RequestValidator, TierLimits
@@ -239,15 +246,15 @@ class Tier:
         degraded = False
         decision = self._progressive_decision(request)
         if decision is not None and decision.path is ProgressivePath.PROGRESSIVE:
-            parts: list[str] = []
+            texts: list[str] = []
             try:
-                async with aclosing(self._progressive(request, family, decision, deadline, arrived)) as events:
-                    async for event in events:
-                        if isinstance(event, str):
-                            parts.append(event)
+                async with aclosing(self._progressive(request, family, decision, deadline, arrived)) as parts:
+                    async for part in parts:
+                        if isinstance(part, str):
+                            texts.append(part)
                         else:
-                            event.answer = "".join(parts)
-                            return event
+                            part.answer = "".join(texts)
+                            return part
             except _ProgressiveFallback as fallback:
                 self.metrics.count_progressive(decision.path, fallback.outcome)
                 degraded = fallback.degraded
@@ -291,13 +298,13 @@ class Tier:
         if decision is not None and decision.path is ProgressivePath.PROGRESSIVE:
             sent = 0
             try:
-                async with aclosing(self._progressive(request, family, decision, deadline, arrived)) as events:
-                    async for event in events:
-                        if isinstance(event, str):
+                async with aclosing(self._progressive(request, family, decision, deadline, arrived)) as parts:
+                    async for part in parts:
+                        if isinstance(part, str):
                             sent += 1
-                            yield self._delta(request, event, ())
+                            yield self._delta(request, part, ())
                         else:
-                            yield pb.InferStreamResponse(final=event)
+                            yield pb.InferStreamResponse(final=part)
                             return
             except _ProgressiveFallback as fallback:
                 self.metrics.count_progressive(decision.path, fallback.outcome)
@@ -407,7 +414,12 @@ class Tier:
         return decision.path is ProgressivePath.CLOUD_DIRECT
 
     async def _progressive(
-        self, request: pb.InferRequest, family: str, decision: ProgressiveDecision, deadline: float | None, arrived: float
+        self,
+        request: pb.InferRequest,
+        family: str,
+        decision: ProgressiveDecision,
+        deadline: float | None,
+        arrived: float,
     ) -> AsyncGenerator[str | pb.InferResponse, None]:
         """Answer by a sketch from the next tier, its points expanded here concurrently: each point's text in order as
         it is ready, then the response (its answer empty). Raises _ProgressiveFallback where no whole answer can be
@@ -492,7 +504,9 @@ class Tier:
         """Point `index` of the sketch: expanded here, and written again by the next tier when this tier's expansion
         is among the least confident (PointWindows) or failed. A failed repair keeps this tier's expansion; with
         neither, _ProgressiveFallback: the answer never has a hole."""
-        wanted = expand_request(question, points, index, max_tokens=max_tokens, temperature=request.sampling.temperature)
+        wanted = expand_request(
+            question, points, index, max_tokens=max_tokens, temperature=request.sampling.temperature
+        )
         expansion = pb.PointExpansion()
         local: Generation | None = None
         started = self._clock()
@@ -530,7 +544,7 @@ class Tier:
         return _Point(repair.answer, expansion, repair.usage.prompt_tokens, repair.usage.completion_tokens, repair)
 
     def _part_request(
-        self, request: pb.InferRequest, hop: pb.Hop, arrived: float, task: pb.TaskKind.ValueType, part: str
+        self, request: pb.InferRequest, hop: pb.Hop, arrived: float, task: pb.TaskKind, part: str
     ) -> pb.InferRequest:
         """A sketch or a point to ask of the next tier for `request`, under an id of its own (the parts are asked
         at once, and a tier serves one request an id at a time)."""

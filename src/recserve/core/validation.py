@@ -174,7 +174,8 @@ class RequestValidator:
         elif request.task == pb.TASK_KIND_SKETCH:
             if not 1 <= request.sketch.max_points <= limits.max_sketch_points:
                 raise InvalidRequest(
-                    f"sketch.max_points {request.sketch.max_points} is out of range: use 1 to {limits.max_sketch_points}"
+                    f"sketch.max_points {request.sketch.max_points} is out of range: "
+                    f"use 1 to {limits.max_sketch_points}"
                 )
             if request.sketch.max_words > limits.max_point_words:
                 raise InvalidRequest(
@@ -186,7 +187,9 @@ class RequestValidator:
             if not 1 <= len(points) <= limits.max_sketch_points:
                 raise InvalidRequest(f"expand.points has {len(points)} points: give 1 to {limits.max_sketch_points}")
             if any(not point.strip() or len(point) > limits.max_point_chars for point in points):
-                raise InvalidRequest(f"every sketch point must be non-blank and at most {limits.max_point_chars} characters")
+                raise InvalidRequest(
+                    f"every sketch point must be non-blank and at most {limits.max_point_chars} characters"
+                )
             if request.expand.index >= len(points):
                 raise InvalidRequest(f"expand.index {request.expand.index} names no point: use 0 to {len(points) - 1}")
         elif request.task == pb.TASK_KIND_UNSPECIFIED:

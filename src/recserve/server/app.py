@@ -129,6 +129,8 @@ async def start_tier(
         power=detect_power_reader() if settings.power_reader == "auto" else None,
         stream_interval=settings.stream_interval,
         capacity=settings.serving_capacity,
+        progressive=settings.progressive_scheduler.build() if settings.progressive == "on" else None,
+        progressive_options=settings.progressive_options,
     )
     server = grpc.aio.server(options=server_options(settings.limits))
     servicer = TierServicer(

@@ -11,6 +11,7 @@ from typing import Any
 
 from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
 from recserve.core.energy import EnergyModel
+from recserve.core.progressive import ProgressiveOptions
 from recserve.core.tier import STREAM_INTERVAL_SECONDS
 from recserve.core.validation import NAME_PATTERN, NAME_RULE, TierLimits
 from recserve.engines import ENGINE_NAMES
@@ -32,6 +33,7 @@ from recserve.policies.placement import (
     placement_config,
     placement_options,
 )
+from recserve.policies.progressive import ProgressiveConfig
 
 ENV_PREFIX = "RECSERVE_"
 INVALID = "invalid settings: "
@@ -206,6 +208,45 @@ OPTIONS: tuple[Option, ...] = (
         "a streaming tier sends what its engine made within this many seconds as one message (the first at once); "
         "0 sends every delta",
     ),
+    Option(
+        "progressive",
+        str,
+        "off",
+        "on: a tier with a next tier chooses per long GENERATE request between progressive (the next tier sketches, "
+        "this one expands the points; PICE), cloud-direct and local; docs/progressive.md",
+        ("off", "on"),
+    ),
+    Option("progressive_sketch_words", int, 0, "progressive: words per sketch point (0: 5)"),
+    Option(
+        "progressive_point_beta",
+        float,
+        ProgressiveOptions.point_beta,
+        "progressive: share of expanded points, the least confident, that the next tier writes again",
+    ),
+    Option(
+        "progressive_point_window",
+        int,
+        ProgressiveOptions.point_window,
+        "progressive: recent point confidences whose quantile is the point threshold",
+    ),
+    Option(
+        "progressive_point_tokens",
+        int,
+        ProgressiveOptions.point_max_tokens,
+        "progressive: max_tokens of an expanded point (0: the request's max_tokens over the sketch's points)",
+    ),
+    Option(
+        "progressive_load_max_age",
+        float,
+        ProgressiveOptions.load_max_age_seconds,
+        "progressive: seconds after which the next tier's last load report counts as none",
+    ),
+    *(
+        Option(
+            f"progressive_{spec.name}", spec.parse, spec.default, f"progressive scheduler: {spec.help}", text=spec.text
+        )
+        for spec in ProgressiveConfig.options()
+    ),
     Option("max_in_flight", int, 256, "requests served at once; beyond, RESOURCE_EXHAUSTED at once"),
     Option(
         "forward_timeout",
@@ -297,6 +338,13 @@ class TierSettings:
     replay_delay_seconds: float
     policy: PolicyConfig  # from --policy and that policy's options (the other policies' are ignored)
     placement: PlacementConfig  # from --placement and its options
+    progressive: str
+    progressive_sketch_words: int
+    progressive_point_beta: float
+    progressive_point_window: int
+    progressive_point_tokens: int
+    progressive_load_max_age: float
+    progressive_scheduler: ProgressiveConfig  # from the --progressive-* options of the scheduler
     scorer: str
     choice_scorer: str
     max_prompt_chars: int
@@ -334,6 +382,15 @@ class TierSettings:
             raise ValueError(INVALID + "; ".join(problems))
 
     def _problems(self) -> Iterator[str]:
+        if not 0 <= self.progressive_sketch_words <= TierLimits.max_point_words:
+            words = self.progressive_sketch_words
+            yield f"progressive_sketch_words must be within 0-{TierLimits.max_point_words}, got {words}"
+        if not 0.0 <= self.progressive_point_beta <= 1.0:
+            yield f"progressive_point_beta must be within [0, 1], got {self.progressive_point_beta}"
+        if self.progressive_point_window < 1 or self.progressive_point_tokens < 0:
+            yield "progressive_point_window must be at least 1 and progressive_point_tokens not negative"
+        if not self.progressive_load_max_age > 0:
+            yield f"progressive_load_max_age must be positive, got {self.progressive_load_max_age}"
         if not self.tier:
             yield "a tier name is required (--tier or RECSERVE_TIER)"
         for name in (self.tier, *self.caller_names):
@@ -474,6 +531,16 @@ class TierSettings:
         return given
 
     @property
+    def progressive_options(self) -> ProgressiveOptions:
+        return ProgressiveOptions(
+            max_words=self.progressive_sketch_words,
+            point_beta=self.progressive_point_beta,
+            point_window=self.progressive_point_window,
+            point_max_tokens=self.progressive_point_tokens,
+            load_max_age_seconds=self.progressive_load_max_age,
+        )
+
+    @property
     def serving_capacity(self) -> int:
         """Requests the tier serves at once before they queue, as its replies report it to the tiers below: an
         emulated server's batch, vLLM's sequences, else what the tier admits."""
@@ -554,10 +621,12 @@ def from_namespace(namespace: argparse.Namespace) -> TierSettings:
 def _settings(values: dict[str, Any]) -> TierSettings:
     """Settings from every option's value by name: `policy` and its options make the policy's configuration.
     What is wrong with the policy's options and with the others is said in one message."""
-    others = {f.name: values[f.name] for f in fields(TierSettings) if f.name not in ("policy", "placement")}
+    built = ("policy", "placement", "progressive_scheduler")
+    others = {f.name: values[f.name] for f in fields(TierSettings) if f.name not in built}
     problems = []
     policy: PolicyConfig = LocalConfig()  # a valid stand-in, to check the other settings too
     placement = placement_config(DEFAULT_PLACEMENT)
+    scheduler = ProgressiveConfig()
     try:
         policy = policy_config(values["policy"], values)
     except ValueError as exc:
@@ -566,10 +635,17 @@ def _settings(values: dict[str, Any]) -> TierSettings:
         placement = placement_config(values["placement"], values)
     except ValueError as exc:
         problems.append(str(exc))
-    if not problems:
-        return TierSettings(**others, policy=policy, placement=placement)
     try:
-        TierSettings(**others, policy=policy, placement=placement)
+        prefix = "progressive_"
+        scheduler = ProgressiveConfig.from_values(
+            {k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)}
+        )
+    except ValueError as exc:
+        problems.append(str(exc))
+    if not problems:
+        return TierSettings(**others, policy=policy, placement=placement, progressive_scheduler=scheduler)
+    try:
+        TierSettings(**others, policy=policy, placement=placement, progressive_scheduler=scheduler)
     except ValueError as other:
         problems.append(str(other).removeprefix(INVALID))
     raise ValueError(INVALID + "; ".join(problems)) from None
