@@ -42,19 +42,38 @@ def recserve_object(response: pb.InferResponse, request_id: str) -> dict[str, An
         "degraded": response.degraded,
         "request_id": response.request_id or request_id,
         "chosen_option": response.chosen_option or None,
-        "hops": [
-            {
-                "tier": hop.tier,
-                "decision": pb.Decision.Name(hop.decision).removeprefix("DECISION_").lower(),
-                "confidence": _number(hop.confidence),
-                "threshold": _number(hop.threshold),
-                "engine_seconds": hop.engine_seconds,
-                "bytes_sent": hop.bytes_sent,
-                "bytes_received": hop.bytes_received,
-            }
-            for hop in response.hops
-        ],
+        "hops": [_hop(hop) for hop in response.hops],
     }
+
+
+def _hop(hop: pb.Hop) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "tier": hop.tier,
+        "decision": pb.Decision.Name(hop.decision).removeprefix("DECISION_").lower(),
+        "confidence": _number(hop.confidence),
+        "threshold": _number(hop.threshold),
+        "engine_seconds": hop.engine_seconds,
+        "bytes_sent": hop.bytes_sent,
+        "bytes_received": hop.bytes_received,
+    }
+    if hop.HasField("progressive"):
+        progressive = hop.progressive
+        fields["progressive"] = {
+            "points": list(progressive.points),
+            "sketched_by": progressive.sketched_by,
+            "sketch_tokens": progressive.sketch_tokens,
+            "expansions": [
+                {
+                    "engine_seconds": e.engine_seconds,
+                    "confidence": _number(e.confidence),
+                    "threshold": _number(e.threshold),
+                    "repaired_by": e.repaired_by or None,
+                    "completion_tokens": e.completion_tokens,
+                }
+                for e in progressive.expansions
+            ],
+        }
+    return fields
 
 
 def recserve_headers(response: pb.InferResponse, request_id: str) -> dict[str, str]:
