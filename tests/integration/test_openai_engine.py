@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -17,6 +18,7 @@ import pytest_asyncio
 
 from recserve.core.confidence import score_perplexity
 from recserve.core.engine import ChatMessage, EngineError, Generation, GenerationRequest, TextDelta
+from recserve.core.sketch import SketchParseError, parse_sketch, sketch_request
 from recserve.engines.llama_cpp import LlamaCppEngine
 from recserve.engines.openai import CHOICE_TOP_LOGPROBS, OpenAIEngine
 from recserve.server.app import start_tier
@@ -112,6 +114,20 @@ async def test_the_server_generates_what_llama_cpp_does_on_the_same_weights(
         assert ours.token_logprobs == pytest.approx(reference.token_logprobs, abs=PARITY_TOLERANCE, rel=0)
         assert [n for n, _ in ours.first_top_logprobs] == [n for n, _ in reference.first_top_logprobs]
         assert ours.metadata["finish_reason"] == "length"
+
+
+async def test_the_server_follows_a_grammar_as_llama_cpp_does(
+    engine: OpenAIEngine, llama_engine: LlamaCppEngine
+) -> None:
+    for question in ("What is the capital of France?", "Why is the sky blue?"):
+        request = sketch_request(question, 5)
+        ours, reference = await engine.generate(request), await llama_engine.generate(request)
+        assert ours.text == reference.text
+        assert parse_sketch(ours.text, 5) == parse_sketch(reference.text, 5)
+        assert ours.token_logprobs == pytest.approx(reference.token_logprobs, abs=PARITY_TOLERANCE, rel=0)
+        unconstrained = await engine.generate(dataclasses.replace(request, grammar=""))
+        with pytest.raises(SketchParseError):
+            parse_sketch(unconstrained.text, 5)
 
 
 async def test_choice_options_are_read_from_the_top_logprobs_or_bounded(

