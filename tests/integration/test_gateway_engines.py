@@ -1,5 +1,6 @@
 """The front door on real engines: the official `openai` client → `recserve gateway` → device (llama.cpp) → edge
-(llama.cpp) → cloud (vLLM), as processes on loopback with the generated tiny models."""
+(llama.cpp, serving long answers progressively) → cloud (vLLM), as processes on loopback with the generated tiny
+models."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import openai
 import pytest
@@ -29,11 +31,12 @@ class Front:
     tiers: TierProcesses
     client: openai.OpenAI
 
-    def metric(self, index: int, name: str) -> float:
+    def metric(self, index: int, name: str, **labels: str) -> float:
         url = f"http://127.0.0.1:{self.tiers.metrics_ports[index]}/metrics"
         with urllib.request.urlopen(url, timeout=10) as reply:
             text = reply.read().decode()
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+        samples = (s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+        return sum(s.value for s in samples if labels.items() <= s.labels.items())
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
             ["--tier", "device", "--engine", "llama_cpp", "--model", str(models["cloud"].gguf), "--threads", "1",
              "--context-length", "1024", *ALWAYS_FORWARD],
             ["--tier", "edge", "--engine", "llama_cpp", "--model", str(models["edge"].gguf), "--threads", "1",
-             "--context-length", "1024", *ALWAYS_FORWARD],
+             "--context-length", "1024", *ALWAYS_FORWARD, "--progressive", "on"],
             ["--tier", "cloud", "--engine", "vllm", "--model", str(models["cloud"].hf_dir), "--context-length", "1024"],
         ],
         folder,
@@ -155,3 +158,34 @@ def test_max_tokens_temperature_and_stop_reach_the_engine(front: Front) -> None:
     assert cut.choices[0].finish_reason == "stop"
     sampled = {complete(max_tokens=16, temperature=1.5, seed=None).choices[0].text for _ in range(3)}
     assert sampled != {text}, "a high temperature samples, greedy would repeat the same text"
+
+
+def test_a_long_list_question_is_sketched_by_vllm_and_expanded_point_by_point_by_llama_cpp(front: Front) -> None:
+    """Progressive inference on real engines: vLLM writes the sketch under the grammar (xgrammar on CPU), llama.cpp
+    expands its points, and the gateway streams them one delta a point, in order."""
+    messages = [{"role": "user", "content": "What are the most effective ways to deal with stress?"}]
+    stream = front.client.chat.completions.create(
+        model="recserve", messages=messages, max_tokens=240, temperature=0, stream=True
+    )
+    deltas: list[str] = []
+    served: dict[str, Any] = {}
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            deltas.append(chunk.choices[0].delta.content)
+        served = (chunk.model_extra or {}).get("recserve") or served
+    assert [hop["tier"] for hop in served["hops"][:3]] == ["device", "edge", "cloud"]
+    edge = served["hops"][1]
+    assert edge["decision"] == "progressive"
+    assert served["answered_by"] == "edge"
+    progressive = edge["progressive"]
+    points = progressive["points"]
+    assert 2 <= len(points) <= 240 // 40  # the scheduler's cap: 40 tokens a point
+    assert progressive["sketched_by"] == "cloud"
+    assert progressive["sketch_tokens"] > 0
+    assert len(progressive["expansions"]) == len(deltas) == len(points)
+    for number, (delta, point) in enumerate(zip(deltas, points, strict=True), start=1):
+        assert delta.lstrip("\n").startswith(f"{number}. **{point}**")
+    repaired = sum(1 for e in progressive["expansions"] if e["repaired_by"])
+    assert front.metric(1, "recserve_progressive_requests_total", path="progressive", outcome="served") == 1
+    assert front.metric(1, "recserve_progressive_points_total", outcome="repaired") == repaired
+    assert front.metric(2, "recserve_sketches_total", outcome="parsed") == 1

@@ -75,6 +75,9 @@ PROBE_WAIT_SECONDS = 2.0
 # every message costs every hop's CPU, and a message a token cut relayed tokens/s to 69% of the engine's own server.
 # 50 ms is 20 updates a second, faster than anyone reads; vLLM's --stream-interval trades the same way, in tokens.
 STREAM_INTERVAL_SECONDS = 0.05
+# Requests a tier serves at once, as its replies report it, unless told (recserve serve: --max-in-flight, or the
+# engine's batch). The same figure offline and live, so that replies are the same size both ways.
+DEFAULT_CAPACITY = 256
 
 
 @dataclass
@@ -149,7 +152,7 @@ class Tier:
         stream_interval: float = STREAM_INTERVAL_SECONDS,
         progressive: ProgressiveScheduler | None = None,
         progressive_options: ProgressiveOptions | None = None,
-        capacity: int = 0,
+        capacity: int = DEFAULT_CAPACITY,
     ) -> None:
         self.name = name
         self.engine = engine

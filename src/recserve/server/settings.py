@@ -12,7 +12,7 @@ from typing import Any
 from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
 from recserve.core.energy import EnergyModel
 from recserve.core.progressive import ProgressiveOptions
-from recserve.core.tier import STREAM_INTERVAL_SECONDS
+from recserve.core.tier import DEFAULT_CAPACITY, STREAM_INTERVAL_SECONDS
 from recserve.core.validation import NAME_PATTERN, NAME_RULE, TierLimits
 from recserve.engines import ENGINE_NAMES
 from recserve.engines.config import EngineConfig
@@ -247,7 +247,7 @@ OPTIONS: tuple[Option, ...] = (
         )
         for spec in ProgressiveConfig.options()
     ),
-    Option("max_in_flight", int, 256, "requests served at once; beyond, RESOURCE_EXHAUSTED at once"),
+    Option("max_in_flight", int, DEFAULT_CAPACITY, "requests served at once; beyond, RESOURCE_EXHAUSTED at once"),
     Option(
         "forward_timeout",
         float,
