@@ -265,6 +265,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import openai
 
+    # The SDK's HTTP client logs every request at INFO: hundreds of lines that bury the progress.
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         report = asyncio.run(run_harness(config))
     except (openai.OpenAIError, ValueError) as exc:
