@@ -1,5 +1,5 @@
 """The `recserve` command: serve a tier, ask a question, run the OpenAI-compatible HTTP gateway, evaluate on
-traces, make tiny models, run the demo.
+traces, judge progressive answers against cloud-direct ones, make tiny models, run the demo.
 
 The top layer: may import every package; none imports it.
 """
@@ -20,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 from recserve.core.engine import EngineError
 from recserve.core.untrusted import escape_controls
 from recserve.evaluation import command as eval_command
+from recserve.evaluation import progressive_judge
 from recserve.gateway import settings as gateway_settings
 from recserve.server import settings as tier_settings
 from recserve.server.health import add_health_command, check_health
@@ -93,6 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluation = commands.add_parser("eval", help="replay a trace set: accuracy and bytes of an offloading policy")
     eval_command.add_arguments(evaluation)
 
+    judge = commands.add_parser(
+        "progressive-judge",
+        help="progressive against cloud-direct answers over the long-form questions, judged pairwise by an LLM "
+        "in both orders (any OpenAI-compatible servers)",
+    )
+    progressive_judge.add_arguments(judge)
+
     demo = commands.add_parser("demo", help="three local tiers, benchmark questions through the device tier")
     demo.add_argument(
         "--engine",
@@ -118,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     if args.command == "eval":
         return eval_command.run(args)
+    if args.command == "progressive-judge":
+        return progressive_judge.run(args)
     if args.command == "serve":
         return _serve(parser, args, sys.argv[1:] if argv is None else argv)
     if args.command == "ask":
