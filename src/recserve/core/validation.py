@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from recserve.core.engine import CHAT_ROLES
 from recserve.core.errors import InvalidRequest
+from recserve.core.sketch import SKETCH_MAX_POINTS
 from recserve.core.untrusted import excerpt
 from recserve.v1 import tier_pb2 as pb
 
@@ -35,7 +36,7 @@ class TierLimits:
     max_request_id_chars: int = 128
     max_answer_chars: int = 32_768  # a hop's answer, as a lower tier records it
     # Progressive inference: a sketch's points, and the words of each, as a tier asks for them.
-    max_sketch_points: int = 10
+    max_sketch_points: int = SKETCH_MAX_POINTS
     max_point_words: int = 16
     max_point_chars: int = 256
 
