@@ -34,6 +34,7 @@ from typing import Any
 
 import openai
 
+from recserve.core.tier import STREAM_INTERVAL_SECONDS
 from recserve.server.processes import TierProcesses, free_port, wait_http
 from recserve.tools.models import make_tiny_models
 
@@ -156,21 +157,23 @@ def vllm_server(model: str, port: int, max_model_len: int, log: Path) -> subproc
     return subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
 
 
-def tier_arguments(models: dict[str, Any], max_model_len: int) -> list[list[str]]:
+def tier_arguments(models: dict[str, Any], max_model_len: int, stream_interval: float) -> list[list[str]]:
     tiers = [
         ["--tier", "device", "--engine", "llama_cpp", "--model", str(models["device"].gguf), "--threads", "1"],
         ["--tier", "edge", "--engine", "llama_cpp", "--model", str(models["edge"].gguf), "--threads", "1"],
         ["--tier", "cloud", "--engine", "vllm", "--model", str(models["cloud"].hf_dir),
          "--context-length", str(max_model_len)],
     ]  # fmt: skip
-    return [[*tier, "--policy", "forward-all", "--max-tokens", "4096", "--max-in-flight", "1024"] for tier in tiers]
+    common = ["--policy", "forward-all", "--max-tokens", "4096", "--max-in-flight", "1024",
+              "--stream-interval", str(stream_interval)]  # fmt: skip
+    return [[*tier, *common] for tier in tiers]
 
 
 def run_all(models: dict[str, Any], args: argparse.Namespace, logs: Path) -> dict[str, dict[int, Level]]:
     """Both servers up at once, measured in turns (direct, streamed, buffered, and again), so that a change in the
     machine's load over the run falls on every path alike."""
     processes: list[subprocess.Popen[bytes]] = []
-    stack = TierProcesses(tier_arguments(models, args.max_model_len), logs)
+    stack = TierProcesses(tier_arguments(models, args.max_model_len, args.stream_interval), logs)
     try:
         direct_port = free_port()
         processes.append(vllm_server(str(models["cloud"].hf_dir), direct_port, args.max_model_len, logs / "vllm.log"))
@@ -213,13 +216,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2, help="turns of every path, to spread drifting load")
+    parser.add_argument(
+        "--stream-interval", type=float, default=STREAM_INTERVAL_SECONDS, help="the tiers' --stream-interval"
+    )
     args = parser.parse_args()
     models = make_tiny_models(args.models_dir)
     with tempfile.TemporaryDirectory(prefix="recserve-stream-bench-") as folder:
         measured = run_all(models, args, Path(folder))
     direct = measured[DIRECT]
     print(f"completions, {args.requests} requests x up to {args.max_tokens} tokens per level and round, "
-          f"{args.rounds} rounds in turns; times in ms")  # fmt: skip
+          f"{args.rounds} rounds in turns; tiers' stream interval {args.stream_interval} s; times in ms")  # fmt: skip
     print(f"{'path':>38}  {'conc.':>5}  {'TTFT p50':>8}  {'TTFT p90':>8}  {'tokens/req':>10}  {'tok/s':>7}  "
           f"{'tok/s vs direct':>15}")  # fmt: skip
     for name, levels in measured.items():
