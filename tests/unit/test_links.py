@@ -103,6 +103,8 @@ async def test_the_placement_picks_the_candidate_and_bytes_and_feedback_follow_i
         assert sample(registry, "recserve_transmitted_bytes_total", tier="device", peer=peer, direction="sent") > 0
     assert [name for name, _ in placement.outcomes] == ["edge-b", "edge-a", "cloud"]
     assert all(outcome.met and outcome.energy_joules > 0 for _, outcome in placement.outcomes)
+    # The links' share of it, apart (for PerLLM's ω weights): the device's link and every link above.
+    assert all(0 < outcome.transmission_joules < outcome.energy_joules for _, outcome in placement.outcomes)
     assert all(load == 0 for load in placement.loads.values())
     # Feedback on q0 goes the way q0 went: device -> edge-b -> cloud, which answered it.
     reply = await tiers["device"].feedback(pb.FeedbackRequest(request_id="q0", correct=True))

@@ -131,6 +131,107 @@ def test_cs_ucb_counts_a_failure_as_a_long_miss() -> None:
     assert placement.choose(REQUEST, TWO, [True, True]) == 1
 
 
+INTERACTIVE = PlacementRequest(family="chat", requirement_seconds=5.0, service_class="interactive")
+BACKGROUND = PlacementRequest(family="chat", requirement_seconds=60.0, service_class="background")
+
+
+def learn(
+    placement: CsUcbPlacement, candidates: tuple[Candidate, ...], index: int, outcomes: list[tuple[float, float]]
+) -> None:
+    """Outcomes (seconds, joules) of candidate `index`, one at a time, as if each had been sent and answered alone."""
+    for seconds, joules in outcomes:
+        placement.in_flight(index, +1)
+        placement.observe(REQUEST, candidates, index, PlacementOutcome(seconds, joules, True))
+        placement.in_flight(index, -1)
+
+
+def test_cs_ucb_sends_a_tight_request_past_a_long_queue_and_a_loose_one_to_the_cheap_server() -> None:
+    rng = random.Random(8)
+    fast, cheap = Candidate("edge-gpu"), Candidate("edge-box")
+    pair = (fast, cheap)
+    placement = CsUcbPlacement()
+    learn(placement, pair, 0, [(0.5 * rng.uniform(0.9, 1.1), 120.0 * rng.uniform(0.9, 1.1)) for _ in range(16)])
+    learn(placement, pair, 1, [(1.5 * rng.uniform(0.9, 1.1), 40.0 * rng.uniform(0.9, 1.1)) for _ in range(16)])
+    # No queue: both meet 5 s, and the cheap one costs a third.
+    assert placement.choose(BACKGROUND, pair, [True, True]) == 1
+    assert placement.choose(INTERACTIVE, pair, [True, True]) == 1
+    for _ in range(5):  # five of this tier's requests wait there: about six times its time for the next
+        placement.in_flight(1, +1)
+    assert placement.choose(INTERACTIVE, pair, [True, True]) == 0
+    assert placement.choose(BACKGROUND, pair, [True, True]) == 1
+    for _ in range(5):
+        placement.in_flight(1, -1)
+    assert placement.choose(INTERACTIVE, pair, [True, True]) == 1
+
+
+def test_cs_ucb_does_not_trust_one_fast_outcome_with_a_tight_request() -> None:
+    rng = random.Random(9)
+    steady_one, new = Candidate("edge-gpu"), Candidate("cloud", level=2)
+    pair = (steady_one, new)
+    placement = CsUcbPlacement()
+    # Service times as variable as an exponential's (request sizes vary), 1 s on average.
+    learn(placement, pair, 0, [(rng.expovariate(1.0), 100.0) for _ in range(16)])
+    learn(placement, pair, 1, [(1.9, 20.0)])  # one answer, cheap and fast enough for 5 s
+    # Its spread is the tier's pooled one until it has its own: 1.9 s may well be 5 s next time.
+    assert placement.choose(BACKGROUND, pair, [True, True]) == 1
+    assert placement.choose(INTERACTIVE, pair, [True, True]) == 0
+
+
+def test_cs_ucb_waits_for_a_tried_candidates_first_answer() -> None:
+    three = (EDGE, Candidate("edge-b"), CLOUD)
+    placement = CsUcbPlacement()
+    for index in range(3):  # each tried once, in order; none has answered
+        assert placement.choose(REQUEST, three, [True] * 3) == index
+        placement.in_flight(index, +1)
+    placement.in_flight(0, -1)
+    assert placement.choose(REQUEST, three, [True] * 3) == 0  # the fewest in flight while nothing is known
+    placement.observe(REQUEST, three, 1, PlacementOutcome(0.5, 10.0, True))
+    placement.in_flight(1, -1)
+    # Only edge-b has answered: the others are not sent more before their first answer.
+    assert [placement.choose(REQUEST, three, [True] * 3) for _ in range(5)] == [1] * 5
+
+
+def test_cs_ucb_probes_only_cheaper_candidates_and_only_with_the_loosest_requests() -> None:
+    rng = random.Random(10)
+    cheap, fast, dear = Candidate("edge-box"), Candidate("edge-gpu"), Candidate("cloud", level=2)
+    three = (cheap, fast, dear)
+    servers = {name: steady(seconds, joules, rng) for name, seconds, joules in
+               (("edge-box", 4.0, 50.0), ("edge-gpu", 1.0, 200.0), ("cloud", 1.0, 400.0))}  # fmt: skip
+    tight = PlacementRequest(family="chat", requirement_seconds=2.0)
+    loose = PlacementRequest(family="chat", requirement_seconds=2.5)  # still too tight for the edge box
+    placement = CsUcbPlacement(CsUcbConfig(placement_probe=20))
+    picks: list[tuple[str, str]] = []
+    for step in range(400):
+        request = loose if step % 10 == 9 else tight
+        chosen = placement.choose(request, three, [True] * 3)
+        seconds, joules = servers[three[chosen].name](step)
+        placement.observe(request, three, chosen, PlacementOutcome(seconds, joules, seconds <= 2.0))
+        picks.append((three[chosen].name, "loose" if request is loose else "tight"))
+    later = picks[10:]
+    assert Counter(name for name, _ in later)["edge-gpu"] >= 370
+    assert not any(name == "cloud" for name, _ in later)  # dearer than the choice: never probed
+    probes = [kind for name, kind in later if name == "edge-box"]
+    assert 5 <= len(probes) <= 400 // 20  # cheaper: probed, every `probe` decisions at most
+    assert set(probes) == {"loose"}  # and on loose requests only
+
+
+def test_cs_ucb_weighs_inference_and_transmission_energy() -> None:
+    near, far = Candidate("edge-a"), Candidate("edge-b")
+    pair = (near, far)
+
+    def trained(config: CsUcbConfig) -> CsUcbPlacement:
+        placement = CsUcbPlacement(config)
+        for _ in range(8):
+            placement.observe(REQUEST, pair, 0, PlacementOutcome(0.5, 100.0, True))  # all inference
+            placement.observe(REQUEST, pair, 1, PlacementOutcome(0.5, 120.0, True, transmission_joules=60.0))
+        return placement
+
+    assert trained(CsUcbConfig()).choose(REQUEST, pair, [True, True]) == 0
+    half = CsUcbConfig(placement_transmission_weight=0.5)  # 60 + 30 weighed against 100
+    assert trained(half).choose(REQUEST, pair, [True, True]) == 1
+    assert trained(half).estimate(far) == (0.5, 90.0)
+
+
 def test_cs_ucb_is_deterministic() -> None:
     def run() -> list[str]:
         rng = random.Random(7)

@@ -44,6 +44,7 @@ class PlacementOutcome:
     energy_joules: float  # inference and transmission the reply's hops report, from the candidate up
     met: bool  # whether `seconds` stayed within the request's requirement (True when it had none)
     failed: bool = False  # the candidate failed or timed out (seconds then is the time lost)
+    transmission_joules: float = 0.0  # the part of energy_joules spent on links (the rest is inference)
 
 
 class Placement(Protocol):

@@ -900,9 +900,10 @@ class Tier:
     ) -> PlacementOutcome:
         """What the candidate gave: its time as seen here, and the energy of this link and every hop above."""
         above = response.hops[own + 1 :]
-        energy = response.hops[own].transmission_joules + sum(h.inference_joules + h.transmission_joules for h in above)
+        transmission = response.hops[own].transmission_joules + sum(hop.transmission_joules for hop in above)
+        energy = transmission + sum(hop.inference_joules for hop in above)
         met = placing.requirement_seconds is None or seconds <= placing.requirement_seconds
-        return PlacementOutcome(seconds=seconds, energy_joules=energy, met=met)
+        return PlacementOutcome(seconds=seconds, energy_joules=energy, met=met, transmission_joules=transmission)
 
     def _forwarded(
         self,

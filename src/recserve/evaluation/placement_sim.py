@@ -366,7 +366,7 @@ def simulate(
         transmission = (bytes_in + bytes_out) * link.joules_per_byte
         requirement = service.requirement_seconds
         met = requirement is None or seconds <= requirement
-        outcome = PlacementOutcome(seconds, job.energy + transmission, met)
+        outcome = PlacementOutcome(seconds, job.energy + transmission, met, transmission_joules=transmission)
         group.placement.observe(placement_request, group.candidates, chosen, outcome)
         group.placement.in_flight(chosen, -1)
         group.in_flight[chosen] -= 1
@@ -669,21 +669,22 @@ def simulate_live(
         ended("cloud")
         return job.energy
 
-    def at_edge(name: str, query: _Query) -> Generator[Any, Any, tuple[float, int]]:
-        """(inference and transmission energy from this edge up, the chain depth that answered)"""
+    def at_edge(name: str, query: _Query) -> Generator[Any, Any, tuple[float, float, int]]:
+        """(inference and transmission energy from this edge up, the transmission part, the chain depth that
+        answered)"""
         answer = query.answers[1]
         job = edges[name].submit(answer.tokens_in, answer.tokens_out)
         yield job.done
         verdict = offload[name].decide(query.family, answer.confidence, is_last=False)
-        energy, depth = job.energy, 1
+        energy, link, depth = job.energy, 0.0, 1
         if verdict.forward:
             yield env.timeout(overhead)
             energy += yield from at_cloud(query)
             depth = 2
-            link_bytes = query.sent(1) + query.received(2, 3)
-            energy += link_bytes * edges[name].profile.joules_per_byte
+            link = (query.sent(1) + query.received(2, 3)) * edges[name].profile.joules_per_byte
+            energy += link
         ended(name)
-        return energy, depth
+        return energy, link, depth
 
     def request(
         arrival: Arrival[_Query], record: list[tuple[float, bool, float, str, bool]]
@@ -713,16 +714,17 @@ def simulate_live(
             yield env.timeout(overhead)
             where = candidates[chosen].name
             if where == "cloud":
-                above, depth = (yield from at_cloud(query)), 2
+                above, link, depth = (yield from at_cloud(query)), 0.0, 2
                 received = query.received(2, 2)
             else:
-                above, depth = yield from at_edge(where, query)
+                above, link, depth = yield from at_edge(where, query)
                 received = query.received(depth, depth + 1)
             transmission = (query.sent(0) + received) * device.profile.joules_per_byte
             seconds = env.now - sent_at
             requirement = placing.requirement_seconds
             met = requirement is None or seconds <= requirement
-            placement.observe(placing, candidates, chosen, PlacementOutcome(seconds, transmission + above, met))
+            outcome = PlacementOutcome(seconds, transmission + above, met, transmission_joules=transmission + link)
+            placement.observe(placing, candidates, chosen, outcome)
             placement.in_flight(chosen, -1)
             energy += transmission + above
         ended("device")

@@ -13,31 +13,37 @@ What PerLLM leaves open and what was chosen (docs/placement.md says more):
 
 - Statistics are per candidate, pooled over service classes and request sizes, over a sliding window of the
   candidate's last `window` outcomes (sliding-window UCB).
-- The time a candidate is expected to take is its window's mean plus `margin` spreads (a tail, so that most
-  requests, not half, meet the requirement), where the spread is the window's standard deviation floored at a tenth
-  of its mean. The optimistic (lower-confidence-bound) time subtracts δ·spread·sqrt(ln t / n), t the decisions made
-  so far and n the candidate's outcomes in the window; it is then scaled up, never down, by this tier's load there:
-  ((1 + requests in flight there now) / (1 + the mean in flight at its window's outcomes)) ** `load_weight`, so a
-  candidate whose answers stop coming back looks slower before the late answers arrive (PerLLM's scheduler knows
-  each server's capacity; a tier knows only its own requests in flight).
-- Constraint satisfaction: candidates whose optimistic time is within the request's requirement less `headroom`
-  (a share kept in reserve: an energy-minimising choice otherwise rides the requirement's edge, where any lag in
-  the statistics is a miss) are feasible; among them the one with the least optimistic energy wins (mean energy
-  - δ·Ē·sqrt(ln t / n), Ē the mean energy over the usable candidates, so δ means the same for time and energy).
-  None feasible: the fastest (least optimistic time). No requirement: the least optimistic energy among all.
-- Energy is what the outcome reports (inference and transmission from the candidate up). PerLLM's idle energy is
-  not a per-request quantity (servers draw it whether or not this request goes there), so the placement does not
-  weigh it; PerLLM's ω weights would need the outcome to split inference from transmission energy.
+- The time a candidate is expected to take for a request sent now is its window's mean plus `margin` spreads (a
+  tail, so that most requests, not half, meet the requirement), scaled up, never down, by this tier's load there:
+  ((1 + requests in flight there now) / (1 + the mean in flight at its window's outcomes)) ** `load_weight` (PerLLM's
+  scheduler knows each server's queue; a tier knows only its own requests in flight, so a candidate whose answers
+  stop coming back looks slower before the late answers arrive). The spread is the window's standard deviation
+  shrunk toward the tier's pooled one (relative to the mean) as if two outcomes of that spread had been seen, and
+  floored at a tenth of the mean: one fast answer does not make a candidate look certain.
+- Constraint satisfaction: candidates whose expected time is within the request's requirement less `headroom` (a
+  share kept in reserve: an energy-minimising choice otherwise rides the requirement's edge, where any lag in the
+  statistics is a miss) are feasible; among them the one with the least optimistic energy wins (the window's mean
+  - δ·spread·sqrt(ln t / n), the candidate's own energy spread, t the decisions so far, n its outcomes). None
+  feasible: the least expected time. No requirement: the least optimistic energy among all. Only the loosest
+  requests (none looser among the last `window` decisions) judge time optimistically too, δ·sqrt(ln t / n) spreads
+  less: they can afford to find out that a candidate is faster than its window says, a tight one cannot.
+- Energy is what the outcome reports (inference and transmission from the candidate up), weighed as PerLLM does,
+  ω_infer·inference + ω_tran·transmission (`inference_weight`, `transmission_weight`). Idle energy is not a
+  per-request quantity (servers draw it whether or not this request goes there), so the placement does not weigh
+  it. The average per request, not the marginal: a request that joins a batch adds little, but choosing by that
+  keeps a dear server's batch going (docs/placement.md: measured).
 - A failure (the candidate failed or timed out) counts as a miss taking at least `failure_seconds`.
 - Slowing down: with the margin above, one outcome far slower than the window moves the expected time past most
   requirements at once; should it not, `detect` outcomes in a row more than three spreads above the window's mean
   replace the window by those outcomes. A candidate that slows down abruptly thus loses its traffic within
   `detect` of its outcomes (and after at most `window` whatever the change's shape).
-- Recovery: a usable candidate not chosen in the last `probe` decisions is tried once (a probe); a probe faster
-  than its stale window's mean restarts the window from the probe. A candidate that recovered therefore wins its
-  traffic back within `probe` decisions (the next probe), plus the outcomes in flight.
-- Untried usable candidates go first, in their order; ties go to the earlier candidate. The bandit is
-  deterministic; the seed only serves `RandomPlacement`.
+- Recovery: a usable candidate that costs less than the choice but has not been chosen in the last `probe`
+  decisions is tried once (a probe), with one of the loosest requests; a probe faster than its stale window's mean
+  restarts the window from the probe. A candidate that recovered therefore wins its traffic back within `probe`
+  decisions (the next probe, while loose requests come), plus the outcomes in flight. A dearer candidate is never
+  probed: it would not win whatever its time, and is tried again when the cheaper ones cannot meet a requirement.
+- Untried usable candidates go first, in their order; one tried but not answered yet is left alone until its first
+  answer. Ties go to the earlier candidate. The bandit is deterministic; the seed only serves `RandomPlacement`.
 """
 
 from __future__ import annotations
@@ -212,7 +218,7 @@ class CsUcbConfig(PlacementConfig):
     name = "cs-ucb"
 
     placement_delta: float = option(
-        1.0, "CS-UCB exploration: δ of the confidence bound δ·sqrt(ln t / n)", check=not_negative
+        0.5, "CS-UCB exploration: δ of the confidence bound δ·spread·sqrt(ln t / n)", check=not_negative
     )
     placement_window: int = option(16, "CS-UCB: outcomes kept per candidate (sliding window)", check=at_least_one)
     placement_margin: float = option(
@@ -222,7 +228,9 @@ class CsUcbConfig(PlacementConfig):
         3, "CS-UCB: this many outlying outcomes in a row restart a candidate's window", check=at_least_one
     )
     placement_probe: int = option(
-        100, "CS-UCB: a usable candidate not chosen in this many decisions is tried once", check=at_least_one
+        100,
+        "CS-UCB: a usable candidate cheaper than the choice but not chosen in this many decisions is tried once",
+        check=at_least_one,
     )
     placement_failure_seconds: float = option(
         60.0, "CS-UCB: the time a failed request counts as taking, at least", check=positive
@@ -236,6 +244,12 @@ class CsUcbConfig(PlacementConfig):
         "this power (0: ignore this tier's load)",
         check=not_negative,
     )
+    placement_inference_weight: float = option(
+        1.0, "CS-UCB: PerLLM's ω_infer, the weight of inference energy", check=not_negative
+    )
+    placement_transmission_weight: float = option(
+        1.0, "CS-UCB: PerLLM's ω_tran, the weight of transmission energy", check=not_negative
+    )
 
     def build(self) -> CsUcbPlacement:
         return CsUcbPlacement(self)
@@ -245,17 +259,23 @@ class CsUcbConfig(PlacementConfig):
 # relative to the mean (a window of equal times would otherwise call any difference a change).
 _CHANGE_SPREADS = 3.0
 _SPREAD_FLOOR = 0.1
+# A candidate's time spread is its window's, shrunk toward the tier's pooled spread (relative to the mean) as if
+# this many outcomes of that spread had been seen: one or two outcomes say little of a candidate's tail. Before two
+# outcomes anywhere, the pooled relative spread is taken as 1 (service times as variable as an exponential's).
+_PRIOR_OUTCOMES = 2.0
+_PRIOR_RELATIVE_SPREAD = 1.0
 
 
 class _Arm:
-    """What CS-UCB knows of one candidate: its last outcomes (seconds, joules) and the change detector's run."""
+    """What CS-UCB knows of one candidate: its last outcomes (seconds, weighted joules, load) and the change
+    detector's run."""
 
     def __init__(self, window: int) -> None:
         self.times: deque[float] = deque(maxlen=window)
         self.energies: deque[float] = deque(maxlen=window)
         self.loads: deque[int] = deque(maxlen=window)  # this tier's requests in flight there at each outcome
         self.outliers: list[tuple[float, float, int]] = []  # the current run of outcomes far above the mean
-        self.last_chosen = 0  # the decision that last chose it
+        self.last_chosen = 0  # the decision that last chose it (0: never)
         self.probing = False  # chosen as a probe: its window is stale
 
     @property
@@ -265,13 +285,30 @@ class _Arm:
     def time_mean(self) -> float:
         return sum(self.times) / len(self.times)
 
-    def time_spread(self) -> float:
+    def time_variance(self) -> float:
         mean = self.time_mean()
-        variance = sum((time - mean) ** 2 for time in self.times) / len(self.times)
+        return sum((time - mean) ** 2 for time in self.times) / len(self.times)
+
+    def time_spread(self) -> float:
+        """The window's standard deviation, floored at a tenth of its mean (for the change detector)."""
+        return max(math.sqrt(self.time_variance()), _SPREAD_FLOOR * self.time_mean())
+
+    def tail_spread(self, relative: float) -> float:
+        """The spread of the expected time: the window's, shrunk toward `relative` times its mean by
+        _PRIOR_OUTCOMES, floored at a tenth of the mean."""
+        mean = self.time_mean()
+        variance = (self.n * self.time_variance() + _PRIOR_OUTCOMES * (relative * mean) ** 2) / (
+            self.n + _PRIOR_OUTCOMES
+        )
         return max(math.sqrt(variance), _SPREAD_FLOOR * mean)
 
     def energy_mean(self) -> float:
         return sum(self.energies) / len(self.energies)
+
+    def energy_spread(self) -> float:
+        mean = self.energy_mean()
+        variance = sum((energy - mean) ** 2 for energy in self.energies) / len(self.energies)
+        return max(math.sqrt(variance), _SPREAD_FLOOR * mean)
 
     def load_mean(self) -> float:
         return sum(self.loads) / len(self.loads)
@@ -316,6 +353,8 @@ class CsUcbPlacement:
         self._arms: dict[str, _Arm] = {}
         self._decisions = 0
         self._in_flight: dict[int, int] = {}  # by candidate index, as `in_flight` reports it
+        # The requirements of the last decisions (None: none), to tell the loosest requests, which probes ride on.
+        self._requirements: deque[float] = deque(maxlen=self.config.placement_window)
 
     def _arm(self, candidate: Candidate) -> _Arm:
         arm = self._arms.get(candidate.name)
@@ -325,44 +364,80 @@ class CsUcbPlacement:
 
     def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
         self._decisions += 1
+        requirement = math.inf if request.requirement_seconds is None else request.requirement_seconds
+        self._requirements.append(requirement)
         indices = _usable(usable)
         arms = {index: self._arm(candidates[index]) for index in indices}
-        chosen = self._pick(request, arms)
+        chosen = self._pick(request, arms, loosest=requirement >= max(self._requirements))
         arms[chosen].last_chosen = self._decisions
         return chosen
 
-    def _pick(self, request: PlacementRequest, arms: dict[int, _Arm]) -> int:
+    def _pick(self, request: PlacementRequest, arms: dict[int, _Arm], loosest: bool) -> int:
         for index, arm in arms.items():
-            if arm.n == 0:
+            if arm.last_chosen == 0 and arm.n == 0:
                 return index
-        stale = [
-            index for index, arm in arms.items() if self._decisions - arm.last_chosen > self.config.placement_probe
-        ]
-        if len(stale) < len(arms) and stale:  # when all are stale there is nothing to compare them with
-            index = min(stale, key=lambda index: (arms[index].last_chosen, index))
-            arms[index].probing = True
-            return index
+        # Tried but not answered yet: nothing to judge it by, and no reason to send it more before its first answer.
+        known = {index: arm for index, arm in arms.items() if arm.n}
+        if not known:
+            return min(arms, key=lambda index: (self._in_flight.get(index, 0), index))
+        arms = known
+        relative = self._pooled_relative_spread()
         log_t = math.log(max(self._decisions, 2))
-        energy_scale = sum(arm.energy_mean() for arm in arms.values()) / len(arms)
-        times: dict[int, float] = {}
-        energies: dict[int, float] = {}
-        for index, arm in arms.items():
-            bonus = self.config.placement_delta * math.sqrt(log_t / arm.n)
-            spread = arm.time_spread()
-            load = (
-                max(1.0, (1 + self._in_flight.get(index, 0)) / (1 + arm.load_mean()))
-                ** self.config.placement_load_weight
-            )
-            times[index] = (arm.time_mean() + self.config.placement_margin * spread - bonus * spread) * load
-            energies[index] = arm.energy_mean() - bonus * energy_scale
+        # Optimism about time only for the loosest requests, which can afford a miss: a tight one goes by the
+        # expected time alone.
+        optimism = self.config.placement_delta * math.sqrt(log_t) if loosest else 0.0
+        times = {index: self.expected_seconds(index, arm, relative, optimism) for index, arm in arms.items()}
+        costs = {index: arm.energy_mean() for index, arm in arms.items()}
+        energies = {
+            index: costs[index] - self.config.placement_delta * arm.energy_spread() * math.sqrt(log_t / arm.n)
+            for index, arm in arms.items()
+        }
         requirement = request.requirement_seconds
         if requirement is None:
-            return min(arms, key=lambda index: (energies[index], index))
-        limit = requirement * (1.0 - self.config.placement_headroom)
-        feasible = [index for index in arms if times[index] <= limit]
-        if feasible:
-            return min(feasible, key=lambda index: (energies[index], times[index], index))
-        return min(arms, key=lambda index: (times[index], index))
+            chosen = min(arms, key=lambda index: (energies[index], index))
+        else:
+            limit = requirement * (1.0 - self.config.placement_headroom)
+            feasible = [index for index in arms if times[index] <= limit]
+            if feasible:
+                chosen = min(feasible, key=lambda index: (energies[index], times[index], index))
+            else:
+                chosen = min(arms, key=lambda index: (times[index], index))
+        if not loosest:
+            return chosen
+        # A probe: a candidate that would cost less than the choice but has not been chosen for `probe` decisions
+        # (its window says it is too slow, and may be stale), tried with one of the loosest requests. A dearer one is
+        # never probed: it would not be chosen whatever its time.
+        stale = [
+            index
+            for index, arm in arms.items()
+            if index != chosen
+            and self._decisions - arm.last_chosen > self.config.placement_probe
+            and costs[index] < costs[chosen]
+        ]
+        if not stale:
+            return chosen
+        probe = min(stale, key=lambda index: (arms[index].last_chosen, index))
+        arms[probe].probing = True
+        return probe
+
+    def expected_seconds(self, index: int, arm: _Arm, relative: float | None = None, optimism: float = 0.0) -> float:
+        """The time candidate `index` is expected to take for a request sent now: its window's mean plus `margin`
+        spreads (shrunk toward `relative`, the tier's pooled spread relative to the mean) less `optimism` / sqrt(n)
+        spreads, scaled up by this tier's requests in flight there now against those its outcomes met."""
+        if relative is None:
+            relative = self._pooled_relative_spread()
+        spreads = self.config.placement_margin - optimism / math.sqrt(arm.n)
+        tail = max(arm.time_mean() + spreads * arm.tail_spread(relative), 0.0)
+        load = max(1.0, (1 + self._in_flight.get(index, 0)) / (1 + arm.load_mean()))
+        return tail * math.pow(load, self.config.placement_load_weight)
+
+    def _pooled_relative_spread(self) -> float:
+        variance = square = 0.0
+        for arm in self._arms.values():
+            if arm.n >= 2:
+                variance += arm.n * arm.time_variance()
+                square += arm.n * arm.time_mean() ** 2
+        return math.sqrt(variance / square) if square > 0 else _PRIOR_RELATIVE_SPREAD
 
     def observe(
         self, request: PlacementRequest, candidates: Sequence[Candidate], chosen: int, outcome: PlacementOutcome
@@ -373,14 +448,20 @@ class CsUcbPlacement:
         # The load it met: this tier's other requests in flight there now (assuming the tier reports the outcome
         # before the request's in_flight(-1); the other order counts one fewer, a small bias).
         load = max(self._in_flight.get(chosen, 0) - 1, 0)
-        arm = self._arm(candidates[chosen])
-        arm.add(seconds, max(outcome.energy_joules, 0.0), load, self.config.placement_detect)
+        total = max(outcome.energy_joules, 0.0)
+        transmission = min(max(outcome.transmission_joules, 0.0), total)
+        energy = (
+            self.config.placement_inference_weight * (total - transmission)
+            + self.config.placement_transmission_weight * transmission
+        )
+        self._arm(candidates[chosen]).add(seconds, energy, load, self.config.placement_detect)
 
     def in_flight(self, chosen: int, delta: int) -> None:
         self._in_flight[chosen] = max(self._in_flight.get(chosen, 0) + delta, 0)
 
     def estimate(self, candidate: Candidate) -> tuple[float, float] | None:
-        """The candidate's mean time (seconds) and energy (joules) over its window, or None before an outcome."""
+        """The candidate's mean time (seconds) and weighted energy (joules) over its window, or None before an
+        outcome."""
         arm = self._arms.get(candidate.name)
         return (arm.time_mean(), arm.energy_mean()) if arm and arm.n else None
 
