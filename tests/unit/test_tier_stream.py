@@ -122,7 +122,7 @@ async def test_an_escalated_stream_relays_the_last_tiers_live_deltas_and_counts_
     engines = [WordEngine("low tier"), WordEngine("mid tier"), WordEngine("a b c d e f g h")]
     tiers = word_cascade(engines, [ForwardAllPolicy(), ForwardAllPolicy(), ForwardAllPolicy()], registry)
     deltas, final = await collect(tiers[0].infer_stream(question(request_id="fixed", sampling={"logprobs": True})))
-    # The first word at once, then what the engine made within each 20 ms together (here: all the rest).
+    # The first word at once, then what the engine made within each stream interval together (here: all the rest).
     assert [d.text for d in deltas] == ["a", " b c d e f g h"]
     assert {d.tier for d in deltas} == {"cloud"}
     assert [lp.token for d in deltas for lp in d.logprobs] == ["a", " b", " c", " d", " e", " f", " g", " h"]
@@ -155,8 +155,9 @@ async def test_an_escalated_stream_relays_the_last_tiers_live_deltas_and_counts_
 
 
 async def test_a_slow_engine_s_words_go_out_one_by_one_as_they_come() -> None:
+    # 150 ms apart, beyond the 100 ms stream interval: each word is a message of its own.
     tiers = word_cascade(
-        [WordEngine(), WordEngine(), WordEngine("one two three", delay=0.05)], [ForwardAllPolicy()] * 3
+        [WordEngine(), WordEngine(), WordEngine("one two three", delay=0.15)], [ForwardAllPolicy()] * 3
     )
     deltas, _ = await collect(tiers[0].infer_stream(question()))
     assert [d.text for d in deltas] == ["one", " two", " three"]

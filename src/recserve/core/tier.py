@@ -71,10 +71,11 @@ T = TypeVar("T")
 # client can name it.
 OVERFLOW_FAMILY = "(overflow)"
 PROBE_WAIT_SECONDS = 2.0
-# A streaming tier sends the deltas its engine made within this long as one message (the first at once): under load
-# every message costs every hop's CPU, and a message a token cut relayed tokens/s to 69% of the engine's own server.
-# 50 ms is 20 updates a second, faster than anyone reads; vLLM's --stream-interval trades the same way, in tokens.
-STREAM_INTERVAL_SECONDS = 0.05
+# A streaming tier sends the deltas its engine made within this long as one message (the first at once): every
+# message costs every hop's CPU, and at 32 streams relayed tokens/s was 43% (20 ms), 82% (50 ms) and 99% (100 ms) of
+# the engine's own server (bench/stream_bench.py). 100 ms is ten updates a second, faster than anyone reads; vLLM's
+# --stream-interval makes the same trade, in tokens.
+STREAM_INTERVAL_SECONDS = 0.1
 # Requests a tier serves at once, as its replies report it, unless told (recserve serve: --max-in-flight, or the
 # engine's batch). The same figure offline and live, so that replies are the same size both ways.
 DEFAULT_CAPACITY = 256
