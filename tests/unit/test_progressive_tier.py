@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from recserve.core.engine import EngineError, Generation, GenerationRequest, TextDelta
 from recserve.core.errors import InvalidRequest, RecServeError, StreamInterrupted, UpstreamUnavailable
 from recserve.core.metrics import Metrics
+from recserve.core.placement import Candidate, PlacementOutcome, PlacementRequest
 from recserve.core.progressive import (
     ProgressiveDecision,
     ProgressiveOptions,
@@ -350,3 +351,33 @@ async def test_malformed_parts_are_refused_with_the_reason(fields: dict[str, obj
     _, cloud_tier = edge_and_cloud(SketchingEngine("edge"), SketchingEngine("cloud"))
     with pytest.raises(InvalidRequest, match=re.escape(message)):
         await cloud_tier.infer(pb.InferRequest(prompt=QUESTION, **fields))  # type: ignore[arg-type]
+
+
+class RecordingPlacement:
+    """A placement that always takes the first candidate and records what it is told."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[PlacementOutcome] = []
+
+    def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
+        return 0
+
+    def observe(
+        self, request: PlacementRequest, candidates: Sequence[Candidate], chosen: int, outcome: PlacementOutcome
+    ) -> None:
+        self.outcomes.append(outcome)
+
+    def in_flight(self, index: int, delta: int) -> None:
+        return None
+
+
+async def test_a_parts_quick_reply_does_not_teach_the_placement_but_its_failure_does() -> None:
+    edge_tier, _ = edge_and_cloud(SketchingEngine("edge", logprobs={2: -3.0}), SketchingEngine("cloud"))
+    placement = RecordingPlacement()
+    edge_tier.links.placement = placement
+    await edge_tier.infer(long_question())  # a sketch and a repair went up, and came back
+    assert placement.outcomes == []
+    edge_tier, _ = edge_and_cloud(SketchingEngine("edge"), SketchingEngine("cloud", sketch_fails=True))
+    edge_tier.links.placement = placement
+    await edge_tier.infer(long_question())
+    assert [outcome.failed for outcome in placement.outcomes] == [True]

@@ -591,11 +591,8 @@ class Tier:
             link.learn_peer_name(response.answered_by)
             self.metrics.count_bytes(link.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
             self._note_load(response)
-            own = len(ask.hops) - 1
-            seconds = self._clock() - sent_at
-            energy = transmission + sum(h.inference_joules + h.transmission_joules for h in response.hops[own + 1 :])
-            met = placing.requirement_seconds is None or seconds <= placing.requirement_seconds
-            self.links.observe(placing, slot, PlacementOutcome(seconds=seconds, energy_joules=energy, met=met))
+            # A part's quick reply is not what the candidate takes to answer a request, which is what the placement
+            # learns its processing time and energy from: only its failures are told.
             return response
 
     async def _write_part(
