@@ -44,7 +44,7 @@ K8S_VERSION ?= 1.32.0
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
 .PHONY: help install install-dev proto proto-check lint layers typecheck check test test-unit test-processes test-integration demo serve bench models demo-trace clean
-.PHONY: docker-ready base-image wheels images up down bench-placement results chains ceiling certs chaos load podman-ready k8s-validate
+.PHONY: docker-ready base-image wheels images up down bench-placement bench-progressive results chains ceiling certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -106,11 +106,15 @@ demo: install ## three local tiers answer benchmark questions (ENGINE=replay|lla
 serve: install ## three local tiers behind the OpenAI-compatible gateway on 127.0.0.1:8000 until Ctrl-C (SERVE_ENGINE=llama_cpp|vllm|replay)
 	$(BIN)/recserve demo --serve --engine $(SERVE_ENGINE)
 
-bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop; vLLM edge tier vs vLLM direct; streaming through the gateway vs vLLM's OpenAI server
+bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop; vLLM edge tier vs vLLM direct; streaming through the gateway vs vLLM's OpenAI server; progressive vs cloud-only
 	$(BIN)/python bench/threshold_bench.py
 	$(BIN)/python bench/serving_bench.py
 	$(BIN)/python bench/vllm_bench.py
 	$(BIN)/python bench/stream_bench.py
+	$(BIN)/python bench/progressive_bench.py
+
+bench-progressive: install ## progressive (PICE) vs cloud-only on long-form questions at rising load: llama.cpp edge, vLLM cloud, emulated servers (~10 min; docs/progressive.md)
+	$(BIN)/python bench/progressive_bench.py
 
 bench-placement: install ## placement under Poisson load through device, two edges and a cloud on emulated servers (~15 min; docs/placement.md)
 	$(BIN)/python bench/placement_bench.py --beta 0.3 --speed 0.25 --rates 8 16 24 32 48 --seconds 12 --warmup 6

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from recserve.core.engine import EngineError, Generation, GenerationRequest, TextDelta
 from recserve.core.errors import InvalidRequest, RecServeError, StreamInterrupted, UpstreamUnavailable
+from recserve.core.forward_timeout import ForwardTimeout
 from recserve.core.metrics import Metrics
 from recserve.core.placement import Candidate, PlacementOutcome, PlacementRequest
 from recserve.core.progressive import (
@@ -37,7 +38,8 @@ POINT_NUMBER = re.compile(r"Write point (\d+) \(")
 class SketchingEngine:
     """Writes SKETCH for a sketch request (one with a grammar), "<name> on point N." for an expansion, and a plain
     answer otherwise. Log-probs per point are `logprobs[N]` (default -0.1); `failing` points raise EngineError.
-    Counts the generations in flight at once."""
+    Every generation takes `delay`, a plain answer `answer_delay` where given. Counts the generations in flight at
+    once."""
 
     def __init__(
         self,
@@ -48,12 +50,14 @@ class SketchingEngine:
         failing: Sequence[int] = (),
         delay: float = 0.01,
         sketch_fails: bool = False,
+        answer_delay: float | None = None,
     ) -> None:
         self.name = name
         self.sketch = sketch
         self.logprobs = logprobs or {}
         self.failing = set(failing)
         self.delay = delay
+        self.answer_delay = answer_delay
         self.sketch_fails = sketch_fails
         self.aborted = 0
         self.in_flight = 0
@@ -67,8 +71,10 @@ class SketchingEngine:
         self.requests.append(request)
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        asked = POINT_NUMBER.search(request.messages[-1].content) if request.messages else None
+        plain = not request.options and not request.grammar and asked is None
         try:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.answer_delay if plain and self.answer_delay is not None else self.delay)
         finally:
             self.in_flight -= 1
         if request.options:
@@ -79,7 +85,6 @@ class SketchingEngine:
             if self.sketch_fails:
                 raise EngineError("the sketching model is gone")
             return _generation(self.sketch, -0.05)
-        asked = POINT_NUMBER.search(request.messages[-1].content) if request.messages else None
         if asked is None:
             return _generation(f"{self.name} answers in full.", -0.2)
         number = int(asked.group(1))
@@ -156,6 +161,7 @@ def edge_and_cloud(
     options: ProgressiveOptions | None = None,
     edge_policy: ForwardAllPolicy | LocalOnlyPolicy | None = None,
     clock: list[float] | None = None,
+    forward_timeout: ForwardTimeout | None = None,
 ) -> tuple[Tier, Tier]:
     metrics = Metrics(registry or CollectorRegistry())
     now = clock or [0.0]
@@ -168,6 +174,7 @@ def edge_and_cloud(
         FailingWhereTheWireWould(cloud_tier),
         progressive=scheduler or Always(ProgressivePath.PROGRESSIVE),
         progressive_options=options or ProgressiveOptions(point_beta=0.34),
+        forward_timeout=forward_timeout,
         clock=(lambda: now[0]) if clock is not None else __import__("time").monotonic,
     )
     return edge_tier, cloud_tier
@@ -306,6 +313,22 @@ async def test_cloud_direct_forwards_without_generating_and_local_is_the_cascade
     assert edge.requests == []
     edge_tier, _ = edge_and_cloud(SketchingEngine("edge"), SketchingEngine("cloud"), Always(ProgressivePath.LOCAL))
     assert (await edge_tier.infer(long_question())).answer == "edge answers in full."
+
+
+async def test_sketches_and_points_do_not_shorten_the_time_the_edge_waits_for_a_whole_answer() -> None:
+    # The forward timeout is a multiple of recent forward latencies. A sketch or a point is a small part of an answer:
+    # learnt from, it would cut the wait below what a whole answer (cloud-direct, or the cascade) takes.
+    scheduler = Always(ProgressivePath.PROGRESSIVE)
+    timeout = ForwardTimeout(ceiling=5.0, floor=0.001, factor=3.0, min_samples=2)
+    cloud = SketchingEngine("cloud", delay=0.01, answer_delay=0.2)
+    edge_tier, _ = edge_and_cloud(SketchingEngine("edge"), cloud, scheduler, forward_timeout=timeout)
+    for _ in range(3):
+        assert (await edge_tier.infer(long_question())).hops[0].decision == pb.DECISION_PROGRESSIVE
+    scheduler.decision = ProgressiveDecision(ProgressivePath.CLOUD_DIRECT, 0, "test")
+    response = await edge_tier.infer(long_question())
+    assert response.answered_by == "cloud"
+    assert not response.degraded
+    assert response.answer == "cloud answers in full."
 
 
 async def test_the_scheduler_sees_the_clouds_last_load_until_it_is_stale_and_learns_answer_lengths() -> None:

@@ -577,7 +577,9 @@ class Tier:
                 raise UpstreamUnavailable(f"tier {self.name} may not forward now (breakers open or every slot taken)")
             sent_at = self._clock()
             try:
-                reply = await self._call_upstream(slot, ask, deadline)
+                # A part is a fraction of an answer's work: its quick reply must not teach the forward timeout, which
+                # whole answers (cloud-direct, the cascade) then could not meet.
+                reply = await self._call_upstream(slot, ask, deadline, learns=False)
             except UpstreamUnavailable:
                 self.links.observe(placing, slot, _failed(self._clock() - sent_at))
                 raise
@@ -1012,10 +1014,13 @@ class Tier:
         self.links.observe(placing, slot, self._outcome(placing, response, len(request.hops), self._clock() - sent_at))
         yield pb.InferStreamResponse(final=response)
 
-    async def _call_upstream(self, slot: Slot, forwarded: pb.InferRequest, deadline: float | None) -> Reply:
+    async def _call_upstream(
+        self, slot: Slot, forwarded: pb.InferRequest, deadline: float | None, *, learns: bool = True
+    ) -> Reply:
         """Send `forwarded` up `slot`'s link within its forward timeout, and tell the breaker and the timeout what the
         call showed of the next tier. Only the next tier's own failures and slowness count against it: not a timeout
-        that the caller's deadline set, nor a verdict on the request, nor a cancelled call."""
+        that the caller's deadline set, nor a verdict on the request, nor a cancelled call. `learns`: the reply's
+        latency counts toward the forward timeout (False for a part of an answer, far shorter than a whole one)."""
         link = slot.link
         limit = link.forward_timeout.seconds
         if slot.breaker_probe:
@@ -1046,7 +1051,8 @@ class Tier:
                 judged = True
             raise
         else:
-            link.forward_timeout.observe(self._clock() - started)
+            if learns:
+                link.forward_timeout.observe(self._clock() - started)
             if not judged:
                 self._judge_upstream(link, ok=True)
                 judged = True
