@@ -113,7 +113,7 @@ bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop
 	$(BIN)/python bench/stream_bench.py
 	$(BIN)/python bench/progressive_bench.py
 
-bench-progressive: install ## progressive (PICE) vs cloud-only on long-form questions at rising load: llama.cpp edge, vLLM cloud, emulated servers (~10 min; docs/progressive.md)
+bench-progressive: install ## progressive (PICE) vs cloud-only on long-form questions at rising load: llama.cpp edge, vLLM cloud, emulated servers (~11 min; docs/progressive.md)
 	$(BIN)/python bench/progressive_bench.py
 
 bench-placement: install ## placement under Poisson load through device, two edges and a cloud on emulated servers (~15 min; docs/placement.md)

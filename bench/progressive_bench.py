@@ -27,8 +27,10 @@ cloud). Goals (the issue): at least 2x the highest sustained rate of cloud-only,
 at equal answer length, for answers of 200 tokens or more.
 
 The tiny models write random text; only its length and log-probs matter here. Check from the output that the answers
-are long in both setups and that the emulated time dominates: the idle-cloud line compares cloud-only latency at the
-lowest rate with the profile's time for the same tokens.
+are long in both setups and that the emulated time dominates: the "emulated time" line gives the share of the
+measured times, at the lowest load, that the profiles account for (the cloud's for a cloud-only request, the edge's
+for a point it expanded). Each turn starts once the host's load average is low (--quiet-load), and the table gives
+it at the end of each turn. Measured figures: docs/progressive.md, "Measured".
 """
 
 from __future__ import annotations
