@@ -19,7 +19,7 @@ from recserve.core.engine import ChatMessage, EngineError, Generation, Generatio
 from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
 from recserve.engines.llama_cpp import LlamaCppEngine
-from recserve.tools.models import TinyModelPaths, make_tiny_models
+from recserve.tools.models import TinyModelPaths
 from tests.conftest import install_hint
 
 pytestmark = pytest.mark.integration
@@ -33,11 +33,6 @@ SYSTEM = "Answer briefly."
 CHAT = (ChatMessage("system", SYSTEM), ChatMessage("user", PROMPT))
 # The tiny device model generates 200 tokens for this prompt without an end-of-generation token.
 LONG = GenerationRequest(prompt="one two", max_tokens=200)
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModelPaths]:
-    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture

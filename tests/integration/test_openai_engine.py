@@ -24,7 +24,7 @@ from recserve.engines.openai import CHOICE_TOP_LOGPROBS, OpenAIEngine
 from recserve.server.app import start_tier
 from recserve.server.processes import free_port
 from recserve.server.settings import TierSettings
-from recserve.tools.models import TinyModelPaths, make_tiny_models
+from recserve.tools.models import TinyModelPaths
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 
@@ -35,11 +35,6 @@ SERVED_NAME = "tiny-edge"
 # vLLM's server (float32) against llama.cpp with a float32 KV cache on the same weights.
 PARITY_TOLERANCE = 1e-4
 CHAT = (ChatMessage("system", "Answer briefly."), ChatMessage("user", "What is the capital of France?"))
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModelPaths]:
-    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +85,6 @@ async def engine(server: str) -> AsyncIterator[OpenAIEngine]:
     yield engine
     await engine.shutdown()
     assert not await engine.healthy()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def llama_engine(tiny_models: dict[str, TinyModelPaths]) -> AsyncIterator[LlamaCppEngine]:
-    engine = LlamaCppEngine(tiny_models["edge"].gguf, threads=1, context_length=512, f32_kv_cache=True)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
 
 
 async def test_the_server_generates_what_llama_cpp_does_on_the_same_weights(

@@ -21,7 +21,7 @@ from recserve.core.sketch import (
 )
 from recserve.engines.llama_cpp import LlamaCppEngine
 from recserve.engines.vllm import VllmEngine
-from recserve.tools.models import TinyModelPaths, make_tiny_models
+from recserve.tools.models import TinyModelPaths
 from tests.conftest import grammar_accepts, install_hint
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -66,19 +66,6 @@ async def streamed(engine: Engine, request: GenerationRequest) -> tuple[str, Gen
     assert isinstance(final, Generation)
     assert all(isinstance(event, TextDelta) for event in events)
     return "".join(event.text for event in events if isinstance(event, TextDelta)), final
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModelPaths]:
-    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def llama_engine(tiny_models: dict[str, TinyModelPaths]) -> AsyncIterator[LlamaCppEngine]:
-    engine = LlamaCppEngine(tiny_models["edge"].gguf, threads=1, context_length=512, f32_kv_cache=True)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

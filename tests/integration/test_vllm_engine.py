@@ -16,7 +16,7 @@ from recserve.engines import create_engine
 from recserve.engines.config import EngineConfig
 from recserve.engines.llama_cpp import LlamaCppEngine
 from recserve.engines.vllm import VllmEngine
-from recserve.tools.models import TinyModelPaths, make_tiny_models
+from recserve.tools.models import TinyModelPaths
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -35,11 +35,6 @@ CHOICE = GenerationRequest(
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModelPaths]:
-    return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def vllm_engine(tiny_models: dict[str, TinyModelPaths]) -> AsyncIterator[VllmEngine]:
     engine = create_engine("vllm", EngineConfig(model=str(tiny_models["edge"].hf_dir), context_length=512))
@@ -52,14 +47,6 @@ async def vllm_engine(tiny_models: dict[str, TinyModelPaths]) -> AsyncIterator[V
     assert not await engine.healthy()
     with pytest.raises(EngineError, match="not started"):
         await engine.generate(GenerationRequest(prompt="hello", max_tokens=1))
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def llama_engine(tiny_models: dict[str, TinyModelPaths]) -> AsyncIterator[LlamaCppEngine]:
-    engine = LlamaCppEngine(tiny_models["edge"].gguf, threads=1, context_length=512, f32_kv_cache=True)
-    await engine.start()
-    yield engine
-    await engine.shutdown()
 
 
 @pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
