@@ -39,6 +39,7 @@ from recserve.evaluation.placement_sim import (
     LIVE_PHONES,
     live_queries,
     poisson_arrivals,
+    sustained_rate,
 )
 from recserve.server.processes import TierProcesses
 from recserve.v1 import tier_pb2 as pb
@@ -213,12 +214,7 @@ def measure(policy: str, args: argparse.Namespace, logs: Path) -> list[Point]:
 
 def sustained(points: list[Point]) -> float:
     """The highest rate with at least MET_TARGET met, every lower rate too."""
-    best = 0.0
-    for point in sorted(points, key=lambda p: p.rate):
-        if point.met < MET_TARGET:
-            break
-        best = point.rate
-    return best
+    return sustained_rate(((point.rate, point.met) for point in points), MET_TARGET)
 
 
 def main() -> None:

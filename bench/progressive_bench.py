@@ -53,6 +53,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from recserve.engines.profiles import get_profile
+from recserve.evaluation.placement_sim import sustained_rate
 from recserve.policies.sketch_router import LabelledQuestion, SketchRouter, load_questions
 from recserve.server.processes import TierProcesses
 from recserve.tools.models import make_tiny_models
@@ -387,12 +388,7 @@ def bound(args: argparse.Namespace) -> float:
 
 def sustained(rows: list[Row]) -> float:
     """The highest load met at MET_TARGET, every lower load too (0: none)."""
-    best = 0.0
-    for row in sorted(rows, key=lambda r: r.load):
-        if row.met < MET_TARGET:
-            break
-        best = row.load
-    return best
+    return sustained_rate(((row.load, row.met) for row in rows), MET_TARGET)
 
 
 def _paths(row: Row) -> str:

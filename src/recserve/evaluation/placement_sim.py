@@ -50,7 +50,7 @@ import math
 import random
 import sys
 from collections import deque
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -794,12 +794,18 @@ class Sweep:
 
     def sustained(self, policy: str, target: float = 0.95) -> float:
         """The highest rate of the sweep up to which `policy` met at least `target` of the requirements (0: none)."""
-        best = 0.0
-        for result in sorted((r for r in self.results if r.policy == policy), key=lambda r: r.rate):
-            if result.met < target:
-                break
-            best = result.rate
-        return best
+        return sustained_rate(((r.rate, r.met) for r in self.results if r.policy == policy), target)
+
+
+def sustained_rate(points: Iterable[tuple[float, float]], target: float = 0.95) -> float:
+    """Of (rate, share met) points, the highest rate up to which every point met at least `target` (0: none): what
+    this project calls the rate a setup sustains, in the simulator and the live benchmarks alike."""
+    best = 0.0
+    for rate, met in sorted(points):
+        if met < target:
+            break
+        best = rate
+    return best
 
 
 def sweep(
