@@ -271,7 +271,7 @@ class Tier:
                 degraded = True
             else:
                 return response
-        generation, engine_seconds = await self._generate(request, deadline)
+        generation, engine_seconds = await self._generate(self._generation_request(request), deadline)
         family = self._family_window(family)
         score, verdict, hop = self._decide(request, family, generation, engine_seconds)
         if verdict.forward and not degraded:
@@ -362,7 +362,7 @@ class Tier:
             response.answer = ""
             yield pb.InferStreamResponse(final=response)
             return
-        generation, engine_seconds = await self._generate(request, deadline)
+        generation, engine_seconds = await self._generate(self._generation_request(request), deadline)
         family = self._family_window(family)
         score, verdict, hop = self._decide(request, family, generation, engine_seconds)
         if verdict.forward:
@@ -468,9 +468,8 @@ class Tier:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         hop.engine_seconds = self._clock() - started
-        confidences = [p.expansion.confidence for p in written if not p.repair]
-        confidences += [p.repair.confidence.value for p in written if p.repair]
-        hop.confidence = min(confidences)
+        # The answer is as sure as its least sure point, each as the tier that wrote it scored it.
+        hop.confidence = min(p.repair.confidence.value if p.repair else p.expansion.confidence for p in written)
         repairs = [p.repair for p in written if p.repair is not None]
         response = pb.InferResponse(
             request_id=request.request_id,
@@ -515,10 +514,10 @@ class Tier:
         local: Generation | None = None
         started = self._clock()
         try:
-            local = await asyncio.wait_for(self.engine.generate(wanted), self._remaining(deadline))
-        except (EngineError, TimeoutError) as exc:
+            local, _ = await self._generate(wanted, deadline)
+        except RecServeError as exc:
             logger.warning("tier %s could not expand point %d of request %s: %s", self.name, index,
-                           request.request_id, exc or "deadline")  # fmt: skip
+                           request.request_id, exc)  # fmt: skip
         expansion.engine_seconds = self._clock() - started
         if local is not None:
             score = self._score_generation(local)
@@ -584,14 +583,12 @@ class Tier:
                 self.links.observe(placing, slot, _failed(self._clock() - sent_at))
                 raise
             response = reply.response
-            transmission = self.energy.transmission_joules(reply.bytes_sent + reply.bytes_received)
+            # The hop stands for the sketch and every repair: each call's bytes and energy add up in it.
             hop.bytes_sent += reply.bytes_sent
             hop.bytes_received += reply.bytes_received
-            hop.transmission_joules += transmission
-            self.metrics.count_energy("transmission", transmission)
-            link = slot.link
-            link.learn_peer_name(response.answered_by)
-            self.metrics.count_bytes(link.peer_name, sent=reply.bytes_sent, received=reply.bytes_received)
+            hop.transmission_joules += self._count_link(
+                slot.link, response.answered_by, reply.bytes_sent, reply.bytes_received
+            )
             self._note_load(response)
             # A part's quick reply is not what the candidate takes to answer a request, which is what the placement
             # learns its processing time and energy from: only its failures are told.
@@ -612,14 +609,7 @@ class Tier:
             points = tuple(request.expand.points)
             wanted = expand_request(question, points, request.expand.index, max_tokens=max_tokens,
                                     temperature=temperature)  # fmt: skip
-        started = self._clock()
-        try:
-            generation = await asyncio.wait_for(self.engine.generate(wanted), self._remaining(deadline))
-        except TimeoutError:
-            raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the engine was generating") from None
-        except EngineError as exc:
-            raise self._engine_error(exc) from None
-        engine_seconds = self._clock() - started
+        generation, engine_seconds = await self._generate(wanted, deadline)
         score = self._score_generation(generation)
         hop = pb.Hop(
             tier=self.name,
@@ -716,11 +706,12 @@ class Tier:
     def _answers_whatever(self, request: pb.InferRequest) -> bool:
         return self.is_last or request.offload == pb.OFFLOAD_MODE_LOCAL_ONLY
 
-    async def _generate(self, request: pb.InferRequest, deadline: float | None) -> tuple[Generation, float]:
+    async def _generate(self, wanted: GenerationRequest, deadline: float | None) -> tuple[Generation, float]:
+        """The engine's generation within the deadline, and its seconds; its failures as the tier's errors."""
         started = self._clock()
         remaining = self._remaining(deadline)
         try:
-            generation = await asyncio.wait_for(self.engine.generate(self._generation_request(request)), remaining)
+            generation = await asyncio.wait_for(self.engine.generate(wanted), remaining)
         except TimeoutError:
             raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the engine was generating") from None
         except EngineError as exc:
@@ -925,12 +916,8 @@ class Tier:
         mine = response.hops[own]
         mine.bytes_sent = bytes_sent
         mine.bytes_received = bytes_received
-        mine.transmission_joules = self.energy.transmission_joules(bytes_sent + bytes_received)
-        self.metrics.count_energy("transmission", mine.transmission_joules)
-        link = slot.link
-        if len(response.hops) > own + 1:
-            link.learn_peer_name(response.hops[own + 1].tier)
-        self.metrics.count_bytes(link.peer_name, sent=bytes_sent, received=bytes_received)
+        above = response.hops[own + 1].tier if len(response.hops) > own + 1 else ""
+        mine.transmission_joules = self._count_link(slot.link, above, bytes_sent, bytes_received)
         if served.learns:
             # Each hop below the answering one records the bytes of the link above it: what this request cost.
             spent = [h.bytes_sent + h.bytes_received for h in response.hops[own:-1]]
@@ -945,6 +932,15 @@ class Tier:
         self.metrics.count_outcome("forwarded")
         self._count_requirement(request, served.arrived)
         return response
+
+    def _count_link(self, link: Link, above: str, sent: int, received: int) -> float:
+        """Count one call up `link` in the metrics (bytes under the link's peer label, learned from `above`, the tier
+        that answered) and return its transmission energy, counted too."""
+        link.learn_peer_name(above)
+        self.metrics.count_bytes(link.peer_name, sent=sent, received=received)
+        transmission = self.energy.transmission_joules(sent + received)
+        self.metrics.count_energy("transmission", transmission)
+        return transmission
 
     async def _forward_stream(
         self,
