@@ -108,6 +108,8 @@ class PointWindows:
         unsure."""
         if not math.isfinite(confidence):
             return True, math.nan
-        window = self._windows.setdefault(family, SlidingWindow(self.window))
+        window = self._windows.get(family)
+        if window is None:  # not setdefault: that would build a window for every point
+            window = self._windows[family] = SlidingWindow(self.window)
         window.add(confidence)
         return window.forward_at(confidence, self.beta)
