@@ -106,11 +106,12 @@ demo: install ## three local tiers answer benchmark questions (ENGINE=replay|lla
 serve: install ## three local tiers behind the OpenAI-compatible gateway on 127.0.0.1:8000 until Ctrl-C (SERVE_ENGINE=llama_cpp|vllm|replay)
 	$(BIN)/recserve demo --serve --engine $(SERVE_ENGINE)
 
-bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop; vLLM edge tier vs vLLM direct; streaming through the gateway vs vLLM's OpenAI server; progressive vs cloud-only
+bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop; vLLM edge tier vs vLLM direct; streaming through the gateway vs vLLM's OpenAI server; what a relaying tier adds to a stream; progressive vs cloud-only
 	$(BIN)/python bench/threshold_bench.py
 	$(BIN)/python bench/serving_bench.py
 	$(BIN)/python bench/vllm_bench.py
 	$(BIN)/python bench/stream_bench.py
+	$(BIN)/python bench/relay_bench.py
 	$(BIN)/python bench/progressive_bench.py
 
 bench-progressive: install ## progressive (PICE) vs cloud-only on long-form questions at rising load: llama.cpp edge, vLLM cloud, emulated servers (~11 min; docs/progressive.md)

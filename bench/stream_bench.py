@@ -117,12 +117,13 @@ async def one(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, stream: 
 
 
 async def measure(
-    base_url: str, levels: list[int], requests: int, max_tokens: int, stream: bool, extra: dict[str, Any]
+    base_url: str, levels: list[int], requests: list[str], max_tokens: int, stream: bool, extra: dict[str, Any]
 ) -> dict[int, Level]:
+    """Each level sends every prompt of `requests`, `concurrency` at a time, after a warm-up of the first 8."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
     try:
         results: dict[int, Level] = {}
-        await asyncio.gather(*(one(client, p, max_tokens, stream, extra) for p in prompts(8)))  # warm-up
+        await asyncio.gather(*(one(client, p, max_tokens, stream, extra) for p in requests[:8]))  # warm-up
         for concurrency in levels:
             gate = asyncio.Semaphore(concurrency)
 
@@ -131,7 +132,7 @@ async def measure(
                     return await one(client, prompt, max_tokens, stream, extra)
 
             started = time.perf_counter()
-            done = await asyncio.gather(*(gated(p) for p in prompts(requests)))
+            done = await asyncio.gather(*(gated(p) for p in requests))
             results[concurrency] = Level(list(done), time.perf_counter() - started)
         return results
     finally:
@@ -194,12 +195,14 @@ def run_all(models: dict[str, Any], args: argparse.Namespace, logs: Path) -> dic
         measured: dict[str, dict[int, Level]] = {}
         for _ in range(args.rounds):
             for name, (url, stream, extra) in paths.items():
-                levels = asyncio.run(measure(url, args.concurrency, args.requests, args.max_tokens, stream, extra))
+                levels = asyncio.run(
+                    measure(url, args.concurrency, prompts(args.requests), args.max_tokens, stream, extra)
+                )
                 for concurrency, level in levels.items():
                     so_far = measured.setdefault(name, {}).get(concurrency)
                     measured[name][concurrency] = level if so_far is None else so_far.joined(level)
         measured["gateway->3 tiers, lower tiers generate"] = asyncio.run(
-            measure(gateway_url, [1], args.requests // 2, args.max_tokens, True, {})
+            measure(gateway_url, [1], prompts(args.requests // 2), args.max_tokens, True, {})
         )
         return measured
     finally:
@@ -237,10 +240,10 @@ def main() -> None:
     streamed = measured["gateway->3 tiers, streamed"]
     for concurrency in args.concurrency:
         per_hop = (streamed[concurrency].ttft_median - direct[concurrency].ttft_median) / ADDED_HOPS
-        ratio = streamed[concurrency].tokens_per_second / direct[concurrency].tokens_per_second
+        share = streamed[concurrency].tokens_per_second / direct[concurrency].tokens_per_second
         print(f"concurrency {concurrency}: {1e3 * per_hop:+.1f} ms per hop to the median time to first token "
               f"({'meets' if per_hop <= HOP_TARGET_SECONDS else 'misses'} the {1e3 * HOP_TARGET_SECONDS:.0f} ms goal); "
-              f"tokens/s {ratio:.1%} of direct ({'meets' if ratio >= THROUGHPUT_TARGET else 'misses'} the "
+              f"tokens/s {share:.1%} of direct ({'meets' if share >= THROUGHPUT_TARGET else 'misses'} the "
               f"{THROUGHPUT_TARGET:.0%} goal)")  # fmt: skip
 
 
