@@ -117,8 +117,8 @@ bench: install ## benchmarks: threshold tracker; serving path vs a bare gRPC hop
 bench-progressive: install ## progressive (PICE) vs cloud-only on long-form questions at rising load: llama.cpp edge, vLLM cloud, emulated servers (~11 min; docs/progressive.md)
 	$(BIN)/python bench/progressive_bench.py
 
-bench-placement: install ## placement under Poisson load through device, two edges and a cloud on emulated servers (~15 min; docs/placement.md)
-	$(BIN)/python bench/placement_bench.py --beta 0.3 --speed 0.25 --rates 8 16 24 32 48 --seconds 12 --warmup 6
+bench-placement: install ## placement under Poisson load through device, two edges and a cloud on emulated servers (~50 min; docs/placement.md)
+	$(BIN)/python bench/placement_bench.py --beta 0.3 --speed 0.1 --rates 16 24 32 40 48 56 64 --seconds 40 --warmup 20
 
 results: install ## regenerate docs/results.md and its plots from a trace folder (TRACES=DIR; takes ~15 min)
 	@test -n "$(TRACES)" || { echo "results: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }

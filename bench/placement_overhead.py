@@ -35,7 +35,7 @@ def main() -> None:
     trace_set = TraceSet.load(BUNDLED_TRACE)
     client = TraceClient(trace_set, CHAIN)
     with tempfile.TemporaryDirectory(prefix="recserve-placement-overhead-") as folder:
-        stack = Stack(args.policy, args.beta, Path(folder))
+        stack = Stack(args.policy, args.beta, 1.0, Path(folder))  # servers at their profiles' speed
         try:
             stack.processes.start(timeout=120.0)
             target = f"127.0.0.1:{stack.processes.ports[0]}"
