@@ -3,7 +3,7 @@ against the gateway and three tiers, the last tier the same in both, measured si
 official `openai` client.
 
 - direct: the cloud's engine served straight over HTTP, OpenAI's streamed completions from a minimal FastAPI app
-  in one process with the engine (what vLLM's own server is to the stream bench; `--serve-direct`, below);
+  calling the engine in its own process (the part vLLM's own server plays in the stream bench; `--serve-direct`);
 - gRPC: the official `grpcio` client straight to the cloud tier's `InferStream`, no HTTP;
 - one hop: `recserve gateway` → cloud;
 - three hops: `recserve gateway` → device → edge → cloud. The requests ask for the last tier (`offload: last_tier`),
