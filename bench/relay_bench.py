@@ -44,7 +44,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
-from stream_bench import HOP_TARGET_SECONDS, THROUGHPUT_TARGET, Level, Request, measure, stop
+from stream_bench import HOP_TARGET_SECONDS, THROUGHPUT_TARGET, Level, Request, measure, pool, run_levels, stop
 
 from recserve.core.engine import Engine, GenerationRequest, TextDelta
 from recserve.core.tier import STREAM_INTERVAL_SECONDS
@@ -137,19 +137,7 @@ async def measure_grpc(target: str, levels: list[int], prompts: list[str], max_t
             elapsed = time.perf_counter() - started
             return Request(first if first is not None else elapsed, elapsed, tokens)
 
-        await asyncio.gather(*(one(prompt) for prompt in prompts[:8]))  # warm-up
-        results: dict[int, Level] = {}
-        for concurrency in levels:
-            gate = asyncio.Semaphore(concurrency)
-
-            async def gated(prompt: str, gate: asyncio.Semaphore = gate) -> Request:
-                async with gate:
-                    return await one(prompt)
-
-            started = time.perf_counter()
-            done = await asyncio.gather(*(gated(prompt) for prompt in prompts))
-            results[concurrency] = Level(list(done), time.perf_counter() - started)
-        return results
+        return await run_levels(one, levels, prompts)
 
 
 def direct_server(profile: str, logs: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -204,8 +192,7 @@ def run_all(args: argparse.Namespace, logs: Path) -> dict[str, dict[int, Level]]
                 levels = asyncio.run(measure_grpc(cloud, [concurrency], sent, args.max_tokens))
             else:
                 levels = asyncio.run(measure(paths[name], [concurrency], sent, args.max_tokens, True, last_tier))
-            so_far = measured.setdefault(name, {}).get(concurrency)
-            measured[name][concurrency] = levels[concurrency] if so_far is None else so_far.joined(levels[concurrency])
+            pool(measured, name, levels)
         return measured
     finally:
         for process in gateways:

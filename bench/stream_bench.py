@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,27 +117,42 @@ async def one(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, stream: 
     return Request(first if first is not None else elapsed, elapsed, tokens, lower)
 
 
+async def run_levels(
+    send: Callable[[str], Awaitable[Request]], levels: list[int], requests: list[str]
+) -> dict[int, Level]:
+    """Each level sends every prompt of `requests` through `send`, `concurrency` at a time, after a warm-up of the
+    first 8."""
+    await asyncio.gather(*(send(prompt) for prompt in requests[:8]))
+    results: dict[int, Level] = {}
+    for concurrency in levels:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def gated(prompt: str, gate: asyncio.Semaphore = gate) -> Request:
+            async with gate:
+                return await send(prompt)
+
+        started = time.perf_counter()
+        done = await asyncio.gather(*(gated(prompt) for prompt in requests))
+        results[concurrency] = Level(list(done), time.perf_counter() - started)
+    return results
+
+
 async def measure(
     base_url: str, levels: list[int], requests: list[str], max_tokens: int, stream: bool, extra: dict[str, Any]
 ) -> dict[int, Level]:
-    """Each level sends every prompt of `requests`, `concurrency` at a time, after a warm-up of the first 8."""
+    """`run_levels` through the official `openai` client."""
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
     try:
-        results: dict[int, Level] = {}
-        await asyncio.gather(*(one(client, p, max_tokens, stream, extra) for p in requests[:8]))  # warm-up
-        for concurrency in levels:
-            gate = asyncio.Semaphore(concurrency)
-
-            async def gated(prompt: str, gate: asyncio.Semaphore = gate) -> Request:
-                async with gate:
-                    return await one(client, prompt, max_tokens, stream, extra)
-
-            started = time.perf_counter()
-            done = await asyncio.gather(*(gated(p) for p in requests))
-            results[concurrency] = Level(list(done), time.perf_counter() - started)
-        return results
+        return await run_levels(lambda prompt: one(client, prompt, max_tokens, stream, extra), levels, requests)
     finally:
         await client.close()
+
+
+def pool(measured: dict[str, dict[int, Level]], name: str, levels: dict[int, Level]) -> None:
+    """Add one round of a path's levels to what earlier rounds measured."""
+    for concurrency, level in levels.items():
+        so_far = measured.setdefault(name, {}).get(concurrency)
+        measured[name][concurrency] = level if so_far is None else so_far.joined(level)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -198,9 +214,7 @@ def run_all(models: dict[str, Any], args: argparse.Namespace, logs: Path) -> dic
                 levels = asyncio.run(
                     measure(url, args.concurrency, prompts(args.requests), args.max_tokens, stream, extra)
                 )
-                for concurrency, level in levels.items():
-                    so_far = measured.setdefault(name, {}).get(concurrency)
-                    measured[name][concurrency] = level if so_far is None else so_far.joined(level)
+                pool(measured, name, levels)
         measured["gateway->3 tiers, lower tiers generate"] = asyncio.run(
             measure(gateway_url, [1], prompts(args.requests // 2), args.max_tokens, True, {})
         )
