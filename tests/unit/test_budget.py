@@ -262,7 +262,7 @@ def test_quality_config_reaches_the_policy() -> None:
 
     assert verdicts(3) == verdicts(3) != verdicts(4)
     # The cold-start threshold is the cold rate's quantile of the last `window` confidences.
-    narrow = QualityConfig(window=50).build()
+    narrow = QualityConfig(window=50, cold_rate=0.5).build()
     for confidence in [i / 500 for i in range(50)] + [0.9 + i / 500 for i in range(50)]:
         narrow.decide("quiz", confidence, is_last=False)
     assert narrow.threshold("quiz") == pytest.approx(0.9 + 0.5 * 49 / 500)

@@ -75,6 +75,9 @@ class BudgetRow:
     # them): the comparison at equal bytes, since a rival tuned on train lands above or below the budget on test.
     # The run at the budget stands in where it is already as accurate as the rival at no more bytes.
     at_rival_bytes: dict[str, Point] | None = None
+    # The budget policy given the bytes each rival spent on each benchmark (`family_budgets`): the comparison at equal
+    # bytes per benchmark, where a rival's spending does not move between benchmarks either.
+    at_rival_family_bytes: dict[str, Point] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class GapRow:
     drifting_loss: float  # cloud-only accuracy minus the quality policy's, benchmarks one after another
     shuffled_loss: float
     short_loss: float  # on the first 500 shuffled requests
+    # What the quality policy spent on each stream, a share of cloud-only bytes (absent from older reports).
+    drifting_bytes: float | None = None
+    shuffled_bytes: float | None = None
+    short_bytes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,10 +111,17 @@ def table_point(table: DepthTable, depths: np.ndarray, cloud_only: dict[str, int
     return point(table.outcomes(depths.astype(np.int64)), cloud_only)
 
 
-def budget_config(train_table: DepthTable, budget: float) -> BudgetConfig:
-    """The budget policy for `budget`, with its fill caps per benchmark chosen on the train split (as `recserve eval`
-    chooses them)."""
-    return BudgetConfig(byte_budget=budget, family_fill_caps=tune_family_fill_caps(train_table, budget))
+def budget_config(
+    train_table: DepthTable, budget: float, family_budgets: dict[str, float] | None = None
+) -> BudgetConfig:
+    """The budget policy for `budget` (and `family_budgets`), with its fill caps per benchmark chosen on the train split
+    (as `recserve eval` chooses them)."""
+    caps = tune_family_fill_caps(train_table, budget, family_budgets=family_budgets)
+    return BudgetConfig(byte_budget=budget, family_budgets=tuple((family_budgets or {}).items()), family_fill_caps=caps)
+
+
+def _spendable(share: float) -> float:
+    return min(1.0, max(0.01, share))
 
 
 async def study_chain(traces: Path, chain: Sequence[str], earlier: ChainStudy | None = None) -> ChainStudy:
@@ -138,7 +152,12 @@ async def study_chain(traces: Path, chain: Sequence[str], earlier: ChainStudy | 
             if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
                 matched[name] = policy  # already as accurate at no more bytes: nothing to match
             else:
-                matched[name] = await run(budget_config(train_table, min(1.0, max(0.01, theirs.bytes))), test)
+                matched[name] = await run(budget_config(train_table, _spendable(theirs.bytes)), test)
+        per_benchmark = {}
+        for name in RIVALS:
+            theirs = getattr(rival, name)
+            spent = {benchmark: _spendable(share) for benchmark, (_, share) in theirs.by_benchmark.items()}
+            per_benchmark[name] = await run(budget_config(train_table, _spendable(theirs.bytes), spent), test)
         budgets.append(
             BudgetRow(
                 budget=budget,
@@ -150,6 +169,7 @@ async def study_chain(traces: Path, chain: Sequence[str], earlier: ChainStudy | 
                 short_bytes={n: (await run(config, shuffled[:n])).bytes for n in SHORT_STREAMS},
                 fill_caps=config.family_fill_caps,
                 at_rival_bytes=matched,
+                at_rival_family_bytes=per_benchmark,
             )
         )
     full = table_point(table, np.full(len(test), tiers - 1), cloud_only)
@@ -160,12 +180,16 @@ async def study_chain(traces: Path, chain: Sequence[str], earlier: ChainStudy | 
         quality = QualityConfig(quality_gap=gap)
         short = shuffled[: SHORT_STREAMS[-1]]
         short_cloud = float(np.mean([table.correct[row_of[q.key], -1] for q in short]))
+        drifting, mixed, first = await run(quality, test), await run(quality, shuffled), await run(quality, short)
         gaps.append(
             GapRow(
                 gap=gap,
-                drifting_loss=full.accuracy - (await run(quality, test)).accuracy,
-                shuffled_loss=full.accuracy - (await run(quality, shuffled)).accuracy,
-                short_loss=short_cloud - (await run(quality, short)).accuracy,
+                drifting_loss=full.accuracy - drifting.accuracy,
+                shuffled_loss=full.accuracy - mixed.accuracy,
+                short_loss=short_cloud - first.accuracy,
+                drifting_bytes=drifting.bytes,
+                shuffled_bytes=mixed.bytes,
+                short_bytes=first.bytes,
             )
         )
     return ChainStudy(tuple(chain), full, tuple(budgets), tuple(gaps))
@@ -225,11 +249,10 @@ def load_studies(path: Path, with_quality: bool = True) -> dict[tuple[str, ...],
                     **{k: _point(row[k]) for k in ("policy", "casserve", "recserve", "hindsight")},
                     "short_bytes": {int(n): share for n, share in row["short_bytes"].items()},
                     "fill_caps": tuple(tuple(pair) for pair in row.get("fill_caps", ())),
-                    "at_rival_bytes": (
-                        {rival: _point(p) for rival, p in row["at_rival_bytes"].items()}
-                        if row.get("at_rival_bytes")
-                        else None
-                    ),
+                    **{
+                        key: {rival: _point(p) for rival, p in row[key].items()} if row.get(key) else None
+                        for key in ("at_rival_bytes", "at_rival_family_bytes")
+                    },
                 }
             )
             for row in entry["budgets"]
@@ -259,15 +282,18 @@ def summary_lines(studies: Sequence[ChainStudy]) -> list[str]:
         f"{count} chains. Wins, ties and losses of the budget policy's overall accuracy against each rival at the "
         f"same budget (ties within {TIE} accuracy). 'Meets the goal at equal bytes': given the bytes each rival "
         "actually spent on the test stream as its budget, the budget policy is at least as accurate as that rival "
-        "(within the tie), for both rivals; its worst margin is named. 'Strict': at the budget, at least as accurate "
+        "(within the tie), for both rivals; its worst margin is named. 'Per benchmark': the same, given the bytes each "
+        "rival spent on each benchmark as that benchmark's budget, where a rival's spending does not move between "
+        "benchmarks either. 'Strict': at the budget, at least as accurate "
         f"as both rivals at no more bytes than the more frugal of them plus {TIE}. Bytes of the budget policy per "
         f"benchmark within ±{BYTES_TOLERANCE} of the target on the whole stream, and overall on the first 200 and "
         "500 shuffled requests.",
         "",
         "| budget | vs CasServe tuned on train: win / tie / loss | vs RecServe, β on train: win / tie / loss | meets "
-        "the goal at equal bytes | worst margin at equal bytes | strict | median bytes: budget / CasServe / "
-        "RecServe | benchmarks within ±0.02 | first 200 / 500 within ±0.02 | gap to hindsight, median |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "the goal at equal bytes | worst margin at equal bytes | per benchmark: meets the goal | per benchmark: worst "
+        "margin | strict | median bytes: budget / CasServe / RecServe | benchmarks within ±0.02 | first 200 / 500 "
+        "within ±0.02 | gap to hindsight, median |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for index, budget in enumerate(BUDGETS):
         rows = [(study.chain, study.budgets[index]) for study in studies]
@@ -275,6 +301,9 @@ def summary_lines(studies: Sequence[ChainStudy]) -> list[str]:
         goal = sum(_meets_goal(r) for _, r in rows)
         strict = sum(_meets_goal_strictly(r) for _, r in rows)
         worst_chain, worst = min(rows, key=lambda item: _equal_bytes_margin(item[1]))
+        family_key = "at_rival_family_bytes"
+        family_goal = sum(_meets_goal(r, family_key) for _, r in rows)
+        family_chain, family_worst = min(rows, key=lambda item: _equal_bytes_margin(item[1], family_key))
         within = [
             abs(share - budget) <= BYTES_TOLERANCE for _, r in rows for _, share in r.policy.by_benchmark.values()
         ]
@@ -289,6 +318,8 @@ def summary_lines(studies: Sequence[ChainStudy]) -> list[str]:
             f"{' / '.join(str(tallies['recserve'].count(v)) for v in ('win', 'tie', 'loss'))} | "
             f"{goal} of {count} ({goal / count:.0%}) | "
             f"{_equal_bytes_margin(worst):+.3f} ({' → '.join(worst_chain)}) | "
+            f"{family_goal} of {count} ({family_goal / count:.0%}) | "
+            f"{_equal_bytes_margin(family_worst, family_key):+.3f} ({' → '.join(family_chain)}) | "
             f"{strict} of {count} ({strict / count:.0%}) | "
             f"{' / '.join(f'{m:.3f}' for m in medians)} | {sum(within) / len(within):.0%} | {' / '.join(short)} | "
             f"{hindsight:+.3f} |"
@@ -301,22 +332,25 @@ def _best_rival(row: BudgetRow) -> float:
     return max(row.casserve.accuracy, row.recserve.accuracy)
 
 
-def _equal_bytes_margin(row: BudgetRow) -> float:
-    """The budget policy's accuracy given each rival's bytes, minus that rival's, for the rival it does worst
-    against (at the budget when the row has no runs at the rivals' bytes)."""
-    if row.at_rival_bytes is None:
+def _equal_bytes_margin(row: BudgetRow, key: str = "at_rival_bytes") -> float:
+    """The budget policy's accuracy given each rival's bytes (overall, or per benchmark with `key`
+    "at_rival_family_bytes"), minus that rival's, for the rival it does worst against (at the budget when the row has
+    no such runs)."""
+    runs: dict[str, Point] | None = getattr(row, key)
+    if runs is None:
         return row.policy.accuracy - _best_rival(row)
-    return min(row.at_rival_bytes[rival].accuracy - float(getattr(row, rival).accuracy) for rival in RIVALS)
+    return min(runs[rival].accuracy - float(getattr(row, rival).accuracy) for rival in RIVALS)
 
 
-def _meets_goal(row: BudgetRow) -> bool:
-    """At least as accurate as each rival (within the tie) given the bytes that rival spent, and spending no more
-    than them (within the tie)."""
-    if row.at_rival_bytes is None:
+def _meets_goal(row: BudgetRow, key: str = "at_rival_bytes") -> bool:
+    """At least as accurate as each rival (within the tie) given the bytes that rival spent (overall, or per benchmark
+    with `key` "at_rival_family_bytes"), and spending no more than them (within the tie)."""
+    runs: dict[str, Point] | None = getattr(row, key)
+    if runs is None:
         return _meets_goal_strictly(row)
     return all(
-        row.at_rival_bytes[rival].accuracy > getattr(row, rival).accuracy - TIE
-        and row.at_rival_bytes[rival].bytes <= getattr(row, rival).bytes + TIE
+        runs[rival].accuracy > getattr(row, rival).accuracy - TIE
+        and runs[rival].bytes <= getattr(row, rival).bytes + TIE
         for rival in RIVALS
     )
 
@@ -357,8 +391,8 @@ def _quality_lines(studies: Sequence[ChainStudy]) -> list[str]:
         "test stream) and plus 0.02 (first 500 shuffled requests); the median and the worst loss.",
         "",
         "| gap | drifting within | shuffled within | 500 requests within | median loss (drifting / shuffled / 500) | "
-        "worst loss (drifting / shuffled / 500) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "worst loss (drifting / shuffled / 500) | median bytes (drifting / shuffled / 500) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for index, gap in enumerate(GAPS):
         rows = [study.gaps[index] for study in studies]
@@ -370,9 +404,16 @@ def _quality_lines(studies: Sequence[ChainStudy]) -> list[str]:
         lines.append(
             f"| {gap} | {' | '.join(f'{w} of {count} ({w / count:.0%})' for w in within)} | "
             f"{' / '.join(f'{statistics.median(v):.3f}' for v in losses.values())} | "
-            f"{' / '.join(f'{max(v):.3f}' for v in losses.values())} |"
+            f"{' / '.join(f'{max(v):.3f}' for v in losses.values())} | {_median_bytes(rows)} |"
         )
     return lines
+
+
+def _median_bytes(rows: Sequence[GapRow]) -> str:
+    spent = [[getattr(r, k) for r in rows] for k in ("drifting_bytes", "shuffled_bytes", "short_bytes")]
+    if any(None in values for values in spent):
+        return "not recorded"
+    return " / ".join(f"{statistics.median(values):.3f}" for values in spent)
 
 
 def write_report(studies: Sequence[ChainStudy], out: Path) -> Path:

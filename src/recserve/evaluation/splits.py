@@ -9,7 +9,7 @@ split. The operator supplies such a set; the policy then holds the bytes online.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -59,22 +59,28 @@ def split_at_budget(
 
 
 def tune_family_fill_caps(
-    table: DepthTable, budget: float, points: int = 11, seed: int = 0
+    table: DepthTable,
+    budget: float,
+    points: int = 11,
+    seed: int = 0,
+    family_budgets: Mapping[str, float] | None = None,
 ) -> tuple[tuple[str, float], ...]:
-    """The budget policy's fill cap per benchmark (family) for `budget`, chosen on a labelled calibration set (the
-    train split): of `points` caps spanning every split of the budget between the links, the one whose split, at
-    exactly the budget, is most accurate on the family's queries (each cap scored by the mean accuracy of it and its
-    neighbours, so that one lucky query does not pick it). Chains of one link have no split to choose: none."""
+    """The budget policy's fill cap per benchmark (family) for `budget` (or the family's own, in `family_budgets`),
+    chosen on a labelled calibration set (the train split): of `points` caps spanning every split of the budget
+    between the links, the one whose split, at exactly the budget, is most accurate on the family's queries (each
+    cap scored by the mean accuracy of it and its neighbours, so that one lucky query does not pick it). Chains of
+    one link have no split to choose: none."""
     links = table.confidence.shape[1] - 1
     if links < 2:
         return ()
     ties = np.random.default_rng(seed).random(len(table.benchmarks))
-    caps = np.linspace(budget, min(1.0, links * budget), points)
     tuned = []
     for benchmark in np.unique(table.benchmarks):
+        spend = (family_budgets or {}).get(str(benchmark), budget)
+        caps = np.linspace(spend, min(1.0, links * spend), points)
         rows = np.flatnonzero(table.benchmarks == benchmark)
         accuracy = np.array(
-            [split_at_budget(table, rows, split_budget(budget, links, float(cap)), budget, ties)[0] for cap in caps]
+            [split_at_budget(table, rows, split_budget(spend, links, float(cap)), spend, ties)[0] for cap in caps]
         )
         smoothed = np.convolve(np.pad(accuracy, 1, mode="edge"), np.ones(3) / 3, mode="valid")
         tuned.append((str(benchmark), float(min(1.0, max(caps[int(np.argmax(smoothed))], 1e-6)))))

@@ -24,11 +24,24 @@ def _fill_shares(values: FamilyThresholds) -> str | None:
     return None if all(0.0 < value <= 1.0 for _, value in values) else "must all be within (0, 1]"
 
 
+def _shares(values: FamilyThresholds) -> str | None:
+    return None if all(0.0 <= value <= 1.0 for _, value in values) else "must all be within [0, 1]"
+
+
 @dataclass(frozen=True, kw_only=True)
 class BudgetConfig(SplitTargetConfig):
     name = "budget"
 
     byte_budget: float = option(0.4, "bytes to spend, as a share of cloud-only serving", check=share)
+    # An operator whose task families differ in what forwarding buys them (or in what they may cost) gives each its
+    # own; families not named take `byte_budget`.
+    family_budgets: tuple[tuple[str, float], ...] = option(
+        (),
+        "per-family byte budgets, e.g. mmlu=0.3,triviaqa=0.5",
+        check=_shares,
+        parse=parse_family_thresholds,
+        text=format_family_thresholds,
+    )
     fill_cap: float = option(0.85, "the most a tier below the last link forwards before links above", check=_fill_share)
     # Chosen on a labelled calibration set for the budget (`recserve eval` and the chain study tune them on the
     # train split: evaluation.splits.tune_family_fill_caps); families not named take `fill_cap`.
@@ -69,13 +82,21 @@ class BudgetPolicy:
     def __init__(self, config: BudgetConfig) -> None:
         self.config = config
         self.rates = split_budget(config.byte_budget, config.links, config.fill_cap)
+        self._budgets = dict(config.family_budgets)
+        caps = dict(config.family_fill_caps)
         self._family_rates = {
-            family: split_budget(config.byte_budget, config.links, cap) for family, cap in config.family_fill_caps
+            family: split_budget(self.budget_for(family), config.links, caps.get(family, config.fill_cap))
+            for family in {*caps, *self._budgets}
         }
         self._families: dict[str, _FamilyBudget] = {}
 
+    def budget_for(self, family: str) -> float:
+        """The byte budget of `family`: its own when it has one, else the default."""
+        return self._budgets.get(family, self.config.byte_budget)
+
     def rates_for(self, family: str) -> list[float]:
-        """The per-link forward rates of `family`: its own fill cap's split when it has one, else the default."""
+        """The per-link forward rates of `family`: the split of its budget at its fill cap (the defaults where it
+        has none of its own)."""
         return self._family_rates.get(family, self.rates)
 
     def target_rate(self, depth: int, family: str | None = None) -> float:
@@ -110,7 +131,7 @@ class BudgetPolicy:
             return  # only the first tier sees the bytes of every link
         state = self._family(family)
         for reference, cost in state.ledger.record(size, spent):
-            state.controller.correct(self.config.byte_budget * reference - cost)
+            state.controller.correct(self.budget_for(family) * reference - cost)
 
     def threshold(self, family: str) -> float | None:
         state = self._families.get(family)

@@ -23,7 +23,11 @@ class QualityConfig(SplitTargetConfig):
     quality_gap: float = option(0.02, "accuracy it may lose against the tiers above (0.02 = 2 points)", check=share)
     window: int = window_option()
     explore: float = option(0.05, "share of would-be-kept requests forwarded to measure the tiers above", check=share)
-    cold_rate: float = option(0.5, "forward rate until verdicts arrive (and if they never do)", check=share)
+    # Before verdicts a tier cannot know what keeping costs, so it keeps only its most confident tenth: at 0.5 the
+    # first few hundred requests of a weak first tier lost up to 12 points. Chosen on the train split of the chain
+    # study's first 16 chains (docs/chains.md), the lowest of 0.5, 0.8, 0.9 and 0.95 whose 500-request streams all
+    # stayed within the gap plus 2 points at gaps of 0.02 and 0.05.
+    cold_rate: float = option(0.9, "forward rate until verdicts arrive (and if they never do)", check=share)
     probe_seed: int = option(0, "seed of the random probes and of the draws among tied confidences")
 
     def build(self) -> QualityPolicy:
