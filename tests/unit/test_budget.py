@@ -40,6 +40,30 @@ def test_controller_holds_the_rate_on_a_drifting_stream() -> None:
     assert controller.forward_rate == pytest.approx(0.3, abs=0.01)
 
 
+def test_controller_pays_back_the_error_it_builds_up_when_the_rate_is_not_what_the_target_needs() -> None:
+    """Each forward costs 1.25 times what the rate assumes (as when rates stand in for bytes): the level must settle
+    at 0.32, not 0.4. The first integral alone ends with the overspend that holds it there; with the second term the
+    cumulative error is paid back."""
+
+    def owed(recover: bool, seed: int) -> float:
+        """What is left unpaid after 1000 requests, in requests' worth of bytes (negative: overspent)."""
+        rng = random.Random(seed)
+        controller = ControlledQuantile(window=5000)
+        total = 0.0
+        for _ in range(1000):
+            forward, _ = controller.decide(rng.random(), target=0.4, hold_rate=False)
+            error = 0.4 - 1.25 * forward
+            total += error
+            controller.correct(error)
+            if not recover:
+                controller.recovery = 0.0
+        return total
+
+    # The first integral alone settles 0.08 / gain = 8 requests' worth over; single runs wander by a few requests.
+    assert sum(owed(False, seed) for seed in range(8)) / 8 < -5.0
+    assert abs(sum(owed(True, seed) for seed in range(8)) / 8) < 2.0
+
+
 def test_controller_reaches_extreme_and_tied_targets() -> None:
     tied = ControlledQuantile(window=500)
     for _ in range(3000):
