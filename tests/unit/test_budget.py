@@ -299,3 +299,12 @@ def test_quality_queries_create_no_state() -> None:
     assert policy.kept_loss("unseen") == 0.0
     assert policy.threshold("unseen") is None
     assert not policy._states  # the queries above made no family's windows
+
+
+def test_family_budgets_set_each_familys_rates_and_byte_target() -> None:
+    policy = BudgetConfig(byte_budget=0.5, links=2, fill_cap=0.85, family_budgets=(("mmlu", 0.2),)).build()
+    assert policy.rates_for("mmlu") == pytest.approx(split_budget(0.2, 2, 0.85))
+    assert policy.rates_for("triviaqa") == pytest.approx(split_budget(0.5, 2, 0.85))
+    assert (policy.budget_for("mmlu"), policy.budget_for("triviaqa")) == (0.2, 0.5)
+    with pytest.raises(ValueError, match="must all be within"):
+        BudgetConfig(family_budgets=(("mmlu", 1.5),))
