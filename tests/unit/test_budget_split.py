@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,3 +99,87 @@ def test_the_byte_controller_holds_the_budget_when_the_better_link_changes_midwa
     # Not the split's rates: the device forwards well above them while edge answers are cheap, and falls back
     # once they are dear.
     assert device_rates[0] > device_rates[1] + 0.1
+
+
+def serve_priced(
+    tiers: list[BudgetPolicy], rng: random.Random, middle_as_good_as_top: bool
+) -> tuple[bool, int, int, bool]:
+    """One request through device → edge → cloud, the verdict fed back to each tier it crossed as the tiers feed it
+    (`observe_verdict`): (right, bytes spent, cloud-only bytes, whether the edge forwarded it). The device is right
+    with probability its confidence, the cloud 90% of the time, the edge exactly when the cloud is or exactly when
+    the device is; every link a request crosses carries 100 bytes up and 100 down."""
+    device, edge, cloud = tiers
+    c0, c1 = rng.random(), rng.random()
+    device_right, cloud_right = rng.random() < c0, rng.random() < 0.9
+    edge_right = cloud_right if middle_as_good_as_top else device_right
+    first = device.decide("quiz", c0, is_last=False)
+    if not first.forward:
+        device.observe_cost("quiz", size=100, spent=())
+        device.observe_verdict("quiz", c0, device_right, answered_here=True)
+        return device_right, 0, 400, False
+    second = edge.decide("quiz", c1, is_last=False, lower=(c0,), byte_price=first.byte_price)
+    if second.forward:
+        cloud.decide("quiz", rng.random(), is_last=True, lower=(c0, c1), byte_price=first.byte_price)
+        edge.observe_cost("quiz", size=100, spent=[200], lower=(c0,))
+        device.observe_cost("quiz", size=100, spent=[200, 200])
+        edge.observe_verdict("quiz", c1, cloud_right, answered_here=False, probe_rate=second.probe_rate)
+        device.observe_verdict("quiz", c0, cloud_right, answered_here=False)
+        return cloud_right, 400, 400, True
+    edge.observe_cost("quiz", size=100, spent=(), lower=(c0,))
+    device.observe_cost("quiz", size=100, spent=[200])
+    edge.observe_verdict("quiz", c1, edge_right, answered_here=True)
+    device.observe_verdict("quiz", c0, edge_right, answered_here=False)
+    return edge_right, 200, 400, False
+
+
+def run_priced(tiers: list[BudgetPolicy], n: int, middle_as_good_as_top: bool, seed: int) -> tuple[float, float, float]:
+    """(accuracy, bytes as a share of cloud-only, share of the edge's requests it forwarded) of the last half of `n`
+    requests."""
+    rng = random.Random(seed)
+    served = [serve_priced(tiers, rng, middle_as_good_as_top) for _ in range(n)][n // 2 :]
+    reached_edge = [s for s in served if s[1] > 0]
+    return (
+        float(np.mean([s[0] for s in served])),
+        sum(s[1] for s in served) / sum(s[2] for s in served),
+        float(np.mean([s[3] for s in reached_edge])),
+    )
+
+
+@pytest.mark.parametrize("middle_as_good_as_top", [True, False])
+def test_the_price_split_learns_online_to_spend_on_the_link_that_pays(middle_as_good_as_top: bool) -> None:
+    """Both chains start from the same fixed split (the device forwards 40%, the edge everything); the price split
+    learns from the verdicts which link pays. With the edge as good as the cloud, the device forwards twice as much
+    and the edge keeps what reaches it: the fixed split's accuracy is far behind. With an edge that knows no more
+    than the device, the edge keeps forwarding nearly everything (about a point behind the fixed split: the edge
+    keeps a share `explore` of its requests to measure its own answers)."""
+    budget = 0.4
+    fixed = BudgetConfig(byte_budget=budget, links=2, fill_cap=budget)
+    assert split_budget(budget, 2, budget) == pytest.approx([0.4, 1.0])
+    learned = [replace(fixed, link_split="price").build() for _ in range(3)]
+    accuracy, spent, edge_forwards = run_priced(learned, 8000, middle_as_good_as_top, seed=3)
+    assert spent == pytest.approx(budget, abs=0.02)
+    fixed_accuracy, fixed_spent, _ = run_priced([fixed.build() for _ in range(3)], 8000, middle_as_good_as_top, seed=3)
+    assert fixed_spent == pytest.approx(budget, abs=0.02)
+    if middle_as_good_as_top:
+        assert edge_forwards < MIN_RATE + 2 * fixed.explore
+        assert accuracy > fixed_accuracy + 0.1
+    else:
+        assert edge_forwards > 0.8
+        assert accuracy > fixed_accuracy - 0.02
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.4])
+def test_the_price_controller_holds_the_budget_when_the_better_link_changes_midway(budget: float) -> None:
+    """For 6000 requests the edge answers as well as the cloud (the first link pays), then no better than the
+    device (only the whole way up pays). The first tier's controller holds the bytes in each half, and the price
+    moves the spending from one link to the other."""
+    config = BudgetConfig(byte_budget=budget, links=2, link_split="price", window=2000)
+    tiers = [config.build() for _ in range(3)]
+    halves = [
+        run_priced(tiers, 6000, middle_as_good_as_top, seed) for seed, middle_as_good_as_top in enumerate([True, False])
+    ]
+    for _, spent, _ in halves:
+        assert spent == pytest.approx(budget, abs=0.02)
+    (_, _, edge_before), (_, _, edge_after) = halves
+    assert edge_before < 0.15
+    assert edge_after > 0.7

@@ -210,6 +210,8 @@ async def test_bad_requests_are_rejected_with_a_clear_message(trace_folder: Path
         ([pb.Hop(tier="device\nforged")], "not a tier name"),
         ([pb.Hop(tier="device", answer="x" * 40_000)], "answer of hop device is longer than 32768"),
         ([pb.Hop(tier="device", confidence=math.nan)], "not a finite number"),
+        ([pb.Hop(tier="device", byte_price=-1.0)], "byte price of hop device must be a finite number"),
+        ([pb.Hop(tier="device", byte_price=math.inf)], "byte price of hop device must be a finite number"),
     ],
 )
 async def test_hops_come_from_the_callers_and_are_bounded(trace_folder: Path, hops, message: str) -> None:
@@ -250,7 +252,7 @@ class RecordingPolicy(FixedThresholdPolicy):
         self.lower_seen: list[tuple[float, ...]] = []
         self.costs: list[tuple[str, int, tuple[int, ...], tuple[float, ...]]] = []
 
-    def decide(self, family: str, confidence: float, *, is_last: bool, lower=()):  # type: ignore[no-untyped-def]
+    def decide(self, family: str, confidence: float, *, is_last: bool, lower=(), byte_price=None):  # type: ignore[no-untyped-def]
         self.lower_seen.append(tuple(lower))
         verdict = super().decide(family, confidence, is_last=is_last, lower=lower)
         return replace(verdict, probe_rate=self.probe_rate if verdict.forward else None)

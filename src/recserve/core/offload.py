@@ -14,13 +14,25 @@ class Verdict:
     # Set when the forward is a probe: a request the policy would have kept, forwarded at this rate to measure
     # the tiers above. The tier hands it back with the request's verdict (`observe_verdict`).
     probe_rate: float | None = None
+    # Set by a first tier that prices bytes (the budget policy's learned split): written into its hop
+    # (`Hop.byte_price`), for the tiers above.
+    byte_price: float | None = None
 
 
 class OffloadPolicy(Protocol):
-    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
+    def decide(
+        self,
+        family: str,
+        confidence: float,
+        *,
+        is_last: bool,
+        lower: Sequence[float] = (),
+        byte_price: float | None = None,
+    ) -> Verdict:
         """Record `confidence` and say whether to forward; `is_last` tiers must never forward.
 
-        `lower` holds the confidences of the tiers below, first tier first (what they saw before forwarding).
+        `lower` holds the confidences of the tiers below, first tier first (what they saw before forwarding);
+        `byte_price` the first tier's price of bytes for this request (its `Verdict.byte_price`), if it set one.
         """
 
     def threshold(self, family: str) -> float | None:

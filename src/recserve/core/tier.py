@@ -755,7 +755,14 @@ class Tier:
         choice = request.task == pb.TASK_KIND_CHOICE
         score = self._score_choice(generation, list(request.options)) if choice else self._score_generation(generation)
         lower = tuple(hop.confidence for hop in request.hops)
-        verdict = self.policy.decide(family, score.value, is_last=self._answers_whatever(request), lower=lower)
+        first = request.hops[0] if request.hops else None
+        verdict = self.policy.decide(
+            family,
+            score.value,
+            is_last=self._answers_whatever(request),
+            lower=lower,
+            byte_price=first.byte_price if first is not None and first.HasField("byte_price") else None,
+        )
         self.metrics.observe_decision(family, score.value, verdict.threshold, engine_seconds)
         hop = pb.Hop(
             tier=self.name,
@@ -766,6 +773,8 @@ class Tier:
             decision=pb.DECISION_FORWARDED if verdict.forward and self.links else pb.DECISION_ANSWERED,
             inference_joules=self._inference_joules(generation, engine_seconds),
         )
+        if verdict.byte_price is not None:
+            hop.byte_price = verdict.byte_price
         self.metrics.count_energy("inference", hop.inference_joules)
         return score, verdict, hop
 

@@ -148,6 +148,8 @@ class RequestValidator:
                 )
             if not math.isfinite(hop.confidence):
                 raise InvalidRequest(f"the confidence of hop {hop.tier} is not a finite number")
+            if hop.HasField("byte_price") and not (math.isfinite(hop.byte_price) and hop.byte_price >= 0):
+                raise InvalidRequest(f"the byte price of hop {hop.tier} must be a finite number of at least 0")
         if hops[-1].tier not in self.callers:
             raise InvalidRequest(
                 f"tier {self.name} takes forwarded requests from {', '.join(sorted(self.callers))} only, "

@@ -42,6 +42,7 @@ from recserve.evaluation.replay import (
 from recserve.evaluation.splits import tune_family_fill_caps
 from recserve.evaluation.sweep import DEFAULT_BETAS
 from recserve.policies import BudgetConfig, QualityConfig, RecServeConfig
+from recserve.policies.budget import LINK_SPLITS
 
 BUDGETS = (0.2, 0.3, 0.4, 0.5)
 GAPS = (0.02, 0.05)
@@ -112,21 +113,29 @@ def table_point(table: DepthTable, depths: np.ndarray, cloud_only: dict[str, int
 
 
 def budget_config(
-    train_table: DepthTable, budget: float, family_budgets: dict[str, float] | None = None
+    train_table: DepthTable, budget: float, family_budgets: dict[str, float] | None = None, split: str = "fill"
 ) -> BudgetConfig:
     """The budget policy for `budget` (and `family_budgets`), with its fill caps per benchmark chosen on the train split
-    (as `recserve eval` chooses them)."""
+    (as `recserve eval` chooses them; under the price split, they set the rates until the tiers have calibrated)."""
     caps = tune_family_fill_caps(train_table, budget, family_budgets=family_budgets)
-    return BudgetConfig(byte_budget=budget, family_budgets=tuple((family_budgets or {}).items()), family_fill_caps=caps)
+    return BudgetConfig(
+        byte_budget=budget,
+        family_budgets=tuple((family_budgets or {}).items()),
+        family_fill_caps=caps,
+        link_split=split,
+    )
 
 
 def _spendable(share: float) -> float:
     return min(1.0, max(0.01, share))
 
 
-async def study_chain(traces: Path, chain: Sequence[str], earlier: ChainStudy | None = None) -> ChainStudy:
-    """The study of one chain; the rivals' rows (and the quality policy's, if given there) are taken from `earlier`
-    when given, a study of the same chain on the same traces, since they do not depend on the budget policy."""
+async def study_chain(
+    traces: Path, chain: Sequence[str], earlier: ChainStudy | None = None, split: str = "fill"
+) -> ChainStudy:
+    """The study of one chain, the budget policy with `split`; the rivals' rows (and the quality policy's, if given
+    there) are taken from `earlier` when given, a study of the same chain on the same traces, since they do not depend
+    on the budget policy."""
     replay = TraceReplay.load(traces, chain)
     tiers = len(chain)
     test, train = replay.queries("test"), replay.queries("train")
@@ -144,7 +153,7 @@ async def study_chain(traces: Path, chain: Sequence[str], earlier: ChainStudy | 
     rivals = earlier.budgets if earlier is not None else await _rival_rows(replay, table, train_table)
     for rival in rivals:
         budget = rival.budget
-        config = budget_config(train_table, budget)
+        config = budget_config(train_table, budget, split=split)
         policy = await run(config, test)
         matched = {}
         for name in RIVALS:
@@ -152,12 +161,12 @@ async def study_chain(traces: Path, chain: Sequence[str], earlier: ChainStudy | 
             if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
                 matched[name] = policy  # already as accurate at no more bytes: nothing to match
             else:
-                matched[name] = await run(budget_config(train_table, _spendable(theirs.bytes)), test)
+                matched[name] = await run(budget_config(train_table, _spendable(theirs.bytes), split=split), test)
         per_benchmark = {}
         for name in RIVALS:
             theirs = getattr(rival, name)
             spent = {benchmark: _spendable(share) for benchmark, (_, share) in theirs.by_benchmark.items()}
-            per_benchmark[name] = await run(budget_config(train_table, _spendable(theirs.bytes), spent), test)
+            per_benchmark[name] = await run(budget_config(train_table, _spendable(theirs.bytes), spent, split), test)
         budgets.append(
             BudgetRow(
                 budget=budget,
@@ -231,9 +240,9 @@ async def _rival_rows(replay: TraceReplay, table: DepthTable, train_table: Depth
     return rows
 
 
-def _study(traces: Path, chain: tuple[str, ...], earlier: ChainStudy | None = None) -> ChainStudy:
+def _study(traces: Path, chain: tuple[str, ...], earlier: ChainStudy | None = None, split: str = "fill") -> ChainStudy:
     started = time.monotonic()
-    study = asyncio.run(study_chain(traces, chain, earlier))
+    study = asyncio.run(study_chain(traces, chain, earlier, split))
     print(f"{' → '.join(chain)}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return study
 
@@ -457,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--reuse-quality", action="store_true", help="with --reuse: take the quality policy's rows from it too"
     )
+    parser.add_argument(
+        "--link-split", choices=LINK_SPLITS, default="fill", help="the budget policy's split between links"
+    )
     args = parser.parse_args(argv)
     models = models_by_train_accuracy(TraceSet.load(args.traces))
     chains = every_chain(models, [int(s) for s in args.sizes.split(",")])[: args.limit]
@@ -465,7 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     partial.parent.mkdir(parents=True, exist_ok=True)
     studies = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for study in pool.map(_study, itertools.repeat(args.traces), chains, [earlier.get(c) for c in chains]):
+        studied = pool.map(
+            _study,
+            itertools.repeat(args.traces),
+            chains,
+            [earlier.get(c) for c in chains],
+            itertools.repeat(args.link_split),
+        )
+        for study in studied:
             studies.append(study)
             # What is done so far, should a long run be stopped (load_studies reads it back).
             partial.write_text(json.dumps([asdict(s) for s in studies]) + "\n")

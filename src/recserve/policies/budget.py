@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import random
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
+
+from recserve.core.calibration import WindowedCalibration
 from recserve.core.offload import Verdict
-from recserve.policies.config import SplitTargetConfig, option, share, window_option
+from recserve.policies.config import (
+    SplitTargetConfig,
+    explore_option,
+    option,
+    probe_seed_option,
+    share,
+    window_option,
+)
 from recserve.policies.controller import ControlledQuantile
+from recserve.policies.quality import MIN_VERDICTS, UPDATE_EVERY, VERDICT_WINDOW
 from recserve.policies.simple import FamilyThresholds, format_family_thresholds, parse_family_thresholds
 from recserve.policies.spending import ByteLedger, split_budget
 
 # The links above the first forward at least this share: the first tier needs some requests to cross every link
 # to know what cloud-only serving costs, and these are the ones the tiers above doubt most.
 MIN_RATE = 0.02
+LINK_SPLITS = ("fill", "price")
 
 
 def _fill_share(value: float) -> str | None:
@@ -24,6 +38,10 @@ def _fill_shares(values: FamilyThresholds) -> str | None:
     return None if all(0.0 < value <= 1.0 for _, value in values) else "must all be within (0, 1]"
 
 
+def _split(value: str) -> str | None:
+    return None if value in LINK_SPLITS else f"must be one of {', '.join(LINK_SPLITS)}"
+
+
 def _shares(values: FamilyThresholds) -> str | None:
     return None if all(0.0 <= value <= 1.0 for _, value in values) else "must all be within [0, 1]"
 
@@ -31,6 +49,7 @@ def _shares(values: FamilyThresholds) -> str | None:
 @dataclass(frozen=True, kw_only=True)
 class BudgetConfig(SplitTargetConfig):
     name = "budget"
+    learns_from_feedback = True  # the price split learns from verdicts; the fill split ignores them
 
     byte_budget: float = option(0.4, "bytes to spend, as a share of cloud-only serving", check=share)
     # An operator whose task families differ in what forwarding buys them (or in what they may cost) gives each its
@@ -53,6 +72,15 @@ class BudgetConfig(SplitTargetConfig):
         text=format_family_thresholds,
         in_eval=False,
     )
+    link_split: str = option(
+        "fill",
+        "how the budget is split between links: fill (fixed rates, the lower links first up to the fill cap) or "
+        "price (learned from Feedback: a tier above the first forwards where its gain per byte beats the first "
+        "tier's)",
+        check=_split,
+    )
+    explore: float = explore_option()
+    probe_seed: int = probe_seed_option()
     window: int = window_option()
 
     def build(self) -> BudgetPolicy:
@@ -65,6 +93,18 @@ class _FamilyBudget:
     ledger: ByteLedger
     holding_bytes: bool = False  # whether the last decision left the controller to the measured bytes
     threshold: float | None = None  # the last decision's
+    # The price split's: P(this tier's answer is right | confidence), P(the tiers above answer right | confidence).
+    own: WindowedCalibration = field(default_factory=lambda: WindowedCalibration(VERDICT_WINDOW))
+    upstream: WindowedCalibration = field(default_factory=lambda: WindowedCalibration(VERDICT_WINDOW))
+    # The first tier's: each forwarded request's bytes as a share of its estimated cloud-only bytes, and the price.
+    forward_costs: deque[float] = field(default_factory=lambda: deque(maxlen=VERDICT_WINDOW))
+    price: float | None = None
+    learned_rate: float | None = None  # a tier above the first's: the share of its window worth the price
+    since_update: int = 0
+
+    @property
+    def calibrated(self) -> bool:
+        return len(self.own) >= MIN_VERDICTS and len(self.upstream) >= MIN_VERDICTS
 
 
 class BudgetPolicy:
@@ -81,6 +121,7 @@ class BudgetPolicy:
 
     def __init__(self, config: BudgetConfig) -> None:
         self.config = config
+        self._random = random.Random(config.probe_seed)
         self.rates = split_budget(config.byte_budget, config.links, config.fill_cap)
         self._budgets = dict(config.family_budgets)
         caps = dict(config.family_fill_caps)
@@ -112,14 +153,61 @@ class BudgetPolicy:
             self._families[family] = state
         return state
 
-    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
+    def decide(
+        self,
+        family: str,
+        confidence: float,
+        *,
+        is_last: bool,
+        lower: Sequence[float] = (),
+        byte_price: float | None = None,
+    ) -> Verdict:
         state = self._family(family)
         depth = len(lower)
         state.holding_bytes = depth == 0 and not is_last and state.ledger.ready
-        forward, state.threshold = state.controller.decide(
-            confidence, self.target_rate(depth, family), hold_rate=not state.holding_bytes
-        )
-        return Verdict(forward and not is_last, state.threshold)
+        pricing = self.config.link_split == "price" and depth > 0 and not is_last and byte_price is not None
+        learned = self._learned_rate(state, depth, byte_price) if pricing and byte_price is not None else None
+        target = self.target_rate(depth, family) if learned is None else learned
+        if pricing:
+            # Keep some requests whatever the rate, so that this tier's own answers are measured too.
+            target = min(target, 1.0 - self.config.explore)
+        forward, state.threshold = state.controller.decide(confidence, target, hold_rate=not state.holding_bytes)
+        probe_rate = None
+        if pricing and not forward and self._random.random() < self.config.explore:
+            # The gain of forwarding is measured where this tier keeps too, not only extrapolated to it (and
+            # measured at all when the split's rate forwards next to nothing).
+            forward, probe_rate = True, self.config.explore
+        price = self._price(state) if depth == 0 and not is_last and self.config.link_split == "price" else None
+        return Verdict(forward and not is_last, state.threshold, probe_rate, price)
+
+    def _learned_rate(self, state: _FamilyBudget, depth: int, byte_price: float) -> float | None:
+        """A tier above the first, under the price split: the share of its recent confidences whose expected gain
+        from forwarding (P_up - P_own) beats the first tier's price of the bytes it costs; None (the split's rate)
+        until it has its calibrations."""
+        if not state.calibrated:
+            return None
+        state.since_update -= 1
+        if state.learned_rate is None or state.since_update <= 0:
+            values = state.controller.sorted_values()
+            gain = state.upstream.predict(values) - state.own.predict(values)
+            # Forwarding from here crosses the links above: about (links - depth) / links of cloud-only bytes.
+            cost = (self.config.links - depth) / self.config.links
+            state.learned_rate = max(MIN_RATE, float(np.mean(gain > byte_price * cost)))
+            state.since_update = UPDATE_EVERY
+        return state.learned_rate
+
+    def _price(self, state: _FamilyBudget) -> float | None:
+        """The first tier's price of bytes: the expected gain of forwarding the request at its threshold, per share
+        of cloud-only bytes a forwarded request costs; None until it has its calibrations and costs."""
+        if not state.calibrated or not state.forward_costs or state.threshold is None:
+            return state.price
+        state.since_update -= 1
+        if state.price is None or state.since_update <= 0:
+            at = np.array([state.threshold])
+            gain = float((state.upstream.predict(at) - state.own.predict(at))[0])
+            state.price = max(0.0, gain) / max(float(np.mean(state.forward_costs)), 1e-3)
+            state.since_update = UPDATE_EVERY
+        return state.price
 
     def holds_bytes(self, family: str) -> bool:
         """Whether this tier's last decision for `family` was held to measured bytes rather than a rate."""
@@ -132,6 +220,8 @@ class BudgetPolicy:
         state = self._family(family)
         for reference, cost in state.ledger.record(size, spent):
             state.controller.correct(self.budget_for(family) * reference - cost)
+        if spent and state.ledger.ready:
+            state.forward_costs.append(sum(spent) / state.ledger.cloud_only_estimate(size))
 
     def threshold(self, family: str) -> float | None:
         state = self._families.get(family)
@@ -150,4 +240,11 @@ class BudgetPolicy:
     def observe_verdict(
         self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
     ) -> None:
-        return None
+        if self.config.link_split != "price":
+            return
+        state = self._family(family)
+        if answered_here:
+            state.own.add(confidence, correct)
+        else:
+            # A probe stands for the requests this tier keeps: weighted by the inverse of its rate.
+            state.upstream.add(confidence, correct, 1.0 / probe_rate if probe_rate else 1.0)

@@ -81,6 +81,14 @@ def window_option() -> Any:
     return option(10_000, "confidences kept per task family", check=at_least_one)
 
 
+def explore_option() -> Any:
+    return option(0.05, "share of would-be-kept requests forwarded to measure the tiers above", check=share)
+
+
+def probe_seed_option() -> Any:
+    return option(0, "seed of the random probes and of the draws among tied confidences")
+
+
 @dataclass(frozen=True, kw_only=True)
 class OptionConfig(ABC):
     """A frozen configuration whose fields are `option`s: it checks them, and makes and reads their flags. The base of

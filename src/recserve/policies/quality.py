@@ -12,7 +12,14 @@ import numpy as np
 from recserve.core.calibration import WindowedCalibration, keep_threshold
 from recserve.core.offload import Verdict
 from recserve.core.threshold import SlidingWindow
-from recserve.policies.config import SplitTargetConfig, option, share, window_option
+from recserve.policies.config import (
+    SplitTargetConfig,
+    explore_option,
+    option,
+    probe_seed_option,
+    share,
+    window_option,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,13 +29,13 @@ class QualityConfig(SplitTargetConfig):
 
     quality_gap: float = option(0.02, "accuracy it may lose against the tiers above (0.02 = 2 points)", check=share)
     window: int = window_option()
-    explore: float = option(0.05, "share of would-be-kept requests forwarded to measure the tiers above", check=share)
+    explore: float = explore_option()
     # Before verdicts a tier cannot know what keeping costs, so it keeps only its most confident tenth: at 0.5 the
     # first few hundred requests of a weak first tier lost up to 12 points. Chosen on the train split of the chain
     # study's first 16 chains (docs/chains.md), the lowest of 0.5, 0.8, 0.9 and 0.95 whose 500-request streams all
     # stayed within the gap plus 2 points at gaps of 0.02 and 0.05.
     cold_rate: float = option(0.9, "forward rate until verdicts arrive (and if they never do)", check=share)
-    probe_seed: int = option(0, "seed of the random probes and of the draws among tied confidences")
+    probe_seed: int = probe_seed_option()
 
     def build(self) -> QualityPolicy:
         return QualityPolicy(self)
@@ -131,7 +138,15 @@ class QualityPolicy:
         allowance = min(1.0, max(0.0, 2 * self.tier_gap - _kept_loss(state)))
         state.threshold, state.tie_keep = keep_threshold(values, gain, allowance)
 
-    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
+    def decide(
+        self,
+        family: str,
+        confidence: float,
+        *,
+        is_last: bool,
+        lower: Sequence[float] = (),
+        byte_price: float | None = None,
+    ) -> Verdict:
         state = self._state(family)
         state.window.add(confidence)
         cold_forward, cold_threshold = state.window.forward_at(confidence, 0.0 if is_last else self.config.cold_rate)

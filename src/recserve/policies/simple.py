@@ -47,7 +47,15 @@ class RecServePolicy(_Stateless):
         self.config = config
         self._windows: dict[str, WindowedQuantile] = {}
 
-    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
+    def decide(
+        self,
+        family: str,
+        confidence: float,
+        *,
+        is_last: bool,
+        lower: Sequence[float] = (),
+        byte_price: float | None = None,
+    ) -> Verdict:
         window = self._windows.get(family)
         if window is None:
             window = self._windows[family] = WindowedQuantile(self.config.beta, self.config.window)
@@ -114,7 +122,15 @@ class FixedThresholdPolicy(_Stateless):
         self._threshold = config.threshold
         self._per_family = dict(config.family_thresholds)
 
-    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
+    def decide(
+        self,
+        family: str,
+        confidence: float,
+        *,
+        is_last: bool,
+        lower: Sequence[float] = (),
+        byte_price: float | None = None,
+    ) -> Verdict:
         threshold = self._per_family.get(family, self._threshold)
         return Verdict(not is_last and confidence < threshold, threshold)
 
@@ -134,7 +150,15 @@ class ForwardAllConfig(PolicyConfig):
 class ForwardAllPolicy(_Stateless):
     """Cloud-only serving: every tier but the last forwards everything."""
 
-    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
+    def decide(
+        self,
+        family: str,
+        confidence: float,
+        *,
+        is_last: bool,
+        lower: Sequence[float] = (),
+        byte_price: float | None = None,
+    ) -> Verdict:
         return Verdict(not is_last, math.inf)
 
     def threshold(self, family: str) -> float | None:
@@ -153,7 +177,15 @@ class LocalConfig(PolicyConfig):
 class LocalOnlyPolicy(_Stateless):
     """Never forward: each tier answers what reaches it."""
 
-    def decide(self, family: str, confidence: float, *, is_last: bool, lower: Sequence[float] = ()) -> Verdict:
+    def decide(
+        self,
+        family: str,
+        confidence: float,
+        *,
+        is_last: bool,
+        lower: Sequence[float] = (),
+        byte_price: float | None = None,
+    ) -> Verdict:
         return Verdict(False, -math.inf)
 
     def threshold(self, family: str) -> float | None:

@@ -71,7 +71,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("tier", "confidence", "threshold", "decision", "engine_seconds", "bytes_sent", "bytes_received", "answer", "inference_joules", "transmission_joules", "progressive")
+    __slots__ = ("tier", "confidence", "threshold", "decision", "engine_seconds", "bytes_sent", "bytes_received", "answer", "inference_joules", "transmission_joules", "progressive", "byte_price")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class Hop(_message.Message):
     INFERENCE_JOULES_FIELD_NUMBER: _ClassVar[int]
     TRANSMISSION_JOULES_FIELD_NUMBER: _ClassVar[int]
     PROGRESSIVE_FIELD_NUMBER: _ClassVar[int]
+    BYTE_PRICE_FIELD_NUMBER: _ClassVar[int]
     tier: str
     confidence: float
     threshold: float
@@ -94,7 +95,8 @@ class Hop(_message.Message):
     inference_joules: float
     transmission_joules: float
     progressive: Progressive
-    def __init__(self, tier: _Optional[str] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., engine_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., answer: _Optional[str] = ..., inference_joules: _Optional[float] = ..., transmission_joules: _Optional[float] = ..., progressive: _Optional[_Union[Progressive, _Mapping]] = ...) -> None: ...
+    byte_price: float
+    def __init__(self, tier: _Optional[str] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., decision: _Optional[_Union[Decision, str]] = ..., engine_seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., answer: _Optional[str] = ..., inference_joules: _Optional[float] = ..., transmission_joules: _Optional[float] = ..., progressive: _Optional[_Union[Progressive, _Mapping]] = ..., byte_price: _Optional[float] = ...) -> None: ...
 
 class Progressive(_message.Message):
     __slots__ = ("points", "sketched_by", "sketch_tokens", "expansions")
