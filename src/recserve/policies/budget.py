@@ -112,11 +112,18 @@ class BudgetPolicy:
     the first tier, which sees the bytes of every link in its replies, holds the measured bytes.
 
     A tier knows its place in the chain from the confidences of the tiers below (`lower`, handed to both
-    `decide` and `observe_cost`), so every tier takes the same settings. Needs no feedback: the rates are what
-    the budget buys. The rates alone land a few points under the budget (requests answered below the last tier
-    carry shorter replies than cloud-only ones), so once its replies give an estimate of cloud-only bytes
-    (`ByteLedger`) the first tier's controller integrates the byte error instead of the rate error, and spends
-    what the tiers above leave unspent.
+    `decide` and `observe_cost`), so every tier takes the same settings. The default (fill) split needs no
+    feedback: the rates are what the budget buys. The rates alone land a few points under the budget (requests
+    answered below the last tier carry shorter replies than cloud-only ones), so once its replies give an estimate
+    of cloud-only bytes (`ByteLedger`) the first tier's controller integrates the byte error instead of the rate
+    error, and spends what the tiers above leave unspent.
+
+    With the price split (`link_split="price"`) the tiers above the first learn their rates from Feedback: the
+    first tier prices bytes (the expected gain of forwarding the request at its threshold, P_up - P_own from
+    online calibrations, per share of cloud-only bytes a forwarded request costs it) and writes the price into its
+    hop; a tier above forwards the share of its window whose expected gain beats the price of the links it adds,
+    probing a share `explore` of what it keeps. Measured on the chain study, it loses to fill caps chosen on a
+    labelled set (docs/evaluation.md, "Every chain"), so the fill split is the default.
     """
 
     def __init__(self, config: BudgetConfig) -> None:
