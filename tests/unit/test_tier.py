@@ -243,19 +243,22 @@ async def test_an_expired_deadline_is_reported(trace_folder: Path) -> None:
 
 class RecordingPolicy(FixedThresholdPolicy):
     """A fixed-threshold policy that keeps what it is told, to check the verdict plumbing; its forwards are
-    probes sent at `probe_rate` when one is given."""
+    probes sent at `probe_rate` when one is given, and its decisions set `byte_price` when one is given."""
 
-    def __init__(self, threshold: float, probe_rate: float | None = None) -> None:
+    def __init__(self, threshold: float, probe_rate: float | None = None, byte_price: float | None = None) -> None:
         super().__init__(FixedConfig(threshold=threshold))
         self.probe_rate = probe_rate
+        self.byte_price = byte_price
         self.verdicts: list[tuple[str, float, bool, bool, float | None]] = []
         self.lower_seen: list[tuple[float, ...]] = []
+        self.prices_seen: list[float | None] = []
         self.costs: list[tuple[str, int, tuple[int, ...], tuple[float, ...]]] = []
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower=(), byte_price=None):  # type: ignore[no-untyped-def]
         self.lower_seen.append(tuple(lower))
+        self.prices_seen.append(byte_price)
         verdict = super().decide(family, confidence, is_last=is_last, lower=lower)
-        return replace(verdict, probe_rate=self.probe_rate if verdict.forward else None)
+        return replace(verdict, probe_rate=self.probe_rate if verdict.forward else None, byte_price=self.byte_price)
 
     def observe_verdict(
         self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
@@ -283,6 +286,21 @@ async def test_policies_learn_verdicts_and_see_the_lower_confidences(trace_folde
     assert policies[0].verdicts[-1] == ("quiz", by_reference.hops[0].confidence, right, False, 0.25)
     assert policies[1].verdicts[-1] == ("quiz", by_reference.hops[1].confidence, right, True, None)
     assert policies[2].verdicts == []
+
+
+async def test_the_first_tiers_byte_price_reaches_the_tiers_above_in_its_hop(trace_folder: Path) -> None:
+    priced = [RecordingPolicy(2.0, byte_price=0.75), RecordingPolicy(2.0), RecordingPolicy(0.0)]
+    response = await (await cascade(trace_folder, priced))[0].infer(quiz_request(6))
+    assert response.hops[0].byte_price == 0.75
+    assert [policy.prices_seen for policy in priced] == [[None], [0.75], [0.75]]
+    # A price of 0 is a price; no price is none.
+    unpriced = [RecordingPolicy(2.0, byte_price=0.0), RecordingPolicy(2.0), RecordingPolicy(0.0)]
+    await (await cascade(trace_folder, unpriced))[0].infer(quiz_request(6))
+    assert unpriced[1].prices_seen == [0.0]
+    plain = [RecordingPolicy(2.0), RecordingPolicy(2.0), RecordingPolicy(0.0)]
+    response = await (await cascade(trace_folder, plain))[0].infer(quiz_request(6))
+    assert not response.hops[0].HasField("byte_price")
+    assert plain[1].prices_seen == [None]
 
 
 async def test_policies_learn_the_bytes_each_request_took_on_every_link_above(trace_folder: Path) -> None:
