@@ -78,6 +78,7 @@ class BudgetConfig(SplitTargetConfig):
         "price (learned from Feedback: a tier above the first forwards where its gain per byte beats the first "
         "tier's)",
         check=_split,
+        text=str,
     )
     explore: float = explore_option()
     probe_seed: int = probe_seed_option()
