@@ -8,6 +8,7 @@ from pathlib import Path
 
 from recserve.core.progressive import ProgressivePath
 from recserve.core.sketch import assemble
+from recserve.engines.replay import ReplayEngine
 from recserve.v1 import tier_pb2 as pb
 from tests.grpc.gateway_server import running_gateway
 from tests.grpc.test_three_tiers import NAMES, Stack, start_stack, stop_stack
@@ -81,5 +82,34 @@ async def test_a_progressive_answer_streams_point_by_point_through_the_gateway(t
             assert hops[1]["progressive"]["points"] == list(POINTS)
             assert [e["repaired_by"] for e in hops[1]["progressive"]["expansions"]] == [None, "cloud", None]
             await client.close()
+    finally:
+        await stop_stack(stack)
+
+
+async def test_a_tier_given_a_second_model_starts_it_and_its_points_cross_the_wire(trace_folder: Path) -> None:
+    """--progressive-ensemble-model: the tier builds and starts a second engine of its kind; the point the edge's
+    first model is unsure of is written by the second, and the cloud only sketches."""
+    stack = await start_stack(
+        trace_folder,
+        policy="forward-all",
+        progressive="on",
+        progressive_point_beta=0.9,
+        progressive_ensemble_model="large",
+    )
+    try:
+        device, edge, cloud = (running.tier for running in stack.tiers)
+        assert all(isinstance(t.ensemble, ReplayEngine) and t.ensemble.model == "large" for t in (device, edge, cloud))
+        device.engine, edge.engine, cloud.engine = (
+            SketchingEngine("device"),
+            SketchingEngine("edge", logprobs={2: -3.0}),
+            SketchingEngine("cloud"),
+        )
+        edge.ensemble = SketchingEngine("second", logprobs={2: -0.05})
+        device.progressive, edge.progressive = None, Always(ProgressivePath.PROGRESSIVE)
+        response = await stack.stub.Infer(long_question(), timeout=10)
+        assert response.answer == assemble(POINTS, ["edge on point 1.", "second on point 2.", "edge on point 3."])
+        edge_hop = response.hops[1]
+        assert [e.ensemble_kept for e in edge_hop.progressive.expansions] == [False, True, False]
+        assert [h.tier for h in response.hops[2:]] == ["cloud"]  # the sketch only
     finally:
         await stop_stack(stack)

@@ -162,6 +162,7 @@ def edge_and_cloud(
     edge_policy: ForwardAllPolicy | LocalOnlyPolicy | None = None,
     clock: list[float] | None = None,
     forward_timeout: ForwardTimeout | None = None,
+    ensemble: SketchingEngine | None = None,
 ) -> tuple[Tier, Tier]:
     metrics = Metrics(registry or CollectorRegistry())
     now = clock or [0.0]
@@ -176,6 +177,7 @@ def edge_and_cloud(
         progressive_options=options or ProgressiveOptions(point_beta=0.34),
         forward_timeout=forward_timeout,
         clock=(lambda: now[0]) if clock is not None else __import__("time").monotonic,
+        ensemble=ensemble,
     )
     return edge_tier, cloud_tier
 
@@ -235,6 +237,63 @@ async def test_a_point_the_edge_is_unsure_of_is_written_again_by_the_cloud_the_o
     assert [h.tier for h in response.hops] == ["edge", "cloud", "cloud"]  # the sketch, then the repair
     assert sample(registry, "recserve_progressive_points_total", tier="edge", outcome="repaired") == 1
     assert sample(registry, "recserve_progressive_points_total", tier="edge", outcome="kept") == 2
+
+
+async def test_a_second_edge_model_writes_again_the_points_the_first_is_unsure_of_before_the_cloud_is_asked() -> None:
+    """The ensemble: point 2's first expansion is below the threshold; the second model's clears it and is kept, so
+    the cloud writes only the sketch. Where the second model is unsure too (point 3), the cloud writes the point."""
+    registry = CollectorRegistry()
+    edge = SketchingEngine("edge", logprobs={2: -3.0, 3: -3.0})
+    second = SketchingEngine("second", logprobs={2: -0.05, 3: -4.0})
+    cloud = SketchingEngine("cloud")
+    edge_tier, _ = edge_and_cloud(
+        edge, cloud, registry=registry, ensemble=second, options=ProgressiveOptions(point_beta=0.9)
+    )
+    # Two plain answers first, so that the point window has a threshold to compare the second model's point with.
+    await edge_tier.infer(long_question())
+    registry_before = sample(registry, "recserve_progressive_points_total", tier="edge", outcome="repaired")
+    cloud.requests.clear()
+    response = await edge_tier.infer(long_question())
+
+    assert response.answer == assemble(POINTS, ["edge on point 1.", "second on point 2.", "cloud on point 3."])
+    expansions = response.hops[0].progressive.expansions
+    assert [e.repaired_by for e in expansions] == ["", "", "cloud"]
+    assert [e.ensemble_kept for e in expansions] == [False, True, False]
+    assert [e.HasField("ensemble_confidence") for e in expansions] == [False, True, True]
+    assert expansions[1].confidence < expansions[1].threshold <= expansions[1].ensemble_confidence
+    assert expansions[2].ensemble_confidence < expansions[2].threshold
+    # The cloud sketched and wrote point 3 only; the second model saw only the points the first was unsure of.
+    assert [bool(r.grammar) for r in cloud.requests] == [True, False]
+    assert {POINT_NUMBER.search(r.messages[-1].content).group(1) for r in second.requests} == {"2", "3"}  # type: ignore[union-attr]
+    assert sample(registry, "recserve_progressive_points_total", tier="edge", outcome="ensemble") >= 1
+    assert sample(registry, "recserve_progressive_points_total", tier="edge", outcome="repaired") == registry_before + 1
+
+
+async def test_with_the_cloud_down_the_more_confident_of_the_two_edge_expansions_is_kept() -> None:
+    edge = SketchingEngine("edge", logprobs={2: -3.0})
+    second = SketchingEngine("second", logprobs={2: -2.0})
+    edge_tier, cloud_tier = edge_and_cloud(
+        edge, SketchingEngine("cloud"), ensemble=second, options=ProgressiveOptions(point_beta=0.9)
+    )
+    await edge_tier.infer(long_question())
+    cloud_tier.engine = SketchingEngine("cloud", failing=[2])
+    response = await edge_tier.infer(long_question())
+    assert response.answer == assemble(POINTS, ["edge on point 1.", "second on point 2.", "edge on point 3."])
+    point = response.hops[0].progressive.expansions[1]
+    assert point.ensemble_kept
+    assert point.repaired_by == ""
+
+
+async def test_a_failed_second_model_leaves_the_point_to_the_cloud() -> None:
+    second = SketchingEngine("second", failing=[2])
+    edge_tier, _ = edge_and_cloud(
+        SketchingEngine("edge", logprobs={2: -3.0}), SketchingEngine("cloud"), ensemble=second
+    )
+    response = await edge_tier.infer(long_question())
+    assert response.answer == assemble(POINTS, ["edge on point 1.", "cloud on point 2.", "edge on point 3."])
+    point = response.hops[0].progressive.expansions[1]
+    assert not point.HasField("ensemble_confidence")
+    assert point.repaired_by == "cloud"
 
 
 async def test_a_failed_expansion_is_written_by_the_cloud_and_the_answer_has_no_hole() -> None:

@@ -96,3 +96,25 @@ def test_the_readmes_settings_table_is_settings_table() -> None:
     start = lines.index("| variable | flag | default | meaning |")
     end = lines.index("", start)
     assert "\n".join(lines[start:end]) == settings_table()
+
+
+def test_a_second_model_needs_the_progressive_path_and_runs_on_the_tiers_engine() -> None:
+    with pytest.raises(ValueError, match="--progressive-ensemble-model needs --progressive on"):
+        TierSettings.with_defaults(
+            tier="t", plaintext=True, traces="x", trace_model="a", progressive_ensemble_model="b"
+        )
+    gguf = TierSettings.with_defaults(
+        tier="t", plaintext=True, engine="llama_cpp", model="a.gguf", threads=3, progressive="on",
+        progressive_ensemble_model="b.gguf",
+    )  # fmt: skip
+    second = gguf.ensemble_engine_config
+    assert second is not None
+    assert (second.model, second.threads) == ("b.gguf", 3)
+    replay = TierSettings.with_defaults(
+        tier="t", plaintext=True, traces="x", trace_model="a", progressive="on", progressive_ensemble_model="b"
+    )
+    assert replay.ensemble_engine_config is not None
+    assert replay.ensemble_engine_config.trace_model == "b"
+    assert (
+        TierSettings.with_defaults(tier="t", plaintext=True, traces="x", trace_model="a").ensemble_engine_config is None
+    )

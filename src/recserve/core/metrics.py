@@ -95,8 +95,9 @@ class Metrics:
         )
         self.progressive_points = Counter(
             "recserve_progressive_points",
-            "Sketch points this tier expanded, by outcome: kept (its own expansion) or repaired (written again by "
-            "the next tier: its confidence was below the point threshold, or its expansion failed).",
+            "Sketch points this tier expanded, by outcome: kept (its own expansion), ensemble (written again by its "
+            "second model, whose expansion cleared the point threshold) or repaired (written again by the next tier: "
+            "its confidence was below the point threshold, or its expansion failed).",
             ["tier", "outcome"],
             registry=registry,
         )
@@ -174,8 +175,9 @@ class TierMetrics:
     def count_progressive(self, path: str, outcome: str) -> None:
         self.families.progressive.labels(self.tier, path, outcome).inc()
 
-    def count_points(self, *, kept: int, repaired: int) -> None:
+    def count_points(self, *, kept: int, repaired: int, ensemble: int = 0) -> None:
         self.families.progressive_points.labels(self.tier, "kept").inc(kept)
+        self.families.progressive_points.labels(self.tier, "ensemble").inc(ensemble)
         self.families.progressive_points.labels(self.tier, "repaired").inc(repaired)
 
     def count_cloud_tokens_saved(self, tokens: int) -> None:

@@ -113,3 +113,11 @@ class PointWindows:
             window = self._windows[family] = SlidingWindow(self.window)
         window.add(confidence)
         return window.forward_at(confidence, self.beta)
+
+    def threshold(self, family: str) -> float:
+        """The current point threshold of `family`, without adding a point: a confidence below it is unsure. +inf
+        before the family has two points (as `judge` compares nothing with a lone value, nothing clears it)."""
+        window = self._windows.get(family)
+        if window is None or len(window) < 2:
+            return math.inf
+        return window.threshold_at(self.beta)

@@ -104,6 +104,7 @@ class _Point:
     expansion: pb.PointExpansion
     prompt_tokens: int
     completion_tokens: int
+    confidence: float  # as the model that wrote it scored it
     repair: pb.InferResponse | None = None  # the next tier's reply, when it wrote the point
 
 
@@ -154,9 +155,13 @@ class Tier:
         progressive: ProgressiveScheduler | None = None,
         progressive_options: ProgressiveOptions | None = None,
         capacity: int = DEFAULT_CAPACITY,
+        ensemble: Engine | None = None,
     ) -> None:
         self.name = name
         self.engine = engine
+        # Progressive: a second model that writes again the points the first is unsure of, before the next tier is
+        # asked (PICE's ensemble of edge models).
+        self.ensemble = ensemble
         self.policy = policy
         self.metrics = metrics
         if upstream is not None:
@@ -469,7 +474,7 @@ class Tier:
             await asyncio.gather(*tasks, return_exceptions=True)
         hop.engine_seconds = self._clock() - started
         # The answer is as sure as its least sure point, each as the tier that wrote it scored it.
-        hop.confidence = min(p.repair.confidence.value if p.repair else p.expansion.confidence for p in written)
+        hop.confidence = min(p.repair.confidence.value if p.repair else p.confidence for p in written)
         repairs = [p.repair for p in written if p.repair is not None]
         response = pb.InferResponse(
             request_id=request.request_id,
@@ -484,7 +489,8 @@ class Tier:
         )
         kept = [p for p in written if p.repair is None]
         self.metrics.count_progressive(decision.path, "served")
-        self.metrics.count_points(kept=len(kept), repaired=len(repairs))
+        ensemble = sum(p.expansion.ensemble_kept for p in kept)
+        self.metrics.count_points(kept=len(kept) - ensemble, repaired=len(repairs), ensemble=ensemble)
         self.metrics.count_cloud_tokens_saved(sum(p.completion_tokens for p in kept) - hop.progressive.sketch_tokens)
         self.metrics.count_outcome("answered")
         served = _Served(family, answered_here=True, sender=sender(request), confidence=hop.confidence)
@@ -504,33 +510,35 @@ class Tier:
         deadline: float | None,
         arrived: float,
     ) -> _Point:
-        """Point `index` of the sketch: expanded here, and written again by the next tier when this tier's expansion
-        is among the least confident (PointWindows) or failed. A failed repair keeps this tier's expansion; with
-        neither, _ProgressiveFallback: the answer never has a hole."""
+        """Point `index` of the sketch: expanded here, and written again when this tier's expansion is among the least
+        confident (PointWindows) or failed: first by the second model (`ensemble`), when there is one, whose
+        expansion is kept if it clears the same threshold; else by the next tier. A failed repair keeps the more
+        confident of this tier's expansions; with none, _ProgressiveFallback: the answer never has a hole."""
         wanted = expand_request(
             question, points, index, max_tokens=max_tokens, temperature=request.sampling.temperature
         )
         expansion = pb.PointExpansion()
-        local: Generation | None = None
-        started = self._clock()
-        try:
-            local, _ = await self._generate(wanted, deadline)
-        except RecServeError as exc:
-            logger.warning("tier %s could not expand point %d of request %s: %s", self.name, index,
-                           request.request_id, exc)  # fmt: skip
-        expansion.engine_seconds = self._clock() - started
+        window = self._family_window(family)
+        local = await self._expand(wanted, expansion, hop, deadline, request, index)
         if local is not None:
-            score = self._score_generation(local)
-            unsure, threshold = self._point_windows.judge(self._family_window(family), score.value)
-            unsure = unsure or not local.text.strip()
-            expansion.confidence = _finite(score.value)
-            expansion.threshold = _finite(threshold)
+            expansion.confidence = _finite(local.confidence)
             expansion.completion_tokens = local.completion_tokens
-            joules = self._inference_joules(local, expansion.engine_seconds)
-            hop.inference_joules += joules
-            self.metrics.count_energy("inference", joules)
-            if not unsure:
-                return _Point(local.text, expansion, local.prompt_tokens, local.completion_tokens)
+            unsure, threshold = self._point_windows.judge(window, local.confidence)
+            expansion.threshold = _finite(threshold)
+            if not unsure and local.text.strip():
+                return local
+        best = local if local is not None and local.text.strip() else None
+        if self.ensemble is not None:
+            second = await self._expand(wanted, expansion, hop, deadline, request, index, self.ensemble)
+            if second is not None and second.text.strip():
+                expansion.ensemble_confidence = _finite(second.confidence)
+                threshold = self._point_windows.threshold(window)
+                expansion.threshold = _finite(threshold)
+                if second.confidence >= threshold:
+                    expansion.ensemble_kept = True
+                    return second
+                if best is None or second.confidence > best.confidence:
+                    best = second
         ask = self._part_request(request, hop, arrived, pb.TASK_KIND_EXPAND, f"point-{index}")
         ask.expand.points.extend(points)
         ask.expand.index = index
@@ -538,13 +546,48 @@ class Tier:
         try:
             repair = await self._ask_up(ask, request, family, hop, deadline, arrived)
         except UpstreamUnavailable as exc:
-            if local is not None and local.text.strip():
-                return _Point(local.text, expansion, local.prompt_tokens, local.completion_tokens)
+            if best is not None:
+                expansion.ensemble_kept = best is not local
+                return best
             logger.warning("tier %s: point %d of request %s was written nowhere: %s", self.name, index,
                            request.request_id, exc)  # fmt: skip
             raise _ProgressiveFallback("point_failed", degraded=True) from None
         expansion.repaired_by = repair.answered_by
-        return _Point(repair.answer, expansion, repair.usage.prompt_tokens, repair.usage.completion_tokens, repair)
+        return _Point(
+            repair.answer,
+            expansion,
+            repair.usage.prompt_tokens,
+            repair.usage.completion_tokens,
+            repair.confidence.value,
+            repair,
+        )
+
+    async def _expand(
+        self,
+        wanted: GenerationRequest,
+        expansion: pb.PointExpansion,
+        hop: pb.Hop,
+        deadline: float | None,
+        request: pb.InferRequest,
+        index: int,
+        engine: Engine | None = None,
+    ) -> _Point | None:
+        """One point written by this tier's engine (or `engine`), its time and energy booked in `expansion` and
+        `hop`; None when the engine failed."""
+        started = self._clock()
+        try:
+            generation, seconds = await self._generate(wanted, deadline, engine)
+        except RecServeError as exc:
+            logger.warning("tier %s could not expand point %d of request %s%s: %s", self.name, index,
+                           request.request_id, " on its second model" if engine else "", exc)  # fmt: skip
+            expansion.engine_seconds += self._clock() - started
+            return None
+        expansion.engine_seconds += seconds
+        joules = self._inference_joules(generation, seconds)
+        hop.inference_joules += joules
+        self.metrics.count_energy("inference", joules)
+        score = self._score_generation(generation)
+        return _Point(generation.text, expansion, generation.prompt_tokens, generation.completion_tokens, score.value)
 
     def _part_request(
         self, request: pb.InferRequest, hop: pb.Hop, arrived: float, task: pb.TaskKind, part: str
@@ -706,12 +749,15 @@ class Tier:
     def _answers_whatever(self, request: pb.InferRequest) -> bool:
         return self.is_last or request.offload == pb.OFFLOAD_MODE_LOCAL_ONLY
 
-    async def _generate(self, wanted: GenerationRequest, deadline: float | None) -> tuple[Generation, float]:
-        """The engine's generation within the deadline, and its seconds; its failures as the tier's errors."""
+    async def _generate(
+        self, wanted: GenerationRequest, deadline: float | None, engine: Engine | None = None
+    ) -> tuple[Generation, float]:
+        """The engine's (or `engine`'s) generation within the deadline, and its seconds; its failures as the tier's
+        errors."""
         started = self._clock()
         remaining = self._remaining(deadline)
         try:
-            generation = await asyncio.wait_for(self.engine.generate(wanted), remaining)
+            generation = await asyncio.wait_for((engine or self.engine).generate(wanted), remaining)
         except TimeoutError:
             raise DeadlineExceeded(f"tier {self.name}: the deadline passed while the engine was generating") from None
         except EngineError as exc:

@@ -69,6 +69,10 @@ def _hop(hop: pb.Hop) -> dict[str, Any]:
                     "threshold": _number(e.threshold),
                     "repaired_by": e.repaired_by or None,
                     "completion_tokens": e.completion_tokens,
+                    "ensemble_confidence": _number(e.ensemble_confidence)
+                    if e.HasField("ensemble_confidence")
+                    else None,
+                    "ensemble_kept": e.ensemble_kept,
                 }
                 for e in progressive.expansions
             ],

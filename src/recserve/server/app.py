@@ -96,6 +96,8 @@ class RunningTier:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         await self.tier.engine.shutdown()
+        if self.tier.ensemble is not None:
+            await self.tier.ensemble.shutdown()
         await self.tier.links.close()
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.close()
@@ -113,6 +115,8 @@ async def start_tier(
     except (OSError, ValueError) as exc:
         raise StartupError(f"cannot read a token: {exc}") from None
     engine = engine or create_engine(settings.engine, settings.engine_config)
+    ensemble_config = settings.ensemble_engine_config
+    ensemble = create_engine(settings.engine, ensemble_config) if ensemble_config is not None else None
     tier = Tier(
         settings.tier,
         engine,
@@ -131,6 +135,7 @@ async def start_tier(
         capacity=settings.serving_capacity,
         progressive=settings.progressive_scheduler.build() if settings.progressive == "on" else None,
         progressive_options=settings.progressive_options,
+        ensemble=ensemble,
     )
     server = grpc.aio.server(options=server_options(settings.limits))
     servicer = TierServicer(
@@ -160,6 +165,8 @@ async def start_tier(
         if metrics is not None:
             running.metrics_port = await _start_metrics(metrics, settings)
         await engine.start()
+        if ensemble is not None:
+            await ensemble.start()
     except BaseException:
         await running.stop(grace=0)
         raise

@@ -6,7 +6,7 @@ import argparse
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from recserve.core.confidence import CHOICE_SCORERS, GENERATE_SCORERS
@@ -241,6 +241,14 @@ OPTIONS: tuple[Option, ...] = (
         ProgressiveOptions.load_max_age_seconds,
         "progressive: seconds after which the next tier's last load report counts as none",
     ),
+    Option(
+        "progressive_ensemble_model",
+        str,
+        "",
+        "progressive: a second model, on this tier's engine, that writes again the points the first is unsure of "
+        "before the next tier is asked (kept when it clears the point threshold): a GGUF file (llama_cpp), a folder "
+        "or hub id (vllm), a served model name (openai), a model of the trace folder (replay); empty: none",
+    ),
     *(
         Option(
             f"progressive_{spec.name}", spec.parse, spec.default, f"progressive scheduler: {spec.help}", text=spec.text
@@ -344,6 +352,7 @@ class TierSettings:
     progressive_point_window: int
     progressive_point_tokens: int
     progressive_load_max_age: float
+    progressive_ensemble_model: str
     progressive_scheduler: ProgressiveConfig  # from the --progressive-* options of the scheduler
     scorer: str
     choice_scorer: str
@@ -391,6 +400,8 @@ class TierSettings:
             yield "progressive_point_window must be at least 1 and progressive_point_tokens not negative"
         if not self.progressive_load_max_age > 0:
             yield f"progressive_load_max_age must be positive, got {self.progressive_load_max_age}"
+        if self.progressive_ensemble_model and self.progressive != "on":
+            yield "--progressive-ensemble-model needs --progressive on: the second model writes sketch points"
         if not self.tier:
             yield "a tier name is required (--tier or RECSERVE_TIER)"
         for name in (self.tier, *self.caller_names):
@@ -521,6 +532,15 @@ class TierSettings:
             emulate_replicas=self.emulate_replicas,
             emulate_speed=self.emulate_speed,
         )
+
+    @property
+    def ensemble_engine_config(self) -> EngineConfig | None:
+        """The second model's engine: this tier's engine settings with its model; None without one."""
+        if not self.progressive_ensemble_model:
+            return None
+        if self.engine == "replay":
+            return replace(self.engine_config, trace_model=self.progressive_ensemble_model)
+        return replace(self.engine_config, model=self.progressive_ensemble_model)
 
     @property
     def energy_model(self) -> EnergyModel:

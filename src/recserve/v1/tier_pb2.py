@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recserve/v1/tier.proto\x12\x0brecserve.v1\"Y\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x10\n\x08logprobs\x18\x04 \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\".\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xc5\x02\n\x03Hop\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\'\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x15.recserve.v1.Decision\x12\x16\n\x0e\x65ngine_seconds\x18\x05 \x01(\x01\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\x12\x0e\n\x06\x61nswer\x18\x08 \x01(\t\x12\x18\n\x10inference_joules\x18\t \x01(\x01\x12\x1b\n\x13transmission_joules\x18\n \x01(\x01\x12-\n\x0bprogressive\x18\x0b \x01(\x0b\x32\x18.recserve.v1.Progressive\x12\x17\n\nbyte_price\x18\x0c \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_byte_price\"z\n\x0bProgressive\x12\x0e\n\x06points\x18\x01 \x03(\t\x12\x13\n\x0bsketched_by\x18\x02 \x01(\t\x12\x15\n\rsketch_tokens\x18\x03 \x01(\r\x12/\n\nexpansions\x18\x04 \x03(\x0b\x32\x1b.recserve.v1.PointExpansion\"\x7f\n\x0ePointExpansion\x12\x16\n\x0e\x65ngine_seconds\x18\x01 \x01(\x01\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x13\n\x0brepaired_by\x18\x04 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\"5\n\x0cSketchParams\x12\x12\n\nmax_points\x18\x01 \x01(\r\x12\x11\n\tmax_words\x18\x02 \x01(\r\"-\n\x0c\x45xpandParams\x12\x0e\n\x06points\x18\x01 \x03(\t\x12\r\n\x05index\x18\x02 \x01(\r\"\xef\x03\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12#\n\x04task\x18\x04 \x01(\x0e\x32\x15.recserve.v1.TaskKind\x12\x0f\n\x07options\x18\x05 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\x12-\n\x08sampling\x18\x07 \x01(\x0b\x32\x1b.recserve.v1.SamplingParams\x12\x11\n\treference\x18\x08 \x01(\t\x12)\n\x07offload\x18\t \x01(\x0e\x32\x18.recserve.v1.OffloadMode\x12\x1e\n\x04hops\x18\n \x03(\x0b\x32\x10.recserve.v1.Hop\x12*\n\x08messages\x18\x0b \x03(\x0b\x32\x18.recserve.v1.ChatMessage\x12 \n\x13requirement_seconds\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rservice_class\x18\r \x01(\t\x12)\n\x06sketch\x18\x0e \x01(\x0b\x32\x19.recserve.v1.SketchParams\x12)\n\x06\x65xpand\x18\x0f \x01(\x0b\x32\x19.recserve.v1.ExpandParamsB\x16\n\x14_requirement_seconds\"+\n\x04Load\x12\x11\n\tin_flight\x18\x01 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"b\n\nConfidence\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x14\n\x0cmean_logprob\x18\x02 \x01(\x01\x12\x13\n\x0bmin_logprob\x18\x03 \x01(\x01\x12\x1a\n\x12\x66irst_token_margin\x18\x04 \x01(\x01\"\xd6\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\x15\n\rchosen_option\x18\x03 \x01(\t\x12\x13\n\x0b\x61nswered_by\x18\x04 \x01(\t\x12+\n\nconfidence\x18\x05 \x01(\x0b\x32\x17.recserve.v1.Confidence\x12\x1e\n\x04hops\x18\x06 \x03(\x0b\x32\x10.recserve.v1.Hop\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.recserve.v1.Usage\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12+\n\x08logprobs\x18\t \x03(\x0b\x32\x19.recserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x0e\n\x06points\x18\x0b \x03(\t\x12\x1f\n\x04load\x18\x0c \x01(\x0b\x32\x11.recserve.v1.Load\"U\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08logprobs\x18\x02 \x03(\x0b\x32\x19.recserve.v1.TokenLogprob\x12\x0c\n\x04tier\x18\x03 \x01(\t\"u\n\x13InferStreamResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.recserve.v1.TokenDeltaH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.recserve.v1.InferResponseH\x00\x42\x07\n\x05\x65vent\"6\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x08\"\'\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x13\n\x0brecorded_by\x18\x01 \x01(\t*\x7f\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_KIND_GENERATE\x10\x01\x12\x14\n\x10TASK_KIND_CHOICE\x10\x02\x12\x14\n\x10TASK_KIND_SKETCH\x10\x03\x12\x14\n\x10TASK_KIND_EXPAND\x10\x04*]\n\x0bOffloadMode\x12\x15\n\x11OFFLOAD_MODE_AUTO\x10\x00\x12\x1b\n\x17OFFLOAD_MODE_LOCAL_ONLY\x10\x01\x12\x1a\n\x16OFFLOAD_MODE_LAST_TIER\x10\x02*\x84\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_ANSWERED\x10\x01\x12\x16\n\x12\x44\x45\x43ISION_FORWARDED\x10\x02\x12\x15\n\x11\x44\x45\x43ISION_DEGRADED\x10\x03\x12\x18\n\x14\x44\x45\x43ISION_PROGRESSIVE\x10\x04\x32\xe4\x01\n\x0bTierService\x12>\n\x05Infer\x12\x19.recserve.v1.InferRequest\x1a\x1a.recserve.v1.InferResponse\x12L\n\x0bInferStream\x12\x19.recserve.v1.InferRequest\x1a .recserve.v1.InferStreamResponse0\x01\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.recserve.v1.FeedbackRequest\x1a\x1d.recserve.v1.FeedbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recserve/v1/tier.proto\x12\x0brecserve.v1\"Y\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x10\n\x08logprobs\x18\x04 \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\".\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xc5\x02\n\x03Hop\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\'\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x15.recserve.v1.Decision\x12\x16\n\x0e\x65ngine_seconds\x18\x05 \x01(\x01\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x04\x12\x0e\n\x06\x61nswer\x18\x08 \x01(\t\x12\x18\n\x10inference_joules\x18\t \x01(\x01\x12\x1b\n\x13transmission_joules\x18\n \x01(\x01\x12-\n\x0bprogressive\x18\x0b \x01(\x0b\x32\x18.recserve.v1.Progressive\x12\x17\n\nbyte_price\x18\x0c \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_byte_price\"z\n\x0bProgressive\x12\x0e\n\x06points\x18\x01 \x03(\t\x12\x13\n\x0bsketched_by\x18\x02 \x01(\t\x12\x15\n\rsketch_tokens\x18\x03 \x01(\r\x12/\n\nexpansions\x18\x04 \x03(\x0b\x32\x1b.recserve.v1.PointExpansion\"\xd0\x01\n\x0ePointExpansion\x12\x16\n\x0e\x65ngine_seconds\x18\x01 \x01(\x01\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x13\n\x0brepaired_by\x18\x04 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12 \n\x13\x65nsemble_confidence\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rensemble_kept\x18\x07 \x01(\x08\x42\x16\n\x14_ensemble_confidence\"5\n\x0cSketchParams\x12\x12\n\nmax_points\x18\x01 \x01(\r\x12\x11\n\tmax_words\x18\x02 \x01(\r\"-\n\x0c\x45xpandParams\x12\x0e\n\x06points\x18\x01 \x03(\t\x12\r\n\x05index\x18\x02 \x01(\r\"\xef\x03\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12#\n\x04task\x18\x04 \x01(\x0e\x32\x15.recserve.v1.TaskKind\x12\x0f\n\x07options\x18\x05 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\x12-\n\x08sampling\x18\x07 \x01(\x0b\x32\x1b.recserve.v1.SamplingParams\x12\x11\n\treference\x18\x08 \x01(\t\x12)\n\x07offload\x18\t \x01(\x0e\x32\x18.recserve.v1.OffloadMode\x12\x1e\n\x04hops\x18\n \x03(\x0b\x32\x10.recserve.v1.Hop\x12*\n\x08messages\x18\x0b \x03(\x0b\x32\x18.recserve.v1.ChatMessage\x12 \n\x13requirement_seconds\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rservice_class\x18\r \x01(\t\x12)\n\x06sketch\x18\x0e \x01(\x0b\x32\x19.recserve.v1.SketchParams\x12)\n\x06\x65xpand\x18\x0f \x01(\x0b\x32\x19.recserve.v1.ExpandParamsB\x16\n\x14_requirement_seconds\"+\n\x04Load\x12\x11\n\tin_flight\x18\x01 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"b\n\nConfidence\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x14\n\x0cmean_logprob\x18\x02 \x01(\x01\x12\x13\n\x0bmin_logprob\x18\x03 \x01(\x01\x12\x1a\n\x12\x66irst_token_margin\x18\x04 \x01(\x01\"\xd6\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\x15\n\rchosen_option\x18\x03 \x01(\t\x12\x13\n\x0b\x61nswered_by\x18\x04 \x01(\t\x12+\n\nconfidence\x18\x05 \x01(\x0b\x32\x17.recserve.v1.Confidence\x12\x1e\n\x04hops\x18\x06 \x03(\x0b\x32\x10.recserve.v1.Hop\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.recserve.v1.Usage\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12+\n\x08logprobs\x18\t \x03(\x0b\x32\x19.recserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\n \x01(\t\x12\x0e\n\x06points\x18\x0b \x03(\t\x12\x1f\n\x04load\x18\x0c \x01(\x0b\x32\x11.recserve.v1.Load\"U\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08logprobs\x18\x02 \x03(\x0b\x32\x19.recserve.v1.TokenLogprob\x12\x0c\n\x04tier\x18\x03 \x01(\t\"u\n\x13InferStreamResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.recserve.v1.TokenDeltaH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.recserve.v1.InferResponseH\x00\x42\x07\n\x05\x65vent\"6\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x08\"\'\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x13\n\x0brecorded_by\x18\x01 \x01(\t*\x7f\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_KIND_GENERATE\x10\x01\x12\x14\n\x10TASK_KIND_CHOICE\x10\x02\x12\x14\n\x10TASK_KIND_SKETCH\x10\x03\x12\x14\n\x10TASK_KIND_EXPAND\x10\x04*]\n\x0bOffloadMode\x12\x15\n\x11OFFLOAD_MODE_AUTO\x10\x00\x12\x1b\n\x17OFFLOAD_MODE_LOCAL_ONLY\x10\x01\x12\x1a\n\x16OFFLOAD_MODE_LAST_TIER\x10\x02*\x84\x01\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_ANSWERED\x10\x01\x12\x16\n\x12\x44\x45\x43ISION_FORWARDED\x10\x02\x12\x15\n\x11\x44\x45\x43ISION_DEGRADED\x10\x03\x12\x18\n\x14\x44\x45\x43ISION_PROGRESSIVE\x10\x04\x32\xe4\x01\n\x0bTierService\x12>\n\x05Infer\x12\x19.recserve.v1.InferRequest\x1a\x1a.recserve.v1.InferResponse\x12L\n\x0bInferStream\x12\x19.recserve.v1.InferRequest\x1a .recserve.v1.InferStreamResponse0\x01\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.recserve.v1.FeedbackRequest\x1a\x1d.recserve.v1.FeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recserve.v1.tier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKKIND']._serialized_start=2257
-  _globals['_TASKKIND']._serialized_end=2384
-  _globals['_OFFLOADMODE']._serialized_start=2386
-  _globals['_OFFLOADMODE']._serialized_end=2479
-  _globals['_DECISION']._serialized_start=2482
-  _globals['_DECISION']._serialized_end=2614
+  _globals['_TASKKIND']._serialized_start=2339
+  _globals['_TASKKIND']._serialized_end=2466
+  _globals['_OFFLOADMODE']._serialized_start=2468
+  _globals['_OFFLOADMODE']._serialized_end=2561
+  _globals['_DECISION']._serialized_start=2564
+  _globals['_DECISION']._serialized_end=2696
   _globals['_SAMPLINGPARAMS']._serialized_start=39
   _globals['_SAMPLINGPARAMS']._serialized_end=128
   _globals['_CHATMESSAGE']._serialized_start=130
@@ -47,30 +47,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOP']._serialized_end=550
   _globals['_PROGRESSIVE']._serialized_start=552
   _globals['_PROGRESSIVE']._serialized_end=674
-  _globals['_POINTEXPANSION']._serialized_start=676
-  _globals['_POINTEXPANSION']._serialized_end=803
-  _globals['_SKETCHPARAMS']._serialized_start=805
-  _globals['_SKETCHPARAMS']._serialized_end=858
-  _globals['_EXPANDPARAMS']._serialized_start=860
-  _globals['_EXPANDPARAMS']._serialized_end=905
-  _globals['_INFERREQUEST']._serialized_start=908
-  _globals['_INFERREQUEST']._serialized_end=1403
-  _globals['_LOAD']._serialized_start=1405
-  _globals['_LOAD']._serialized_end=1448
-  _globals['_USAGE']._serialized_start=1450
-  _globals['_USAGE']._serialized_end=1507
-  _globals['_CONFIDENCE']._serialized_start=1509
-  _globals['_CONFIDENCE']._serialized_end=1607
-  _globals['_INFERRESPONSE']._serialized_start=1610
-  _globals['_INFERRESPONSE']._serialized_end=1952
-  _globals['_TOKENDELTA']._serialized_start=1954
-  _globals['_TOKENDELTA']._serialized_end=2039
-  _globals['_INFERSTREAMRESPONSE']._serialized_start=2041
-  _globals['_INFERSTREAMRESPONSE']._serialized_end=2158
-  _globals['_FEEDBACKREQUEST']._serialized_start=2160
-  _globals['_FEEDBACKREQUEST']._serialized_end=2214
-  _globals['_FEEDBACKRESPONSE']._serialized_start=2216
-  _globals['_FEEDBACKRESPONSE']._serialized_end=2255
-  _globals['_TIERSERVICE']._serialized_start=2617
-  _globals['_TIERSERVICE']._serialized_end=2845
+  _globals['_POINTEXPANSION']._serialized_start=677
+  _globals['_POINTEXPANSION']._serialized_end=885
+  _globals['_SKETCHPARAMS']._serialized_start=887
+  _globals['_SKETCHPARAMS']._serialized_end=940
+  _globals['_EXPANDPARAMS']._serialized_start=942
+  _globals['_EXPANDPARAMS']._serialized_end=987
+  _globals['_INFERREQUEST']._serialized_start=990
+  _globals['_INFERREQUEST']._serialized_end=1485
+  _globals['_LOAD']._serialized_start=1487
+  _globals['_LOAD']._serialized_end=1530
+  _globals['_USAGE']._serialized_start=1532
+  _globals['_USAGE']._serialized_end=1589
+  _globals['_CONFIDENCE']._serialized_start=1591
+  _globals['_CONFIDENCE']._serialized_end=1689
+  _globals['_INFERRESPONSE']._serialized_start=1692
+  _globals['_INFERRESPONSE']._serialized_end=2034
+  _globals['_TOKENDELTA']._serialized_start=2036
+  _globals['_TOKENDELTA']._serialized_end=2121
+  _globals['_INFERSTREAMRESPONSE']._serialized_start=2123
+  _globals['_INFERSTREAMRESPONSE']._serialized_end=2240
+  _globals['_FEEDBACKREQUEST']._serialized_start=2242
+  _globals['_FEEDBACKREQUEST']._serialized_end=2296
+  _globals['_FEEDBACKRESPONSE']._serialized_start=2298
+  _globals['_FEEDBACKRESPONSE']._serialized_end=2337
+  _globals['_TIERSERVICE']._serialized_start=2699
+  _globals['_TIERSERVICE']._serialized_end=2927
 # @@protoc_insertion_point(module_scope)

@@ -111,18 +111,22 @@ class Progressive(_message.Message):
     def __init__(self, points: _Optional[_Iterable[str]] = ..., sketched_by: _Optional[str] = ..., sketch_tokens: _Optional[int] = ..., expansions: _Optional[_Iterable[_Union[PointExpansion, _Mapping]]] = ...) -> None: ...
 
 class PointExpansion(_message.Message):
-    __slots__ = ("engine_seconds", "confidence", "threshold", "repaired_by", "completion_tokens")
+    __slots__ = ("engine_seconds", "confidence", "threshold", "repaired_by", "completion_tokens", "ensemble_confidence", "ensemble_kept")
     ENGINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     REPAIRED_BY_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_KEPT_FIELD_NUMBER: _ClassVar[int]
     engine_seconds: float
     confidence: float
     threshold: float
     repaired_by: str
     completion_tokens: int
-    def __init__(self, engine_seconds: _Optional[float] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., repaired_by: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    ensemble_confidence: float
+    ensemble_kept: bool
+    def __init__(self, engine_seconds: _Optional[float] = ..., confidence: _Optional[float] = ..., threshold: _Optional[float] = ..., repaired_by: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., ensemble_confidence: _Optional[float] = ..., ensemble_kept: _Optional[bool] = ...) -> None: ...
 
 class SketchParams(_message.Message):
     __slots__ = ("max_points", "max_words")
