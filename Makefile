@@ -138,7 +138,7 @@ load: install ## 200 concurrent clients for 60 s against three tiers: nothing lo
 models: install ## generate the tiny device < edge < cloud models into models/
 	$(BIN)/recserve models make models
 
-chains: install ## every 2- and 3-model chain of a trace folder: target policies against rivals tuned on train (TRACES=DIR; JOBS=2; ~1 h)
+chains: install ## every 2- and 3-model chain of a trace folder: target policies against rivals tuned on train (TRACES=DIR; JOBS=2; ~1.5 h)
 	@test -n "$(TRACES)" || { echo "chains: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
 	$(BIN)/python -m recserve.evaluation.chain_study --traces "$(TRACES)" --out docs --jobs $(JOBS)
 
