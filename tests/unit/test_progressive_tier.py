@@ -26,7 +26,7 @@ from recserve.core.tier import Tier
 from recserve.core.transport import InProcessUpstream, Reply, StreamEvent
 from recserve.policies.simple import ForwardAllPolicy, LocalOnlyPolicy
 from recserve.v1 import tier_pb2 as pb
-from tests.unit.test_tier import sample
+from tests.unit.test_tier import RecordingPolicy, sample
 from tests.unit.test_tier_stream import collect
 
 SKETCH = "1. Plan the week ahead\n2. Cut needless meetings\n3. Rest enough\n"
@@ -463,3 +463,36 @@ async def test_a_parts_quick_reply_does_not_teach_the_placement_but_its_failure_
     edge_tier.links.placement = placement
     await edge_tier.infer(long_question())
     assert [outcome.failed for outcome in placement.outcomes] == [True]
+
+
+async def test_the_tier_below_pays_for_the_parts_but_does_not_take_a_progressive_answer_for_a_cloud_only_one() -> None:
+    """device → edge (progressive, one point repaired) → cloud: the device's policy learns that the request cost the
+    bytes of its own link and of the edge's calls for the sketch and the repair, as one entry (the request crossed one
+    link: a budget policy must not take the edge's answer for a reply that crossed every link)."""
+    metrics = Metrics(CollectorRegistry())
+    cloud = Tier("cloud", SketchingEngine("cloud"), ForwardAllPolicy(), metrics.for_tier("cloud"), callers=("edge",))
+    edge = Tier(
+        "edge",
+        SketchingEngine("edge", logprobs={2: -3.0}),
+        LocalOnlyPolicy(),
+        metrics.for_tier("edge"),
+        FailingWhereTheWireWould(cloud),
+        callers=("device",),
+        progressive=Always(ProgressivePath.PROGRESSIVE),
+        progressive_options=ProgressiveOptions(point_beta=0.34),
+    )
+    recording = RecordingPolicy(2.0)
+    device = Tier(
+        "device", SketchingEngine("device"), recording, metrics.for_tier("device"), FailingWhereTheWireWould(edge)
+    )
+    response = await device.infer(long_question())
+    device_hop, edge_hop, *cloud_hops = response.hops
+    assert edge_hop.decision == pb.DECISION_PROGRESSIVE
+    assert [h.tier for h in cloud_hops] == ["cloud", "cloud"]  # the sketch and the repair
+    ((family, _, spent, lower),) = recording.costs
+    assert family == "advice"
+    assert lower == ()
+    link_bytes = device_hop.bytes_sent + device_hop.bytes_received
+    parts_bytes = edge_hop.bytes_sent + edge_hop.bytes_received
+    assert parts_bytes > 0
+    assert spent == (link_bytes + parts_bytes,)

@@ -48,4 +48,6 @@ class OffloadPolicy(Protocol):
     def observe_cost(self, family: str, *, size: int, spent: Sequence[int], lower: Sequence[float] = ()) -> None:
         """Learn what a request cost once it is served: `size` is its bytes as this tier received it, `spent`
         the bytes measured on each link from this tier up to the tier that answered (empty when this tier
-        answered it, or when the next tier did not answer), `lower` what `decide` was given for it."""
+        answered it, or when the next tier did not answer; a tier that answered progressively adds the bytes of
+        the parts it asked above to the last entry, so that a request crossed every link only when the last tier
+        answered it), `lower` what `decide` was given for it."""

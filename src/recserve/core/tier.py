@@ -974,8 +974,16 @@ class Tier:
         above = response.hops[own + 1].tier if len(response.hops) > own + 1 else ""
         mine.transmission_joules = self._count_link(slot.link, above, bytes_sent, bytes_received)
         if served.learns:
-            # Each hop below the answering one records the bytes of the link above it: what this request cost.
-            spent = [h.bytes_sent + h.bytes_received for h in response.hops[own:-1]]
+            # Each hop below the answering one records the bytes of the link above it: what this request cost. A tier
+            # that answered progressively asked the tier above for parts: those bytes count, but the request did not
+            # cross that link (it is not a cloud-only reply), so they go to the last link it crossed.
+            hops = response.hops
+            answering = next(
+                (i for i in range(own + 1, len(hops)) if hops[i].tier == response.answered_by), len(hops) - 1
+            )
+            spent = [h.bytes_sent + h.bytes_received for h in hops[own:answering]]
+            if spent:
+                spent[-1] += hops[answering].bytes_sent + hops[answering].bytes_received
             lower = tuple(h.confidence for h in request.hops)
             self.policy.observe_cost(served.family, size=request.ByteSize() + hop.ByteSize(), spent=spent, lower=lower)
         served.link = slot.index
