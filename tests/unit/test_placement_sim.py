@@ -14,6 +14,7 @@ import simpy
 from recserve.core.traces import BUNDLED_TRACE
 from recserve.engines.profiles import PROFILES, ServerProfile
 from recserve.evaluation.placement_sim import (
+    CLOUD_SERVING,
     LiveSetup,
     ServiceClass,
     SimConfig,
@@ -167,6 +168,19 @@ def test_the_live_setup_replays_the_tiers_decisions() -> None:
     spread = simulate_live("cs-ucb", [8.0], setup)[0]
     assert {"edge-b", "cloud"} & set(dict(spread.shares))  # tries its other candidates
     assert dict(spread.shares)["device"] == dict(first[0].shares)["device"]  # the device decides alike
+
+
+def test_the_live_setup_simulates_cloud_only_serving_the_energy_goals_reference() -> None:
+    """Every request straight to the cloud, no device generation: the most accurate and the dearest per request."""
+    setup = LiveSetup(seconds=5.0, warmup=2.0, policy_beta=0.3)
+    (serving,) = simulate_live(CLOUD_SERVING, [8.0], setup)
+    (cascade,) = simulate_live("cs-ucb", [8.0], setup)
+    assert dict(serving.shares) == {"cloud": 1.0}
+    assert serving.requests == cascade.requests
+    assert serving.accuracy > cascade.accuracy
+    assert serving.joules_per_request > 2 * cascade.joules_per_request
+    with pytest.raises(SystemExit):
+        main(["--policies", CLOUD_SERVING, "--rates", "8"])  # not a placement of the 50-site sweep
 
 
 def test_cli_simulates_the_live_setup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
