@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,22 @@ def test_serve_rejects_bad_settings_with_a_clear_message() -> None:
 
 def test_tier_arguments_cover_every_tier() -> None:
     assert [a[1] for a in tier_arguments("replay", None)] == ["device", "edge", "cloud"]
+
+
+def test_a_tier_whose_port_was_taken_while_the_tiers_above_started_gets_another(
+    tmp_path: Path, trace_folder: Path
+) -> None:
+    """A vLLM engine binds ports of its own at random while it starts, and can take one chosen for a tier below."""
+    from recserve.server.processes import replay_tiers
+
+    stack = TierProcesses(replay_tiers(["edge", "cloud"], ["small", "medium"], trace_folder), tmp_path)
+    chosen = stack.metrics_ports[0]
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", chosen))
+        squatter.listen()
+        try:
+            stack.start()
+            assert stack.metrics_ports[0] != chosen
+            assert stack.scrape_bytes(0) is not None  # its metrics answer on the port it took instead
+        finally:
+            assert stack.stop() == [0, 0]

@@ -32,6 +32,16 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def _taken(port: int) -> bool:
+    """Whether another process holds `port` on any address (a tier's metrics endpoint binds every address)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
 def replay_tiers(names: Sequence[str], chain: Sequence[str], traces: Path) -> list[list[str]]:
     """`recserve serve` arguments of tiers that replay recorded answers from `traces`, one model of `chain` each."""
     return [
@@ -90,6 +100,12 @@ class TierProcesses:
 
     def start_one(self, index: int, timeout: float = 120.0) -> None:
         """(Re)start tier `index` on its port and wait until it reports ready."""
+        if index not in self._procs:
+            # The ports were free when chosen, but the tiers started since (a vLLM engine binds ports of its own
+            # at random) may hold one by now: take another. Tiers start last first, so no started tier names it.
+            for ports in (self.ports, self.metrics_ports):
+                if _taken(ports[index]):
+                    ports[index] = free_port()
         args = [
             sys.executable, "-m", "recserve", "serve",
             "--host", "127.0.0.1",
