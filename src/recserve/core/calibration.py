@@ -115,6 +115,34 @@ class WindowedCalibration:
         return sigmoid(a + b * logit(confidences))
 
 
+class ForwardGain:
+    """What forwarding a request at confidence c is expected to gain: P(the tiers above answer right | c) - P(this
+    tier's answer is right | c), each calibrated from the tier's verdicts: its own answers', and those of the requests
+    it forwarded, a probe weighted by the inverse of the rate it was sent at (it stands for the requests the tier
+    keeps). Trusted once it has `min_verdicts` verdicts of each kind."""
+
+    def __init__(self, window: int, min_verdicts: int) -> None:
+        self.own = WindowedCalibration(window)
+        self.upstream = WindowedCalibration(window)
+        self.min_verdicts = min_verdicts
+
+    @property
+    def calibrated(self) -> bool:
+        return len(self.own) >= self.min_verdicts and len(self.upstream) >= self.min_verdicts
+
+    def observe(
+        self, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
+    ) -> None:
+        if answered_here:
+            self.own.add(confidence, correct)
+        else:
+            self.upstream.add(confidence, correct, 1.0 / probe_rate if probe_rate else 1.0)
+
+    def predict(self, confidences: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        gain: npt.NDArray[np.float64] = self.upstream.predict(confidences) - self.own.predict(confidences)
+        return gain
+
+
 class KeepRule(NamedTuple):
     """Keep every confidence above `threshold`, and a random `tie_share` of those equal to it."""
 

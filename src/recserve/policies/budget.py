@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recserve.core.calibration import WindowedCalibration
+from recserve.core.calibration import ForwardGain
 from recserve.core.offload import Verdict
 from recserve.policies.config import (
     SplitTargetConfig,
@@ -94,18 +94,13 @@ class _FamilyBudget:
     ledger: ByteLedger
     holding_bytes: bool = False  # whether the last decision left the controller to the measured bytes
     threshold: float | None = None  # the last decision's
-    # The price split's: P(this tier's answer is right | confidence), P(the tiers above answer right | confidence).
-    own: WindowedCalibration = field(default_factory=lambda: WindowedCalibration(VERDICT_WINDOW))
-    upstream: WindowedCalibration = field(default_factory=lambda: WindowedCalibration(VERDICT_WINDOW))
+    # The price split's: what forwarding is expected to gain, by confidence, from the verdicts.
+    gain: ForwardGain = field(default_factory=lambda: ForwardGain(VERDICT_WINDOW, MIN_VERDICTS))
     # The first tier's: each forwarded request's bytes as a share of its estimated cloud-only bytes, and the price.
     forward_costs: deque[float] = field(default_factory=lambda: deque(maxlen=VERDICT_WINDOW))
     price: float | None = None
     learned_rate: float | None = None  # a tier above the first's: the share of its window worth the price
     since_update: int = 0
-
-    @property
-    def calibrated(self) -> bool:
-        return len(self.own) >= MIN_VERDICTS and len(self.upstream) >= MIN_VERDICTS
 
 
 class BudgetPolicy:
@@ -174,7 +169,7 @@ class BudgetPolicy:
         depth = len(lower)
         state.holding_bytes = depth == 0 and not is_last and state.ledger.ready
         pricing = self.config.link_split == "price" and depth > 0 and not is_last and byte_price is not None
-        learned = self._learned_rate(state, depth, byte_price) if pricing and byte_price is not None else None
+        learned = self._learned_rate(state, depth, byte_price) if pricing else None
         target = self.target_rate(depth, family) if learned is None else learned
         if pricing:
             # Keep some requests whatever the rate, so that this tier's own answers are measured too.
@@ -188,16 +183,15 @@ class BudgetPolicy:
         price = self._price(state) if depth == 0 and not is_last and self.config.link_split == "price" else None
         return Verdict(forward and not is_last, state.threshold, probe_rate, price)
 
-    def _learned_rate(self, state: _FamilyBudget, depth: int, byte_price: float) -> float | None:
+    def _learned_rate(self, state: _FamilyBudget, depth: int, byte_price: float | None) -> float | None:
         """A tier above the first, under the price split: the share of its recent confidences whose expected gain
         from forwarding (P_up - P_own) beats the first tier's price of the bytes it costs; None (the split's rate)
-        until it has its calibrations."""
-        if not state.calibrated:
+        until it has its calibrations (or there is no price)."""
+        if byte_price is None or not state.gain.calibrated:
             return None
         state.since_update -= 1
         if state.learned_rate is None or state.since_update <= 0:
-            values = state.controller.sorted_values()
-            gain = state.upstream.predict(values) - state.own.predict(values)
+            gain = state.gain.predict(state.controller.sorted_values())
             # Forwarding from here crosses the links above: about (links - depth) / links of cloud-only bytes.
             cost = (self.config.links - depth) / self.config.links
             state.learned_rate = max(MIN_RATE, float(np.mean(gain > byte_price * cost)))
@@ -207,12 +201,11 @@ class BudgetPolicy:
     def _price(self, state: _FamilyBudget) -> float | None:
         """The first tier's price of bytes: the expected gain of forwarding the request at its threshold, per share
         of cloud-only bytes a forwarded request costs; None until it has its calibrations and costs."""
-        if not state.calibrated or not state.forward_costs or state.threshold is None:
+        if not state.gain.calibrated or not state.forward_costs or state.threshold is None:
             return state.price
         state.since_update -= 1
         if state.price is None or state.since_update <= 0:
-            at = np.array([state.threshold])
-            gain = float((state.upstream.predict(at) - state.own.predict(at))[0])
+            gain = float(state.gain.predict([state.threshold])[0])
             state.price = max(0.0, gain) / max(float(np.mean(state.forward_costs)), 1e-3)
             state.since_update = UPDATE_EVERY
         return state.price
@@ -248,11 +241,5 @@ class BudgetPolicy:
     def observe_verdict(
         self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
     ) -> None:
-        if self.config.link_split != "price":
-            return
-        state = self._family(family)
-        if answered_here:
-            state.own.add(confidence, correct)
-        else:
-            # A probe stands for the requests this tier keeps: weighted by the inverse of its rate.
-            state.upstream.add(confidence, correct, 1.0 / probe_rate if probe_rate else 1.0)
+        if self.config.link_split == "price":
+            self._family(family).gain.observe(confidence, correct, answered_here=answered_here, probe_rate=probe_rate)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recserve.core.calibration import WindowedCalibration, keep_threshold
+from recserve.core.calibration import ForwardGain, keep_threshold
 from recserve.core.offload import Verdict
 from recserve.core.threshold import SlidingWindow
 from recserve.policies.config import (
@@ -44,8 +44,7 @@ class QualityConfig(SplitTargetConfig):
 @dataclass
 class _QualityState:
     window: SlidingWindow  # recent confidences; its quantile gives the cold-start threshold
-    own: WindowedCalibration  # P(this tier's answer is right | confidence), from its own answers' verdicts
-    upstream: WindowedCalibration  # P(the tiers above answer right | confidence), from forwarded requests
+    gain: ForwardGain  # P(tiers above right | confidence) - P(own answer right | confidence), from the verdicts
     kept: deque[float | None]  # per recent decision: the confidence of a request kept here, None if forwarded
     own_outcomes: deque[bool]  # recent verdicts on the answers kept here
     probe_outcomes: deque[bool]  # recent verdicts of the tiers above on probes
@@ -103,8 +102,7 @@ class QualityPolicy:
         if state is None:
             state = self._states[family] = _QualityState(
                 SlidingWindow(self.config.window),
-                WindowedCalibration(VERDICT_WINDOW),
-                WindowedCalibration(VERDICT_WINDOW),
+                ForwardGain(VERDICT_WINDOW, MIN_VERDICTS),
                 deque(maxlen=self.config.window),
                 deque(maxlen=VERDICT_WINDOW),
                 deque(maxlen=VERDICT_WINDOW),
@@ -113,7 +111,7 @@ class QualityPolicy:
 
     def calibrated(self, family: str) -> bool:
         state = self._states.get(family)
-        return state is not None and _calibrated(state)
+        return state is not None and state.gain.calibrated
 
     def estimated_loss(self, family: str) -> float | None:
         """Expected accuracy lost by keeping what the current threshold keeps; None before calibration."""
@@ -121,7 +119,7 @@ class QualityPolicy:
         if state is None or state.threshold is None:
             return None
         values = state.window.sorted_values()
-        gain = np.maximum(state.upstream.predict(values) - state.own.predict(values), 0.0)
+        gain = np.maximum(state.gain.predict(values), 0.0)
         return float(gain[values >= state.threshold].sum() / max(values.size, 1))
 
     def kept_loss(self, family: str) -> float:
@@ -132,7 +130,7 @@ class QualityPolicy:
 
     def _update(self, state: _QualityState) -> None:
         values = state.window.sorted_values()
-        gain = state.upstream.predict(values) - state.own.predict(values)
+        gain = state.gain.predict(values)
         # Proportional to the cumulative error: the requests to come may lose the share plus what the recent
         # ones left unspent (or minus what they overspent).
         allowance = min(1.0, max(0.0, 2 * self.tier_gap - _kept_loss(state)))
@@ -152,7 +150,7 @@ class QualityPolicy:
         cold_forward, cold_threshold = state.window.forward_at(confidence, 0.0 if is_last else self.config.cold_rate)
         if is_last:
             return Verdict(False, cold_threshold)
-        if _calibrated(state):
+        if state.gain.calibrated:
             state.since_update -= 1
             if state.threshold is None or state.since_update <= 0:
                 self._update(state)
@@ -189,19 +187,11 @@ class QualityPolicy:
         self, family: str, confidence: float, correct: bool, *, answered_here: bool, probe_rate: float | None = None
     ) -> None:
         state = self._state(family)
+        state.gain.observe(confidence, correct, answered_here=answered_here, probe_rate=probe_rate)
         if answered_here:
-            state.own.add(confidence, correct)
             state.own_outcomes.append(correct)
-            return
-        weight = 1.0
-        if probe_rate:
-            weight = 1.0 / probe_rate  # inverse propensity: a probe stands for the requests kept
+        elif probe_rate:
             state.probe_outcomes.append(correct)
-        state.upstream.add(confidence, correct, weight)
-
-
-def _calibrated(state: _QualityState) -> bool:
-    return len(state.own) >= MIN_VERDICTS and len(state.upstream) >= MIN_VERDICTS
 
 
 def _kept_loss(state: _QualityState) -> float:
@@ -209,7 +199,7 @@ def _kept_loss(state: _QualityState) -> float:
     kept = np.array([c for c in state.kept if c is not None], dtype=np.float64)
     if not kept.size:
         return 0.0
-    gain = np.maximum(state.upstream.predict(kept) - state.own.predict(kept), 0.0)
+    gain = np.maximum(state.gain.predict(kept), 0.0)
     curve = float(gain.sum() / len(state.kept))
     if len(state.probe_outcomes) < MIN_DIRECT or len(state.own_outcomes) < MIN_DIRECT:
         return curve
