@@ -49,7 +49,6 @@ def _shares(values: FamilyThresholds) -> str | None:
 @dataclass(frozen=True, kw_only=True)
 class BudgetConfig(SplitTargetConfig):
     name = "budget"
-    learns_from_feedback = True  # the price split learns from verdicts; the fill split ignores them
 
     byte_budget: float = option(0.4, "bytes to spend, as a share of cloud-only serving", check=share)
     # An operator whose task families differ in what forwarding buys them (or in what they may cost) gives each its
@@ -83,6 +82,10 @@ class BudgetConfig(SplitTargetConfig):
     explore: float = explore_option()
     probe_seed: int = probe_seed_option()
     window: int = window_option()
+
+    @property
+    def learns_from_feedback(self) -> bool:
+        return self.link_split == "price"  # the fill split needs no verdicts
 
     def build(self) -> BudgetPolicy:
         return BudgetPolicy(self)

@@ -133,7 +133,11 @@ class PolicyConfig(OptionConfig):
 
     kind: ClassVar[str] = "policy"
     aliases: ClassVar[tuple[str, ...]] = ()  # other names `--policy` accepts for it
-    learns_from_feedback: ClassVar[bool] = False  # whether an evaluation sends it each request's verdict
+
+    @property
+    def learns_from_feedback(self) -> bool:
+        """Whether an evaluation sends it each request's verdict."""
+        return False
 
     @abstractmethod
     def build(self) -> OffloadPolicy:

@@ -25,7 +25,6 @@ from recserve.policies.config import (
 @dataclass(frozen=True, kw_only=True)
 class QualityConfig(SplitTargetConfig):
     name = "quality"
-    learns_from_feedback = True
 
     quality_gap: float = option(0.02, "accuracy it may lose against the tiers above (0.02 = 2 points)", check=share)
     window: int = window_option()
@@ -36,6 +35,10 @@ class QualityConfig(SplitTargetConfig):
     # stayed within the gap plus 2 points at gaps of 0.02 and 0.05.
     cold_rate: float = option(0.9, "forward rate until verdicts arrive (and if they never do)", check=share)
     probe_seed: int = probe_seed_option()
+
+    @property
+    def learns_from_feedback(self) -> bool:
+        return True
 
     def build(self) -> QualityPolicy:
         return QualityPolicy(self)
