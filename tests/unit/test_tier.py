@@ -252,7 +252,7 @@ class RecordingPolicy(FixedThresholdPolicy):
         self.verdicts: list[tuple[str, float, bool, bool, float | None]] = []
         self.lower_seen: list[tuple[float, ...]] = []
         self.prices_seen: list[float | None] = []
-        self.costs: list[tuple[str, int, tuple[int, ...], tuple[float, ...]]] = []
+        self.costs: list[tuple[str, int, tuple[int, ...], tuple[float, ...], tuple[int, ...]]] = []
 
     def decide(self, family: str, confidence: float, *, is_last: bool, lower=(), byte_price=None):  # type: ignore[no-untyped-def]
         self.lower_seen.append(tuple(lower))
@@ -265,8 +265,16 @@ class RecordingPolicy(FixedThresholdPolicy):
     ) -> None:
         self.verdicts.append((family, confidence, correct, answered_here, probe_rate))
 
-    def observe_cost(self, family: str, *, size: int, spent: Sequence[int], lower: Sequence[float] = ()) -> None:
-        self.costs.append((family, size, tuple(spent), tuple(lower)))
+    def observe_cost(
+        self,
+        family: str,
+        *,
+        size: int,
+        spent: Sequence[int],
+        lower: Sequence[float] = (),
+        answer_sizes: Sequence[int] = (),
+    ) -> None:
+        self.costs.append((family, size, tuple(spent), tuple(lower), tuple(answer_sizes)))
 
 
 async def test_policies_learn_verdicts_and_see_the_lower_confidences(trace_folder: Path) -> None:
@@ -304,7 +312,8 @@ async def test_the_first_tiers_byte_price_reaches_the_tiers_above_in_its_hop(tra
 
 
 async def test_policies_learn_the_bytes_each_request_took_on_every_link_above(trace_folder: Path) -> None:
-    """The device forwards, the edge answers; then the device forwards, the edge forwards, the cloud answers."""
+    """The device forwards, the edge answers; then the device forwards, the edge forwards, the cloud answers. Each
+    tier also learns the answers' lengths of the tiers the request reached, from itself up."""
     policies = [RecordingPolicy(2.0), RecordingPolicy(0.0), RecordingPolicy(0.0)]
     tiers = await cascade(trace_folder, policies)
     to_edge = await tiers[0].infer(quiz_request(6))
@@ -315,12 +324,20 @@ async def test_policies_learn_the_bytes_each_request_took_on_every_link_above(tr
     links = [device_hop.bytes_sent + device_hop.bytes_received, edge_hop.bytes_sent + edge_hop.bytes_received]
     sent = quiz_request(7, request_id="r00001")
     lower = (to_cloud.hops[0].confidence, to_cloud.hops[1].confidence)
+    answers = tuple(len(hop.answer.encode()) for hop in to_cloud.hops)
+    assert all(answers)
     assert policies[0].costs == [
-        ("quiz", reported_size(quiz_request(6, request_id="r00000"), to_edge.hops, 0), tuple(link), ()),
-        ("quiz", reported_size(sent, to_cloud.hops, 0), tuple(links), ()),
+        (
+            "quiz",
+            reported_size(quiz_request(6, request_id="r00000"), to_edge.hops, 0),
+            tuple(link),
+            (),
+            tuple(len(hop.answer.encode()) for hop in to_edge.hops),
+        ),
+        ("quiz", reported_size(sent, to_cloud.hops, 0), tuple(links), (), answers),
     ]
-    assert policies[1].costs == [("quiz", reported_size(sent, to_cloud.hops, 1), (links[1],), lower[:1])]
-    assert policies[2].costs == [("quiz", reported_size(sent, to_cloud.hops, 2), (), lower)]
+    assert policies[1].costs == [("quiz", reported_size(sent, to_cloud.hops, 1), (links[1],), lower[:1], answers[1:])]
+    assert policies[2].costs == [("quiz", reported_size(sent, to_cloud.hops, 2), (), lower, answers[2:])]
 
 
 def reported_size(sent: pb.InferRequest, hops: Sequence[pb.Hop], tier: int) -> int:

@@ -45,9 +45,18 @@ class OffloadPolicy(Protocol):
         answer (`answered_here`) or, for a request it forwarded, the answer of a tier above; `probe_rate` is
         the decision's `Verdict.probe_rate`."""
 
-    def observe_cost(self, family: str, *, size: int, spent: Sequence[int], lower: Sequence[float] = ()) -> None:
+    def observe_cost(
+        self,
+        family: str,
+        *,
+        size: int,
+        spent: Sequence[int],
+        lower: Sequence[float] = (),
+        answer_sizes: Sequence[int] = (),
+    ) -> None:
         """Learn what a request cost once it is served: `size` is its bytes as this tier received it, `spent`
         the bytes measured on each link from this tier up to the tier that answered (empty when this tier
         answered it, or when the next tier did not answer; a tier that answered progressively adds the bytes of
         the parts it asked above to the last entry, so that a request crossed every link only when the last tier
-        answered it), `lower` what `decide` was given for it."""
+        answered it), `lower` what `decide` was given for it, `answer_sizes` the bytes of the answers of this tier
+        and of the tiers above that the request reached (lowest first), as their hops carry them."""

@@ -847,7 +847,13 @@ class Tier:
         # still gets this tier's answer, marked degraded.
         hop.decision = pb.DECISION_DEGRADED if degraded else pb.DECISION_ANSWERED
         lower = tuple(h.confidence for h in request.hops)
-        self.policy.observe_cost(family, size=request.ByteSize() + hop.ByteSize(), spent=(), lower=lower)
+        self.policy.observe_cost(
+            family,
+            size=request.ByteSize() + hop.ByteSize(),
+            spent=(),
+            lower=lower,
+            answer_sizes=(len(hop.answer.encode()),),
+        )
         response = pb.InferResponse(
             request_id=request.request_id,
             answer=generation.text,
@@ -985,7 +991,13 @@ class Tier:
             if spent:
                 spent[-1] += hops[answering].bytes_sent + hops[answering].bytes_received
             lower = tuple(h.confidence for h in request.hops)
-            self.policy.observe_cost(served.family, size=request.ByteSize() + hop.ByteSize(), spent=spent, lower=lower)
+            self.policy.observe_cost(
+                served.family,
+                size=request.ByteSize() + hop.ByteSize(),
+                spent=spent,
+                lower=lower,
+                answer_sizes=[len(h.answer.encode()) for h in hops[own : answering + 1]],
+            )
         served.link = slot.index
         self._remember(request.request_id, served)
         if request.reference and served.learns:

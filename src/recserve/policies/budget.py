@@ -218,14 +218,22 @@ class BudgetPolicy:
         state = self._families.get(family)
         return state is not None and state.holding_bytes
 
-    def observe_cost(self, family: str, *, size: int, spent: Sequence[int], lower: Sequence[float] = ()) -> None:
+    def observe_cost(
+        self,
+        family: str,
+        *,
+        size: int,
+        spent: Sequence[int],
+        lower: Sequence[float] = (),
+        answer_sizes: Sequence[int] = (),
+    ) -> None:
         if lower:
             return  # only the first tier sees the bytes of every link
         state = self._family(family)
-        for reference, cost in state.ledger.record(size, spent):
+        for reference, cost in state.ledger.record(size, spent, answer_sizes):
             state.controller.correct(self.budget_for(family) * reference - cost)
         if spent and state.ledger.ready:
-            state.forward_costs.append(sum(spent) / state.ledger.cloud_only_estimate(size))
+            state.forward_costs.append(sum(spent) / state.ledger.cloud_only_estimate(size, answer_sizes))
 
     def threshold(self, family: str) -> float | None:
         state = self._families.get(family)

@@ -183,7 +183,15 @@ class QualityPolicy:
             return state.threshold
         return state.window.threshold_at(self.config.cold_rate)
 
-    def observe_cost(self, family: str, *, size: int, spent: Sequence[int], lower: Sequence[float] = ()) -> None:
+    def observe_cost(
+        self,
+        family: str,
+        *,
+        size: int,
+        spent: Sequence[int],
+        lower: Sequence[float] = (),
+        answer_sizes: Sequence[int] = (),
+    ) -> None:
         return None
 
     def observe_verdict(

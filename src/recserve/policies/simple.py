@@ -21,7 +21,15 @@ class _Stateless:
     ) -> None:
         return None
 
-    def observe_cost(self, family: str, *, size: int, spent: Sequence[int], lower: Sequence[float] = ()) -> None:
+    def observe_cost(
+        self,
+        family: str,
+        *,
+        size: int,
+        spent: Sequence[int],
+        lower: Sequence[float] = (),
+        answer_sizes: Sequence[int] = (),
+    ) -> None:
         return None
 
 
