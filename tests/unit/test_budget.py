@@ -106,6 +106,16 @@ def test_ledger_estimates_cloud_only_bytes_from_the_answers_it_saw_and_the_frami
     assert ledger.cloud_only_estimate(0, [10, 20, 30]) == pytest.approx(200 + (250 + 200) / 2)
 
 
+def test_ledger_caps_a_giant_answer_at_a_multiple_of_the_median_of_that_tiers_answers() -> None:
+    """A model that rambles on now and then (llama3.1-405b on triviaqa) does so on the doubted requests, the ones
+    that reach it: uncapped, its rare giant answers put every unreached request's estimate far too high."""
+    ledger = ByteLedger(links=1, min_samples=1, outlier_factor=4.0)
+    for _ in range(9):
+        ledger.record(100, [300], [10, 50])  # framing 300 - 100 - (10 + 2 * 50) = 90
+    ledger.record(100, [10_300], [10, 5050])  # counted as 200 in the mean, all 10 300 bytes as taken
+    assert ledger.cloud_only_estimate(100, [10]) == pytest.approx(100 + 10 + 2 * (9 * 50 + 200) / 10 + 90)
+
+
 def test_ledger_is_not_misled_when_the_doubted_requests_draw_short_answers() -> None:
     """The requests that cross every link are the ones every tier doubted; on free-text tasks those can draw much
     shorter answers from every model (on truthfulqa, about a third of the device's and half of the cloud's mean

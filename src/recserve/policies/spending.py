@@ -3,8 +3,11 @@ estimate of what cloud-only serving would spend."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
+
+from sortedcontainers import SortedList
 
 
 def split_budget(budget: float, links: int, fill_cap: float) -> list[float]:
@@ -33,19 +36,26 @@ def split_budget(budget: float, links: int, fill_cap: float) -> list[float]:
 
 
 class _WindowMean:
-    """The mean of the last `window` values added (0 before the first)."""
+    """The mean of the last `window` values added (0 before the first), each capped at `outlier_factor` times the
+    median of those before it."""
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, outlier_factor: float = math.inf) -> None:
         self._values: deque[float] = deque(maxlen=window)
+        self._sorted = SortedList()
         self._total = 0.0
+        self.outlier_factor = outlier_factor
 
     def __len__(self) -> int:
         return len(self._values)
 
     def add(self, value: float) -> None:
+        if self._sorted and self.outlier_factor < math.inf:
+            value = min(value, self.outlier_factor * max(self._sorted[len(self._sorted) // 2], 1))
         if len(self._values) == self._values.maxlen:
             self._total -= self._values[0]
+            self._sorted.remove(self._values[0])
         self._values.append(value)
+        self._sorted.add(value)
         self._total += value
 
     @property
@@ -72,7 +82,7 @@ class ByteLedger:
     Until `min_samples` requests have crossed every link there is no estimate.
     """
 
-    def __init__(self, links: int, window: int = 1000, min_samples: int = 5) -> None:
+    def __init__(self, links: int, window: int = 1000, min_samples: int = 5, outlier_factor: float = 4.0) -> None:
         if links < 1 or window < 1 or min_samples < 1:
             raise ValueError("links, window and min_samples must be at least 1")
         self.links = links
@@ -82,7 +92,7 @@ class ByteLedger:
         # once more as the reply's answer.
         self._multiplicity = [links + (links - tier if tier else 0) for tier in range(links + 1)]
         self._multiplicity[links] += links
-        self._answers = [_WindowMean(window) for _ in range(links + 1)]
+        self._answers = [_WindowMean(window, outlier_factor) for _ in range(links + 1)]
         self._framing = _WindowMean(window)
         self._pending: list[tuple[int, Sequence[int], int]] = []  # (size, answers, bytes taken) not yet booked
         self._requests = 0
