@@ -489,9 +489,11 @@ async def test_the_tier_below_pays_for_the_parts_but_does_not_take_a_progressive
     device_hop, edge_hop, *cloud_hops = response.hops
     assert edge_hop.decision == pb.DECISION_PROGRESSIVE
     assert [h.tier for h in cloud_hops] == ["cloud", "cloud"]  # the sketch and the repair
-    ((family, _, spent, lower),) = recording.costs
+    ((family, _, spent, lower, answer_sizes),) = recording.costs
     assert family == "advice"
     assert lower == ()
+    # The answers the request reached: the device's and the edge's assembled one, not the cloud's sketch.
+    assert answer_sizes == (len(device_hop.answer.encode()), len(edge_hop.answer.encode()))
     link_bytes = device_hop.bytes_sent + device_hop.bytes_received
     parts_bytes = edge_hop.bytes_sent + edge_hop.bytes_received
     assert parts_bytes > 0

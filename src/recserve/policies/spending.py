@@ -71,8 +71,9 @@ class ByteLedger:
     travels down every link in the reply, and up every link above its tier), plus the last tier's answer down
     every link once more as the reply's, plus the rest of the messages (framing). A served request shows the
     answers of the tiers it reached; the answers of the tiers it did not reach are taken at their mean length over
-    the last `window` requests that reached them, and the framing at its mean over those that crossed every link
-    (whose bytes are exactly what cloud-only serving spends on them).
+    the last `window` requests that reached them (each capped at `outlier_factor` times its tier's median: a model
+    that rambles on now and then does so on the doubted requests, the ones that reach it), and the framing at its
+    mean over those that crossed every link (whose bytes are exactly what cloud-only serving spends on them).
 
     Why not simply the mean of what the requests that crossed every link took beyond `links` times their size:
     those are the ones every tier doubted, and on free-text tasks the doubted questions draw markedly shorter (or
