@@ -4,10 +4,9 @@ estimate of what cloud-only serving would spend."""
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Sequence
 
-from sortedcontainers import SortedList
+from recserve.core.threshold import SlidingWindow
 
 
 def split_budget(budget: float, links: int, fill_cap: float) -> list[float]:
@@ -35,32 +34,26 @@ def split_budget(budget: float, links: int, fill_cap: float) -> list[float]:
     return rates
 
 
-class _WindowMean:
+class _WindowMean(SlidingWindow):
     """The mean of the last `window` values added (0 before the first), each capped at `outlier_factor` times the
     median of those before it."""
 
     def __init__(self, window: int, outlier_factor: float = math.inf) -> None:
-        self._values: deque[float] = deque(maxlen=window)
-        self._sorted = SortedList()
-        self._total = 0.0
+        super().__init__(window)
         self.outlier_factor = outlier_factor
-
-    def __len__(self) -> int:
-        return len(self._values)
+        self._total = 0.0
 
     def add(self, value: float) -> None:
         if self._sorted and self.outlier_factor < math.inf:
             value = min(value, self.outlier_factor * max(self._sorted[len(self._sorted) // 2], 1))
-        if len(self._values) == self._values.maxlen:
-            self._total -= self._values[0]
-            self._sorted.remove(self._values[0])
-        self._values.append(value)
-        self._sorted.add(value)
+        if len(self) == self.window:
+            self._total -= self._arrivals[0]  # the value the window is about to forget
+        super().add(value)
         self._total += value
 
     @property
     def mean(self) -> float:
-        return self._total / max(len(self._values), 1)
+        return self._total / max(len(self), 1)
 
 
 class ByteLedger:
