@@ -3,6 +3,7 @@ follow the link each request took, requirements travel up as what is left of the
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 
@@ -109,6 +110,16 @@ async def test_the_placement_picks_the_candidate_and_bytes_and_feedback_follow_i
     # Feedback on q0 goes the way q0 went: device -> edge-b -> cloud, which answered it.
     reply = await tiers["device"].feedback(pb.FeedbackRequest(request_id="q0", correct=True))
     assert reply.recorded_by == "cloud"
+
+
+async def test_each_outcome_carries_the_queue_its_request_joined_at_the_candidate() -> None:
+    placement = ScriptedPlacement(["edge-b"] * 3)
+    tiers = topology(placement, CollectorRegistry())
+    tiers["edge-b"].engine.delay = 0.01  # slow enough that the three are up there at once
+    await asyncio.gather(*(tiers["device"].infer(question(request_id=f"q{n}")) for n in range(3)))
+    # Sent one after another, each behind those sent before it: what CS-UCB scales its expected time by.
+    assert sorted(outcome.load_at_send for _, outcome in placement.outcomes) == [0, 1, 2]
+    assert placement.loads == {1: 0}
 
 
 async def test_a_down_candidate_is_not_usable_once_its_breaker_opens_and_the_request_is_answered_anyway() -> None:

@@ -164,6 +164,35 @@ def test_cs_ucb_sends_a_tight_request_past_a_long_queue_and_a_loose_one_to_the_c
     assert placement.choose(INTERACTIVE, pair, [True, True]) == 1
 
 
+def drain_after_a_burst(placement: CsUcbPlacement, pair: tuple[Candidate, ...], at_send: bool) -> None:
+    """30 of this tier's requests sent to candidate 0 (a server of one request at a time, 0.5 s each) in a burst,
+    each behind those before it; answered in turn while nothing more is sent, so the queue drains to none."""
+    for _ in range(30):
+        placement.in_flight(0, +1)
+    for behind in range(30):
+        outcome = PlacementOutcome(0.5 * (1 + behind), 30.0, True, load_at_send=behind if at_send else None)
+        placement.observe(TIGHT, pair, 0, outcome)
+        placement.in_flight(0, -1)
+
+
+TIGHT = PlacementRequest(family="chat", requirement_seconds=2.0, service_class="interactive")
+
+
+def test_cs_ucb_judges_answers_by_the_queue_they_joined_not_the_one_left_when_they_came() -> None:
+    fast, steady_one = Candidate("edge-gpu"), Candidate("edge-box")
+    pair = (fast, steady_one)
+    placement = CsUcbPlacement()
+    learn(placement, pair, 1, [(1.2, 40.0)] * 16)  # meets 2 s, but costs more
+    drain_after_a_burst(placement, pair, at_send=True)
+    # The last answers took 8-15 s because each waited behind 15-29 others; idle now, the server is fast again.
+    assert placement.choose(TIGHT, pair, [True, True]) == 0
+    # Judged by the load left when each answer came (15 down to none), the same answers look slow for longer.
+    stale = CsUcbPlacement()
+    learn(stale, pair, 1, [(1.2, 40.0)] * 16)
+    drain_after_a_burst(stale, pair, at_send=False)
+    assert stale.choose(TIGHT, pair, [True, True]) == 1
+
+
 def test_cs_ucb_does_not_trust_one_fast_outcome_with_a_tight_request() -> None:
     rng = random.Random(9)
     steady_one, new = Candidate("edge-gpu"), Candidate("cloud", level=2)

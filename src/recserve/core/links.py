@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from recserve.core.breaker import BreakerState, CircuitBreaker
 from recserve.core.forward_timeout import ForwardTimeout
@@ -48,6 +48,7 @@ class Slot:
     index: int
     link: Link
     breaker_probe: bool  # the call is the half-open breaker's probe
+    load_at_send: int = 0  # this tier's other requests in flight on the link when the slot was taken
 
 
 class Links:
@@ -92,9 +93,10 @@ class Links:
             yield None
             return
         breaker_probe = link.breaker is not None and link.breaker.state is BreakerState.HALF_OPEN
+        load_at_send = link.in_flight
         self._count(index, link, +1)
         try:
-            yield Slot(index, link, breaker_probe)
+            yield Slot(index, link, breaker_probe, load_at_send)
         finally:
             self._count(index, link, -1)
 
@@ -104,6 +106,7 @@ class Links:
 
     def observe(self, request: PlacementRequest, slot: Slot, outcome: PlacementOutcome) -> None:
         if self.placement is not None:
+            outcome = replace(outcome, load_at_send=slot.load_at_send)
             self.placement.observe(request, self.candidates, slot.index, outcome)
 
     def _count(self, index: int, link: Link, delta: int) -> None:

@@ -45,6 +45,9 @@ class PlacementOutcome:
     met: bool  # whether `seconds` stayed within the request's requirement (True when it had none)
     failed: bool = False  # the candidate failed or timed out (seconds then is the time lost)
     transmission_joules: float = 0.0  # the part of energy_joules spent on links (the rest is inference)
+    # This tier's other requests in flight at the candidate when this one was sent: the queue it joined (None: not
+    # known; a placement then takes its count when the answer came, which after a burst understates it).
+    load_at_send: int | None = None
 
 
 class Placement(Protocol):

@@ -354,6 +354,7 @@ def simulate(
             tally.refused += counted
             return
         chosen = group.placement.choose(placement_request, group.candidates, usable)
+        load_at_send = group.in_flight[chosen]
         group.placement.in_flight(chosen, +1)
         group.in_flight[chosen] += 1
         link, server = group.links[chosen], group.servers[chosen]
@@ -366,7 +367,9 @@ def simulate(
         transmission = (bytes_in + bytes_out) * link.joules_per_byte
         requirement = service.requirement_seconds
         met = requirement is None or seconds <= requirement
-        outcome = PlacementOutcome(seconds, job.energy + transmission, met, transmission_joules=transmission)
+        outcome = PlacementOutcome(
+            seconds, job.energy + transmission, met, transmission_joules=transmission, load_at_send=load_at_send
+        )
         group.placement.observe(placement_request, group.candidates, chosen, outcome)
         group.placement.in_flight(chosen, -1)
         group.in_flight[chosen] -= 1
@@ -660,6 +663,7 @@ def simulate_live(
     placement = placement_config("cloud-only" if serving_from_cloud else policy, dict(options or {})).build()
     candidates = (*(Candidate(name, 1) for name in edges), Candidate("cloud", 2))
     usable = [True] * len(candidates)
+    in_flight = [0] * len(candidates)  # the device's requests at each candidate, as a live tier's links count them
     # Each tier's idle energy as a live tier accounts it: idle watts over the time since its last request ended.
     idle = dict.fromkeys(servers, 0.0)
     last_end: dict[str, float | None] = dict.fromkeys(servers, None)
@@ -724,6 +728,8 @@ def simulate_live(
                 max_tokens=query.max_tokens,
             )
             chosen = placement.choose(placing, candidates, usable)
+            load_at_send = in_flight[chosen]
+            in_flight[chosen] += 1
             placement.in_flight(chosen, +1)
             sent_at = env.now
             yield env.timeout(overhead)
@@ -738,8 +744,11 @@ def simulate_live(
             seconds = env.now - sent_at
             requirement = placing.requirement_seconds
             met = requirement is None or seconds <= requirement
-            outcome = PlacementOutcome(seconds, transmission + above, met, transmission_joules=transmission + link)
+            outcome = PlacementOutcome(
+                seconds, transmission + above, met, transmission_joules=transmission + link, load_at_send=load_at_send
+            )
             placement.observe(placing, candidates, chosen, outcome)
+            in_flight[chosen] -= 1
             placement.in_flight(chosen, -1)
             energy += transmission + above
         ended("device")

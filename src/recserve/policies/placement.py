@@ -14,12 +14,15 @@ What PerLLM leaves open and what was chosen (docs/placement.md says more):
 - Statistics are per candidate, pooled over service classes and request sizes, over a sliding window of the
   candidate's last `window` outcomes (sliding-window UCB).
 - The time a candidate is expected to take for a request sent now is its window's mean plus `margin` spreads (a
-  tail, so that most requests, not half, meet the requirement), scaled up, never down, by this tier's load there:
-  ((1 + requests in flight there now) / (1 + the mean in flight at its window's outcomes)) ** `load_weight` (PerLLM's
-  scheduler knows each server's queue; a tier knows only its own requests in flight, so a candidate whose answers
-  stop coming back looks slower before the late answers arrive). The spread is the window's standard deviation
-  shrunk toward the tier's pooled one (relative to the mean) as if two outcomes of that spread had been seen, and
-  floored at a tenth of the mean: one fast answer does not make a candidate look certain.
+  tail, so that most requests, not half, meet the requirement), scaled by this tier's load there: ((1 + requests in
+  flight there now) / (1 + the mean of those in flight when its window's requests were sent)) ** `load_weight`
+  (PerLLM's scheduler knows each server's queue; a tier knows only its own requests in flight, so a candidate whose
+  answers stop coming back looks slower before the late answers arrive). The load is the one each request met when
+  it was sent (`PlacementOutcome.load_at_send`), and the scaling goes both ways: the answers that come back after a
+  burst waited in its queue, and a candidate idle now is not judged by them as if it were still loaded. The spread
+  is the window's standard deviation shrunk toward the tier's pooled one (relative to the mean) as if two outcomes
+  of that spread had been seen, and floored at a tenth of the mean: one fast answer does not make a candidate look
+  certain.
 - Constraint satisfaction: candidates whose expected time is within the request's requirement less `headroom` (a
   share kept in reserve: an energy-minimising choice otherwise rides the requirement's edge, where any lag in the
   statistics is a miss) are feasible; among them the one with the least optimistic energy wins (the window's mean
@@ -240,8 +243,8 @@ class CsUcbConfig(PlacementConfig):
     )
     placement_load_weight: float = option(
         1.0,
-        "CS-UCB: scale a candidate's expected time by ((1 + in flight now) / (1 + in flight at its outcomes)) to "
-        "this power (0: ignore this tier's load)",
+        "CS-UCB: scale a candidate's expected time by ((1 + in flight now) / (1 + in flight when its window's requests "
+        "were sent)) to this power (0: ignore this tier's load)",
         check=not_negative,
     )
     placement_inference_weight: float = option(
@@ -273,7 +276,7 @@ class _Arm:
     def __init__(self, window: int) -> None:
         self.times: deque[float] = deque(maxlen=window)
         self.energies: deque[float] = deque(maxlen=window)
-        self.loads: deque[int] = deque(maxlen=window)  # this tier's requests in flight there at each outcome
+        self.loads: deque[int] = deque(maxlen=window)  # this tier's other requests in flight there at each send
         self.outliers: list[tuple[float, float, int]] = []  # the current run of outcomes far above the mean
         self.last_chosen = 0  # the decision that last chose it (0: never)
         self.probing = False  # chosen as a probe: its window is stale
@@ -423,12 +426,12 @@ class CsUcbPlacement:
     def expected_seconds(self, index: int, arm: _Arm, relative: float | None = None, optimism: float = 0.0) -> float:
         """The time candidate `index` is expected to take for a request sent now: its window's mean plus `margin`
         spreads (shrunk toward `relative`, the tier's pooled spread relative to the mean) less `optimism` / sqrt(n)
-        spreads, scaled up by this tier's requests in flight there now against those its outcomes met."""
+        spreads, scaled by this tier's requests in flight there now against those its window's requests met."""
         if relative is None:
             relative = self._pooled_relative_spread()
         spreads = self.config.placement_margin - optimism / math.sqrt(arm.n)
         tail = max(arm.time_mean() + spreads * arm.tail_spread(relative), 0.0)
-        load = max(1.0, (1 + self._in_flight.get(index, 0)) / (1 + arm.load_mean()))
+        load = (1 + self._in_flight.get(index, 0)) / (1 + arm.load_mean())
         return tail * math.pow(load, self.config.placement_load_weight)
 
     def _pooled_relative_spread(self) -> float:
@@ -445,9 +448,11 @@ class CsUcbPlacement:
         seconds = outcome.seconds
         if outcome.failed:
             seconds = max(seconds, self.config.placement_failure_seconds)
-        # The load it met: this tier's other requests in flight there now (assuming the tier reports the outcome
-        # before the request's in_flight(-1); the other order counts one fewer, a small bias).
-        load = max(self._in_flight.get(chosen, 0) - 1, 0)
+        # The load it met: this tier's other requests in flight there when it was sent; if the caller does not say,
+        # those in flight now (assuming the outcome comes before the request's in_flight(-1)).
+        load = outcome.load_at_send
+        if load is None:
+            load = max(self._in_flight.get(chosen, 0) - 1, 0)
         total = max(outcome.energy_joules, 0.0)
         transmission = min(max(outcome.transmission_joules, 0.0), total)
         energy = (
