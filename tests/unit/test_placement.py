@@ -17,6 +17,7 @@ from recserve.policies.placement import (
     EdgeFirstPlacement,
     FirstPlacement,
     LeastLoadedPlacement,
+    PinnedPlacement,
     RandomPlacement,
     RoundRobinPlacement,
 )
@@ -315,15 +316,37 @@ def test_edge_first_cloud_only_and_first() -> None:
     assert FirstPlacement().choose(REQUEST, candidates, [False, False, True, True]) == 2
 
 
+def test_pinned_keeps_to_its_candidate_fails_over_while_it_is_unusable_and_names_a_missing_one() -> None:
+    candidates = (Candidate("edge-a"), Candidate("edge-b"), CLOUD)
+    pinned = PinnedPlacement("edge-b")
+    assert [pinned.choose(REQUEST, candidates, [True] * 3) for _ in range(3)] == [1, 1, 1]
+    assert pinned.choose(REQUEST, candidates, [True, False, True]) == 0
+    assert pinned.choose(REQUEST, candidates, [False, False, True]) == 2
+    with pytest.raises(ValueError, match="no candidate is named 'edge-c'; the candidates are edge-a, edge-b, cloud"):
+        PinnedPlacement("edge-c").choose(REQUEST, candidates, [True] * 3)
+    with pytest.raises(ValueError, match="pinned placement: the pinned placement needs --placement-pin NAME"):
+        placement_config("pinned", {})
+
+
 def test_no_usable_candidate_is_an_error() -> None:
     with pytest.raises(ValueError, match="no usable"):
         FirstPlacement().choose(REQUEST, TWO, [False, False])
 
 
 def test_registry_builds_each_placement_from_its_options() -> None:
-    assert PLACEMENT_NAMES == ("cs-ucb", "random", "round-robin", "least-loaded", "edge-first", "cloud-only", "first")
+    assert PLACEMENT_NAMES == (
+        "cs-ucb",
+        "random",
+        "round-robin",
+        "least-loaded",
+        "edge-first",
+        "cloud-only",
+        "pinned",
+        "first",
+    )
     for name in PLACEMENT_NAMES:
-        config = placement_config(name, {"placement_seed": 3, "placement_delta": 0.5, "beta": 0.2})
+        values = {"placement_seed": 3, "placement_delta": 0.5, "placement_pin": "cloud", "beta": 0.2}
+        config = placement_config(name, values)
         placement = config.build()
         assert placement.choose(REQUEST, TWO, [True, True]) in (0, 1)
         assert config.serve_flags()[:2] == ["--placement", name]

@@ -15,6 +15,7 @@ from recserve.core.traces import BUNDLED_TRACE
 from recserve.engines.profiles import PROFILES, ServerProfile
 from recserve.evaluation.placement_sim import (
     CLOUD_SERVING,
+    SWEPT_PLACEMENTS,
     LiveSetup,
     ServiceClass,
     SimConfig,
@@ -27,7 +28,6 @@ from recserve.evaluation.placement_sim import (
     sweep,
     trace_sizes,
 )
-from recserve.policies import PLACEMENT_NAMES
 
 # Small enough to run in a fraction of a second: ten sites (three of them edge-box, the rest edge-gpu), one cloud
 # region of eight cloud-gpu servers.
@@ -41,7 +41,7 @@ def test_the_simulator_is_deterministic_with_a_seed() -> None:
     assert other != first
 
 
-@pytest.mark.parametrize("policy", PLACEMENT_NAMES)
+@pytest.mark.parametrize("policy", SWEPT_PLACEMENTS)
 def test_at_a_low_rate_every_policy_meets_nearly_all_requirements(policy: str) -> None:
     config = SimConfig(sites=6, clouds=1, weak_share=0.0, duration=120.0, warmup=30.0,
                        classes=(ServiceClass("standard", 1.0, 20.0),))  # fmt: skip
@@ -168,6 +168,9 @@ def test_the_live_setup_replays_the_tiers_decisions() -> None:
     spread = simulate_live("cs-ucb", [8.0], setup)[0]
     assert {"edge-b", "cloud"} & set(dict(spread.shares))  # tries its other candidates
     assert dict(spread.shares)["device"] == dict(first[0].shares)["device"]  # the device decides alike
+    (pinned,) = simulate_live("pinned", [8.0], setup, {"placement_pin": "edge-b"})
+    assert set(dict(pinned.shares)) == {"device", "edge-b"}
+    assert dict(pinned.shares)["device"] == dict(first[0].shares)["device"]
 
 
 def test_the_live_setup_simulates_cloud_only_serving_the_energy_goals_reference() -> None:

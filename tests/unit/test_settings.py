@@ -56,6 +56,11 @@ def test_the_policy_options_come_from_flags_and_variables() -> None:
         ({"next": "cloud"}, "--next: 'cloud' is not [NAME=]HOST:PORT"),
         ({"next": "a=h:1,a=h:2"}, "--next: candidate names must be distinct"),
         ({"skip_to": "h:1"}, "--skip-to needs --next"),
+        (
+            {"next": "a=h:1,b=h:2", "placement": "pinned", "placement_pin": "c"},
+            "--placement-pin 'c' names no candidate; they are a, b",
+        ),
+        ({"next": "a=h:1", "placement": "pinned"}, "pinned placement: the pinned placement needs --placement-pin"),
         ({"port": 70_000}, "port must be within 0-65535"),
         ({"engine": "llama_cpp"}, "needs --model PATH.gguf"),
         ({"traces": ""}, "needs --traces DIR and --trace-model MODEL"),

@@ -70,7 +70,7 @@ from recserve.engines.profiles import (
     get_profile,
 )
 from recserve.engines.replay import ReplayEngine
-from recserve.policies.placement import PLACEMENT_NAMES, placement_config, placement_options
+from recserve.policies.placement import PLACEMENT_NAMES, PinnedConfig, placement_config, placement_options
 from recserve.policies.simple import RecServeConfig
 from recserve.v1 import tier_pb2 as pb
 
@@ -482,6 +482,9 @@ def _group(index: int, edges: list[_Server], clouds: list[_Server], config: SimC
 # device tier standing for a fleet of phones that places each forwarded request on one of two edge sites or, skipping
 # them, the cloud; each edge forwards to the cloud. Every tier decides by RecServe at `beta` on the confidences its
 # replayed model recorded.
+# The placements a 50-site sweep runs by default: all but `pinned`, whose candidate names differ from group to group
+# there (it serves --live-setup, e.g. --policies pinned --placement-pin edge-b).
+SWEPT_PLACEMENTS = tuple(name for name in PLACEMENT_NAMES if name != PinnedConfig.name)
 LIVE_CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
 LIVE_CLASSES = (ServiceClass("interactive", 0.8, 1.5), ServiceClass("batch", 0.2, 10.0))
 # Phones behind the device tier, each serving its own user: the device's own answers never queue. Enough that the
@@ -898,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in placement_options():
         parser.add_argument(spec.flag, type=spec.parse, default=argparse.SUPPRESS, help=spec.help)
     args = parser.parse_args(argv)
-    default_policies = "cs-ucb,first" if args.live_setup else ",".join(PLACEMENT_NAMES)
+    default_policies = "cs-ucb,first" if args.live_setup else ",".join(SWEPT_PLACEMENTS)
     policies = [name.strip() for name in (args.policies or default_policies).split(",") if name.strip()]
     known = (*PLACEMENT_NAMES, CLOUD_SERVING) if args.live_setup else PLACEMENT_NAMES
     unknown = [name for name in policies if name not in known]

@@ -55,7 +55,7 @@ import math
 import random
 from abc import abstractmethod
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -211,6 +211,37 @@ class CloudOnlyPlacement(_Unlearning):
 
     def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
         return min(_usable(usable), key=lambda index: (-candidates[index].level, index))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PinnedConfig(PlacementConfig):
+    name = "pinned"
+
+    placement_pin: str = option("", "the candidate (by name) every forwarded request goes to while it is usable")
+
+    def problems(self) -> Iterator[str]:
+        yield from super().problems()
+        if not self.placement_pin:
+            yield "the pinned placement needs --placement-pin NAME, one of the candidates' names"
+
+    def build(self) -> PinnedPlacement:
+        return PinnedPlacement(self.placement_pin)
+
+
+class PinnedPlacement(_Unlearning):
+    """Always the named candidate; while it is unusable, the first usable one, as the plain cascade fails over. For
+    an operator who keeps a tier's traffic on one site, and, in hindsight, the best single candidate: the reference a
+    learning placement can at best match on a setup where one candidate is best for every request."""
+
+    def __init__(self, pin: str) -> None:
+        self.pin = pin
+
+    def choose(self, request: PlacementRequest, candidates: Sequence[Candidate], usable: Sequence[bool]) -> int:
+        for index, candidate in enumerate(candidates):
+            if candidate.name == self.pin:
+                return index if usable[index] else _usable(usable)[0]
+        names = ", ".join(candidate.name for candidate in candidates)
+        raise ValueError(f"pinned placement: no candidate is named {self.pin!r}; the candidates are {names}")
 
 
 # --- CS-UCB ---------------------------------------------------------------------------------------------------
@@ -480,6 +511,7 @@ PLACEMENT_CONFIGS: tuple[type[PlacementConfig], ...] = (
     LeastLoadedConfig,
     EdgeFirstConfig,
     CloudOnlyConfig,
+    PinnedConfig,
     FirstConfig,
 )
 PLACEMENT_NAMES = tuple(config.name for config in PLACEMENT_CONFIGS)

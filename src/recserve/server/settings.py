@@ -29,6 +29,7 @@ from recserve.policies import (
 from recserve.policies.placement import (
     DEFAULT_PLACEMENT,
     PLACEMENT_NAMES,
+    PinnedConfig,
     PlacementConfig,
     placement_config,
     placement_options,
@@ -419,6 +420,14 @@ class TierSettings:
                 yield f"{flag}: {exc}"
         if self.skip_to and not self.next:
             yield "--skip-to needs --next: a tier skips its next tier only when it has one"
+        if isinstance(self.placement, PinnedConfig) and self.next:
+            try:
+                names = [candidate.name for candidate in self.candidates]
+            except ValueError:  # said above
+                names = [self.placement.placement_pin]
+            pin = self.placement.placement_pin
+            if pin not in names:
+                yield f"--placement-pin {pin!r} names no candidate; they are {', '.join(names)}"
         if self.engine == "replay" and not (self.traces and self.trace_model):
             yield "the replay engine needs --traces DIR and --trace-model MODEL"
         if self.engine == "llama_cpp" and not self.model:
