@@ -324,7 +324,9 @@ def test_pinned_keeps_to_its_candidate_fails_over_while_it_is_unusable_and_names
     assert pinned.choose(REQUEST, candidates, [False, False, True]) == 2
     with pytest.raises(ValueError, match="no candidate is named 'edge-c'; the candidates are edge-a, edge-b, cloud"):
         PinnedPlacement("edge-c").choose(REQUEST, candidates, [True] * 3)
-    with pytest.raises(ValueError, match="pinned placement: the pinned placement needs --placement-pin NAME"):
+    with pytest.raises(
+        ValueError, match=r"pinned placement: placement_pin must name one of the candidates \(--placement-pin NAME\)"
+    ):
         placement_config("pinned", {})
 
 

@@ -60,7 +60,7 @@ def test_the_policy_options_come_from_flags_and_variables() -> None:
             {"next": "a=h:1,b=h:2", "placement": "pinned", "placement_pin": "c"},
             "--placement-pin 'c' names no candidate; they are a, b",
         ),
-        ({"next": "a=h:1", "placement": "pinned"}, "pinned placement: the pinned placement needs --placement-pin"),
+        ({"next": "a=h:1", "placement": "pinned"}, "pinned placement: placement_pin must name one of the candidates"),
         ({"port": 70_000}, "port must be within 0-65535"),
         ({"engine": "llama_cpp"}, "needs --model PATH.gguf"),
         ({"traces": ""}, "needs --traces DIR and --trace-model MODEL"),

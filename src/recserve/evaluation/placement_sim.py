@@ -74,6 +74,10 @@ from recserve.policies.placement import PLACEMENT_NAMES, PinnedConfig, placement
 from recserve.policies.simple import RecServeConfig
 from recserve.v1 import tier_pb2 as pb
 
+# The placements a 50-site sweep runs by default: all but `pinned`, whose candidate names differ from group to group
+# there (it serves --live-setup, e.g. --policies pinned --placement-pin edge-b).
+SWEPT_PLACEMENTS = tuple(name for name in PLACEMENT_NAMES if name != PinnedConfig.name)
+
 
 @dataclass(frozen=True)
 class Link:
@@ -482,9 +486,6 @@ def _group(index: int, edges: list[_Server], clouds: list[_Server], config: SimC
 # device tier standing for a fleet of phones that places each forwarded request on one of two edge sites or, skipping
 # them, the cloud; each edge forwards to the cloud. Every tier decides by RecServe at `beta` on the confidences its
 # replayed model recorded.
-# The placements a 50-site sweep runs by default: all but `pinned`, whose candidate names differ from group to group
-# there (it serves --live-setup, e.g. --policies pinned --placement-pin edge-b).
-SWEPT_PLACEMENTS = tuple(name for name in PLACEMENT_NAMES if name != PinnedConfig.name)
 LIVE_CHAIN = ("llama3.2-1b", "llama3.1-8b", "llama3.1-70b")
 LIVE_CLASSES = (ServiceClass("interactive", 0.8, 1.5), ServiceClass("batch", 0.2, 10.0))
 # Phones behind the device tier, each serving its own user: the device's own answers never queue. Enough that the
@@ -872,7 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rates", default=None, help="device requests per second, comma-separated (default 100,...,600; "
         "with --live-setup 8,64)"
     )  # fmt: skip
-    parser.add_argument("--policies", default=None, help="placements, comma-separated (default all; with "
+    parser.add_argument("--policies", default=None, help="placements, comma-separated (default all but pinned; with "
                         "--live-setup cs-ucb,first; there also cloud-serving: every request to the cloud)")  # fmt: skip
     parser.add_argument("--forward-share", type=float, default=0.3, help="share of requests devices forward")
     parser.add_argument("--duration", type=float, default=180.0, help="simulated seconds of arrivals")

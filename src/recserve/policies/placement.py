@@ -222,7 +222,7 @@ class PinnedConfig(PlacementConfig):
     def problems(self) -> Iterator[str]:
         yield from super().problems()
         if not self.placement_pin:
-            yield "the pinned placement needs --placement-pin NAME, one of the candidates' names"
+            yield "placement_pin must name one of the candidates (--placement-pin NAME)"
 
     def build(self) -> PinnedPlacement:
         return PinnedPlacement(self.placement_pin)
