@@ -413,21 +413,20 @@ class TierSettings:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 yield f"{name} must be within 0-65535"
+        names: list[str] | None = []  # the candidates' names; None when one of the lists does not parse
         for flag, text in (("--next", self.next), ("--skip-to", self.skip_to)):
             try:
-                parse_candidates(text)
+                parsed = parse_candidates(text)
             except ValueError as exc:
+                names = None
                 yield f"{flag}: {exc}"
+            else:
+                if names is not None:
+                    names += [name for name, _ in parsed]
         if self.skip_to and not self.next:
             yield "--skip-to needs --next: a tier skips its next tier only when it has one"
-        if isinstance(self.placement, PinnedConfig) and self.next:
-            try:
-                names = [candidate.name for candidate in self.candidates]
-            except ValueError:  # said above
-                names = [self.placement.placement_pin]
-            pin = self.placement.placement_pin
-            if pin not in names:
-                yield f"--placement-pin {pin!r} names no candidate; they are {', '.join(names)}"
+        if isinstance(self.placement, PinnedConfig) and names and self.placement.placement_pin not in names:
+            yield f"--placement-pin {self.placement.placement_pin!r} names no candidate; they are {', '.join(names)}"
         if self.engine == "replay" and not (self.traces and self.trace_model):
             yield "the replay engine needs --traces DIR and --trace-model MODEL"
         if self.engine == "llama_cpp" and not self.model:
