@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -32,6 +31,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from recserve.server.processes import free_port, free_ports
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
 from tests.conftest import wait_serving
@@ -71,13 +71,6 @@ def valid_path(hops: list[str]) -> bool:
     if len(hops) >= 2 and hops[1] not in CANDIDATES:
         return False
     return len(hops) < 3 or (hops[1] != "cloud" and hops[2] == "cloud")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120) -> str:
@@ -155,8 +148,10 @@ class Stack:
 def stack() -> Iterator[Stack]:
     if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
         pytest.fail("no Docker daemon: run `make docker-ready` (root installs and starts it), or use `make test`")
-    ports = {"DEVICE_PORT": free_port(), "GATEWAY_PORT": free_port(), "GRAFANA_PORT": free_port()}
-    ports |= {metrics_port_variable(tier): free_port() for tier in TIERS}
+    # Distinct ports: asked for one at a time, the kernel may hand out the same one twice, and compose fails with
+    # "port is already allocated".
+    names = ["DEVICE_PORT", "GATEWAY_PORT", "GRAFANA_PORT", *(metrics_port_variable(tier) for tier in TIERS)]
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     # A make started by pytest started by make must not inherit the outer make's job server and flags.
     env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
     env |= {name: str(port) for name, port in ports.items()}
