@@ -4,7 +4,6 @@ the same event loop, and the official `openai` SDK as the client."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 
 from recserve.engines.replay import ReplayEngine
 from recserve.server.app import RunningTier, start_tier
+from recserve.server.processes import free_port
 from recserve.server.settings import TierSettings
 from tests.conftest import CHOICE_SYSTEM, GENERATE_SYSTEM, TRACE_MODELS, answer_row, trace_query, write_traces
 from tests.grpc.gateway_server import Gateway, running_gateway
@@ -205,10 +205,7 @@ async def test_a_full_first_tier_is_429_with_retry_after(stack: Stack, client: o
 
 
 async def test_a_first_tier_that_is_down_is_503() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    async with running_gateway(f"127.0.0.1:{port}") as gateway:
+    async with running_gateway(f"127.0.0.1:{free_port()}") as gateway:
         async with gateway.client() as client:
             with pytest.raises(openai.InternalServerError) as caught:
                 await client.completions.create(model="recserve", prompt="chat question number 1?")
