@@ -230,7 +230,9 @@ class BudgetPolicy:
         if lower:
             return  # only the first tier sees the bytes of every link
         state = self._family(family)
-        for reference, cost in state.ledger.record(size, spent, answer_sizes):
+        booked = state.ledger.record(size, spent, answer_sizes)
+        if booked is not None:
+            reference, cost = booked
             state.controller.correct(self.budget_for(family) * reference - cost)
         if spent and state.ledger.ready:
             state.forward_costs.append(sum(spent) / state.ledger.cloud_only_estimate(size, answer_sizes))
