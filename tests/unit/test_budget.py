@@ -117,8 +117,10 @@ def test_ledger_revalues_what_it_booked_so_a_long_answer_seen_early_weighs_no_mo
     booked_bytes = 0.0
     for index in range(400):
         size = rng.randint(100, 300)
-        cloud = 600 if index == 3 else rng.randint(20, 60)  # the long answer comes with the fourth request
-        answers = [rng.randint(5, 40), cloud] if rng.random() < 0.2 else [rng.randint(5, 40)]
+        early = index == 3  # the fourth request reaches the cloud and draws a long answer
+        answers = [rng.randint(5, 40), 600 if early else rng.randint(20, 60)]
+        if not early and rng.random() > 0.2:
+            answers = answers[:1]
         spent = [size + sum(answers) + 50] if len(answers) == 2 else []
         served.append((size, answers))
         booked = ledger.record(size, spent, answers)
