@@ -487,6 +487,15 @@ def podman_pods(docs: list[Manifest], prefix: str) -> dict[str, tuple[list[Manif
         spec = copy.deepcopy(workload["spec"]["template"]["spec"])
         spec["hostNetwork"] = True
         spec["restartPolicy"] = "Never"
+        # Podman makes an emptyDir a volume named as in the pod, so pods naming theirs alike (tmp) would share it,
+        # and plays in parallel race to create it ("volume with name tmp already exists"): each gets a name of its
+        # own, as each Kubernetes pod gets its own emptyDir.
+        renamed = {volume["name"]: f"{prefix}-{tier}-{volume['name']}" for volume in spec.get("volumes", [])}
+        for volume in spec.get("volumes", []):
+            volume["name"] = renamed[volume["name"]]
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            for mount in container.get("volumeMounts", []):
+                mount["name"] = renamed[mount["name"]]
         if tier == GATEWAY:
             config["data"] |= {
                 "RECSERVE_GATEWAY_HOST": "127.0.0.1", "RECSERVE_GATEWAY_PORT": str(http_port),
