@@ -145,16 +145,12 @@ class ByteLedger:
                 else:
                     self._unreached[tier] += 1
         self._pending.clear()
-        estimate = (
-            self._known_bytes
-            + sum(
-                unreached * count * answers_seen.mean
-                for unreached, count, answers_seen in zip(
-                    self._unreached, self._multiplicity, self._answers, strict=True
-                )
-            )
-            + self._booked * self._framing.mean
+        # As `cloud_only_estimate`, summed over the booked requests: the unreached answers and the framing at the
+        # current means.
+        unreached_bytes = sum(
+            self._unreached[tier] * count * self._answers[tier].mean for tier, count in enumerate(self._multiplicity)
         )
+        estimate = self._known_bytes + unreached_bytes + self._booked * self._framing.mean
         rise, self._booked_estimate = estimate - self._booked_estimate, estimate
         mean = estimate / self._booked
         return rise / mean, taken / mean
