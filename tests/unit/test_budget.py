@@ -328,6 +328,24 @@ def test_budget_config_reaches_the_rates_and_the_window() -> None:
     assert (wide.threshold("quiz") or 1.0) < 0.1
 
 
+def test_the_early_requests_error_enters_the_controller_once_when_the_first_bytes_are_booked() -> None:
+    """Until the ledger can estimate cloud-only bytes the first tier holds its rate; at the first booking the
+    early requests' byte error replaces that rate error instead of being added to it."""
+    policy = BudgetConfig(byte_budget=0.4, links=1, window=100).build()
+    ledger = ByteLedger(links=1)
+    controller = policy._family("quiz").controller
+    for step in range(5):
+        policy.decide("quiz", 0.1 * step, is_last=False)
+        rate_integral = controller.integral
+        policy.observe_cost("quiz", size=100, spent=[300 + 10 * step])
+        booked = ledger.record(100, [300 + 10 * step])
+    assert booked is not None and rate_integral != 0.0
+    reference, cost = booked
+    byte_error = 0.4 * reference - cost  # every early request crossed the link: a large overspend
+    assert controller.integral == pytest.approx(controller.gain * byte_error)
+    assert controller.recovery == pytest.approx(controller.gain / 4 * controller.integral)
+
+
 def test_only_the_costs_of_the_first_tiers_requests_feed_the_byte_estimate() -> None:
     """The depth comes with each call: a request seen at the edge books nothing, even right after the same
     policy object decided one at the device."""
