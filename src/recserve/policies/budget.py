@@ -237,7 +237,7 @@ class BudgetPolicy:
             if not was_ready:
                 # Until now the controller held the rate, and its integral is the early requests' rate error; the
                 # first booking brings in their byte error, which measures the same over- or underspend again.
-                state.controller.integral = state.controller.recovery = 0.0
+                state.controller.clear_error()
             state.controller.correct(self.budget_for(family) * reference - cost)
         if spent and state.ledger.ready:
             state.forward_costs.append(sum(spent) / state.ledger.cloud_only_estimate(size, answer_sizes))

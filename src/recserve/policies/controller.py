@@ -44,6 +44,10 @@ class ControlledQuantile(SlidingWindow):
         """The quantile level that forwards `target` once the integral's correction is added, within [0, 1]."""
         return min(1.0, max(0.0, target + self.integral + self.recovery))
 
+    def clear_error(self) -> None:
+        """Drop the error integrated so far (both terms), when the caller starts to hold another quantity."""
+        self.integral = self.recovery = 0.0
+
     def correct(self, error: float) -> None:
         """Integrate `error` (what the level should rise by, in shares of a request) into the level."""
         # Bounded so that a long stretch at an unreachable target cannot wind the level up for ever.
