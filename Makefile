@@ -44,7 +44,7 @@ K8S_VERSION ?= 1.32.0
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
 .PHONY: help install install-dev proto proto-check lint layers typecheck check test test-unit test-processes test-integration demo serve bench models demo-trace clean
-.PHONY: docker-ready base-image wheels images up down bench-placement bench-progressive results chains ceiling certs chaos load podman-ready k8s-validate
+.PHONY: docker-ready base-image wheels images up down bench-placement bench-progressive results chains spending-bound ceiling certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -141,6 +141,10 @@ models: install ## generate the tiny device < edge < cloud models into models/
 chains: install ## every 2- and 3-model chain of a trace folder: target policies against rivals tuned on train (TRACES=DIR; JOBS=2; ~1.5 h)
 	@test -n "$(TRACES)" || { echo "chains: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
 	$(BIN)/python -m recserve.evaluation.chain_study --traces "$(TRACES)" --out docs --jobs $(JOBS)
+
+spending-bound: install ## the budget goal's hindsight bound over every chain of docs/results/chains.json (TRACES=DIR; JOBS=2; ~10 min)
+	@test -n "$(TRACES)" || { echo "spending-bound: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
+	$(BIN)/python -m recserve.evaluation.spending_bound --traces "$(TRACES)" --jobs $(JOBS)
 
 ceiling: install ## hindsight bounds of other rankings (prompt words, agreement, lower confidence) (TRACES=DIR; ~1 min)
 	@test -n "$(TRACES)" || { echo "ceiling: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }

@@ -16,8 +16,8 @@ from recserve.evaluation.chain_study import (
     ChainStudy,
     Point,
     _equal_bytes_margin,
-    _meets_goal,
     _meets_goal_strictly,
+    meets_goal,
     study_chain,
     summary_lines,
     verdict,
@@ -109,7 +109,7 @@ def test_the_goal_compares_at_the_bytes_each_rival_spent() -> None:
     assert not _meets_goal_strictly(row)  # less accurate than CasServe, and more bytes than RecServe
     # Given CasServe's 0.42 it is as accurate; given RecServe's 0.38, more accurate.
     matched = replace(row, at_rival_bytes={"casserve": at(0.797, 0.419), "recserve": at(0.785, 0.381)})
-    assert _meets_goal(matched)
+    assert meets_goal(matched)
     assert _equal_bytes_margin(matched) == pytest.approx(-0.003)
     overspent = replace(row, at_rival_bytes={"casserve": at(0.80, 0.43), "recserve": at(0.785, 0.381)})
-    assert not _meets_goal(overspent)
+    assert not meets_goal(overspent)

@@ -307,11 +307,11 @@ def summary_lines(studies: Sequence[ChainStudy]) -> list[str]:
     for index, budget in enumerate(BUDGETS):
         rows = [(study.chain, study.budgets[index]) for study in studies]
         tallies = {rival: [verdict(r.policy.accuracy, getattr(r, rival).accuracy) for _, r in rows] for rival in RIVALS}
-        goal = sum(_meets_goal(r) for _, r in rows)
+        goal = sum(meets_goal(r) for _, r in rows)
         strict = sum(_meets_goal_strictly(r) for _, r in rows)
         worst_chain, worst = min(rows, key=lambda item: _equal_bytes_margin(item[1]))
         family_key = "at_rival_family_bytes"
-        family_goal = sum(_meets_goal(r, family_key) for _, r in rows)
+        family_goal = sum(meets_goal(r, family_key) for _, r in rows)
         family_chain, family_worst = min(rows, key=lambda item: _equal_bytes_margin(item[1], family_key))
         within = [
             abs(share - budget) <= BYTES_TOLERANCE for _, r in rows for _, share in r.policy.by_benchmark.values()
@@ -351,7 +351,7 @@ def _equal_bytes_margin(row: BudgetRow, key: str = "at_rival_bytes") -> float:
     return min(runs[rival].accuracy - float(getattr(row, rival).accuracy) for rival in RIVALS)
 
 
-def _meets_goal(row: BudgetRow, key: str = "at_rival_bytes") -> bool:
+def meets_goal(row: BudgetRow, key: str = "at_rival_bytes") -> bool:
     """At least as accurate as each rival (within the tie) given the bytes that rival spent (overall, or per benchmark
     with `key` "at_rival_family_bytes"), and spending no more than them (within the tie)."""
     runs: dict[str, Point] | None = getattr(row, key)
