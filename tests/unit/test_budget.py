@@ -333,7 +333,7 @@ def test_the_early_requests_error_enters_the_controller_once_when_the_first_byte
     early requests' byte error replaces that rate error instead of being added to it."""
     policy = BudgetConfig(byte_budget=0.4, links=1, window=100).build()
     ledger = ByteLedger(links=1)
-    controller = policy._family("quiz").controller
+    controller = policy.controller("quiz")
     for step in range(5):
         policy.decide("quiz", 0.1 * step, is_last=False)
         rate_integral = controller.integral

@@ -242,6 +242,10 @@ class BudgetPolicy:
         if spent and state.ledger.ready:
             state.forward_costs.append(sum(spent) / state.ledger.cloud_only_estimate(size, answer_sizes))
 
+    def controller(self, family: str) -> ControlledQuantile:
+        """The controller that holds `family`'s rate (at the first tier, its bytes once the ledger is ready)."""
+        return self._family(family).controller
+
     def threshold(self, family: str) -> float | None:
         state = self._families.get(family)
         return None if state is None else state.threshold
