@@ -1,6 +1,6 @@
 """How far the budget goal can be met at all: the best fixed thresholds in hindsight, held per benchmark.
 
-The issue's goal for the budget policy asks two things at once: spend the target within ±0.02 on every benchmark,
+The budget policy's goal (docs/chains.md) asks two things at once: spend the target within ±0.02 on every benchmark,
 and be at least as accurate as CasServe tuned on train and RecServe at equal or fewer bytes overall. The rivals do
 not spend evenly across benchmarks, and a byte spent where forwarding pays buys more than one spent evenly. This
 bounds what any policy that ranks requests by the tiers' own confidences can reach under both demands: per
@@ -45,6 +45,11 @@ UNIT = 1e-4
 TARGET_STEP = 0.0025  # the targets tried, from 0 up to the rival's bytes plus the tolerance
 
 
+def _running_total(values: npt.NDArray[np.generic]) -> npt.NDArray[np.int64]:
+    """0, then the sums of the first 1, 2, ... values."""
+    return np.concatenate(([0], np.cumsum(values, dtype=np.int64)))
+
+
 def threshold_policies(
     confidence: npt.NDArray[np.float64], correct: npt.NDArray[np.bool_], cost: npt.NDArray[np.int64]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -57,20 +62,19 @@ def threshold_policies(
         if depth == tiers - 1 or rows.size == 0:
             return np.array([cost[rows, depth].sum()]), np.array([correct[rows, depth].sum()])
         ordered = rows[np.argsort(confidence[rows, depth], kind="stable")]
-        if depth == tiers - 2:  # the last decision: every k at once
-            up_cost = np.concatenate(([0], np.cumsum(cost[ordered, depth + 1])))
-            up_right = np.concatenate(([0], np.cumsum(correct[ordered, depth + 1])))
-            own_cost = np.concatenate(([0], np.cumsum(cost[ordered, depth])))
-            own_right = np.concatenate(([0], np.cumsum(correct[ordered, depth])))
-            return up_cost + own_cost[-1] - own_cost, up_right + own_right[-1] - own_right
-        costs, rights = [], []
-        own_cost = np.concatenate(([0], np.cumsum(cost[ordered, depth])))
-        own_right = np.concatenate(([0], np.cumsum(correct[ordered, depth])))
-        for k in range(rows.size + 1):
-            above_cost, above_right = reach(ordered[:k], depth + 1)
-            costs.append(above_cost + own_cost[-1] - own_cost[k])
-            rights.append(above_right + own_right[-1] - own_right[k])
-        return np.concatenate(costs), np.concatenate(rights)
+        # What this tier answers itself when it forwards the first k: every request after them.
+        own_cost, own_right = _running_total(cost[ordered, depth]), _running_total(correct[ordered, depth])
+        kept_cost, kept_right = own_cost[-1] - own_cost, own_right[-1] - own_right
+        if depth == tiers - 2:  # the tier above answers all it gets: every k at once
+            return (
+                _running_total(cost[ordered, depth + 1]) + kept_cost,
+                _running_total(correct[ordered, depth + 1]) + kept_right,
+            )
+        above = [reach(ordered[:k], depth + 1) for k in range(rows.size + 1)]
+        return (
+            np.concatenate([costs + kept_cost[k] for k, (costs, _) in enumerate(above)]),
+            np.concatenate([rights + kept_right[k] for k, (_, rights) in enumerate(above)]),
+        )
 
     return reach(np.arange(confidence.shape[0]), 0)
 
