@@ -175,6 +175,11 @@ def _bound_one(traces: Path, study: ChainStudy) -> ChainBound:
     return result
 
 
+def _level(row: BudgetRow, bound: dict[str, float], rival: str) -> bool:
+    """Whether the bound is at least as accurate as `rival` was, within the tie."""
+    return bound[rival] > float(getattr(row, rival).accuracy) - TIE
+
+
 def summary_lines(studies: Sequence[ChainStudy], bounds: Sequence[ChainBound]) -> list[str]:
     """Markdown: per budget, the chains where the bound reaches each rival (within the tie), held per benchmark and
     free, next to the budget policy's own count at equal bytes."""
@@ -188,14 +193,10 @@ def summary_lines(studies: Sequence[ChainStudy], bounds: Sequence[ChainBound]) -
     for index, budget in enumerate(BUDGETS):
         pairs = [(s.budgets[index], by_chain[s.chain].budgets[index]) for s in studies if s.chain in by_chain]
         count = len(pairs)
-
-        def level(row: BudgetRow, bound: dict[str, float], rival: str) -> bool:
-            return bound[rival] > float(getattr(row, rival).accuracy) - TIE
-
-        held = sum(all(level(r, b.held, x) for x in RIVALS) for r, b in pairs)
-        free = sum(all(level(r, b.free, x) for x in RIVALS) for r, b in pairs)
+        held = sum(all(_level(r, b.held, x) for x in RIVALS) for r, b in pairs)
+        free = sum(all(_level(r, b.free, x) for x in RIVALS) for r, b in pairs)
         policy = sum(meets_goal(r) for r, _ in pairs)
-        behind = " / ".join(str(sum(not level(r, b.held, x) for r, b in pairs)) for x in RIVALS)
+        behind = " / ".join(str(sum(not _level(r, b.held, x) for r, b in pairs)) for x in RIVALS)
         lines.append(
             f"| {budget} | {held} of {count} ({held / count:.0%}) | {free} of {count} ({free / count:.0%}) | "
             f"{policy} of {count} ({policy / count:.0%}) | {behind} |"
@@ -206,10 +207,12 @@ def summary_lines(studies: Sequence[ChainStudy], bounds: Sequence[ChainBound]) -
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traces", type=Path, required=True)
-    parser.add_argument("--chains", type=Path, default=Path("docs/results/chains.json"))
+    parser.add_argument(
+        "--chains", type=Path, default=Path("docs/results/chains.json"), help="the chain study whose rivals to bound"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/results/spending_bound.json"))
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=2, help="chains bounded at once, one process each")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N chains (a quick look)")
     args = parser.parse_args(argv)
     studies = list(load_studies(args.chains, with_quality=False).values())[: args.limit]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
