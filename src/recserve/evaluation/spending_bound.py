@@ -36,8 +36,9 @@ from recserve.evaluation.chain_study import (
     ChainStudy,
     load_studies,
     meets_goal,
+    verdict,
 )
-from recserve.evaluation.replay import DepthTable, TraceReplay
+from recserve.evaluation.replay import DepthTable, TraceReplay, cloud_only_by_benchmark
 
 # Bytes are counted in units of this share of the chain's cloud-only bytes, each point's rounded down: the bound is
 # then looser than the exact one by at most a unit per benchmark.
@@ -149,7 +150,7 @@ async def bound_chain(traces: Path, study: ChainStudy) -> ChainBound:
     replay = TraceReplay.load(traces, study.chain)
     table: DepthTable = await replay.depth_table(replay.queries("test"))
     cost = table.link_bytes.sum(axis=2)
-    cloud = {str(b): int(table.cloud_only_bytes[table.benchmarks == b].sum()) for b in np.unique(table.benchmarks)}
+    cloud = cloud_only_by_benchmark(table)
     unit = UNIT * sum(cloud.values())
     size = int(1.0 / UNIT) + 2
     fronts = {}
@@ -158,15 +159,15 @@ async def bound_chain(traces: Path, study: ChainStudy) -> ChainBound:
         costs, rights = threshold_policies(table.confidence[rows], table.correct[rows], cost[rows])
         fronts[name] = best_by_unit(costs, rights, unit, size)
     queries = len(table.benchmarks)
-    rows = []
+    bound_rows = []
     for budget_row in study.budgets:
         held, free = {}, {}
         for rival in RIVALS:
             ceiling = int((getattr(budget_row, rival).bytes + TIE) / UNIT)
             held[rival] = _bound(fronts, cloud, unit, ceiling, queries, BYTES_TOLERANCE)
             free[rival] = _bound(fronts, cloud, unit, ceiling, queries, None)
-        rows.append(BoundRow(budget_row.budget, held, free))
-    return ChainBound(study.chain, tuple(rows))
+        bound_rows.append(BoundRow(budget_row.budget, held, free))
+    return ChainBound(study.chain, tuple(bound_rows))
 
 
 def _bound_one(traces: Path, study: ChainStudy) -> ChainBound:
@@ -177,7 +178,7 @@ def _bound_one(traces: Path, study: ChainStudy) -> ChainBound:
 
 def _level(row: BudgetRow, bound: dict[str, float], rival: str) -> bool:
     """Whether the bound is at least as accurate as `rival` was, within the tie."""
-    return bound[rival] > float(getattr(row, rival).accuracy) - TIE
+    return verdict(bound[rival], float(getattr(row, rival).accuracy)) != "loss"
 
 
 def summary_lines(studies: Sequence[ChainStudy], bounds: Sequence[ChainBound]) -> list[str]:
