@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from recserve.client.tally import summaries
 from recserve.client.trace_client import Outcome
@@ -79,6 +81,9 @@ class BudgetRow:
     # The budget policy given the bytes each rival spent on each benchmark (`family_budgets`): the comparison at equal
     # bytes per benchmark, where a rival's spending does not move between benchmarks either.
     at_rival_family_bytes: dict[str, Point] | None = None
+    # The sampling covariance of the margins at equal bytes (the policy at each rival's bytes minus that rival, in
+    # RIVALS order), paired over the test queries: how far the margins would move on another test set of this size.
+    margin_covariance: tuple[tuple[float, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,22 @@ def table_point(table: DepthTable, depths: np.ndarray, cloud_only: dict[str, int
     return point(table.outcomes(depths.astype(np.int64)), cloud_only)
 
 
+def rightness(outcomes: Sequence[Outcome]) -> npt.NDArray[np.float64]:
+    """Per query: 1 for a right answer, 0 for a wrong one, NaN where the query has no reference to judge by."""
+    return np.array([math.nan if o.correct is None else float(o.correct) for o in outcomes])
+
+
+def margin_covariance(
+    pairs: Sequence[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]],
+) -> tuple[tuple[float, ...], ...]:
+    """The sampling covariance of the accuracy margins (ours minus theirs) of `pairs`, each two runs over the same
+    queries in the same order: the per-query differences' covariance over the number of queries judged in both."""
+    judged = np.logical_and.reduce([~np.isnan(ours) & ~np.isnan(theirs) for ours, theirs in pairs])
+    differences = np.vstack([(ours - theirs)[judged] for ours, theirs in pairs])
+    covariance = np.atleast_2d(np.cov(differences)) / max(1, int(judged.sum()))
+    return tuple(tuple(float(v) for v in row) for row in covariance)
+
+
 def budget_config(
     train_table: DepthTable, budget: float, family_budgets: dict[str, float] | None = None, split: str = "fill"
 ) -> BudgetConfig:
@@ -133,9 +154,9 @@ def _spendable(share: float) -> float:
 async def study_chain(
     traces: Path, chain: Sequence[str], earlier: ChainStudy | None = None, split: str = "fill"
 ) -> ChainStudy:
-    """The study of one chain, the budget policy with `split`; the rivals' rows (and the quality policy's, if given
-    there) are taken from `earlier` when given, a study of the same chain on the same traces, since they do not depend
-    on the budget policy."""
+    """The study of one chain, the budget policy with `split`; the quality policy's rows are taken from `earlier` when
+    it has them, a study of the same chain on the same traces, since they depend on neither the budget policy nor the
+    rivals."""
     replay = TraceReplay.load(traces, chain)
     tiers = len(chain)
     test, train = replay.queries("test"), replay.queries("train")
@@ -144,24 +165,30 @@ async def study_chain(
     shuffled = replay.queries("test", SHUFFLE_SEED)
     row_of = {q.key: row for row, q in enumerate(test)}
 
-    async def run(config: BudgetConfig | QualityConfig | RecServeConfig, queries: Sequence[TraceQuery]) -> Point:
+    async def answered(
+        config: BudgetConfig | QualityConfig | RecServeConfig, queries: Sequence[TraceQuery]
+    ) -> tuple[Point, npt.NDArray[np.float64]]:
         plan = chain_plan(config, tiers)
         outcomes = await replay.run_offline(queries, plan.offline, feedback=plan.feedback)
-        return point(outcomes, cloud_only_by_benchmark(table, [row_of[q.key] for q in queries]))
+        return point(outcomes, cloud_only_by_benchmark(table, [row_of[q.key] for q in queries])), rightness(outcomes)
+
+    async def run(config: BudgetConfig | QualityConfig | RecServeConfig, queries: Sequence[TraceQuery]) -> Point:
+        return (await answered(config, queries))[0]
 
     budgets = []
-    rivals = earlier.budgets if earlier is not None else await _rival_rows(replay, table, train_table)
-    for rival in rivals:
+    for rival, rival_answers in await _rival_rows(replay, table, train_table):
         budget = rival.budget
         config = budget_config(train_table, budget, split=split)
-        policy = await run(config, test)
-        matched = {}
+        policy, policy_answers = await answered(config, test)
+        matched, pairs = {}, []
         for name in RIVALS:
             theirs: Point = getattr(rival, name)
             if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
-                matched[name] = policy  # already as accurate at no more bytes: nothing to match
+                matched[name], ours = policy, policy_answers  # already as accurate at no more bytes: nothing to match
             else:
-                matched[name] = await run(budget_config(train_table, _spendable(theirs.bytes), split=split), test)
+                config_at = budget_config(train_table, _spendable(theirs.bytes), split=split)
+                matched[name], ours = await answered(config_at, test)
+            pairs.append((ours, rival_answers[name]))
         per_benchmark = {}
         for name in RIVALS:
             theirs = getattr(rival, name)
@@ -179,6 +206,7 @@ async def study_chain(
                 fill_caps=config.family_fill_caps,
                 at_rival_bytes=matched,
                 at_rival_family_bytes=per_benchmark,
+                margin_covariance=margin_covariance(pairs),
             )
         )
     full = table_point(table, np.full(len(test), tiers - 1), cloud_only)
@@ -204,8 +232,11 @@ async def study_chain(
     return ChainStudy(tuple(chain), full, tuple(budgets), tuple(gaps))
 
 
-async def _rival_rows(replay: TraceReplay, table: DepthTable, train_table: DepthTable) -> list[BudgetRow]:
-    """Per budget, the rivals tuned on train and the best fixed thresholds in hindsight (the policy's fields empty)."""
+async def _rival_rows(
+    replay: TraceReplay, table: DepthTable, train_table: DepthTable
+) -> list[tuple[BudgetRow, dict[str, npt.NDArray[np.float64]]]]:
+    """Per budget, the rivals tuned on train and the best fixed thresholds in hindsight (the policy's fields empty),
+    with each rival's right answers per test query."""
     tiers = len(replay.chain)
     test, train = replay.queries("test"), replay.queries("train")
     cloud_only = cloud_only_by_benchmark(table)
@@ -225,18 +256,18 @@ async def _rival_rows(replay: TraceReplay, table: DepthTable, train_table: Depth
         beta = max((b for b in DEFAULT_BETAS if train_bytes[b] <= budget + 1e-12), default=0.0)
         best = max((g for g in grid if g[2] <= budget + 1e-12), key=lambda g: (g[1], -g[2]))
         outcomes = await replay.run_offline(test, chain_plan(RecServeConfig(beta=beta), tiers).offline)
+        casserve = table.outcomes(depths.astype(np.int64))
         empty = Point(0.0, 0.0, {})
-        rows.append(
-            BudgetRow(
-                budget=budget,
-                policy=empty,
-                casserve=table_point(table, depths, cloud_only),
-                recserve=point(outcomes, cloud_only),
-                recserve_beta=beta,
-                hindsight=table_point(table, table.fixed_threshold_depths(np.array(best[0])), cloud_only),
-                short_bytes={},
-            )
+        row = BudgetRow(
+            budget=budget,
+            policy=empty,
+            casserve=point(casserve, cloud_only),
+            recserve=point(outcomes, cloud_only),
+            recserve_beta=beta,
+            hindsight=table_point(table, table.fixed_threshold_depths(np.array(best[0])), cloud_only),
+            short_bytes={},
         )
+        rows.append((row, {"casserve": rightness(casserve), "recserve": rightness(outcomes)}))
     return rows
 
 
@@ -258,6 +289,7 @@ def load_studies(path: Path, with_quality: bool = True) -> dict[tuple[str, ...],
                     **{k: _point(row[k]) for k in ("policy", "casserve", "recserve", "hindsight")},
                     "short_bytes": {int(n): share for n, share in row["short_bytes"].items()},
                     "fill_caps": tuple(tuple(pair) for pair in row.get("fill_caps", ())),
+                    "margin_covariance": _covariance(row.get("margin_covariance")),
                     **{
                         key: {rival: _point(p) for rival, p in row[key].items()} if row.get(key) else None
                         for key in ("at_rival_bytes", "at_rival_family_bytes")
@@ -270,6 +302,10 @@ def load_studies(path: Path, with_quality: bool = True) -> dict[tuple[str, ...],
         chain = tuple(entry["chain"])
         studies[chain] = ChainStudy(chain, _point(entry["cloud_only"]), rows, gaps)
     return studies
+
+
+def _covariance(data: list[list[float]] | None) -> tuple[tuple[float, ...], ...] | None:
+    return tuple(tuple(line) for line in data) if data else None
 
 
 def _point(data: dict[str, Any]) -> Point:
@@ -333,7 +369,87 @@ def summary_lines(studies: Sequence[ChainStudy]) -> list[str]:
             f"{' / '.join(f'{m:.3f}' for m in medians)} | {sum(within) / len(within):.0%} | {' / '.join(short)} | "
             f"{hindsight:+.3f} |"
         )
-    lines += ["", *_benchmark_lines(studies), "", *_quality_lines(studies)]
+    lines += ["", *_noise_lines(studies), "", *_benchmark_lines(studies), "", *_quality_lines(studies)]
+    return lines
+
+
+def _above(threshold: float, mean: npt.NDArray[np.float64], variance: float) -> npt.NDArray[np.float64]:
+    """P(X > threshold) for X normal with each `mean` and one `variance` (a point mass when the variance is 0)."""
+    if variance <= 0:
+        return (mean > threshold).astype(np.float64)
+    survival = np.frompyfunc(math.erfc, 1, 1)((threshold - mean) / math.sqrt(2 * variance))
+    return 0.5 * np.asarray(survival, dtype=np.float64)
+
+
+def level_probability(
+    means: Sequence[float], covariance: Sequence[Sequence[float]], tie: float = TIE, steps: int = 4001
+) -> float:
+    """P(both margins > -tie) for two margins jointly normal with these means and covariance: the chance of a chain
+    meeting the goal's accuracy test against both rivals, if its true margins were `means`."""
+    (mean_a, mean_b), ((var_a, cov), (_, var_b)) = means, covariance
+    if var_a <= 0:
+        return float(mean_a > -tie) * float(_above(-tie, np.array([mean_b]), var_b)[0])
+    sd_a = math.sqrt(var_a)
+    low, high = max(-tie, mean_a - 8 * sd_a), mean_a + 8 * sd_a
+    if low >= high:
+        return 0.0
+    x = np.linspace(low, high, steps)
+    density = np.exp(-((x - mean_a) ** 2) / (2 * var_a)) / (sd_a * math.sqrt(2 * math.pi))
+    # B given A = x: the conditional normal of a bivariate normal.
+    inner = _above(-tie, mean_b + cov / var_a * (x - mean_a), max(0.0, var_b - cov**2 / var_a))
+    values = density * inner
+    return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(x)))
+
+
+def edge_needed(covariances: Sequence[Sequence[Sequence[float]]], share: float = 0.9) -> float:
+    """The smallest true margin, alike on every chain and against both rivals, at which the expected share of chains
+    passing the goal's accuracy test reaches `share`, given each chain's sampling covariance."""
+
+    def expected(edge: float) -> float:
+        return sum(level_probability((edge, edge), c) for c in covariances) / len(covariances)
+
+    low, high = -0.05, 0.05
+    for _ in range(30):
+        middle = (low + high) / 2
+        low, high = (low, middle) if expected(middle) >= share else (middle, high)
+    return high
+
+
+def _noise_lines(studies: Sequence[ChainStudy]) -> list[str]:
+    """How much of the goal at equal bytes the sampling noise of one test set decides."""
+    lines = [
+        "How much of the goal at equal bytes one test set's sampling noise decides. Each margin at equal bytes is a "
+        "paired difference over the same test queries; its standard error (from the chain's per-query answers, "
+        "results/chains.json `margin_covariance`) says how far it would move on another test set of that size. "
+        "'Expected at no edge': the chains expected to pass the accuracy test if the budget policy were exactly as "
+        "accurate as each rival in truth, on every chain. 'Edge for 90%': the true margin, alike on every chain and "
+        "against both rivals, at which 90% of chains are expected to pass. 'Misses beyond noise': chains that miss by "
+        "more than two standard errors beyond the tie against a rival.",
+        "",
+        "| budget | meets the goal at equal bytes | expected at no edge | standard error of the margin, median: "
+        "CasServe / RecServe | edge for 90% | misses beyond noise |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for index, budget in enumerate(BUDGETS):
+        rows = [study.budgets[index] for study in studies]
+        covariances = [r.margin_covariance for r in rows if r.margin_covariance is not None]
+        if len(covariances) < len(rows):
+            return [*lines[:1], "", "Not recorded in this report (it predates `margin_covariance`)."]
+        expected = sum(level_probability((0.0, 0.0), c) for c in covariances)
+        errors = [statistics.median(math.sqrt(c[i][i]) for c in covariances) for i in range(len(RIVALS))]
+        beyond = sum(
+            any(
+                runs[rival].accuracy - getattr(r, rival).accuracy + TIE < -2 * math.sqrt(covariance[i][i])
+                for i, rival in enumerate(RIVALS)
+            )
+            for r, covariance in zip(rows, covariances, strict=True)
+            if (runs := r.at_rival_bytes) is not None
+        )
+        lines.append(
+            f"| {budget} | {sum(meets_goal(r) for r in rows)} of {len(rows)} | {expected:.0f} | "
+            f"{' / '.join(f'{100 * e:.2f}' for e in errors)} points | {100 * edge_needed(covariances):+.2f} points | "
+            f"{beyond} |"
+        )
     return lines
 
 
@@ -441,8 +557,8 @@ def write_report(studies: Sequence[ChainStudy], out: Path) -> Path:
         "the quality policy's, were chosen on three chains (docs/evaluation.md), but for the budget controller's "
         "gain, chosen on the train split of 24 chains here, and the quality policy's cold rate, on the train split "
         "of the first 16 chains here. Nothing is chosen on the test split. "
-        "With `--reuse`, the rivals' rows (and with `--reuse-quality` the quality policy's) come from an earlier "
-        "report of the same traces and code, and only the budget policy is run again.",
+        "With `--reuse-quality`, the quality policy's rows come from an earlier report of the same traces and "
+        "quality policy.",
         "",
     ]
     path = out / "chains.md"
@@ -458,14 +574,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default="2,3", help="chain lengths")
     parser.add_argument("--limit", type=int, default=None, help="only the first N chains (a quick look)")
     parser.add_argument(
-        "--reuse",
+        "--reuse-quality",
         type=Path,
         default=None,
-        help="an earlier results/chains.json of the same traces: take the rivals' rows from it (they do not depend "
-        "on the target policies) and study only the budget policy again",
-    )
-    parser.add_argument(
-        "--reuse-quality", action="store_true", help="with --reuse: take the quality policy's rows from it too"
+        help="an earlier results/chains.json of the same traces and quality policy: take the quality policy's rows "
+        "from it (they depend on neither the budget policy nor the rivals) and study the rest again",
     )
     parser.add_argument(
         "--link-split", choices=LINK_SPLITS, default="fill", help="the budget policy's split between links"
@@ -473,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     models = models_by_train_accuracy(TraceSet.load(args.traces))
     chains = every_chain(models, [int(s) for s in args.sizes.split(",")])[: args.limit]
-    earlier = load_studies(args.reuse, args.reuse_quality) if args.reuse else {}
+    earlier = load_studies(args.reuse_quality) if args.reuse_quality else {}
     partial = args.out / "results" / "chains.partial.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
     studies = []
@@ -489,8 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             studies.append(study)
             # What is done so far, should a long run be stopped (load_studies reads it back).
             partial.write_text(json.dumps([asdict(s) for s in studies]) + "\n")
-    partial.unlink()
     print(write_report(studies, args.out))
+    partial.unlink()  # only once the report is written: a report that fails leaves the studies behind
     return 0
 
 
