@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,11 +13,15 @@ import pytest
 from recserve.core.traces import TraceSet
 from recserve.evaluation.chain_study import (
     BUDGETS,
+    TIE,
     BudgetRow,
     ChainStudy,
     Point,
     _equal_bytes_margin,
     _meets_goal_strictly,
+    edge_needed,
+    level_probability,
+    margin_covariance,
     meets_goal,
     study_chain,
     summary_lines,
@@ -113,3 +118,59 @@ def test_the_goal_compares_at_the_bytes_each_rival_spent() -> None:
     assert _equal_bytes_margin(matched) == pytest.approx(-0.003)
     overspent = replace(row, at_rival_bytes={"casserve": at(0.80, 0.43), "recserve": at(0.785, 0.381)})
     assert not meets_goal(overspent)
+
+
+def _normal_below(z: float) -> float:
+    return 0.5 * math.erfc(-z / math.sqrt(2))
+
+
+def test_the_chance_of_passing_the_accuracy_test_is_that_of_two_correlated_normal_margins() -> None:
+    sd = 0.003
+    independent = ((sd**2, 0.0), (0.0, sd**2))
+    assert level_probability((0.0, 0.0), independent) == pytest.approx(_normal_below(TIE / sd) ** 2, abs=1e-6)
+    identical = ((sd**2, sd**2), (sd**2, sd**2))
+    assert level_probability((0.0, 0.0), identical) == pytest.approx(_normal_below(TIE / sd), abs=1e-3)
+    # Means apart and correlated: against a large sample of such margins.
+    means, covariance = (0.001, -0.002), ((1e-5, 4e-6), (4e-6, 2e-5))
+    draws = np.random.default_rng(0).multivariate_normal(means, covariance, size=400_000)
+    assert level_probability(means, covariance) == pytest.approx((draws > -TIE).all(axis=1).mean(), abs=3e-3)
+    # No noise: the test passes or fails for sure.
+    assert level_probability((-0.004, 0.0), ((0.0, 0.0), (0.0, 0.0))) == 1.0
+    assert level_probability((-0.006, 0.0), ((0.0, 0.0), (0.0, 0.0))) == 0.0
+
+
+def test_the_edge_for_a_share_of_chains_solves_the_expected_share() -> None:
+    sd = 0.003
+    one_chain = [((sd**2, 0.0), (0.0, sd**2))]
+    edge = edge_needed(one_chain, share=0.9)
+    # Two independent margins pass together with chance 0.9 when each passes with chance sqrt(0.9).
+    z = 1.6322  # the standard normal quantile of sqrt(0.9)
+    assert edge == pytest.approx(z * sd - TIE, abs=1e-5)
+    noisier = [((4 * sd**2, 0.0), (0.0, 4 * sd**2))]
+    assert edge_needed(noisier, share=0.9) > edge  # more noise needs a larger true edge for the same share
+
+
+def test_the_margins_covariance_is_that_of_the_paired_differences_over_the_queries_judged_in_both() -> None:
+    ours = np.array([1.0, 1.0, 0.0, 1.0, math.nan, 0.0])
+    theirs = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    other = np.array([0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    covariance = margin_covariance([(ours, theirs), (ours, other)])
+    judged = ~np.isnan(ours)
+    first, second = (ours - theirs)[judged], (ours - other)[judged]
+    assert covariance[0][0] == pytest.approx(np.var(first, ddof=1) / 5)
+    assert covariance[1][1] == pytest.approx(np.var(second, ddof=1) / 5)
+    assert covariance[0][1] == pytest.approx(covariance[1][0])
+    assert covariance[0][1] == pytest.approx(np.cov(first, second)[0, 1] / 5)
+
+
+def test_the_study_records_each_budgets_margin_covariance_and_reports_the_noise(study: ChainStudy) -> None:
+    for row in study.budgets:
+        assert row.margin_covariance is not None
+        (var_a, cov), (cov_again, var_b) = row.margin_covariance
+        assert var_a >= 0
+        assert var_b >= 0
+        assert cov == pytest.approx(cov_again)
+        assert cov**2 <= var_a * var_b + 1e-15
+    lines = summary_lines([study])
+    start = next(i for i, line in enumerate(lines) if line.startswith("How much of the goal"))
+    assert [line.split(" | ")[0] for line in lines[start + 4 : start + 4 + len(BUDGETS)]] == [f"| {b}" for b in BUDGETS]
