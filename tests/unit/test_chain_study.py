@@ -26,9 +26,11 @@ from recserve.evaluation.chain_study import (
     study_chain,
     summary_lines,
     verdict,
+    write_report,
 )
 from recserve.evaluation.chains import every_chain, models_by_train_accuracy
 from recserve.evaluation.plans import EvalRequest, evaluate
+from recserve.evaluation.report import every_chain_section
 from recserve.evaluation.sweep import DEFAULT_BETAS
 from tests.conftest import write_trace_folder
 
@@ -174,3 +176,12 @@ def test_the_study_records_each_budgets_margin_covariance_and_reports_the_noise(
     lines = summary_lines([study])
     start = next(i for i, line in enumerate(lines) if line.startswith("How much of the goal"))
     assert [line.split(" | ")[0] for line in lines[start + 4 : start + 4 + len(BUDGETS)]] == [f"| {b}" for b in BUDGETS]
+
+
+def test_the_results_report_summarises_the_every_chain_study_when_it_has_run(study: ChainStudy, tmp_path: Path) -> None:
+    assert every_chain_section(tmp_path) == ""
+    studies = [study, replace(study, chain=("large", "small"))]
+    write_report(studies, tmp_path)
+    section = every_chain_section(tmp_path)
+    assert section.startswith("## Every chain")
+    assert "\n".join(summary_lines(studies)) in section

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recserve.client.tally import Summary
+from recserve.evaluation.chain_study import load_studies, summary_lines
 from recserve.evaluation.chains import DEFAULT_CHAINS
 from recserve.evaluation.frontier import ChainFrontier, Point, accuracy_at, bytes_to_reach, format_share
 from recserve.evaluation.plans import EvalRequest, evaluate
@@ -95,8 +96,25 @@ def _verdict(frontier: ChainFrontier) -> str:
     return ("; ".join(parts) + ".") if parts else ""
 
 
+def every_chain_section(out: Path) -> str:
+    """The distribution over every chain of the trace set, from the every-chain study's results in `out` (`make
+    chains` writes them; empty when it has not run)."""
+    path = out / "results" / "chains.json"
+    if not path.exists():
+        return ""
+    studies = list(load_studies(path).values())
+    intro = (
+        "From `make chains TRACES=TRACE_FOLDER`, run separately (about 1.5 hours on two cores): the budget and quality "
+        "policies on every ordered chain of 2 and 3 models of the trace set, against rivals tuned on the train split. "
+        "[docs/chains.md](chains.md) has the same summary with how the rivals are tuned, results/chains.json every "
+        'chain\'s figures, and docs/evaluation.md ("Every chain") what was tried and where the policies still lose.'
+    )
+    return "\n".join(["## Every chain", "", intro, "", *summary_lines(studies), ""])
+
+
 async def write_report(traces: Path, chains: Sequence[Sequence[str]], out: Path, beta: float) -> Path:
     sections = [await chain_section(traces, chain, out, beta) for chain in chains]
+    sections.append(every_chain_section(out))
     command = f"python -m recserve.evaluation.report --traces TRACE_FOLDER --out {out}"
     header = f"""# Results: RecServe against CasServe, cloud-only and the oracle on recorded traces
 
