@@ -426,9 +426,9 @@ def _noise_lines(studies: Sequence[ChainStudy]) -> list[str]:
         "against both rivals, at which 90% of chains are expected to pass. 'Misses beyond noise': chains that miss by "
         "more than two standard errors beyond the tie against a rival.",
         "",
-        "| budget | meets the goal at equal bytes | expected at no edge | standard error of the margin, median: "
-        "CasServe / RecServe | edge for 90% | misses beyond noise |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| budget | meets the goal at equal bytes | expected at no edge | margin, mean over chains: CasServe / "
+        "RecServe | standard error of the margin, median: CasServe / RecServe | edge for 90% | misses beyond noise |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for index, budget in enumerate(BUDGETS):
         rows = [study.budgets[index] for study in studies]
@@ -437,6 +437,12 @@ def _noise_lines(studies: Sequence[ChainStudy]) -> list[str]:
             return [*lines[:1], "", "Not recorded in this report (it predates `margin_covariance`)."]
         expected = sum(level_probability((0.0, 0.0), c) for c in covariances)
         errors = [statistics.median(math.sqrt(c[i][i]) for c in covariances) for i in range(len(RIVALS))]
+        means = [
+            statistics.mean(
+                r.at_rival_bytes[rival].accuracy - getattr(r, rival).accuracy for r in rows if r.at_rival_bytes
+            )
+            for rival in RIVALS
+        ]
         beyond = sum(
             any(
                 runs[rival].accuracy - getattr(r, rival).accuracy + TIE < -2 * math.sqrt(covariance[i][i])
@@ -446,7 +452,8 @@ def _noise_lines(studies: Sequence[ChainStudy]) -> list[str]:
             if (runs := r.at_rival_bytes) is not None
         )
         lines.append(
-            f"| {budget} | {sum(meets_goal(r) for r in rows)} of {len(rows)} | {expected:.0f} | "
+            f"| {budget} | {sum(meets_goal(r) for r in rows)} of {len(rows)} | {expected:.1f} | "
+            f"{' / '.join(f'{100 * m:+.2f}' for m in means)} points | "
             f"{' / '.join(f'{100 * e:.2f}' for e in errors)} points | {100 * edge_needed(covariances):+.2f} points | "
             f"{beyond} |"
         )
