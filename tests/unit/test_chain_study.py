@@ -20,9 +20,9 @@ from recserve.evaluation.chain_study import (
     _equal_bytes_margin,
     _meets_goal_strictly,
     edge_needed,
-    level_probability,
     margin_covariance,
     meets_goal,
+    pass_probability,
     study_chain,
     summary_lines,
     verdict,
@@ -126,30 +126,24 @@ def _normal_below(z: float) -> float:
     return 0.5 * math.erfc(-z / math.sqrt(2))
 
 
-def test_the_chance_of_passing_the_accuracy_test_is_that_of_two_correlated_normal_margins() -> None:
+def test_the_chance_of_passing_the_accuracy_test_is_that_of_a_normal_margin_beyond_the_tie() -> None:
     sd = 0.003
-    independent = ((sd**2, 0.0), (0.0, sd**2))
-    assert level_probability((0.0, 0.0), independent) == pytest.approx(_normal_below(TIE / sd) ** 2, abs=1e-6)
-    identical = ((sd**2, sd**2), (sd**2, sd**2))
-    assert level_probability((0.0, 0.0), identical) == pytest.approx(_normal_below(TIE / sd), abs=1e-3)
-    # Means apart and correlated: against a large sample of such margins.
-    means, covariance = (0.001, -0.002), ((1e-5, 4e-6), (4e-6, 2e-5))
-    draws = np.random.default_rng(0).multivariate_normal(means, covariance, size=400_000)
-    assert level_probability(means, covariance) == pytest.approx((draws > -TIE).all(axis=1).mean(), abs=3e-3)
-    # No noise: the test passes or fails for sure.
-    assert level_probability((-0.004, 0.0), ((0.0, 0.0), (0.0, 0.0))) == 1.0
-    assert level_probability((-0.006, 0.0), ((0.0, 0.0), (0.0, 0.0))) == 0.0
+    assert pass_probability(0.0, sd**2) == pytest.approx(_normal_below(TIE / sd))
+    assert pass_probability(-TIE, sd**2) == pytest.approx(0.5)
+    assert pass_probability(0.002, sd**2) > pass_probability(0.0, sd**2) > pass_probability(-0.002, sd**2)
+    # Measured without noise, the test passes or fails for sure.
+    assert pass_probability(-0.004, 0.0) == 1.0
+    assert pass_probability(-0.006, 0.0) == 0.0
 
 
 def test_the_edge_for_a_share_of_chains_solves_the_expected_share() -> None:
     sd = 0.003
-    one_chain = [((sd**2, 0.0), (0.0, sd**2))]
-    edge = edge_needed(one_chain, share=0.9)
-    # Two independent margins pass together with chance 0.9 when each passes with chance sqrt(0.9).
-    z = 1.6322  # the standard normal quantile of sqrt(0.9)
-    assert edge == pytest.approx(z * sd - TIE, abs=1e-5)
-    noisier = [((4 * sd**2, 0.0), (0.0, 4 * sd**2))]
-    assert edge_needed(noisier, share=0.9) > edge  # more noise needs a larger true edge for the same share
+    z = 1.28155  # the standard normal quantile of 0.9
+    assert edge_needed([sd**2, sd**2]) == pytest.approx(z * sd - TIE, abs=1e-6)
+    assert edge_needed([(2 * sd) ** 2]) > edge_needed([sd**2])  # more noise needs a larger true edge
+    mixed = [sd**2, (2 * sd) ** 2]
+    edge = edge_needed(mixed, share=0.8)
+    assert sum(pass_probability(edge, v) for v in mixed) / 2 == pytest.approx(0.8, abs=1e-6)
 
 
 def test_the_margins_covariance_is_that_of_the_paired_differences_over_the_queries_judged_in_both() -> None:
@@ -175,7 +169,8 @@ def test_the_study_records_each_budgets_margin_covariance_and_reports_the_noise(
         assert cov**2 <= var_a * var_b + 1e-15
     lines = summary_lines([study])
     start = next(i for i, line in enumerate(lines) if line.startswith("How much of the goal"))
-    assert [line.split(" | ")[0] for line in lines[start + 4 : start + 4 + len(BUDGETS)]] == [f"| {b}" for b in BUDGETS]
+    rows = [line.split(" | ")[:2] for line in lines[start + 4 : start + 4 + 2 * len(BUDGETS)]]
+    assert rows == [[f"| {b}", rival] for b in BUDGETS for rival in ("CasServe", "RecServe")]
 
 
 def test_the_results_report_summarises_the_every_chain_study_when_it_has_run(study: ChainStudy, tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ SHUFFLE_SEED = 1
 TIE = 0.005  # accuracy differences under half a point are ties
 BYTES_TOLERANCE = 0.02  # the budget policy's goal: within ±0.02 of its target, per benchmark
 RIVALS = ("casserve", "recserve")
+_RIVAL_NAMES = {"casserve": "CasServe", "recserve": "RecServe"}
 
 
 @dataclass(frozen=True)
@@ -373,90 +374,56 @@ def summary_lines(studies: Sequence[ChainStudy]) -> list[str]:
     return lines
 
 
-def _above(threshold: float, mean: npt.NDArray[np.float64], variance: float) -> npt.NDArray[np.float64]:
-    """P(X > threshold) for X normal with each `mean` and one `variance` (a point mass when the variance is 0)."""
+def pass_probability(margin: float, variance: float, tie: float = TIE) -> float:
+    """P(a margin measured on a test set is above -tie) when it falls normally around a true `margin` with this
+    sampling variance: the chance of passing the goal's accuracy test against one rival."""
     if variance <= 0:
-        return (mean > threshold).astype(np.float64)
-    survival = np.frompyfunc(math.erfc, 1, 1)((threshold - mean) / math.sqrt(2 * variance))
-    return 0.5 * np.asarray(survival, dtype=np.float64)
+        return float(margin > -tie)
+    return 0.5 * math.erfc(-(margin + tie) / math.sqrt(2 * variance))
 
 
-def level_probability(
-    means: Sequence[float], covariance: Sequence[Sequence[float]], tie: float = TIE, steps: int = 4001
-) -> float:
-    """P(both margins > -tie) for two margins jointly normal with these means and covariance: the chance of a chain
-    meeting the goal's accuracy test against both rivals, if its true margins were `means`."""
-    (mean_a, mean_b), ((var_a, cov), (_, var_b)) = means, covariance
-    if var_a <= 0:
-        return float(mean_a > -tie) * float(_above(-tie, np.array([mean_b]), var_b)[0])
-    sd_a = math.sqrt(var_a)
-    low, high = max(-tie, mean_a - 8 * sd_a), mean_a + 8 * sd_a
-    if low >= high:
-        return 0.0
-    x = np.linspace(low, high, steps)
-    density = np.exp(-((x - mean_a) ** 2) / (2 * var_a)) / (sd_a * math.sqrt(2 * math.pi))
-    # B given A = x: the conditional normal of a bivariate normal.
-    inner = _above(-tie, mean_b + cov / var_a * (x - mean_a), max(0.0, var_b - cov**2 / var_a))
-    values = density * inner
-    return float(np.sum((values[1:] + values[:-1]) / 2 * np.diff(x)))
-
-
-def edge_needed(covariances: Sequence[Sequence[Sequence[float]]], share: float = 0.9) -> float:
-    """The smallest true margin, alike on every chain and against both rivals, at which the expected share of chains
-    passing the goal's accuracy test reaches `share`, given each chain's sampling covariance."""
-
-    def expected(edge: float) -> float:
-        return sum(level_probability((edge, edge), c) for c in covariances) / len(covariances)
-
+def edge_needed(variances: Sequence[float], share: float = 0.9) -> float:
+    """The true margin, alike on every chain, at which the expected share of chains passing the accuracy test against
+    a rival reaches `share`, given each chain's sampling variance of that margin."""
     low, high = -0.05, 0.05
-    for _ in range(30):
+    for _ in range(40):
         middle = (low + high) / 2
-        low, high = (low, middle) if expected(middle) >= share else (middle, high)
+        expected = sum(pass_probability(middle, v) for v in variances) / len(variances)
+        low, high = (low, middle) if expected >= share else (middle, high)
     return high
 
 
 def _noise_lines(studies: Sequence[ChainStudy]) -> list[str]:
-    """How much of the goal at equal bytes the sampling noise of one test set decides."""
+    """How much of the goal at equal bytes the sampling noise of one test set decides, rival by rival."""
     lines = [
-        "How much of the goal at equal bytes one test set's sampling noise decides. Each margin at equal bytes is a "
-        "paired difference over the same test queries; its standard error (from the chain's per-query answers, "
-        "results/chains.json `margin_covariance`) says how far it would move on another test set of that size. "
-        "'Expected at no edge': the chains expected to pass the accuracy test if the budget policy were exactly as "
-        "accurate as each rival in truth, on every chain. 'Edge for 90%': the true margin, alike on every chain and "
-        "against both rivals, at which 90% of chains are expected to pass. 'Misses beyond noise': chains that miss by "
-        "more than two standard errors beyond the tie against a rival.",
+        "How much of the goal at equal bytes one test set's sampling noise decides, rival by rival. Each margin at "
+        "equal bytes is a paired difference over the same test queries; its standard error (from the chain's "
+        "per-query answers, results/chains.json `margin_covariance`) says how far it would move on another test set "
+        "of that size. 'Expected at no edge': the chains expected to pass the accuracy test against the rival (within "
+        "the tie) if the budget policy were, in truth, exactly as accurate as it on every chain. 'Edge for 90%': the "
+        "true margin, alike on every chain, at which 90% of chains are expected to pass. 'Misses beyond noise': "
+        "chains behind the rival by more than the tie plus two standard errors.",
         "",
-        "| budget | meets the goal at equal bytes | expected at no edge | margin, mean over chains: CasServe / "
-        "RecServe | standard error of the margin, median: CasServe / RecServe | edge for 90% | misses beyond noise |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| budget | rival | passes the accuracy test | expected at no edge | margin, mean over chains | "
+        "standard error, median | edge for 90% | misses beyond noise |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for index, budget in enumerate(BUDGETS):
         rows = [study.budgets[index] for study in studies]
-        covariances = [r.margin_covariance for r in rows if r.margin_covariance is not None]
-        if len(covariances) < len(rows):
+        if any(r.margin_covariance is None or r.at_rival_bytes is None for r in rows):
             return [*lines[:1], "", "Not recorded in this report (it predates `margin_covariance`)."]
-        expected = sum(level_probability((0.0, 0.0), c) for c in covariances)
-        errors = [statistics.median(math.sqrt(c[i][i]) for c in covariances) for i in range(len(RIVALS))]
-        means = [
-            statistics.mean(
-                r.at_rival_bytes[rival].accuracy - getattr(r, rival).accuracy for r in rows if r.at_rival_bytes
+        for position, rival in enumerate(RIVALS):
+            margins = [r.at_rival_bytes[rival].accuracy - getattr(r, rival).accuracy for r in rows if r.at_rival_bytes]
+            variances = [r.margin_covariance[position][position] for r in rows if r.margin_covariance]
+            passes = sum(margin > -TIE for margin in margins)
+            expected = sum(pass_probability(0.0, v) for v in variances)
+            beyond = sum(m + TIE < -2 * math.sqrt(v) for m, v in zip(margins, variances, strict=True))
+            lines.append(
+                f"| {budget} | {_RIVAL_NAMES[rival]} | {passes} of {len(rows)} | {expected:.1f} | "
+                f"{100 * statistics.mean(margins):+.2f} points | "
+                f"{100 * statistics.median(math.sqrt(v) for v in variances):.2f} points | "
+                f"{100 * edge_needed(variances):+.2f} points | {beyond} |"
             )
-            for rival in RIVALS
-        ]
-        beyond = sum(
-            any(
-                runs[rival].accuracy - getattr(r, rival).accuracy + TIE < -2 * math.sqrt(covariance[i][i])
-                for i, rival in enumerate(RIVALS)
-            )
-            for r, covariance in zip(rows, covariances, strict=True)
-            if (runs := r.at_rival_bytes) is not None
-        )
-        lines.append(
-            f"| {budget} | {sum(meets_goal(r) for r in rows)} of {len(rows)} | {expected:.1f} | "
-            f"{' / '.join(f'{100 * m:+.2f}' for m in means)} points | "
-            f"{' / '.join(f'{100 * e:.2f}' for e in errors)} points | {100 * edge_needed(covariances):+.2f} points | "
-            f"{beyond} |"
-        )
     return lines
 
 
