@@ -415,7 +415,7 @@ def _noise_lines(studies: Sequence[ChainStudy]) -> list[str]:
         for position, rival in enumerate(RIVALS):
             margins = [r.at_rival_bytes[rival].accuracy - getattr(r, rival).accuracy for r in rows if r.at_rival_bytes]
             variances = [r.margin_covariance[position][position] for r in rows if r.margin_covariance]
-            passes = sum(margin > -TIE for margin in margins)
+            passes = sum(verdict(margin, 0.0) != "loss" for margin in margins)
             expected = sum(pass_probability(0.0, v) for v in variances)
             beyond = sum(m + TIE < -2 * math.sqrt(v) for m, v in zip(margins, variances, strict=True))
             lines.append(
