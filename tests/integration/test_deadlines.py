@@ -2,6 +2,8 @@
 
 A reply that a tier sent just after the caller's deadline failed inside gRPC, which logged an ExecuteBatchError
 with its traceback (about one request in two thousand here) until the servicer learned to end such calls quietly.
+A deadline can still pass between that check and the send, or before the handler first runs (each a few times in a
+million calls here); gRPC's reports of those are one-line warnings (`CallerGoneFilter`): nothing in the tier failed.
 """
 
 from __future__ import annotations
@@ -52,10 +54,5 @@ def test_expired_deadlines_under_load_log_no_errors(trace_folder: Path, tmp_path
     # in a thousand as CANCELLED, with or without this project's servicer in between).
     assert codes <= {None, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
     for log in sorted(tmp_path.glob("tier*.log")):
-        # Left out: gRPC's aio server sometimes finds the task of a call cancelled at its deadline ended as
-        # cancelled, a race inside gRPC (about once in 100 000 calls here, with or without the quiet ending), and
-        # logs it as "Exception not handled by _handle_exceptions".
-        errors = [
-            line for line in log.read_text().splitlines() if " ERROR " in line and "_handle_exceptions" not in line
-        ]
+        errors = [line for line in log.read_text().splitlines() if " ERROR " in line]
         assert errors == [], log.name

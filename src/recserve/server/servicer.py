@@ -165,7 +165,43 @@ def _end_quietly_past_deadline(context: grpc.aio.ServicerContext) -> None:
         raise asyncio.CancelledError
 
 
+class CallerGoneFilter(logging.Filter):
+    """Log gRPC's reports of a call whose caller had gone as one-line warnings, not errors with tracebacks.
+
+    The quiet ending above closes most of the window, not all of it. A deadline can pass between its check and the
+    send of the reply, and gRPC logs the failed send as an ERROR; or it can pass before the handler's task first
+    runs, and gRPC logs the task's cancellation as an ERROR. Nothing in the tier failed and the caller already has
+    its status (DEADLINE_EXCEEDED or CANCELLED), so an operator's error alert must not fire on either.
+    """
+
+    UNDELIVERED = "ExecuteBatchError raised in core by servicer method"
+    UNHANDLED = "Exception not handled by _handle_exceptions in servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.ERROR:
+            return True
+        message = record.getMessage()
+        if message.startswith(self.UNDELIVERED):
+            what = "a reply of %s was not delivered"
+            method = message.removeprefix(self.UNDELIVERED)
+        elif message.startswith(self.UNHANDLED) and record.exc_info and record.exc_info[0] is asyncio.CancelledError:
+            what = "a call of %s was cancelled before its handler ran"
+            method = message.removeprefix(self.UNHANDLED)
+        else:
+            return True
+        record.msg = what + ": its caller had gone (deadline, cancel or lost connection)"
+        record.args = (method.strip(),)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+_CALLER_GONE_FILTER = CallerGoneFilter()
+
+
 def add_tier_service(server: grpc.aio.Server, servicer: TierServicer) -> None:
+    # The logger gRPC's asyncio server reports its calls' endings on; adding the same filter twice is a no-op.
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_CALLER_GONE_FILTER)
     handlers = {
         "Infer": grpc.unary_unary_rpc_method_handler(servicer.infer),
         "InferStream": grpc.unary_stream_rpc_method_handler(servicer.infer_stream),
