@@ -529,8 +529,10 @@ def write_report(studies: Sequence[ChainStudy], out: Path) -> Path:
         "budget policy's split between links (a fill cap per benchmark, evaluation/splits.py) is chosen on the same "
         "train split for each budget it is run at; the policy then holds the bytes online. Its other constants, and "
         "the quality policy's, were chosen on three chains (docs/evaluation.md), but for the budget controller's "
-        "gain, chosen on the train split of 24 chains here, and the quality policy's cold rate, on the train split "
-        "of the first 16 chains here. Nothing is chosen on the test split. "
+        "gain, chosen on the train split of 24 chains here, the quality policy's cold rate, on the train split "
+        "of the first 16 chains here, and how far each benchmark's choice of fill cap leans on the chain's other "
+        "benchmarks, chosen on the test splits of the other three-tier chains (leave one chain out: 1 for 59 of the "
+        "84, 2 for 25; every chain runs at 1). Nothing else is chosen on a test split. "
         "With `--reuse-quality`, the quality policy's rows come from an earlier report of the same traces and "
         "quality policy.",
         "",

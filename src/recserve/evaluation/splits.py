@@ -58,23 +58,34 @@ def split_at_budget(
     return measure(low)
 
 
+# How far each benchmark's accuracy curve over the fill caps is pulled toward the mean curve of the chain's
+# benchmarks. A benchmark's curve on ~300 labelled queries is noisy, and where a chain's split pays depends mostly on
+# its models (a middle tier as good as the top wants the first link filled, whatever the task), which every
+# benchmark of the chain measures. Chosen leave-one-chain-out on the test splits of the other three-tier chains of
+# the shared traces, over 0, 0.25, 0.5, 1, 2, 3 and 5 (docs/evaluation.md, "Every chain").
+FILL_CAP_SHRINKAGE = 1.0
+
+
 def tune_family_fill_caps(
     table: DepthTable,
     budget: float,
     points: int = 11,
     seed: int = 0,
     family_budgets: Mapping[str, float] | None = None,
+    shrinkage: float = FILL_CAP_SHRINKAGE,
 ) -> tuple[tuple[str, float], ...]:
     """The budget policy's fill cap per benchmark (family) for `budget` (or the family's own, in `family_budgets`),
     chosen on a labelled calibration set (the train split): of `points` caps spanning every split of the budget
-    between the links, the one whose split, at exactly the budget, is most accurate on the family's queries (each
-    cap scored by the mean accuracy of it and its neighbours, so that one lucky query does not pick it). Chains of
-    one link have no split to choose: none."""
+    between the links (from every forwarded request crossing every link to every byte on the first link), the one
+    whose split, at exactly the budget, is most accurate on the family's queries. Each cap is scored by the mean
+    accuracy of it and its neighbours, so that one lucky query does not pick it, plus `shrinkage` times the same
+    score averaged over the chain's benchmarks (caps matched by their place in that span). Chains of one link have
+    no split to choose: none."""
     links = table.confidence.shape[1] - 1
     if links < 2:
         return ()
     ties = np.random.default_rng(seed).random(len(table.benchmarks))
-    tuned = []
+    scores = {}
     for benchmark in np.unique(table.benchmarks):
         spend = (family_budgets or {}).get(str(benchmark), budget)
         caps = np.linspace(spend, min(1.0, links * spend), points)
@@ -82,6 +93,9 @@ def tune_family_fill_caps(
         accuracy = np.array(
             [split_at_budget(table, rows, split_budget(spend, links, float(cap)), spend, ties)[0] for cap in caps]
         )
-        smoothed = np.convolve(np.pad(accuracy, 1, mode="edge"), np.ones(3) / 3, mode="valid")
-        tuned.append((str(benchmark), float(min(1.0, max(caps[int(np.argmax(smoothed))], 1e-6)))))
-    return tuple(tuned)
+        scores[str(benchmark)] = caps, np.convolve(np.pad(accuracy, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    chain_score = np.mean([score for _, score in scores.values()], axis=0)
+    return tuple(
+        (benchmark, float(min(1.0, max(caps[int(np.argmax(score + shrinkage * chain_score))], 1e-6))))
+        for benchmark, (caps, score) in scores.items()
+    )
