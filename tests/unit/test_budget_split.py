@@ -67,11 +67,12 @@ def test_a_family_that_cannot_tell_the_splits_apart_takes_the_chains_choice() ->
     # Every tier right on the same requests: no split is better than another on this family's own queries.
     flat = three_tier_table(300, middle_as_good_as_top=False, seed=1)
     flat = replace(flat, correct=np.repeat(flat.correct[:, :1], 3, axis=1))
-    caps = dict(tune_family_fill_caps(two_family_table(flat), budget))
+    table = two_family_table(flat)
+    caps = dict(tune_family_fill_caps(table, budget))
     assert caps["quiz"] == pytest.approx(2 * budget)
     # The chain's choice: its middle tier pays on the family that can tell.
     assert caps["other"] == pytest.approx(2 * budget)
-    alone = dict(tune_family_fill_caps(two_family_table(flat), budget, shrinkage=0.0))
+    alone = dict(tune_family_fill_caps(table, budget, shrinkage=0.0))
     assert alone["other"] == pytest.approx(budget)  # on its own, the first of equals
 
 
