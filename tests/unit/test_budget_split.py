@@ -51,14 +51,16 @@ def test_the_policy_learns_to_spend_on_the_link_that_pays(middle_as_good_as_top:
     assert policy.target_rate(0, "other family") == pytest.approx(policy.rates[0])  # the default fill cap
 
 
-def two_family_table(other: DepthTable) -> DepthTable:
-    """A family whose middle tier answers as well as the cloud ("quiz"), beside `other` renamed "other"."""
-    quiz = three_tier_table(2000, middle_as_good_as_top=True)
+def chain_table(other: DepthTable, quizzes: int = 1) -> DepthTable:
+    """`quizzes` families whose middle tier answers as well as the cloud ("quiz0", ...), beside `other` renamed
+    "other"."""
+    parts = [*(three_tier_table(2000, middle_as_good_as_top=True, seed=10 + i) for i in range(quizzes)), other]
+    names = [*(np.array([f"quiz{i}"] * 2000) for i in range(quizzes)), np.array(["other"] * len(other.benchmarks))]
     return DepthTable(
-        np.concatenate([quiz.benchmarks, np.array(["other"] * len(other.benchmarks))]),
-        np.vstack([quiz.confidence, other.confidence]),
-        np.vstack([quiz.correct, other.correct]),
-        np.concatenate([quiz.link_bytes, other.link_bytes]),
+        np.concatenate(names),
+        np.vstack([part.confidence for part in parts]),
+        np.vstack([part.correct for part in parts]),
+        np.concatenate([part.link_bytes for part in parts]),
     )
 
 
@@ -67,9 +69,9 @@ def test_a_family_that_cannot_tell_the_splits_apart_takes_the_chains_choice() ->
     # Every tier right on the same requests: no split is better than another on this family's own queries.
     flat = three_tier_table(300, middle_as_good_as_top=False, seed=1)
     flat = replace(flat, correct=np.repeat(flat.correct[:, :1], 3, axis=1))
-    table = two_family_table(flat)
+    table = chain_table(flat)
     caps = dict(tune_family_fill_caps(table, budget))
-    assert caps["quiz"] == pytest.approx(2 * budget)
+    assert caps["quiz0"] == pytest.approx(2 * budget)
     # The chain's choice: its middle tier pays on the family that can tell.
     assert caps["other"] == pytest.approx(2 * budget)
     alone = dict(tune_family_fill_caps(table, budget, shrinkage=0.0))
@@ -78,9 +80,12 @@ def test_a_family_that_cannot_tell_the_splits_apart_takes_the_chains_choice() ->
 
 def test_a_family_with_a_clear_split_of_its_own_keeps_it() -> None:
     budget = 0.4
-    # The middle tier knows no more than the device on this family: forward straight through to the cloud.
-    caps = dict(tune_family_fill_caps(two_family_table(three_tier_table(2000, False, seed=1)), budget))
-    assert caps["other"] == pytest.approx(budget)  # though the chain's other family wants the first link filled
+    # The middle tier knows no more than the device on this family: forward straight through to the cloud. The
+    # chain's three other families want the first link filled, and so does their mean with this one.
+    table = chain_table(three_tier_table(2000, False, seed=1), quizzes=3)
+    chains_choice = dict(tune_family_fill_caps(table, budget, shrinkage=1000.0))["other"]
+    assert chains_choice > budget + 0.1
+    assert dict(tune_family_fill_caps(table, budget))["other"] == pytest.approx(budget)
 
 
 def test_a_chain_of_one_link_has_no_split_to_choose() -> None:
