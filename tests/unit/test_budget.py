@@ -10,10 +10,16 @@ from collections.abc import Iterator
 import pytest
 
 from recserve.core.offload import Verdict
-from recserve.policies.budget import BudgetConfig, BudgetPolicy
+from recserve.policies.budget import (
+    MIN_RATE,
+    BudgetConfig,
+    BudgetPolicy,
+    format_family_priors,
+    parse_family_priors,
+)
 from recserve.policies.controller import ControlledQuantile
 from recserve.policies.quality import QualityConfig, QualityPolicy
-from recserve.policies.spending import ByteLedger, split_budget
+from recserve.policies.spending import ByteLedger, BytePrior, split_budget
 
 
 def spent(rates: list[float]) -> float:
@@ -175,6 +181,40 @@ def test_ledger_is_not_misled_when_the_doubted_requests_draw_short_answers() -> 
     assert error < naive_error / 2
 
 
+def test_a_prior_gives_the_ledger_its_estimate_before_any_request_crosses_every_link() -> None:
+    prior = BytePrior((10.0, 20.0, 30.0), 100.0)
+    ledger = ByteLedger(links=2, min_samples=5, prior=prior)
+    assert ledger.ready
+    assert ledger.prior() == prior
+    # Booked from the first request, answered on the device: its own answer, the others and the framing the prior's.
+    booked = ledger.record(100, [], [40])
+    assert booked == pytest.approx((1.0, 0.0))
+    assert ledger.cloud_only_estimate(100, [40]) == pytest.approx(200 + 2 * 40 + 3 * 20 + 4 * 30 + 100)
+    # Measured requests outweigh the prior as they come: five full crossings weigh as much as it.
+    for _ in range(5):
+        ledger.record(100, [300, 300], [10, 20, 30])  # framing 600 - 200 - 200 = 200
+    assert ledger.cloud_only_estimate(0, [10, 20, 30]) == pytest.approx(200 + 150)
+    with pytest.raises(ValueError, match="for 1 links needs 2 answer means"):
+        ByteLedger(links=1, prior=prior)
+
+
+def test_byte_priors_read_from_text_and_say_what_is_wrong() -> None:
+    priors = parse_family_priors("mmlu=31:45:60:118, chat=80:90.5:100:120")
+    assert priors == (("mmlu", BytePrior((31, 45, 60), 118)), ("chat", BytePrior((80, 90.5, 100), 120)))
+    assert parse_family_priors(format_family_priors(priors)) == priors
+    for text, complaint in [
+        ("mmlu=31:118", "each tier's mean answer bytes"),
+        ("mmlu=31:x:118", "each tier's mean answer bytes"),
+        ("mmlu=31:45:-1", "all finite, >= 0"),
+        ("31:45:60", "must look like"),
+        ("mmlu=1:2:3,mmlu=1:2:3", "twice"),
+    ]:
+        with pytest.raises(ValueError, match=complaint):
+            parse_family_priors(text)
+    with pytest.raises(ValueError, match="gives 'mmlu' 3 answer means; a chain of 1 links has 2 tiers"):
+        BudgetConfig(links=1, family_byte_priors=priors[:1])
+
+
 def serve_two_links(device: BudgetPolicy, edge: BudgetPolicy, n: int, seed: int = 5) -> tuple[float, float]:
     """A device → edge → cloud stream whose bytes follow the wire format: each link carries the request (its
     size plus a 40-byte hop per tier below) up and a reply of 60 bytes plus 40 per hop down, so a request the
@@ -209,6 +249,26 @@ def test_first_tier_holds_the_measured_bytes_not_just_the_rates(budget: float) -
     # Forwarding at the split's rates alone would land under the budget: the device spends what is left.
     assert device_rate > device.rates[0] + 0.02
     assert edge.target_rate(1) == max(edge.rates[1], 0.02)
+
+
+def test_with_a_byte_prior_the_first_tier_holds_the_budget_from_the_first_requests_without_the_floor() -> None:
+    """Without a prior, the first tier holds the rates until five requests have crossed every link, and the rates
+    land under the budget (a request the edge answers costs less than a cloud-only one); at a budget the first link
+    can spend alone, only the 2% floor sends requests across every link, so that takes hundreds of requests. With
+    the prior the stream measures (each hop's answer is in its framing here), it holds the bytes from the start, and
+    the edge forwards nothing."""
+    budget, stream = 0.4, 300
+    # Cloud-only, a request costs twice its size plus 40 bytes of the device's hop up the second link and the
+    # cloud's reply of 180 down both.
+    prior = BytePrior((0.0, 0.0, 0.0), 400.0)
+    shares = {}
+    for priors in [(), (("quiz", prior),)]:
+        config = BudgetConfig(byte_budget=budget, fill_cap=1.0, family_byte_priors=priors)
+        device, edge = config.build(), config.build()
+        shares[priors], _ = serve_two_links(device, edge, stream)
+        assert edge.target_rate(1, "quiz") == (0.0 if priors else MIN_RATE)
+    assert shares[()] < budget - 0.02
+    assert shares[(("quiz", prior),)] == pytest.approx(budget, abs=0.01)
 
 
 def synthetic_quality_run(policy: QualityPolicy, n: int, *, feedback: bool, seed: int = 7) -> float:

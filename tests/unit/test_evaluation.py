@@ -25,11 +25,13 @@ from recserve.evaluation.frontier import (
     ThresholdPoint,
     pareto,
 )
-from recserve.evaluation.plans import EvalRequest, chain_plan, evaluate
+from recserve.evaluation.plans import EvalRequest, chain_plan, evaluate, plan_for
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
+from recserve.evaluation.splits import calibrate_family_byte_priors
 from recserve.evaluation.sweep import SweepRequest, plot, sweep
 from recserve.evaluation.targets import target_lines, tune_fill_cap
 from recserve.policies import BudgetConfig
+from recserve.policies.budget import BudgetPolicy, parse_family_priors
 from tests.conftest import write_trace_folder
 
 CHAIN = ("small", "medium", "large")
@@ -128,6 +130,27 @@ async def test_fill_cap_is_tuned_by_running_the_budget_policy_on_train(tmp_path:
         scores.append(sum(accuracies) / len(accuracies))
     assert len(set(scores)) > 1  # the caps make a difference here, so the choice below means something
     assert await tune_fill_cap(replay, train, 100, caps, budgets) == caps[scores.index(max(scores))]
+
+
+async def test_byte_priors_are_what_cloud_only_serving_costs_each_family_on_train(tmp_path: Path) -> None:
+    folder = write_trace_folder(tmp_path / "t", n_per_family=40, splits=("train", "test"))
+    replay = TraceReplay.load(folder, CHAIN)
+    train = replay.queries("train")
+    priors = dict(await calibrate_family_byte_priors(replay, train))
+    assert set(priors) == {"quiz", "chat"}
+    for family, prior in priors.items():
+        answers = [replay.trace_set.answers[q.key] for q in train if q.benchmark == family]
+        lengths = [[len(answer[model].answer.encode()) for model in CHAIN] for answer in answers]
+        assert prior.answers == pytest.approx(np.mean(lengths, axis=0).tolist())
+        assert prior.framing > 0
+    # `recserve eval` gives them to every tier of the budget policy, offline and as the live tiers' flags.
+    plan = await plan_for(EvalRequest(traces=folder, chain=CHAIN, policy="budget"), replay)
+    for flags in plan.flags:
+        given = flags[flags.index("--family-byte-priors") + 1]
+        assert dict(parse_family_priors(given)) == priors
+    assert all(isinstance(policy, BudgetPolicy) and policy.holds_bytes("quiz") is False for policy in plan.offline)
+    plan.offline[0].decide("quiz", 0.5, is_last=False)
+    assert plan.offline[0].holds_bytes("quiz")  # from the first request: the prior stands in for the bytes
 
 
 async def test_json_fields_shuffle_and_chains_of_any_length(tmp_path: Path) -> None:

@@ -41,10 +41,10 @@ from recserve.evaluation.replay import (
     fixed_threshold_grid,
     tune_fixed_thresholds,
 )
-from recserve.evaluation.splits import tune_family_fill_caps
+from recserve.evaluation.splits import calibrate_family_byte_priors, tune_family_fill_caps
 from recserve.evaluation.sweep import DEFAULT_BETAS
 from recserve.policies import BudgetConfig, QualityConfig, RecServeConfig
-from recserve.policies.budget import LINK_SPLITS
+from recserve.policies.budget import LINK_SPLITS, FamilyPriors
 
 BUDGETS = (0.2, 0.3, 0.4, 0.5)
 GAPS = (0.02, 0.05)
@@ -135,15 +135,22 @@ def margin_covariance(
 
 
 def budget_config(
-    train_table: DepthTable, budget: float, family_budgets: dict[str, float] | None = None, split: str = "fill"
+    train_table: DepthTable,
+    priors: FamilyPriors,
+    budget: float,
+    family_budgets: dict[str, float] | None = None,
+    split: str = "fill",
 ) -> BudgetConfig:
     """The budget policy for `budget` (and `family_budgets`), with its fill caps per benchmark chosen on the train split
-    (as `recserve eval` chooses them; under the price split, they set the rates until the tiers have calibrated)."""
+    and its byte `priors` measured there (as `recserve eval` does; under the price split, the caps set the rates until
+    the tiers have calibrated)."""
     caps = tune_family_fill_caps(train_table, budget, family_budgets=family_budgets)
     return BudgetConfig(
+        links=train_table.confidence.shape[1] - 1,
         byte_budget=budget,
         family_budgets=tuple((family_budgets or {}).items()),
         family_fill_caps=caps,
+        family_byte_priors=priors,
         link_split=split,
     )
 
@@ -162,6 +169,7 @@ async def study_chain(
     tiers = len(chain)
     test, train = replay.queries("test"), replay.queries("train")
     table, train_table = await replay.depth_table(test), await replay.depth_table(train)
+    priors = await calibrate_family_byte_priors(replay, train)
     cloud_only = cloud_only_by_benchmark(table)
     shuffled = replay.queries("test", SHUFFLE_SEED)
     row_of = {q.key: row for row, q in enumerate(test)}
@@ -179,7 +187,7 @@ async def study_chain(
     budgets = []
     for rival, rival_answers in await _rival_rows(replay, table, train_table):
         budget = rival.budget
-        config = budget_config(train_table, budget, split=split)
+        config = budget_config(train_table, priors, budget, split=split)
         policy, policy_answers = await answered(config, test)
         matched, pairs = {}, []
         for name in RIVALS:
@@ -187,14 +195,15 @@ async def study_chain(
             if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
                 matched[name], ours = policy, policy_answers  # already as accurate at no more bytes: nothing to match
             else:
-                config_at = budget_config(train_table, _spendable(theirs.bytes), split=split)
+                config_at = budget_config(train_table, priors, _spendable(theirs.bytes), split=split)
                 matched[name], ours = await answered(config_at, test)
             pairs.append((ours, rival_answers[name]))
         per_benchmark = {}
         for name in RIVALS:
             theirs = getattr(rival, name)
             spent = {benchmark: _spendable(share) for benchmark, (_, share) in theirs.by_benchmark.items()}
-            per_benchmark[name] = await run(budget_config(train_table, _spendable(theirs.bytes), spent, split), test)
+            config_spent = budget_config(train_table, priors, _spendable(theirs.bytes), spent, split)
+            per_benchmark[name] = await run(config_spent, test)
         budgets.append(
             BudgetRow(
                 budget=budget,

@@ -12,7 +12,7 @@ from typing import Any
 from recserve.client.tally import Summary, summaries, summarise
 from recserve.core.offload import OffloadPolicy
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
-from recserve.evaluation.splits import tune_family_fill_caps
+from recserve.evaluation.splits import calibrate_family_byte_priors, tune_family_fill_caps
 from recserve.policies import (
     POLICY_ALIASES,
     POLICY_NAMES,
@@ -100,8 +100,12 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
     tiers = len(request.chain)
     config = config_type(request.policy)
     if config is BudgetConfig:
-        budget_config = BudgetConfig.from_values(request.options)
+        budget_config = BudgetConfig.from_values(request.options).for_chain(tiers)
         train = replay.queries("train")
+        if train:
+            # What cloud-only serving costs each family, measured on the train split, so that the first tier
+            # holds the bytes from the first request.
+            budget_config = replace(budget_config, family_byte_priors=await calibrate_family_byte_priors(replay, train))
         if train and tiers > 2 and "fill_cap" not in request.options:
             # The split between links, per family, chosen on the train split for this budget (the policy holds
             # the bytes online); without a train split, or with a fill cap given, that fill cap.

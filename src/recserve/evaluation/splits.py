@@ -4,7 +4,8 @@ The budget policy forwards a share of each tier's requests (`split_budget`: the 
 fill cap); which split is best depends on the chain (a middle tier as good as the top wants most of the bytes on the
 first link; a weak one, on the last) and on the task family. Here the fill cap of each family is chosen on labelled
 queries of the chain, by replaying the rates over their depth table, as CasServe's thresholds are tuned on the same
-split. The operator supplies such a set; the policy then holds the bytes online.
+split. The operator supplies such a set; the policy then holds the bytes online, from the first request with the
+byte priors measured on the same set.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from recserve.evaluation.replay import DepthTable
-from recserve.policies.spending import split_budget
+from recserve.core.traces import TraceQuery
+from recserve.evaluation.replay import DepthTable, TraceReplay
+from recserve.policies.budget import FamilyPriors
+from recserve.policies.simple import ForwardAllPolicy
+from recserve.policies.spending import ByteLedger, split_budget
 
 
 def rate_depths(
@@ -100,3 +104,33 @@ def tune_family_fill_caps(
         (benchmark, float(min(1.0, max(caps[int(np.argmax(score + shrinkage * chain_score))], 1e-6))))
         for benchmark, (caps, score) in scores.items()
     )
+
+
+class _LedgerKeeper(ForwardAllPolicy):
+    """Cloud-only serving whose first tier books each request in its family's ledger, as the budget policy's does."""
+
+    def __init__(self, links: int, window: int) -> None:
+        self.links, self.window = links, window
+        self.ledgers: dict[str, ByteLedger] = {}
+
+    def observe_cost(
+        self,
+        family: str,
+        *,
+        size: int,
+        spent: Sequence[int],
+        lower: Sequence[float] = (),
+        answer_sizes: Sequence[int] = (),
+    ) -> None:
+        if not lower:
+            ledger = self.ledgers.setdefault(family, ByteLedger(self.links, self.window))
+            ledger.record(size, spent, answer_sizes)
+
+
+async def calibrate_family_byte_priors(replay: TraceReplay, queries: Sequence[TraceQuery]) -> FamilyPriors:
+    """The budget policy's byte prior per family: each tier's mean answer bytes and the framing's, over `queries`
+    (the calibration set) served cloud-only through the chain's tiers."""
+    tiers = len(replay.chain)
+    keeper = _LedgerKeeper(tiers - 1, max(1, len(queries)))
+    await replay.run_offline(queries, [keeper, *(ForwardAllPolicy() for _ in range(tiers - 1))])
+    return tuple((family, ledger.prior()) for family, ledger in sorted(keeper.ledgers.items()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,10 +22,10 @@ from recserve.policies.config import (
 from recserve.policies.controller import ControlledQuantile
 from recserve.policies.quality import MIN_VERDICTS, UPDATE_EVERY, VERDICT_WINDOW
 from recserve.policies.simple import FamilyThresholds, format_family_thresholds, parse_family_thresholds
-from recserve.policies.spending import ByteLedger, split_budget
+from recserve.policies.spending import ByteLedger, BytePrior, split_budget
 
-# The links above the first forward at least this share: the first tier needs some requests to cross every link
-# to know what cloud-only serving costs, and these are the ones the tiers above doubt most.
+# The links above the first forward at least this share: without a byte prior, the first tier needs some requests to
+# cross every link to know what cloud-only serving costs, and these are the ones the tiers above doubt most.
 MIN_RATE = 0.02
 LINK_SPLITS = ("fill", "price")
 
@@ -36,6 +36,27 @@ def _fill_share(value: float) -> str | None:
 
 def _fill_shares(values: FamilyThresholds) -> str | None:
     return None if all(0.0 < value <= 1.0 for _, value in values) else "must all be within (0, 1]"
+
+
+FamilyPriors = tuple[tuple[str, BytePrior], ...]
+
+
+def parse_family_priors(text: str) -> FamilyPriors:
+    """ "mmlu=31:45:60:118,medmcqa=..." -> ((family, BytePrior), ...); raises ValueError saying what is wrong."""
+    priors: dict[str, BytePrior] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        family, sep, value = item.partition("=")
+        family = family.strip()
+        if not sep or not family:
+            raise ValueError(f"family byte priors must look like 'mmlu=31:45:60:118,medmcqa=...', got {item!r}")
+        if family in priors:
+            raise ValueError(f"family byte priors give {family!r} twice")
+        priors[family] = BytePrior.parse(value.strip())
+    return tuple(priors.items())
+
+
+def format_family_priors(priors: FamilyPriors) -> str:
+    return ",".join(f"{family}={prior}" for family, prior in priors)
 
 
 def _split(value: str) -> str | None:
@@ -71,6 +92,17 @@ class BudgetConfig(SplitTargetConfig):
         text=format_family_thresholds,
         in_eval=False,
     )
+    # Measured on the same calibration set (`recserve eval` and the chain study do it on the train split:
+    # evaluation.splits.calibrate_family_byte_priors). With one, a family's first tier holds its bytes from the first
+    # request, and the links above need not forward MIN_RATE to measure them.
+    family_byte_priors: tuple[tuple[str, BytePrior], ...] = option(
+        (),
+        "per-family cloud-only byte priors measured on a calibration set: each tier's mean answer bytes, lowest "
+        "first, then the framing's, e.g. mmlu=31:45:60:118",
+        parse=parse_family_priors,
+        text=format_family_priors,
+        in_eval=False,
+    )
     link_split: str = option(
         "fill",
         "how the budget is split between links: fill (fixed rates, the lower links first up to the fill cap) or "
@@ -86,6 +118,15 @@ class BudgetConfig(SplitTargetConfig):
     @property
     def learns_from_feedback(self) -> bool:
         return self.link_split == "price"  # the fill split needs no verdicts
+
+    def problems(self) -> Iterator[str]:
+        yield from super().problems()
+        for family, prior in self.family_byte_priors:
+            if len(prior.answers) != self.links + 1:
+                yield (
+                    f"family_byte_priors gives {family!r} {len(prior.answers)} answer means; a chain of "
+                    f"{self.links} links has {self.links + 1} tiers"
+                )
 
     def build(self) -> BudgetPolicy:
         return BudgetPolicy(self)
@@ -130,6 +171,7 @@ class BudgetPolicy:
         self._random = random.Random(config.probe_seed)
         self.rates = split_budget(config.byte_budget, config.links, config.fill_cap)
         self._budgets = dict(config.family_budgets)
+        self._priors = dict(config.family_byte_priors)
         caps = dict(config.family_fill_caps)
         self._family_rates = {
             family: split_budget(self.budget_for(family), config.links, caps.get(family, config.fill_cap))
@@ -150,12 +192,14 @@ class BudgetPolicy:
         rates = self.rates if family is None else self.rates_for(family)
         if depth >= len(rates):
             return 0.0
-        return max(rates[depth], MIN_RATE) if depth > 0 else rates[depth]
+        floor = MIN_RATE if depth > 0 and family not in self._priors else 0.0
+        return max(rates[depth], floor)
 
     def _family(self, family: str) -> _FamilyBudget:
         state = self._families.get(family)
         if state is None:
-            state = _FamilyBudget(ControlledQuantile(self.config.window), ByteLedger(self.config.links))
+            ledger = ByteLedger(self.config.links, prior=self._priors.get(family))
+            state = _FamilyBudget(ControlledQuantile(self.config.window), ledger)
             self._families[family] = state
         return state
 

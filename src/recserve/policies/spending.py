@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from recserve.core.threshold import SlidingWindow
 
@@ -56,6 +57,36 @@ class _WindowMean(SlidingWindow):
         return self._total / max(len(self), 1)
 
 
+@dataclass(frozen=True)
+class BytePrior:
+    """What a family's requests cost in cloud-only serving, measured on a calibration set: the mean bytes of each
+    tier's answer (lowest first) and of the framing of a request that crosses every link (`ByteLedger.prior`)."""
+
+    answers: tuple[float, ...]
+    framing: float
+
+    def __post_init__(self) -> None:
+        if not self.answers or any(not 0 <= value < math.inf for value in (*self.answers, self.framing)):
+            raise ValueError("a byte prior needs each tier's mean answer bytes and the framing, all finite, >= 0")
+
+    def __str__(self) -> str:
+        return ":".join(repr(value) for value in (*self.answers, self.framing))  # exact: live tiers match offline
+
+    @classmethod
+    def parse(cls, text: str) -> BytePrior:
+        """ "31:45:60:118" -> each tier's mean answer bytes, lowest first, then the framing's."""
+        try:
+            values = [float(part) for part in text.split(":")]
+        except ValueError:
+            values = []
+        if len(values) < 3:
+            raise ValueError(
+                f"a byte prior is each tier's mean answer bytes, lowest first, then the framing's, e.g. "
+                f"'31:45:60:118' for three tiers; got {text!r}"
+            )
+        return cls(tuple(values[:-1]), values[-1])
+
+
 class ByteLedger:
     """A first tier's estimate of what cloud-only serving would spend on its requests, from measured replies.
 
@@ -83,12 +114,24 @@ class ByteLedger:
     truthfulqa's estimate 4% low on average over 24 chains, 11% at worst. 20 clears every other answer of every
     model and benchmark of the train split (at most 19 times, but for one 23-byte answer to a multiple-choice
     question).
-    Until `min_samples` requests have crossed every link there is no estimate.
+    Until `min_samples` requests have crossed every link there is no estimate, unless a `prior` measured on a
+    calibration set stands in for them: its means enter each window as `min_samples` requests' worth, so the
+    estimate holds from the first request (and needs no request to cross every link), and real ones outweigh it as
+    they come.
     """
 
-    def __init__(self, links: int, window: int = 1000, min_samples: int = 5, outlier_factor: float = 20.0) -> None:
+    def __init__(
+        self,
+        links: int,
+        window: int = 1000,
+        min_samples: int = 5,
+        outlier_factor: float = 20.0,
+        prior: BytePrior | None = None,
+    ) -> None:
         if links < 1 or window < 1 or min_samples < 1:
             raise ValueError("links, window and min_samples must be at least 1")
+        if prior is not None and len(prior.answers) != links + 1:
+            raise ValueError(f"a byte prior for {links} links needs {links + 1} answer means, got {len(prior.answers)}")
         self.links = links
         self.min_samples = min_samples
         # How many times each tier's answer crosses a link in cloud-only serving: in its hop, down every link and
@@ -98,6 +141,10 @@ class ByteLedger:
         self._multiplicity[links] += links
         self._answers = [_WindowMean(window, outlier_factor) for _ in range(links + 1)]
         self._framing = _WindowMean(window)
+        if prior is not None:
+            for mean, value in zip([*self._answers, self._framing], [*prior.answers, prior.framing], strict=True):
+                for _ in range(min_samples):
+                    mean.add(value)
         self._pending: list[tuple[int, Sequence[int], int]] = []  # (size, answers, bytes taken) not yet booked
         # The booked requests: their bytes known exactly (sizes, the answers they reached), how many of them lack
         # each tier's answer, how many there are, and their estimate when last booked.
@@ -109,6 +156,10 @@ class ByteLedger:
     @property
     def ready(self) -> bool:
         return len(self._framing) >= self.min_samples
+
+    def prior(self) -> BytePrior:
+        """The means this ledger holds, as the prior of another's (the calibration of a family's bytes)."""
+        return BytePrior(tuple(mean.mean for mean in self._answers), self._framing.mean)
 
     def _answer_bytes(self, answers: Sequence[int]) -> float:
         """The bytes the answers add to a cloud-only request: those in `answers`, the rest at their means."""
