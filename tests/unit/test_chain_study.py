@@ -20,6 +20,8 @@ from recserve.evaluation.chain_study import (
     _equal_bytes_margin,
     _meets_goal_strictly,
     edge_needed,
+    load_studies,
+    main,
     margin_covariance,
     meets_goal,
     pass_probability,
@@ -180,3 +182,20 @@ def test_the_results_report_summarises_the_every_chain_study_when_it_has_run(stu
     section = every_chain_section(tmp_path)
     assert section.startswith("## Every chain")
     assert "\n".join(summary_lines(studies)) in section
+
+
+async def test_a_study_reusing_an_earlier_ones_rivals_and_quality_rows_comes_out_the_same(
+    folder: Path, study: ChainStudy
+) -> None:
+    assert await study_chain(folder, CHAIN, study, reuse_rivals=True) == study
+
+
+def test_a_resumed_run_keeps_the_chains_a_stopped_one_finished(folder: Path, study: ChainStudy, tmp_path: Path) -> None:
+    marked = replace(study, cloud_only=Point(0.123, 1.0, study.cloud_only.by_benchmark))
+    write_report([marked], tmp_path)  # as a stopped run leaves its partial file: the chains done, in order
+    (tmp_path / "results" / "chains.json").rename(tmp_path / "results" / "chains.partial.json")
+    assert main(["--traces", str(folder), "--out", str(tmp_path), "--sizes", "2", "--limit", "2", "--resume"]) == 0
+    studies = load_studies(tmp_path / "results" / "chains.json")
+    assert list(studies) == every_chain(models_by_train_accuracy(TraceSet.load(folder)), (2,))[:2]
+    assert [s.cloud_only.accuracy == 0.123 for s in studies.values()] == [s.chain == CHAIN for s in studies.values()]
+    assert not (tmp_path / "results" / "chains.partial.json").exists()

@@ -160,11 +160,15 @@ def _spendable(share: float) -> float:
 
 
 async def study_chain(
-    traces: Path, chain: Sequence[str], earlier: ChainStudy | None = None, split: str = "fill"
+    traces: Path,
+    chain: Sequence[str],
+    earlier: ChainStudy | None = None,
+    split: str = "fill",
+    reuse_rivals: bool = False,
 ) -> ChainStudy:
     """The study of one chain, the budget policy with `split`; the quality policy's rows are taken from `earlier` when
     it has them, a study of the same chain on the same traces, since they depend on neither the budget policy nor the
-    rivals."""
+    rivals, and with `reuse_rivals` so is RecServe's β per budget (the rivals do not depend on the budget policy)."""
     replay = TraceReplay.load(traces, chain)
     tiers = len(chain)
     test, train = replay.queries("test"), replay.queries("train")
@@ -185,7 +189,8 @@ async def study_chain(
         return (await answered(config, queries))[0]
 
     budgets = []
-    for rival, rival_answers in await _rival_rows(replay, table, train_table):
+    betas = [row.recserve_beta for row in earlier.budgets] if reuse_rivals and earlier is not None else None
+    for rival, rival_answers in await _rival_rows(replay, table, train_table, betas):
         budget = rival.budget
         config = budget_config(train_table, priors, budget, split=split)
         policy, policy_answers = await answered(config, test)
@@ -243,27 +248,31 @@ async def study_chain(
 
 
 async def _rival_rows(
-    replay: TraceReplay, table: DepthTable, train_table: DepthTable
+    replay: TraceReplay, table: DepthTable, train_table: DepthTable, betas: Sequence[float] | None = None
 ) -> list[tuple[BudgetRow, dict[str, npt.NDArray[np.float64]]]]:
     """Per budget, the rivals tuned on train and the best fixed thresholds in hindsight (the policy's fields empty),
-    with each rival's right answers per test query."""
+    with each rival's right answers per test query. RecServe's β per budget is chosen on train unless `betas` gives
+    the ones an earlier study of the chain chose there (the search replays the train split 21 times)."""
     tiers = len(replay.chain)
     test, train = replay.queries("test"), replay.queries("train")
     cloud_only = cloud_only_by_benchmark(table)
     train_bytes = {}
     train_cloud_only = cloud_only_by_benchmark(train_table)
-    for beta in DEFAULT_BETAS:
+    for beta in DEFAULT_BETAS if betas is None else ():
         outcomes = await replay.run_offline(train, chain_plan(RecServeConfig(beta=beta), tiers).offline)
         train_bytes[beta] = point(outcomes, train_cloud_only).bytes
     grid = fixed_threshold_grid(table, np.ones(len(test), dtype=bool), 21)
     rows = []
-    for budget in BUDGETS:
+    for index, budget in enumerate(BUDGETS):
         tuned = tune_fixed_thresholds(train_table, budget)
         depths = np.full(len(test), tiers - 1)
         for benchmark, thresholds in tuned.items():
             mask = table.benchmarks == benchmark
             depths[mask] = table.fixed_threshold_depths(np.array(thresholds))[mask]
-        beta = max((b for b in DEFAULT_BETAS if train_bytes[b] <= budget + 1e-12), default=0.0)
+        if betas is None:
+            beta = max((b for b in DEFAULT_BETAS if train_bytes[b] <= budget + 1e-12), default=0.0)
+        else:
+            beta = betas[index]
         best = max((g for g in grid if g[2] <= budget + 1e-12), key=lambda g: (g[1], -g[2]))
         outcomes = await replay.run_offline(test, chain_plan(RecServeConfig(beta=beta), tiers).offline)
         casserve = table.outcomes(depths.astype(np.int64))
@@ -281,9 +290,11 @@ async def _rival_rows(
     return rows
 
 
-def _study(traces: Path, chain: tuple[str, ...], earlier: ChainStudy | None = None, split: str = "fill") -> ChainStudy:
+def _study(
+    traces: Path, chain: tuple[str, ...], earlier: ChainStudy | None, split: str, reuse_rivals: bool
+) -> ChainStudy:
     started = time.monotonic()
-    study = asyncio.run(study_chain(traces, chain, earlier, split))
+    study = asyncio.run(study_chain(traces, chain, earlier, split, reuse_rivals))
     print(f"{' → '.join(chain)}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return study
 
@@ -567,28 +578,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         "from it (they depend on neither the budget policy nor the rivals) and study the rest again",
     )
     parser.add_argument(
+        "--reuse-rivals",
+        action="store_true",
+        help="with --reuse-quality, take RecServe's β per budget from that report too (chosen on train there)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the chains a stopped run of the same settings left in OUT/results/chains.partial.json",
+    )
+    parser.add_argument(
         "--link-split", choices=LINK_SPLITS, default="fill", help="the budget policy's split between links"
     )
     args = parser.parse_args(argv)
+    if args.reuse_rivals and not args.reuse_quality:
+        parser.error("--reuse-rivals takes the rivals from the report given to --reuse-quality")
     models = models_by_train_accuracy(TraceSet.load(args.traces))
     chains = every_chain(models, [int(s) for s in args.sizes.split(",")])[: args.limit]
     earlier = load_studies(args.reuse_quality) if args.reuse_quality else {}
     partial = args.out / "results" / "chains.partial.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
-    studies = []
+    done = load_studies(partial) if args.resume and partial.exists() else {}
+    remaining = [c for c in chains if c not in done]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         studied = pool.map(
             _study,
             itertools.repeat(args.traces),
-            chains,
-            [earlier.get(c) for c in chains],
+            remaining,
+            [earlier.get(c) for c in remaining],
             itertools.repeat(args.link_split),
+            itertools.repeat(args.reuse_rivals),
         )
         for study in studied:
-            studies.append(study)
+            done[study.chain] = study
             # What is done so far, should a long run be stopped (load_studies reads it back).
-            partial.write_text(json.dumps([asdict(s) for s in studies]) + "\n")
-    print(write_report(studies, args.out))
+            partial.write_text(json.dumps([asdict(s) for s in done.values()]) + "\n")
+    print(write_report([done[c] for c in chains], args.out))
     partial.unlink()  # only once the report is written: a report that fails leaves the studies behind
     return 0
 
