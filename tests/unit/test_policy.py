@@ -148,12 +148,13 @@ def test_eval_takes_the_serve_names_of_the_options_and_the_old_ones() -> None:
     assert eval_options("--budget", "0.3", "--gap", "0.01")[1] == {"byte_budget": 0.3, "quality_gap": 0.01}
     names = {option.name for option in eval_command.EVAL_OPTIONS}
     # Set by the replay: the links from the chain, the fixed thresholds per tier (given or tuned), the budget
-    # policy's fill caps per family (tuned on train).
+    # policy's fill caps per family (tuned on train) and its byte priors per family (measured on train).
     assert names == {o.name for c in POLICY_CONFIGS for o in c.options()} - {
         "links",
         "threshold",
         "family_thresholds",
         "family_fill_caps",
+        "family_byte_priors",
     }
     with pytest.raises(ValueError, match="not options of an evaluated policy: links"):
         EvalRequest(traces=Path("t"), chain=("a", "b"), options={"links": 3})
