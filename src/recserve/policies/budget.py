@@ -21,7 +21,13 @@ from recserve.policies.config import (
 )
 from recserve.policies.controller import ControlledQuantile
 from recserve.policies.quality import MIN_VERDICTS, UPDATE_EVERY, VERDICT_WINDOW
-from recserve.policies.simple import FamilyThresholds, format_family_thresholds, parse_family_thresholds
+from recserve.policies.simple import (
+    FamilyThresholds,
+    format_family_thresholds,
+    format_family_values,
+    parse_family_thresholds,
+    parse_family_values,
+)
 from recserve.policies.spending import ByteLedger, BytePrior, split_budget
 
 # The links above the first forward at least this share: without a byte prior, the first tier needs some requests to
@@ -43,20 +49,11 @@ FamilyPriors = tuple[tuple[str, BytePrior], ...]
 
 def parse_family_priors(text: str) -> FamilyPriors:
     """ "mmlu=31:45:60:118,medmcqa=..." -> ((family, BytePrior), ...); raises ValueError saying what is wrong."""
-    priors: dict[str, BytePrior] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        family, sep, value = item.partition("=")
-        family = family.strip()
-        if not sep or not family:
-            raise ValueError(f"family byte priors must look like 'mmlu=31:45:60:118,medmcqa=...', got {item!r}")
-        if family in priors:
-            raise ValueError(f"family byte priors give {family!r} twice")
-        priors[family] = BytePrior.parse(value.strip())
-    return tuple(priors.items())
+    return parse_family_values(text, BytePrior.parse, "family byte priors", "mmlu=31:45:60:118,medmcqa=...")
 
 
 def format_family_priors(priors: FamilyPriors) -> str:
-    return ",".join(f"{family}={prior}" for family, prior in priors)
+    return format_family_values(priors, str)
 
 
 def _split(value: str) -> str | None:

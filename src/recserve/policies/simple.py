@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from recserve.core.offload import OffloadPolicy, Verdict
 from recserve.core.threshold import WindowedQuantile
@@ -77,26 +78,41 @@ class RecServePolicy(_Stateless):
         return window.quantile() if window else None
 
 
-def parse_family_thresholds(text: str) -> FamilyThresholds:
-    """ "mmlu=0.42,medmcqa=0.5" -> (("mmlu", 0.42), ("medmcqa", 0.5)); raises ValueError saying what is wrong."""
-    thresholds: dict[str, float] = {}
+Value = TypeVar("Value")
+
+
+def parse_family_values(
+    text: str, parse_value: Callable[[str], Value], what: str, example: str
+) -> tuple[tuple[str, Value], ...]:
+    """ "mmlu=A,medmcqa=B" -> (("mmlu", parse_value("A")), ("medmcqa", parse_value("B"))); raises ValueError saying
+    what is wrong, `what` the values' name and `example` a text they take (a value's own complaint included)."""
+    values: dict[str, Value] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         family, sep, value = item.partition("=")
         family = family.strip()
-        try:
-            threshold = float(value)
-        except ValueError:
-            sep = ""
         if not sep or not family:
-            raise ValueError(f"family thresholds must look like 'mmlu=0.42,medmcqa=0.5', got {item!r}")
-        if family in thresholds:
-            raise ValueError(f"family thresholds give {family!r} twice")
-        thresholds[family] = threshold
-    return tuple(thresholds.items())
+            raise ValueError(f"{what} must look like '{example}', got {item!r}")
+        try:
+            parsed = parse_value(value.strip())
+        except ValueError as error:
+            raise ValueError(f"{what} must look like '{example}', got {item!r}: {error}") from None
+        if family in values:
+            raise ValueError(f"{what} give {family!r} twice")
+        values[family] = parsed
+    return tuple(values.items())
+
+
+def format_family_values(values: Sequence[tuple[str, Value]], text: Callable[[Value], str] = repr) -> str:
+    return ",".join(f"{family}={text(value)}" for family, value in values)
+
+
+def parse_family_thresholds(text: str) -> FamilyThresholds:
+    """ "mmlu=0.42,medmcqa=0.5" -> (("mmlu", 0.42), ("medmcqa", 0.5)); raises ValueError saying what is wrong."""
+    return parse_family_values(text, float, "family thresholds", "mmlu=0.42,medmcqa=0.5")
 
 
 def format_family_thresholds(thresholds: FamilyThresholds) -> str:
-    return ",".join(f"{family}={threshold!r}" for family, threshold in thresholds)
+    return format_family_values(thresholds)
 
 
 def _numbers(thresholds: FamilyThresholds) -> str | None:
