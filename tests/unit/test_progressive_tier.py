@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from recserve.core.engine import EngineError, Generation, GenerationRequest, TextDelta
-from recserve.core.errors import InvalidRequest, RecServeError, StreamInterrupted, UpstreamUnavailable
+from recserve.core.errors import InvalidRequest, StreamInterrupted
 from recserve.core.forward_timeout import ForwardTimeout
 from recserve.core.metrics import Metrics
 from recserve.core.placement import Candidate, PlacementOutcome, PlacementRequest
@@ -23,7 +23,7 @@ from recserve.core.progressive import (
 )
 from recserve.core.sketch import assemble, parse_sketch
 from recserve.core.tier import Tier
-from recserve.core.transport import InProcessUpstream, Reply, StreamEvent
+from recserve.core.transport import InProcessUpstream
 from recserve.policies.simple import ForwardAllPolicy, LocalOnlyPolicy
 from recserve.v1 import tier_pb2 as pb
 from tests.unit.test_tier import RecordingPolicy, sample
@@ -109,33 +109,6 @@ def _generation(text: str, logprob: float) -> Generation:
     return Generation(text=text, token_logprobs=(logprob,) * len(words), completion_tokens=len(words), prompt_tokens=7)
 
 
-class FailingWhereTheWireWould:
-    """The next tier in process, its failures seen as a gRPC link sees them: UpstreamUnavailable."""
-
-    def __init__(self, tier: Tier) -> None:
-        self.link = InProcessUpstream(tier)
-
-    async def infer(self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False) -> Reply:
-        try:
-            return await self.link.infer(request, timeout)
-        except InvalidRequest:
-            raise
-        except RecServeError as exc:
-            raise UpstreamUnavailable(str(exc)) from None
-
-    async def infer_stream(
-        self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False
-    ) -> AsyncGenerator[StreamEvent, None]:
-        async for event in self.link.infer_stream(request, timeout):
-            yield event
-
-    async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> None:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        return None
-
-
 class Always:
     """A scheduler that takes one path, and records what it was shown."""
 
@@ -172,7 +145,7 @@ def edge_and_cloud(
         edge,
         edge_policy or LocalOnlyPolicy(),
         metrics.for_tier("edge"),
-        FailingWhereTheWireWould(cloud_tier),
+        InProcessUpstream(cloud_tier),
         progressive=scheduler or Always(ProgressivePath.PROGRESSIVE),
         progressive_options=options or ProgressiveOptions(point_beta=0.34),
         forward_timeout=forward_timeout,
@@ -476,15 +449,13 @@ async def test_the_tier_below_pays_for_the_parts_but_does_not_take_a_progressive
         SketchingEngine("edge", logprobs={2: -3.0}),
         LocalOnlyPolicy(),
         metrics.for_tier("edge"),
-        FailingWhereTheWireWould(cloud),
+        InProcessUpstream(cloud),
         callers=("device",),
         progressive=Always(ProgressivePath.PROGRESSIVE),
         progressive_options=ProgressiveOptions(point_beta=0.34),
     )
     recording = RecordingPolicy(2.0)
-    device = Tier(
-        "device", SketchingEngine("device"), recording, metrics.for_tier("device"), FailingWhereTheWireWould(edge)
-    )
+    device = Tier("device", SketchingEngine("device"), recording, metrics.for_tier("device"), InProcessUpstream(edge))
     response = await device.infer(long_question())
     device_hop, edge_hop, *cloud_hops = response.hops
     assert edge_hop.decision == pb.DECISION_PROGRESSIVE

@@ -235,6 +235,28 @@ async def test_a_next_tier_failing_mid_stream_ends_the_stream_with_an_error_neve
     assert sample(registry, "recserve_requests_total", tier="device", outcome="error") == 1
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "stream"])
+async def test_tiers_linked_in_process_wait_for_a_next_tier_that_stalls(streamed: bool) -> None:
+    # Over gRPC, 3 times the next tier's p99 latency (at least 1 s) bounds a forward once 20 have been timed. In one
+    # process (the offline replay) a stall is the machine's, not the next tier's, and must not change the answer.
+    edge = WordEngine("edge answer")
+    tiers = word_cascade(
+        [WordEngine("device"), edge, WordEngine("cloud answer")],
+        [ForwardAllPolicy(), LocalOnlyPolicy(), LocalOnlyPolicy()],
+    )
+    for _ in range(25):
+        await tiers[0].infer(question())
+    edge.delay = 0.6  # a second and a fifth for its two words
+    if streamed:
+        deltas, response = await collect(tiers[0].infer_stream(question()))
+        answer = "".join(delta.text for delta in deltas)
+    else:
+        response = await tiers[0].infer(question())
+        answer = response.answer
+    assert (response.answered_by, answer) == ("edge", "edge answer")
+    assert [hop.decision for hop in response.hops] == [pb.DECISION_FORWARDED, pb.DECISION_ANSWERED]
+
+
 @pytest.mark.parametrize("offload", [pb.OFFLOAD_MODE_AUTO, pb.OFFLOAD_MODE_LOCAL_ONLY], ids=["whole", "live"])
 async def test_the_deadline_holds_on_a_stream(offload: int) -> None:
     tiers = word_cascade([WordEngine(delay=0.1)] * 3, [LocalOnlyPolicy(), LocalOnlyPolicy(), LocalOnlyPolicy()])

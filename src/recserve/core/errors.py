@@ -45,3 +45,18 @@ class Overloaded(RecServeError):
 
 class Unauthenticated(RecServeError):
     """The caller did not present the credentials this tier requires."""
+
+
+# A next tier's verdict on the request itself reaches the caller unchanged; any other failure of the next tier (down,
+# too slow, overloaded, broken) is this tier's upstream being unavailable, which it answers degraded. The gRPC link
+# maps status codes by the same rule (recserve.server.status), so tiers in one process fail as tiers apart do.
+VERDICTS_ON_THE_REQUEST = (InvalidRequest, NotFound, FailedPrecondition)
+
+
+def as_upstream_error(error: RecServeError, peer: str) -> RecServeError:
+    """What the next tier's `error` is to the tier that called it."""
+    if isinstance(error, VERDICTS_ON_THE_REQUEST):
+        return error
+    if isinstance(error, DeadlineExceeded):
+        return UpstreamTimedOut(f"next tier {peer} did not answer in time: {error}")
+    return UpstreamUnavailable(f"next tier {peer} failed: {type(error).__name__}: {error}")

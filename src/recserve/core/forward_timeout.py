@@ -40,6 +40,12 @@ class ForwardTimeout:
         self._latencies: deque[float] = deque(maxlen=window)
         self._seconds = ceiling
 
+    @classmethod
+    def unlimited(cls) -> ForwardTimeout:
+        """No limit, for a next tier in the same process: it cannot hang, and an offline replay's answers must not
+        depend on how busy the machine is (a stall past the floor would answer a request degraded, or not at all)."""
+        return cls(ceiling=math.inf, floor=math.inf)
+
     @property
     def seconds(self) -> float:
         """The longest a forward may wait now."""

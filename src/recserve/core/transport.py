@@ -6,10 +6,12 @@ gRPC link (recserve.server.upstream) report the same figures for the same traffi
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from recserve.core.errors import RecServeError, as_upstream_error
 from recserve.v1 import tier_pb2 as pb
 
 
@@ -54,6 +56,8 @@ class Upstream(Protocol):
 
 
 class InferHandler(Protocol):
+    name: str
+
     async def infer(self, request: pb.InferRequest, timeout: float | None = None) -> pb.InferResponse: ...
 
     def infer_stream(
@@ -69,9 +73,17 @@ class InProcessUpstream:
     def __init__(self, tier: InferHandler) -> None:
         self._tier = tier
 
+    @contextmanager
+    def _failures_as_upstream_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except RecServeError as exc:
+            raise as_upstream_error(exc, self._tier.name) from exc
+
     async def infer(self, request: pb.InferRequest, timeout: float | None, *, wait_for_ready: bool = False) -> Reply:
         sent = request.SerializeToString()
-        response = await self._tier.infer(pb.InferRequest.FromString(sent), timeout)
+        with self._failures_as_upstream_errors():
+            response = await self._tier.infer(pb.InferRequest.FromString(sent), timeout)
         received = response.SerializeToString()
         return Reply(pb.InferResponse.FromString(received), len(sent), len(received))
 
@@ -80,15 +92,17 @@ class InProcessUpstream:
     ) -> AsyncGenerator[StreamEvent, None]:
         events = self._tier.infer_stream(pb.InferRequest.FromString(request.SerializeToString()), timeout)
         try:
-            async for event in events:
-                data = event.SerializeToString()
-                yield StreamEvent(pb.InferStreamResponse.FromString(data), len(data))
+            with self._failures_as_upstream_errors():
+                async for event in events:
+                    data = event.SerializeToString()
+                    yield StreamEvent(pb.InferStreamResponse.FromString(data), len(data))
         finally:
             await events.aclose()
 
     async def feedback(self, request: pb.FeedbackRequest, timeout: float | None) -> FeedbackReply:
         sent = request.SerializeToString()
-        response = await self._tier.feedback(pb.FeedbackRequest.FromString(sent))
+        with self._failures_as_upstream_errors():
+            response = await self._tier.feedback(pb.FeedbackRequest.FromString(sent))
         received = response.SerializeToString()
         return FeedbackReply(pb.FeedbackResponse.FromString(received), len(sent), len(received))
 
