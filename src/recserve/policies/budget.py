@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ from recserve.policies.simple import (
     parse_family_thresholds,
     parse_family_values,
 )
-from recserve.policies.spending import ByteLedger, BytePrior, split_budget
+from recserve.policies.spending import ByteLedger, BytePrior, WindowMean, split_budget
 
 # The links above the first forward at least this share: without a byte prior, the first tier needs some requests to
 # cross every link to know what cloud-only serving costs, and these are the ones the tiers above doubt most.
@@ -138,7 +137,7 @@ class _FamilyBudget:
     # The price split's: what forwarding is expected to gain, by confidence, from the verdicts.
     gain: ForwardGain = field(default_factory=lambda: ForwardGain(VERDICT_WINDOW, MIN_VERDICTS))
     # The first tier's: each forwarded request's bytes as a share of its estimated cloud-only bytes, and the price.
-    forward_costs: deque[float] = field(default_factory=lambda: deque(maxlen=VERDICT_WINDOW))
+    forward_costs: WindowMean = field(default_factory=lambda: WindowMean(VERDICT_WINDOW))
     price: float | None = None
     learned_rate: float | None = None  # a tier above the first's: the share of its window worth the price
     since_update: int = 0
@@ -153,7 +152,10 @@ class BudgetPolicy:
     feedback: the rates are what the budget buys. The rates alone land a few points under the budget (requests
     answered below the last tier carry shorter replies than cloud-only ones), so once its replies give an estimate
     of cloud-only bytes (`ByteLedger`) the first tier's controller integrates the byte error instead of the rate
-    error, and spends what the tiers above leave unspent.
+    error, and spends what the tiers above leave unspent. Once a few forwards were costed, its level starts from the
+    rate that spends the budget at the measured cost of a forwarded request (a share of its cloud-only bytes) instead
+    of the split's rate, and the integral corrects only what that misses: on a short stream it has no time to build
+    the whole offset.
 
     With the price split (`link_split="price"`) the tiers above the first learn their rates from Feedback: the
     first tier prices bytes (the expected gain of forwarding the request at its threshold, P_up - P_own from
@@ -189,8 +191,20 @@ class BudgetPolicy:
         rates = self.rates if family is None else self.rates_for(family)
         if depth >= len(rates):
             return 0.0
+        spending = self._spending_rate(family) if depth == 0 and family is not None else None
+        if spending is not None:
+            return spending
         floor = MIN_RATE if depth > 0 and family not in self._priors else 0.0
         return max(rates[depth], floor)
+
+    def _spending_rate(self, family: str) -> float | None:
+        """The first tier's forward rate that spends `family`'s budget at the measured cost of a forwarded request
+        (a share of its cloud-only bytes, over the recent forwards); None until as many forwards were costed as the
+        ledger needs requests for an estimate of its own."""
+        state = self._families.get(family)
+        if state is None or len(state.forward_costs) < state.ledger.min_samples:
+            return None
+        return min(1.0, self.budget_for(family) / max(state.forward_costs.mean, 1e-3))
 
     def _family(self, family: str) -> _FamilyBudget:
         state = self._families.get(family)
@@ -245,12 +259,12 @@ class BudgetPolicy:
     def _price(self, state: _FamilyBudget) -> float | None:
         """The first tier's price of bytes: the expected gain of forwarding the request at its threshold, per share
         of cloud-only bytes a forwarded request costs; None until it has its calibrations and costs."""
-        if not state.gain.calibrated or not state.forward_costs or state.threshold is None:
+        if not state.gain.calibrated or not len(state.forward_costs) or state.threshold is None:
             return state.price
         state.since_update -= 1
         if state.price is None or state.since_update <= 0:
             gain = float(state.gain.predict([state.threshold])[0])
-            state.price = max(0.0, gain) / max(float(np.mean(state.forward_costs)), 1e-3)
+            state.price = max(0.0, gain) / max(state.forward_costs.mean, 1e-3)
             state.since_update = UPDATE_EVERY
         return state.price
 
@@ -281,7 +295,7 @@ class BudgetPolicy:
                 state.controller.clear_error()
             state.controller.correct(self.budget_for(family) * reference - cost)
         if spent and state.ledger.ready:
-            state.forward_costs.append(sum(spent) / state.ledger.cloud_only_estimate(size, answer_sizes))
+            state.forward_costs.add(sum(spent) / state.ledger.cloud_only_estimate(size, answer_sizes))
 
     def controller(self, family: str) -> ControlledQuantile:
         """The controller that holds `family`'s rate (at the first tier, its bytes once the ledger is ready)."""

@@ -35,7 +35,7 @@ def split_budget(budget: float, links: int, fill_cap: float) -> list[float]:
     return rates
 
 
-class _WindowMean(SlidingWindow):
+class WindowMean(SlidingWindow):
     """The mean of the last `window` values added (0 before the first), each capped at `outlier_factor` times the
     90th percentile of those before it."""
 
@@ -139,8 +139,8 @@ class ByteLedger:
         # once more as the reply's answer.
         self._multiplicity = [links + (links - tier if tier else 0) for tier in range(links + 1)]
         self._multiplicity[links] += links
-        self._answers = [_WindowMean(window, outlier_factor) for _ in range(links + 1)]
-        self._framing = _WindowMean(window)
+        self._answers = [WindowMean(window, outlier_factor) for _ in range(links + 1)]
+        self._framing = WindowMean(window)
         if prior is not None:
             for mean, value in zip([*self._answers, self._framing], [*prior.answers, prior.framing], strict=True):
                 for _ in range(min_samples):
