@@ -142,6 +142,11 @@ class _FamilyBudget:
     learned_rate: float | None = None  # a tier above the first's: the share of its window worth the price
     since_update: int = 0
 
+    @property
+    def forward_cost(self) -> float:
+        """The mean cost of a recent forwarded request, a share of its cloud-only bytes (kept off zero: it divides)."""
+        return max(self.forward_costs.mean, 1e-3)
+
 
 class BudgetPolicy:
     """Hold a byte budget (share of cloud-only bytes): each tier holds its link's forward rate per family, and
@@ -204,7 +209,7 @@ class BudgetPolicy:
         state = self._families.get(family)
         if state is None or len(state.forward_costs) < state.ledger.min_samples:
             return None
-        return min(1.0, self.budget_for(family) / max(state.forward_costs.mean, 1e-3))
+        return min(1.0, self.budget_for(family) / state.forward_cost)
 
     def _family(self, family: str) -> _FamilyBudget:
         state = self._families.get(family)
@@ -264,7 +269,7 @@ class BudgetPolicy:
         state.since_update -= 1
         if state.price is None or state.since_update <= 0:
             gain = float(state.gain.predict([state.threshold])[0])
-            state.price = max(0.0, gain) / max(state.forward_costs.mean, 1e-3)
+            state.price = max(0.0, gain) / state.forward_cost
             state.since_update = UPDATE_EVERY
         return state.price
 
