@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from recserve.core.errors import (
+    VERDICTS_ON_THE_REQUEST,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidRequest,
@@ -30,13 +31,9 @@ _CODE_OF: dict[type[RecServeError], grpc.StatusCode] = {
     StreamInterrupted: grpc.StatusCode.ABORTED,
 }
 
-# An upstream's verdict on the request itself passes through unchanged; any other failure of the next tier
-# (down, too slow, overloaded, broken) is this tier's upstream being unavailable, which it answers degraded.
-_ERROR_OF: dict[grpc.StatusCode, type[RecServeError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-}
+# An upstream's verdict on the request itself passes through unchanged, any other failure is this tier's upstream
+# being unavailable: the rule of recserve.core.errors.as_upstream_error, which the in-process link applies.
+_ERROR_OF: dict[grpc.StatusCode, type[RecServeError]] = {_CODE_OF[kind]: kind for kind in VERDICTS_ON_THE_REQUEST}
 
 
 def status_code(error: RecServeError) -> grpc.StatusCode:
