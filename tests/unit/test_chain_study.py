@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,8 @@ import pytest
 from recserve.core.traces import TraceSet
 from recserve.evaluation.chain_study import (
     BUDGETS,
+    SHORT_ORDERS,
+    SHORT_STREAMS,
     TIE,
     BudgetRow,
     ChainStudy,
@@ -107,6 +110,44 @@ def test_the_summary_counts_every_chain_once_per_budget(study: ChainStudy) -> No
         cells = row.split(" | ")
         assert sum(int(n) for n in cells[1].split(" / ")) == 2
         assert sum(int(n) for n in cells[2].split(" / ")) == 2
+
+
+def test_short_streams_are_measured_in_every_order_and_counted_run_by_run(study: ChainStudy) -> None:
+    for row in study.budgets:
+        assert sorted(row.short_bytes) == list(SHORT_STREAMS)
+        assert all(len(shares) == len(SHORT_ORDERS) for shares in row.short_bytes.values())
+
+    def spending(offsets: tuple[float, ...]) -> ChainStudy:
+        """The study with its short streams `offsets` off each budget, one per order."""
+        rows = [
+            replace(r, short_bytes={n: tuple(r.budget + o for o in offsets) for n in SHORT_STREAMS})
+            for r in study.budgets
+        ]
+        return replace(study, budgets=tuple(rows))
+
+    off = spending((-0.01, 0.03, -0.05))  # within, over and under the tolerance
+    lines = summary_lines([off])
+    start = next(i for i, line in enumerate(lines) if line.startswith("Short streams"))
+    assert "in 3 orders" in lines[start]
+    assert lines[start + 4] == "| 0.2 | 200 | 33% of 3 | 1 / 1 | -0.010 (-0.030 to +0.010) | 0 of 1 |"
+    lines = summary_lines([off, spending((0.0, 0.012, -0.01))])
+    cells = [line.split(" | ") for line in lines[start + 4 : start + 4 + 2 * len(BUDGETS)]]
+    assert [(c[0], c[1], c[2], c[3], c[5]) for c in cells] == [
+        (f"| {b}", str(n), "67% of 6", "1 / 1", "1 of 2 |") for b in BUDGETS for n in SHORT_STREAMS
+    ]
+
+
+def test_an_older_report_with_one_short_stream_order_reads_back(study: ChainStudy, tmp_path: Path) -> None:
+    write_report([study], tmp_path)
+    path = tmp_path / "results" / "chains.json"
+    data = json.loads(path.read_text())
+    for row in data[0]["budgets"]:
+        row["short_bytes"] = {n: shares[0] for n, shares in row["short_bytes"].items()}
+    path.write_text(json.dumps(data))
+    (loaded,) = load_studies(path).values()
+    assert [row.short_bytes for row in loaded.budgets] == [
+        {n: shares[:1] for n, shares in row.short_bytes.items()} for row in study.budgets
+    ]
 
 
 def test_the_goal_compares_at_the_bytes_each_rival_spent() -> None:
