@@ -70,6 +70,31 @@ def test_controller_pays_back_the_error_it_builds_up_when_the_rate_is_not_what_t
     assert abs(sum(owed(True, seed) for seed in range(8)) / 8) < 2.0
 
 
+def test_controller_forwards_its_level_from_the_first_request_while_its_window_fills() -> None:
+    """A tier above the first that should forward a twentieth: over its first 20 requests, one in expectation. The
+    windowed quantile forwards the lowest of n values until it holds 21 (1/2 + 1/3 + ... + 1/20 = 2.6 requests)."""
+
+    def forwards(seed: int) -> int:
+        rng = random.Random(seed)
+        controller = ControlledQuantile(window=1000, gain=0.0, seed=seed)  # no integral: the rule alone
+        return sum(controller.decide(rng.random(), target=0.05)[0] for _ in range(20))
+
+    assert sum(forwards(seed) for seed in range(400)) / 400 == pytest.approx(1.0, abs=0.2)
+    # Equal confidences share their ranks: a share of them as large as the level is forwarded, not none.
+    tied = ControlledQuantile(window=500, gain=0.0)
+    assert sum(tied.decide(0.7, target=0.3)[0] for _ in range(2000)) / 2000 == pytest.approx(0.3, abs=0.03)
+
+
+def test_controller_forwards_by_rank_surely_below_the_level_and_never_above_it() -> None:
+    controller = ControlledQuantile(window=100, gain=0.0)
+    for value in (0.1, 0.2, 0.3, 0.4):
+        controller.add(value)
+    controller.add(0.5)  # five values: at level 0.5, ranks 0 and 1 lie wholly under 2.5, rank 2 half
+    assert [controller.forward_chance(v, 0.5) for v in (0.1, 0.2, 0.3, 0.4, 0.5)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    assert controller.forward_chance(0.3, 0.0) == 0.0
+    assert controller.forward_chance(0.5, 1.0) == 1.0
+
+
 def test_controller_reaches_extreme_and_tied_targets() -> None:
     tied = ControlledQuantile(window=500)
     for _ in range(3000):

@@ -71,6 +71,10 @@ class SlidingWindow:
         # Like RecServe, nothing is compared with a lone value (it is its own quantile).
         return rate >= 1.0 or (len(self) >= 2 and confidence < threshold), threshold
 
+    def rank_span(self, value: float) -> tuple[int, int]:
+        """(values of the window below `value`, values at or below it): the ranks `value` takes among its ties."""
+        return self._sorted.bisect_left(value), self._sorted.bisect_right(value)
+
     def sorted_values(self) -> npt.NDArray[np.float64]:
         return np.asarray(self._sorted, dtype=np.float64)
 

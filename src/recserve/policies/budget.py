@@ -215,7 +215,8 @@ class BudgetPolicy:
         state = self._families.get(family)
         if state is None:
             ledger = ByteLedger(self.config.links, prior=self._priors.get(family))
-            state = _FamilyBudget(ControlledQuantile(self.config.window), ledger)
+            controller = ControlledQuantile(self.config.window, seed=f"{self.config.probe_seed}:{family}")
+            state = _FamilyBudget(controller, ledger)
             self._families[family] = state
         return state
 

@@ -86,7 +86,7 @@ def explore_option() -> Any:
 
 
 def probe_seed_option() -> Any:
-    return option(0, "seed of the random probes and of the draws among tied confidences")
+    return option(0, "seed of the random probes and of the draws at the forwarding border and among tied confidences")
 
 
 @dataclass(frozen=True, kw_only=True)

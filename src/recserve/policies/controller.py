@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import random
+
 from recserve.core.threshold import SlidingWindow
 
 
 class ControlledQuantile(SlidingWindow):
     """A sliding window of confidences whose forwarding quantile an integral controller moves to hold a rate.
 
-    The windowed quantile at level r forwards about a share r of a stationary stream; when confidences drift,
-    or the window is still filling, the realised rate departs from r, and the integral term (the cumulative
-    error, times `gain`) shifts the level until the cumulative forward rate is back on target.
+    At level r it forwards the newest of the n confidences in the window by its rank (the values below it): surely
+    at a rank up to rn - 1, never at rn or above, and between them with the chance rn - rank (ties share their
+    ranks). That forwards a share r of a stationary stream from the first request, where
+    the windowed quantile (RecServe's rule, `forward_at`) forwards the lowest of n values whenever 0 < r(n - 1) < 1:
+    a third of the requests when the window holds three, whatever r, until it holds 1/r + 1 (and none of a stream of
+    equal values). A tier above that should forward a twentieth of what reaches it then sends on a large part of
+    its first requests, across the dearest links, and the first tier, which prices its own forwards by what they
+    cost, takes them to cost more than they do and underspends its budget. When confidences drift the realised
+    rate still departs from r, and the integral term (the cumulative error, times `gain`) shifts the level until
+    the cumulative forward rate is back on target.
 
     That term alone settles with the cumulative error at the offset it must supply (offset / gain requests' worth):
     when the target's level is not the one that meets it (rates standing in for bytes), the stream stays that
@@ -21,9 +30,10 @@ class ControlledQuantile(SlidingWindow):
 
     # Chosen on the train split (docs/evaluation.md, "The controller's gain"): 0.01 left each family of the budget
     # policy undershooting its bytes by the end of a few hundred requests; 0.02-0.04 did better, faster ones jitter.
-    def __init__(self, window: int, gain: float = 0.02) -> None:
+    def __init__(self, window: int, gain: float = 0.02, seed: int | str = 0) -> None:
         super().__init__(window)
         self.gain = gain
+        self._random = random.Random(seed)  # the draws at the border: a replay decides as the live tier does
         self.integral = 0.0
         self.recovery = 0.0
         self.decisions = 0
@@ -33,12 +43,20 @@ class ControlledQuantile(SlidingWindow):
         """(forward, threshold) for `confidence` under a target forward rate; learns from the decision unless
         the caller holds something else (`hold_rate` False) and feeds its own errors to `correct`."""
         self.add(confidence)
-        forward, threshold = self.forward_at(confidence, self.level(target))
+        level = self.level(target)
+        chance = self.forward_chance(confidence, level)
+        forward = chance >= 1.0 or (chance > 0.0 and self._random.random() < chance)
         self.decisions += 1
         self.forwards += forward
         if hold_rate:
             self.correct(target - forward)
-        return forward, threshold
+        return forward, self.threshold_at(level)
+
+    def forward_chance(self, confidence: float, level: float) -> float:
+        """The chance of forwarding `confidence`, the value added last, at `level`: the share of its ranks in the
+        window (from the values below it to those at or below it) that lie under `level` times the window's length."""
+        below, through = self.rank_span(confidence)
+        return min(1.0, max(0.0, (level * len(self) - below) / (through - below)))
 
     def level(self, target: float) -> float:
         """The quantile level that forwards `target` once the integral's correction is added, within [0, 1]."""
