@@ -435,7 +435,7 @@ def _short_lines(studies: Sequence[ChainStudy]) -> list[str]:
             low, middle, high = np.quantile(errors, [0.25, 0.5, 0.75])
             steady = sum(_within_share([row], n) == 1.0 for row in rows)
             lines.append(
-                f"| {budget} | {n} | {_within_share(rows, n):.0%} of {len(errors)} | {under} / {over} | "
+                f"| {budget} | {n} | {1 - (under + over) / len(errors):.0%} of {len(errors)} | {under} / {over} | "
                 f"{middle:+.3f} ({low:+.3f} to {high:+.3f}) | {steady} of {len(rows)} |"
             )
     return lines
