@@ -11,11 +11,11 @@ class ControlledQuantile(SlidingWindow):
     """A sliding window of confidences whose forwarding quantile an integral controller moves to hold a rate.
 
     At level r it forwards the newest of the n confidences in the window by its rank (the values below it): surely
-    at a rank up to rn - 1, never at rn or above, and between them with the chance rn - rank (a tied value takes
-    the highest rank of its tie). That forwards a share r of a stationary stream of distinct values from the first
-    request. The windowed quantile (RecServe's rule, `forward_at`) forwards the lowest of n values whenever
-    0 < r(n - 1) < 1: a third of the requests when the window holds three, whatever r, until it holds 1/r + 1.
-    A tier above that should forward a twentieth of what reaches it then sends on a large part of its
+    at a rank up to rn - 1, never at rn or above, and between them with the chance rn - rank (ties share their
+    ranks). That forwards a share r of a stationary stream from the first request. The windowed quantile
+    (RecServe's rule, `forward_at`) forwards the lowest of n values whenever 0 < r(n - 1) < 1: a third of the
+    requests when the window holds three, whatever r, until it holds 1/r + 1 (and none of a stream of equal
+    values). A tier above that should forward a twentieth of what reaches it then sends on a large part of its
     first requests, across the dearest links, and the first tier, which prices its own forwards by what they cost,
     takes them to cost more than they do and underspends its budget. When confidences drift the realised rate
     still departs from r, and the integral term (the cumulative error, times `gain`) shifts the level until the
@@ -53,12 +53,10 @@ class ControlledQuantile(SlidingWindow):
         return forward, self.threshold_at(level)
 
     def forward_chance(self, confidence: float, level: float) -> float:
-        """The chance of forwarding `confidence`, the value added last, at `level`: the share of its rank in the
-        window that lies under `level` times the window's length. A value tied with others takes the highest rank
-        of its tie, so a tie is forwarded only as the level covers all of it: the tier cannot tell tied requests
-        apart, and forwarding some of them at random spends bytes on requests no more doubtful than the ones kept."""
-        _, through = self.rank_span(confidence)
-        return min(1.0, max(0.0, level * len(self) - (through - 1)))
+        """The chance of forwarding `confidence`, the value added last, at `level`: the share of its ranks in the
+        window (from the values below it to those at or below it) that lie under `level` times the window's length."""
+        below, through = self.rank_span(confidence)
+        return min(1.0, max(0.0, (level * len(self) - below) / (through - below)))
 
     def level(self, target: float) -> float:
         """The quantile level that forwards `target` once the integral's correction is added, within [0, 1]."""
