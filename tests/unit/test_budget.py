@@ -90,9 +90,23 @@ def test_controller_forwards_by_rank_surely_below_the_level_and_never_above_it()
     for value in (0.1, 0.2, 0.3, 0.4):
         controller.add(value)
     controller.add(0.5)  # five values: at level 0.5, ranks 0 and 1 lie wholly under 2.5, rank 2 half
-    assert [controller.forward_chance(v, 0.5) for v in (0.1, 0.2, 0.3, 0.4, 0.5)] == [1.0, 1.0, 0.5, 0.0, 0.0]
-    assert controller.forward_chance(0.3, 0.0) == 0.0
-    assert controller.forward_chance(0.5, 1.0) == 1.0
+    chances = [controller.forward_chance(v, 0.5, planned=0.5) for v in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    assert chances == [1.0, 1.0, 0.5, 0.0, 0.0]
+    assert controller.forward_chance(0.3, 0.0, planned=0.0) == 0.0
+    assert controller.forward_chance(0.5, 1.0, planned=1.0) == 1.0
+
+
+def test_the_integral_moves_the_values_a_tier_can_rank_not_the_share_of_a_tie() -> None:
+    controller = ControlledQuantile(window=100, gain=0.0)
+    for value in (0.1, 0.2, 0.2, 0.2, 0.5):
+        controller.add(value)
+    # Planned 0.5: ranks 1-3 of the tie lie under 2.5 for one and a half of three. A correction up to 0.8 forwards
+    # no more of the tie; one down to 0.3 forwards less of it.
+    assert controller.forward_chance(0.2, 0.5, planned=0.5) == pytest.approx(0.5)
+    assert controller.forward_chance(0.2, 0.8, planned=0.5) == pytest.approx(0.5)
+    assert controller.forward_chance(0.2, 0.3, planned=0.5) == pytest.approx(0.5 / 3)
+    # A value it can rank follows the corrected level.
+    assert controller.forward_chance(0.5, 0.9, planned=0.5) == pytest.approx(0.5)
 
 
 def test_controller_reaches_extreme_and_tied_targets() -> None:

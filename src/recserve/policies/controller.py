@@ -12,13 +12,13 @@ class ControlledQuantile(SlidingWindow):
 
     At level r it forwards the newest of the n confidences in the window by its rank (the values below it): surely
     at a rank up to rn - 1, never at rn or above, and between them with the chance rn - rank (ties share their
-    ranks). That forwards a share r of a stationary stream from the first request. The windowed quantile
-    (RecServe's rule, `forward_at`) forwards the lowest of n values whenever 0 < r(n - 1) < 1: a third of the
-    requests when the window holds three, whatever r, until it holds 1/r + 1 (and none of a stream of equal
-    values). A tier above that should forward a twentieth of what reaches it then sends on a large part of its
-    first requests, across the dearest links, and the first tier, which prices its own forwards by what they cost,
-    takes them to cost more than they do and underspends its budget. When confidences drift the realised rate
-    still departs from r, and the integral term (the cumulative error, times `gain`) shifts the level until the
+    ranks, up to the planned rate: `forward_chance`). That forwards a share r of a stationary stream from the first
+    request. The windowed quantile (RecServe's rule, `forward_at`) forwards the lowest of n values whenever 0 <
+    r(n-1) < 1: a third of the requests when the window holds three, whatever r, until it holds 1/r + 1 (and none of
+    a stream of equal values). A tier above that should forward a twentieth of what reaches it then sends on a large
+    part of its first requests, across the dearest links, and the first tier, which prices its own forwards by what
+    they cost, takes them to cost more than they do and underspends its budget. When confidences drift the realised
+    rate still departs from r, and the integral term (the cumulative error, times `gain`) shifts the level until the
     cumulative forward rate is back on target.
 
     That term alone settles with the cumulative error at the offset it must supply (offset / gain requests' worth):
@@ -44,7 +44,7 @@ class ControlledQuantile(SlidingWindow):
         the caller holds something else (`hold_rate` False) and feeds its own errors to `correct`."""
         self.add(confidence)
         level = self.level(target)
-        chance = self.forward_chance(confidence, level)
+        chance = self.forward_chance(confidence, level, planned=target)
         forward = chance >= 1.0 or (chance > 0.0 and self._random.random() < chance)
         self.decisions += 1
         self.forwards += forward
@@ -52,10 +52,18 @@ class ControlledQuantile(SlidingWindow):
             self.correct(target - forward)
         return forward, self.threshold_at(level)
 
-    def forward_chance(self, confidence: float, level: float) -> float:
+    def forward_chance(self, confidence: float, level: float, planned: float) -> float:
         """The chance of forwarding `confidence`, the value added last, at `level`: the share of its ranks in the
-        window (from the values below it to those at or below it) that lie under `level` times the window's length."""
+        window (from the values below it to those at or below it) that lie under `level` times the window's length.
+
+        A value tied with others is ranked at no more than the `planned` rate (the target, before the integral's
+        correction). The correction forwards more or fewer of the requests the tier can rank; raising the share
+        of a tie that it forwards buys bytes for requests no more doubtful than the ones it keeps. Where a
+        stream's order brings a stretch in which the tie fills more of the window (a subject a model is sure of),
+        the correction waits for the requests it can rank instead of spending on the tie."""
         below, through = self.rank_span(confidence)
+        if through - below > 1:
+            level = min(level, planned)
         return min(1.0, max(0.0, (level * len(self) - below) / (through - below)))
 
     def level(self, target: float) -> float:
