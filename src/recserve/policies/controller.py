@@ -13,13 +13,13 @@ class ControlledQuantile(SlidingWindow):
     At level r it forwards the newest of the n confidences in the window by its rank (the values below it): surely
     at a rank up to rn - 1, never at rn or above, and between them with the chance rn - rank (ties share their
     ranks, up to the planned rate: `forward_chance`). That forwards a share r of a stationary stream from the first
-    request. The windowed quantile (RecServe's rule, `forward_at`) forwards the lowest of n values whenever 0 <
-    r(n-1) < 1: a third of the requests when the window holds three, whatever r, until it holds 1/r + 1 (and none of
-    a stream of equal values). A tier above that should forward a twentieth of what reaches it then sends on a large
-    part of its first requests, across the dearest links, and the first tier, which prices its own forwards by what
-    they cost, takes them to cost more than they do and underspends its budget. When confidences drift the realised
-    rate still departs from r, and the integral term (the cumulative error, times `gain`) shifts the level until the
-    cumulative forward rate is back on target.
+    request. The windowed quantile (RecServe's rule, `forward_at`) forwards the lowest of n values whenever
+    0 < r(n - 1) < 1: a third of the requests when the window holds three, whatever r, until it holds 1/r + 1 (and
+    none of a stream of equal values). A tier above that should forward a twentieth of what reaches it then sends on
+    a large part of its first requests, across the dearest links, and the first tier, which prices its own forwards
+    by what they cost, takes them to cost more than they do and underspends its budget. When confidences drift the
+    realised rate still departs from r, and the integral term (the cumulative error, times `gain`) shifts the level
+    until the cumulative forward rate is back on target.
 
     That term alone settles with the cumulative error at the offset it must supply (offset / gain requests' worth):
     when the target's level is not the one that meets it (rates standing in for bytes), the stream stays that
