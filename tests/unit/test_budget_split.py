@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recserve.evaluation.replay import DepthTable
-from recserve.evaluation.splits import lean_family_budgets, split_at_budget, tune_family_fill_caps
+from recserve.evaluation.splits import split_at_budget, tune_family_fill_caps
 from recserve.policies.budget import MIN_RATE, BudgetConfig, BudgetPolicy
 from recserve.policies.spending import split_budget
 
@@ -92,37 +92,6 @@ def test_a_chain_of_one_link_has_no_split_to_choose() -> None:
     table = three_tier_table(100, True)
     two_tiers = DepthTable(table.benchmarks, table.confidence[:, :2], table.correct[:, :2], table.link_bytes[:, :2, :1])
     assert tune_family_fill_caps(two_tiers, 0.4) == ()
-
-
-def two_tier_family(name: str, n: int, forwarding_pays: bool, request_bytes: int, seed: int) -> DepthTable:
-    """A family served device → cloud whose cloud is right where the device is wrong (forwarding pays), or right on
-    the same requests as the device (it buys nothing); every request costs `request_bytes` cloud-only."""
-    rng = np.random.default_rng(seed)
-    confidence = rng.random((n, 2))
-    device = rng.random(n) < confidence[:, 0]
-    cloud = np.ones(n, dtype=bool) if forwarding_pays else device
-    link_bytes = np.zeros((n, 2, 1), dtype=np.int64)
-    link_bytes[:, 1, 0] = request_bytes
-    return DepthTable(np.array([name] * n), confidence, np.column_stack([device, cloud]), link_bytes)
-
-
-def test_the_budget_leans_toward_the_family_where_forwarding_pays() -> None:
-    budget, lean = 0.4, 0.01
-    parts = [two_tier_family("pays", 600, True, 100, seed=1), two_tier_family("flat", 600, False, 300, seed=2)]
-    table = DepthTable(
-        np.concatenate([part.benchmarks for part in parts]),
-        np.vstack([part.confidence for part in parts]),
-        np.vstack([part.correct for part in parts]),
-        np.concatenate([part.link_bytes for part in parts]),
-    )
-    budgets = lean_family_budgets(table, budget, lean=lean)
-    assert budgets["pays"] == pytest.approx(budget + lean)
-    # The bytes it takes come from the other family, whose requests cost three times as much: the set's cloud-only
-    # bytes are spent at the budget overall.
-    assert budgets["flat"] == pytest.approx(budget - lean / 3)
-    assert lean_family_budgets(table, budget, lean=0.0) == {"pays": budget, "flat": budget}
-    # A family the calibration set lacks keeps the budget; the others are spent as before.
-    assert lean_family_budgets(table, budget, ["pays", "flat", "unseen"], lean=lean) == {**budgets, "unseen": budget}
 
 
 def serve(tiers: list[BudgetPolicy], rng: random.Random, edge_reply: int) -> tuple[int, int]:

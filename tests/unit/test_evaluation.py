@@ -27,12 +27,11 @@ from recserve.evaluation.frontier import (
 )
 from recserve.evaluation.plans import EvalRequest, chain_plan, evaluate, plan_for
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
-from recserve.evaluation.splits import calibrate_family_byte_priors, lean_family_budgets
+from recserve.evaluation.splits import calibrate_family_byte_priors
 from recserve.evaluation.sweep import SweepRequest, plot, sweep
 from recserve.evaluation.targets import target_lines, tune_fill_cap
 from recserve.policies import BudgetConfig
 from recserve.policies.budget import BudgetPolicy, parse_family_priors
-from recserve.policies.simple import parse_family_thresholds
 from tests.conftest import write_trace_folder
 
 CHAIN = ("small", "medium", "large")
@@ -152,23 +151,6 @@ async def test_byte_priors_are_what_cloud_only_serving_costs_each_family_on_trai
     assert all(isinstance(policy, BudgetPolicy) and policy.holds_bytes("quiz") is False for policy in plan.offline)
     plan.offline[0].decide("quiz", 0.5, is_last=False)
     assert plan.offline[0].holds_bytes("quiz")  # from the first request: the prior stands in for the bytes
-
-
-async def test_eval_leans_each_familys_budget_on_train_and_gives_it_to_every_tier(tmp_path: Path) -> None:
-    folder = write_trace_folder(tmp_path / "t", n_per_family=40, splits=("train", "test"))
-    replay = TraceReplay.load(folder, CHAIN)
-    leaning = lean_family_budgets(await replay.depth_table(replay.queries("train")), 0.3, ["chat", "quiz"])
-    assert set(leaning) == {"chat", "quiz"}
-    assert all(abs(budget - 0.3) <= 0.01 + 1e-9 for budget in leaning.values())
-    assert leaning["chat"] != leaning["quiz"]  # what forwarding buys differs between the families
-    request = EvalRequest(traces=folder, chain=CHAIN, policy="budget", options={"byte_budget": 0.3})
-    plan = await plan_for(request, replay)
-    for flags in plan.flags:
-        assert dict(parse_family_thresholds(flags[flags.index("--family-budgets") + 1])) == pytest.approx(leaning)
-    # Budgets the operator gives are kept.
-    given = {"byte_budget": 0.3, "family_budgets": (("quiz", 0.2),)}
-    plan = await plan_for(EvalRequest(traces=folder, chain=CHAIN, policy="budget", options=given), replay)
-    assert all(flags[flags.index("--family-budgets") + 1] == "quiz=0.2" for flags in plan.flags)
 
 
 async def test_json_fields_shuffle_and_chains_of_any_length(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from recserve.evaluation.replay import (
     fixed_threshold_grid,
     tune_fixed_thresholds,
 )
-from recserve.evaluation.splits import calibrate_family_byte_priors, lean_family_budgets, tune_family_fill_caps
+from recserve.evaluation.splits import calibrate_family_byte_priors, tune_family_fill_caps
 from recserve.evaluation.sweep import DEFAULT_BETAS
 from recserve.policies import BudgetConfig, QualityConfig, RecServeConfig
 from recserve.policies.budget import LINK_SPLITS, FamilyPriors
@@ -145,18 +145,15 @@ def budget_config(
     budget: float,
     family_budgets: dict[str, float] | None = None,
     split: str = "fill",
-    families: Sequence[str] | None = None,
 ) -> BudgetConfig:
     """The budget policy for `budget` (and `family_budgets`), with its fill caps per benchmark chosen on the train split
     and its byte `priors` measured there (as `recserve eval` does; under the price split, the caps set the rates until
     the tiers have calibrated)."""
-    if family_budgets is None:
-        family_budgets = lean_family_budgets(train_table, budget, families)
     caps = tune_family_fill_caps(train_table, budget, family_budgets=family_budgets)
     return BudgetConfig(
         links=train_table.confidence.shape[1] - 1,
         byte_budget=budget,
-        family_budgets=tuple(family_budgets.items()),
+        family_budgets=tuple((family_budgets or {}).items()),
         family_fill_caps=caps,
         family_byte_priors=priors,
         link_split=split,
@@ -183,7 +180,6 @@ async def study_chain(
     table, train_table = await replay.depth_table(test), await replay.depth_table(train)
     priors = await calibrate_family_byte_priors(replay, train)
     cloud_only = cloud_only_by_benchmark(table)
-    served = sorted(cloud_only)  # the families the traffic brings (the train split has one more)
     orders = [replay.queries("test", seed) for seed in SHORT_ORDERS]
     shuffled = orders[0]
     row_of = {q.key: row for row, q in enumerate(test)}
@@ -202,7 +198,7 @@ async def study_chain(
     betas = [row.recserve_beta for row in earlier.budgets] if reuse_rivals and earlier is not None else None
     for rival, rival_answers in await _rival_rows(replay, table, train_table, betas):
         budget = rival.budget
-        config = budget_config(train_table, priors, budget, split=split, families=served)
+        config = budget_config(train_table, priors, budget, split=split)
         policy, policy_answers = await answered(config, test)
         matched, pairs = {}, []
         for name in RIVALS:
@@ -210,7 +206,7 @@ async def study_chain(
             if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
                 matched[name], ours = policy, policy_answers  # already as accurate at no more bytes: nothing to match
             else:
-                config_at = budget_config(train_table, priors, _spendable(theirs.bytes), split=split, families=served)
+                config_at = budget_config(train_table, priors, _spendable(theirs.bytes), split=split)
                 matched[name], ours = await answered(config_at, test)
             pairs.append((ours, rival_answers[name]))
         per_benchmark = {}
@@ -599,9 +595,7 @@ def write_report(studies: Sequence[ChainStudy], out: Path) -> Path:
         "budget, RecServe's β as the largest of 0, 0.05, ..., 1 whose bytes on train stay within the budget. The "
         "budget policy's split between links (a fill cap per benchmark, evaluation/splits.py) is chosen on the same "
         "train split for each budget it is run at, and its byte prior per benchmark (each tier's mean answer bytes "
-        "and the framing's) is measured there; so is each benchmark's lean, within 0.01 of the budget, toward the "
-        "benchmarks whose accuracy gains most per byte there, the gain measured over a span chosen by 2-fold "
-        "cross-validation on the train split. The policy then holds the bytes online. Its other constants, and "
+        "and the framing's) is measured there; the policy then holds the bytes online. Its other constants, and "
         "the quality policy's, were chosen on three chains (docs/evaluation.md), but for the budget controller's "
         "gain, chosen on the train split of 24 chains here, the quality policy's cold rate, on the train split "
         "of the first 16 chains here, and how far each benchmark's choice of fill cap leans on the chain's other "

@@ -12,7 +12,7 @@ from typing import Any
 from recserve.client.tally import Summary, summaries, summarise
 from recserve.core.offload import OffloadPolicy
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
-from recserve.evaluation.splits import calibrate_family_byte_priors, lean_family_budgets, tune_family_fill_caps
+from recserve.evaluation.splits import calibrate_family_byte_priors, tune_family_fill_caps
 from recserve.policies import (
     POLICY_ALIASES,
     POLICY_NAMES,
@@ -102,24 +102,14 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
     if config is BudgetConfig:
         budget_config = BudgetConfig.from_values(request.options).for_chain(tiers)
         train = replay.queries("train")
-        if not train:
-            return chain_plan(budget_config, tiers)
-        # What cloud-only serving costs each family, measured on the train split, so that the first tier holds the
-        # bytes from the first request.
-        budget_config = replace(budget_config, family_byte_priors=await calibrate_family_byte_priors(replay, train))
-        train_table = await replay.depth_table(train)
-        if not budget_config.family_budgets:
-            # Each family's budget leans, within half the band it is held to, toward the families of the evaluated
-            # split whose accuracy gains most per byte on the train split.
-            families = sorted({query.benchmark for query in replay.queries(request.split)})
-            leaning = lean_family_budgets(train_table, budget_config.byte_budget, families)
-            budget_config = replace(budget_config, family_budgets=tuple(leaning.items()))
-        if tiers > 2 and "fill_cap" not in request.options:
-            # The split between links, per family, chosen on the train split for its budget (the policy holds
+        if train:
+            # What cloud-only serving costs each family, measured on the train split, so that the first tier
+            # holds the bytes from the first request.
+            budget_config = replace(budget_config, family_byte_priors=await calibrate_family_byte_priors(replay, train))
+        if train and tiers > 2 and "fill_cap" not in request.options:
+            # The split between links, per family, chosen on the train split for this budget (the policy holds
             # the bytes online); without a train split, or with a fill cap given, that fill cap.
-            caps = tune_family_fill_caps(
-                train_table, budget_config.byte_budget, family_budgets=dict(budget_config.family_budgets)
-            )
+            caps = tune_family_fill_caps(await replay.depth_table(train), budget_config.byte_budget)
             budget_config = replace(budget_config, family_fill_caps=caps)
         return chain_plan(budget_config, tiers)
     if config is not FixedConfig:

@@ -106,58 +106,6 @@ def tune_family_fill_caps(
     )
 
 
-# How far a family's budget may lean from the overall budget toward where forwarding pays (`lean_family_budgets`):
-# half of the ±0.02 of cloud-only bytes each family is held within, the other half left for the controller's error.
-BUDGET_LEAN = 0.01
-# How far either side of the budget a family's gain per byte is measured. A lean of 0.01 moves a handful of a
-# calibration family's ~300 requests, too few to tell the families apart; over a wider span the slope is steadier.
-# Chosen by 2-fold cross-validation on the train split of every chain of the shared traces, over 0.01, 0.025, 0.05,
-# 0.1 and 0.2 (docs/evaluation.md).
-GAIN_SPAN = 0.2
-
-
-def lean_family_budgets(
-    table: DepthTable,
-    budget: float,
-    families: Sequence[str] | None = None,
-    lean: float = BUDGET_LEAN,
-    span: float = GAIN_SPAN,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Each family's byte budget, within `lean` of `budget`, chosen on a labelled calibration set (the train split):
-    the bytes move from the families whose accuracy gains least per byte (measured from `span` under the budget to
-    `span` over it, each family at its split chosen there) to those that gain most, the set's cloud-only bytes spent
-    at the budget overall. `families` are those the traffic brings (all of the set's by default). Spent alike on
-    every family, a budget buys less than where forwarding pays: a rival tuned per family spends unevenly, and the
-    band within which each family is held is room to do the same."""
-    links = table.confidence.shape[1] - 1
-    ties = np.random.default_rng(seed).random(len(table.benchmarks))
-    below, above = max(0.0, budget - span), min(1.0, budget + span)
-    caps = {spend: dict(tune_family_fill_caps(table, spend, seed=seed)) for spend in (below, above)}
-    gains, weights = {}, {}
-    for family in families if families is not None else [str(name) for name in np.unique(table.benchmarks)]:
-        rows = np.flatnonzero(table.benchmarks == family)
-        weights[family] = float(table.cloud_only_bytes[rows].sum())
-        if not weights[family] or above <= below:
-            gains[family] = 0.0
-            continue
-        rights = [
-            split_at_budget(table, rows, split_budget(spend, links, caps[spend].get(family, 1.0)), spend, ties)[0]
-            * rows.size
-            for spend in (below, above)
-        ]
-        gains[family] = (rights[1] - rights[0]) / ((above - below) * weights[family])
-    # Every family at the low end, then the bytes that frees handed out in order of gain per byte.
-    low, high = max(0.0, budget - lean), min(1.0, budget + lean)
-    free = sum(weight * (budget - low) for weight in weights.values())
-    budgets = {}
-    for family in sorted(weights, key=lambda name: -gains[name]):
-        extra = min(high - low, free / weights[family]) if weights[family] else budget - low
-        budgets[family] = low + extra
-        free -= extra * weights[family]
-    return budgets
-
-
 class _LedgerKeeper(ForwardAllPolicy):
     """Cloud-only serving whose first tier books each request in its family's ledger, as the budget policy's does."""
 
