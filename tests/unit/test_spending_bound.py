@@ -11,7 +11,16 @@ import pytest
 
 from recserve.evaluation.chain_study import TIE, study_chain
 from recserve.evaluation.replay import DepthTable, threshold_candidates
-from recserve.evaluation.spending_bound import _bound, best_by_unit, bound_chain, threshold_policies
+from recserve.evaluation.spending_bound import (
+    _bound,
+    best_by_unit,
+    bound_chain,
+    cross_validated_split,
+    evenly_spent_rights,
+    halving,
+    threshold_policies,
+)
+from recserve.evaluation.splits import tune_family_fill_caps
 from tests.conftest import write_trace_folder
 
 
@@ -92,3 +101,37 @@ def test_the_bound_is_never_behind_casserve_given_its_own_split_of_the_bytes(tmp
         assert bound_row.free["casserve"] >= row.casserve.accuracy - 1e-9
         assert bound_row.held["casserve"] <= bound_row.free["casserve"] + 1e-9
         assert bound_row.free["recserve"] > row.recserve.accuracy - TIE
+
+
+def test_a_halving_splits_every_benchmark_in_two() -> None:
+    benchmarks = np.array(["a"] * 7 + ["b"] * 10)
+    half = halving(benchmarks, seed=3)
+    assert int(half[:7].sum()) == 3
+    assert int(half[7:].sum()) == 5
+    assert not np.array_equal(half, halving(benchmarks, seed=4))
+
+
+def test_the_cross_validated_split_is_scored_on_queries_it_was_not_chosen_on() -> None:
+    """One half of the queries wants every byte on the first link (the middle tier is right there, the top wrong),
+    the other every forwarded request sent to the top (the other way round). Each half scored with the split the other
+    half chose gets nothing right; a split chosen on the scored half itself would get most of its forwards right."""
+    rows, budget, seed = 40, 0.25, 7
+    benchmarks = np.array(["b"] * rows)
+    half = halving(benchmarks, seed)
+    correct = np.zeros((rows, 3), dtype=bool)
+    correct[half, 1] = True  # the middle tier is right on one half
+    correct[~half, 2] = True  # the top on the other
+    link_bytes = np.zeros((rows, 3, 2), dtype=np.int64)
+    link_bytes[:, 1, 0] = link_bytes[:, 2, :] = 100  # a request answered at depth d crossed the first d links
+    confidence = np.random.default_rng(1).random((rows, 3))
+    table = DepthTable(benchmarks, confidence, correct, link_bytes)
+
+    assert cross_validated_split(table, budget, seeds=(seed,)) == pytest.approx(0.0)
+    ties = np.random.default_rng(0).random(rows)
+    chosen_on_itself = sum(
+        evenly_spent_rights(
+            table, np.flatnonzero(part), dict(tune_family_fill_caps(table.subset(part), budget)), budget, ties
+        )
+        for part in (half, ~half)
+    )
+    assert chosen_on_itself / rows > 0.3

@@ -160,7 +160,8 @@ def budget_config(
     )
 
 
-def _spendable(share: float) -> float:
+def spendable(share: float) -> float:
+    """A rival's bytes as a budget the policy takes (within 0.01 and 1)."""
     return min(1.0, max(0.01, share))
 
 
@@ -206,14 +207,14 @@ async def study_chain(
             if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
                 matched[name], ours = policy, policy_answers  # already as accurate at no more bytes: nothing to match
             else:
-                config_at = budget_config(train_table, priors, _spendable(theirs.bytes), split=split)
+                config_at = budget_config(train_table, priors, spendable(theirs.bytes), split=split)
                 matched[name], ours = await answered(config_at, test)
             pairs.append((ours, rival_answers[name]))
         per_benchmark = {}
         for name in RIVALS:
             theirs = getattr(rival, name)
-            spent = {benchmark: _spendable(share) for benchmark, (_, share) in theirs.by_benchmark.items()}
-            config_spent = budget_config(train_table, priors, _spendable(theirs.bytes), spent, split)
+            spent = {benchmark: spendable(share) for benchmark, (_, share) in theirs.by_benchmark.items()}
+            config_spent = budget_config(train_table, priors, spendable(theirs.bytes), spent, split)
             per_benchmark[name] = await run(config_spent, test)
         budgets.append(
             BudgetRow(

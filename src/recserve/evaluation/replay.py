@@ -45,6 +45,10 @@ class DepthTable:
         result: npt.NDArray[np.int64] = self.link_bytes[:, -1, :].sum(axis=1)
         return result
 
+    def subset(self, rows: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> DepthTable:
+        """The table of `rows` only (a mask or indices)."""
+        return DepthTable(self.benchmarks[rows], self.confidence[rows], self.correct[rows], self.link_bytes[rows])
+
     def outcomes(self, depths: npt.NDArray[np.int64]) -> list[Outcome]:
         rows = np.arange(len(depths))
         return [
@@ -182,7 +186,7 @@ def fixed_threshold_grid(
 ) -> list[tuple[tuple[float, ...], float, float]]:
     """(thresholds, accuracy, bytes share of cloud-only) for every combination of candidate thresholds."""
     tiers = table.confidence.shape[1]
-    sub = DepthTable(table.benchmarks[mask], table.confidence[mask], table.correct[mask], table.link_bytes[mask])
+    sub = table.subset(mask)
     candidates = [threshold_candidates(sub.confidence[:, d], points) for d in range(tiers - 1)]
     cloud_only = max(int(sub.cloud_only_bytes.sum()), 1)
     rows = np.arange(len(sub.benchmarks))
