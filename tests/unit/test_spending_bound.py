@@ -13,11 +13,12 @@ from recserve.evaluation.chain_study import TIE, study_chain
 from recserve.evaluation.replay import DepthTable, threshold_candidates
 from recserve.evaluation.spending_bound import (
     _bound,
+    benchmark_rights,
     best_by_unit,
     bound_chain,
     cross_validated_split,
-    evenly_spent_rights,
     halving,
+    leaned_budgets,
     threshold_policies,
 )
 from recserve.evaluation.splits import tune_family_fill_caps
@@ -101,6 +102,10 @@ def test_the_bound_is_never_behind_casserve_given_its_own_split_of_the_bytes(tmp
         assert bound_row.free["casserve"] >= row.casserve.accuracy - 1e-9
         assert bound_row.held["casserve"] <= bound_row.free["casserve"] + 1e-9
         assert bound_row.free["recserve"] > row.recserve.accuracy - TIE
+        assert bound_row.learned is not None
+        assert bound_row.leaned is not None
+        assert 0.0 < bound_row.learned["casserve"] <= 1.0
+        assert 0.0 < bound_row.leaned["casserve"] <= 1.0
 
 
 def test_a_halving_splits_every_benchmark_in_two() -> None:
@@ -129,9 +134,25 @@ def test_the_cross_validated_split_is_scored_on_queries_it_was_not_chosen_on() -
     assert cross_validated_split(table, budget, seeds=(seed,)) == pytest.approx(0.0)
     ties = np.random.default_rng(0).random(rows)
     chosen_on_itself = sum(
-        evenly_spent_rights(
-            table, np.flatnonzero(part), dict(tune_family_fill_caps(table.subset(part), budget)), budget, ties
-        )
+        benchmark_rights(
+            table, np.flatnonzero(part), {"b": budget}, dict(tune_family_fill_caps(table.subset(part), budget)), ties
+        )["b"]
         for part in (half, ~half)
     )
     assert chosen_on_itself / rows > 0.3
+
+
+def test_budgets_lean_within_the_band_toward_where_forwarding_pays_and_spend_the_same_bytes() -> None:
+    """On "pays" the top tier is right where the device is wrong; on "flat" both are right. The bytes go to "pays",
+    within the band, and the bytes over the table are what every benchmark at the budget would spend."""
+    rows, budget, band = 60, 0.3, 0.02
+    benchmarks = np.array(["pays"] * 40 + ["flat"] * 20)
+    correct = np.ones((rows, 2), dtype=bool)
+    correct[:40, 0] = False
+    link_bytes = np.zeros((rows, 2, 1), dtype=np.int64)
+    link_bytes[:, 1, 0] = 100
+    confidence = np.random.default_rng(2).random((rows, 2))
+    budgets = leaned_budgets(DepthTable(benchmarks, confidence, correct, link_bytes), budget, band)
+    assert budgets["flat"] == pytest.approx(budget - band)
+    assert budgets["pays"] == pytest.approx(budget + band * 20 / 40)  # what "flat" frees, over twice its bytes
+    assert all(abs(b - budget) <= band + 1e-12 for b in budgets.values())
