@@ -156,3 +156,4 @@ def test_budgets_lean_within_the_band_toward_where_forwarding_pays_and_spend_the
     assert budgets["flat"] == pytest.approx(budget - band)
     assert budgets["pays"] == pytest.approx(budget + band * 20 / 40)  # what "flat" frees, over twice its bytes
     assert all(abs(b - budget) <= band + 1e-12 for b in budgets.values())
+    assert 40 * (budgets["pays"] - budget) + 20 * (budgets["flat"] - budget) == pytest.approx(0.0)

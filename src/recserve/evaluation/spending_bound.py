@@ -13,7 +13,9 @@ The bound picks, on the very queries it scores, the best of thousands of policie
 so it is optimistic. Beside it: what the budget policy's own split reaches when it is chosen on labelled queries of
 the scored traffic's own distribution but none of the scored ones (`cross_validated_split`: every benchmark at the
 rival's bytes, the fill caps chosen on half of each benchmark's test queries and replayed statically on the other
-half, both ways): the most a split chosen on any calibration set of that size could give.
+half, both ways): the most a split chosen on any calibration set of that size could give. And the same with each
+benchmark's budget leaned within the band toward where forwarding pays, the mix of benchmarks known (the choosing
+half's, which the scored half shares): the band's whole width spent where it pays, with no control error.
 
     python -m recserve.evaluation.spending_bound --traces TRACE_FOLDER [--chains docs/results/chains.json]
         [--out docs/results/spending_bound.json] [--jobs 2]
