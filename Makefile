@@ -142,7 +142,7 @@ chains: install ## every 2- and 3-model chain of a trace folder: target policies
 	@test -n "$(TRACES)" || { echo "chains: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
 	$(BIN)/python -m recserve.evaluation.chain_study --traces "$(TRACES)" --out docs --jobs $(JOBS)
 
-spending-bound: install ## the budget goal's hindsight bound, and its split cross-validated on the test split, over every chain of docs/results/chains.json (TRACES=DIR; JOBS=2; ~6 min)
+spending-bound: install ## the budget goal's hindsight bound, and its split cross-validated on the test split, over every chain of docs/results/chains.json (TRACES=DIR; JOBS=2; ~10 min)
 	@test -n "$(TRACES)" || { echo "spending-bound: give TRACES=DIR, a trace folder (docs/traces.md)"; exit 2; }
 	$(BIN)/python -m recserve.evaluation.spending_bound --traces "$(TRACES)" --jobs $(JOBS)
 
