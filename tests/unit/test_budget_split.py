@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recserve.evaluation.replay import DepthTable
-from recserve.evaluation.splits import split_at_budget, tune_family_fill_caps
+from recserve.evaluation.splits import calibrate_family_gain_curves, split_at_budget, tune_family_fill_caps
 from recserve.policies.budget import MIN_RATE, BudgetConfig, BudgetPolicy
 from recserve.policies.spending import split_budget
 
@@ -220,3 +220,16 @@ def test_the_price_controller_holds_the_budget_when_the_better_link_changes_midw
     (_, _, edge_before), (_, _, edge_after) = halves
     assert edge_before < 0.15
     assert edge_after > 0.7
+
+
+def test_the_gain_curves_fitted_on_a_labelled_set_say_what_forwarding_buys() -> None:
+    """The device is right with probability its confidence, the cloud 90% of the time: forwarding gains about
+    0.9 - c. The fitted curves follow that closely enough to rank by: large where the device doubts, below zero
+    where it is sure."""
+    table = three_tier_table(4000, middle_as_good_as_top=False)
+    ((family, curve),) = calibrate_family_gain_curves(table)
+    assert family == "quiz"
+    assert curve.gain(0.1) == pytest.approx(0.8, abs=0.1)
+    assert curve.gain(0.5) == pytest.approx(0.4, abs=0.1)
+    assert curve.gain(0.97) < 0
+    assert curve.gain(0.1) > curve.gain(0.3) > curve.gain(0.5) > curve.gain(0.7)

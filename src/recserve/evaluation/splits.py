@@ -15,11 +15,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from recserve.core.calibration import fit_logistic, logit
 from recserve.core.traces import TraceQuery
 from recserve.evaluation.replay import DepthTable, TraceReplay
-from recserve.policies.budget import FamilyPriors
+from recserve.policies.budget import FamilyGainCurves, FamilyPriors
 from recserve.policies.simple import ForwardAllPolicy
-from recserve.policies.spending import ByteLedger, split_budget
+from recserve.policies.spending import ByteLedger, GainCurve, split_budget
 
 
 def rate_depths(
@@ -134,3 +135,16 @@ async def calibrate_family_byte_priors(replay: TraceReplay, queries: Sequence[Tr
     keeper = _LedgerKeeper(tiers - 1, max(1, len(queries)))
     await replay.run_offline(queries, [keeper, *(ForwardAllPolicy() for _ in range(tiers - 1))])
     return tuple((family, ledger.prior()) for family, ledger in sorted(keeper.ledgers.items()))
+
+
+def calibrate_family_gain_curves(table: DepthTable) -> FamilyGainCurves:
+    """The budget policy's gain curve per family, fitted on a labelled calibration set (the train split's depth
+    table): whether the first tier's answer, and the last tier's, is right, each a ridge logistic curve in the logit
+    of the first tier's confidence."""
+    curves = []
+    for family in np.unique(table.benchmarks):
+        rows = table.benchmarks == family
+        design = np.column_stack([np.ones(int(rows.sum())), logit(table.confidence[rows, 0])])
+        own, last = (fit_logistic(design, table.correct[rows, tier]) for tier in (0, -1))
+        curves.append((str(family), GainCurve((float(own[0]), float(own[1])), (float(last[0]), float(last[1])))))
+    return tuple(curves)
