@@ -160,7 +160,7 @@ def budget_config(
         family_budgets=tuple((family_budgets or {}).items()),
         family_fill_caps=caps,
         family_byte_priors=priors,
-        family_gain_curves=calibrate_family_gain_curves(train_table),
+        family_gain_curves=calibrate_family_gain_curves(train_table, budget),
         link_split=split,
     )
 

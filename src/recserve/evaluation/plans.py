@@ -113,7 +113,9 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
         train_table = await replay.depth_table(train) if train else None
         if train_table is not None:
             # Where a byte buys most, per family: the first tier ranks its requests by expected gain per byte.
-            budget_config = replace(budget_config, family_gain_curves=calibrate_family_gain_curves(train_table))
+            budget_config = replace(
+                budget_config, family_gain_curves=calibrate_family_gain_curves(train_table, budget_config.byte_budget)
+            )
         if train_table is not None and tiers > 2 and "fill_cap" not in request.options:
             # The split between links, per family, chosen on the train split for this budget (the policy holds
             # the bytes online); without a train split, or with a fill cap given, that fill cap.

@@ -341,7 +341,14 @@ class BudgetPolicy:
                 state.controller.clear_error()
             state.controller.correct(self.budget_for(family) * reference - cost)
         if spent and state.ledger.ready:
-            state.forward_costs.add(sum(spent) / state.ledger.cloud_only_estimate(size, answer_sizes))
+            # Ranked by gain per byte, the forwards are the cheaper requests: what the rate buys is their bytes
+            # against the mean request's, not against their own cloud-only bytes.
+            reference = (
+                state.ledger.mean_estimate
+                if family in self._gain_curves and state.ledger.mean_estimate > 0
+                else state.ledger.cloud_only_estimate(size, answer_sizes)
+            )
+            state.forward_costs.add(sum(spent) / reference)
 
     def controller(self, family: str) -> ControlledQuantile:
         """The controller that holds `family`'s rate (at the first tier, its bytes once the ledger is ready)."""

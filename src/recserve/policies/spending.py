@@ -209,6 +209,11 @@ class ByteLedger:
             for tier, count in enumerate(self._multiplicity)
         )
 
+    @property
+    def mean_estimate(self) -> float:
+        """The mean estimate of cloud-only bytes per booked request (0 before the first booking)."""
+        return self._booked_estimate / self._booked if self._booked else 0.0
+
     def cloud_only_estimate(self, size: int, answers: Sequence[int] = ()) -> float:
         """Cloud-only bytes of a request of `size` whose first tiers' answers (lowest first) had `answers` bytes."""
         return self.links * size + self._answer_bytes(answers) + self._framing.mean
