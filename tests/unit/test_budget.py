@@ -14,14 +14,12 @@ from recserve.policies.budget import (
     MIN_RATE,
     BudgetConfig,
     BudgetPolicy,
-    format_family_gain_curves,
     format_family_priors,
-    parse_family_gain_curves,
     parse_family_priors,
 )
 from recserve.policies.controller import ControlledQuantile
 from recserve.policies.quality import QualityConfig, QualityPolicy
-from recserve.policies.spending import ByteLedger, BytePrior, GainCurve, split_budget
+from recserve.policies.spending import ByteLedger, BytePrior, split_budget
 
 
 def spent(rates: list[float]) -> float:
@@ -254,59 +252,6 @@ def test_byte_priors_read_from_text_and_say_what_is_wrong() -> None:
             parse_family_priors(text)
     with pytest.raises(ValueError, match="gives 'mmlu' 3 answer means; a chain of 1 links has 2 tiers"):
         BudgetConfig(links=1, family_byte_priors=priors[:1])
-
-
-def test_gain_curves_read_from_text_and_say_what_is_wrong() -> None:
-    curves = parse_family_gain_curves("mmlu=0.2:1.1:1.3:0.4, chat=-1:2:0:0.5")
-    assert curves == (("mmlu", GainCurve((0.2, 1.1), (1.3, 0.4))), ("chat", GainCurve((-1, 2), (0, 0.5))))
-    assert parse_family_gain_curves(format_family_gain_curves(curves)) == curves
-    for text in ["mmlu=0.2:1.1:1.3", "mmlu=0.2:x:1.3:0.4", "mmlu=0.2:1.1:1.3:inf"]:
-        with pytest.raises(ValueError, match="gain curve"):
-            parse_family_gain_curves(text)
-    # The device's answer is likelier right the more confident it is; the last tier's barely moves with it.
-    curve = curves[0][1]
-    assert curve.gain(0.2) > curve.gain(0.5) > curve.gain(0.9)
-
-
-def serve_one_link(policy: BudgetPolicy, n: int, seed: int = 3) -> tuple[float, float, float]:
-    """A device → cloud stream of short (200-byte) and long (2000-byte) requests alike in confidence: a forward
-    costs the request up and a 100-byte reply down. Returns (bytes / cloud-only bytes, the share of forwards that
-    are short requests, the expected gain of the forwards per request under the curve of
-    `test_with_a_gain_curve_the_first_tier_forwards_where_a_byte_buys_most`)."""
-    rng = random.Random(seed)
-    curve = GainCurve((0.0, 2.0), (1.0, 0.5))
-    spent = cloud_only = short = forwards = 0
-    gained = 0.0
-    for _ in range(n):
-        size, confidence = rng.choice((200, 2000)), rng.random()
-        cloud_only += size + 100
-        if policy.decide("quiz", confidence, is_last=False, size=size, answer_size=10).forward:
-            forwards += 1
-            short += size == 200
-            gained += curve.gain(confidence)
-            policy.observe_cost("quiz", size=size, spent=(size + 100,), answer_sizes=(10, 10))
-            spent += size + 100
-        else:
-            policy.observe_cost("quiz", size=size, spent=(), answer_sizes=(10,))
-    return spent / cloud_only, short / max(forwards, 1), gained / n
-
-
-def test_with_a_gain_curve_the_first_tier_forwards_where_a_byte_buys_most() -> None:
-    """At one confidence a short request costs a tenth of a long one to forward. Ranked by confidence, the tier
-    forwards both alike; ranked by expected gain per byte, mostly the short ones (all the budget buys where the
-    gain is positive), and at the same bytes it gains about 30% more, the budget held either way."""
-    curve = (("quiz", GainCurve((0.0, 2.0), (1.0, 0.5))),)
-    plain = BudgetConfig(links=1, byte_budget=0.3, window=1000).build()
-    priced = BudgetConfig(links=1, byte_budget=0.3, window=1000, family_gain_curves=curve).build()
-    plain_bytes, plain_short, plain_gain = serve_one_link(plain, 6000)
-    priced_bytes, priced_short, priced_gain = serve_one_link(priced, 6000)
-    assert plain_bytes == pytest.approx(0.3, abs=0.01)
-    assert priced_bytes == pytest.approx(0.3, abs=0.01)
-    assert plain_short == pytest.approx(0.5, abs=0.05)
-    assert priced_short > 0.65
-    assert priced_gain > 1.2 * plain_gain
-    # A rank by gain per byte has no confidence threshold to report.
-    assert math.isnan(priced.decide("quiz", 0.5, is_last=False, size=200).threshold)
 
 
 def serve_two_links(device: BudgetPolicy, edge: BudgetPolicy, n: int, seed: int = 5) -> tuple[float, float]:

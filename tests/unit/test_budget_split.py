@@ -9,12 +9,7 @@ import numpy as np
 import pytest
 
 from recserve.evaluation.replay import DepthTable
-from recserve.evaluation.splits import (
-    calibrate_family_gain_curves,
-    fit_gain_curve,
-    split_at_budget,
-    tune_family_fill_caps,
-)
+from recserve.evaluation.splits import split_at_budget, tune_family_fill_caps
 from recserve.policies.budget import MIN_RATE, BudgetConfig, BudgetPolicy
 from recserve.policies.spending import split_budget
 
@@ -225,32 +220,3 @@ def test_the_price_controller_holds_the_budget_when_the_better_link_changes_midw
     (_, _, edge_before), (_, _, edge_after) = halves
     assert edge_before < 0.15
     assert edge_after > 0.7
-
-
-def test_the_gain_curves_fitted_on_a_labelled_set_say_what_forwarding_buys() -> None:
-    """The device is right with probability its confidence, the cloud 90% of the time: forwarding gains about
-    0.9 - c. The fitted curve follows that closely enough to rank by: large where the device doubts, below zero
-    where it is sure."""
-    table = three_tier_table(4000, middle_as_good_as_top=False)
-    curve = fit_gain_curve(table, np.arange(4000))
-    assert curve.gain(0.1) == pytest.approx(0.8, abs=0.1)
-    assert curve.gain(0.5) == pytest.approx(0.4, abs=0.1)
-    assert curve.gain(0.97) < 0
-    assert curve.gain(0.1) > curve.gain(0.3) > curve.gain(0.5) > curve.gain(0.7)
-
-
-def test_a_family_ranks_by_gain_per_byte_only_where_that_beats_its_confidence_on_the_labelled_set() -> None:
-    """Where every request costs the same, the rank by gain per byte is the rank by confidence: no curve. Where
-    half the requests cost ten times the others, forwarding the cheap doubtful ones first buys more: a curve. A
-    family whose confidences are mostly one tied value keeps the tie rule."""
-    even = three_tier_table(2000, middle_as_good_as_top=False)
-    assert calibrate_family_gain_curves(even, 0.3) == ()
-    dear = even.link_bytes.copy()
-    dear[1::2] *= 10
-    uneven = replace(even, link_bytes=dear)
-    ((family, curve),) = calibrate_family_gain_curves(uneven, 0.3)
-    assert family == "quiz"
-    assert curve.gain(0.1) > curve.gain(0.9)
-    tied = even.confidence.copy()
-    tied[: 2000 // 3, 0] = 1.0
-    assert calibrate_family_gain_curves(replace(uneven, confidence=tied), 0.3) == ()

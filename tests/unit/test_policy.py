@@ -28,7 +28,6 @@ from recserve.policies import (
     policy_config,
 )
 from recserve.policies.simple import ForwardAllPolicy, LocalOnlyPolicy, parse_family_thresholds
-from recserve.policies.spending import GainCurve
 from recserve.server.settings import TierSettings, add_arguments, from_namespace
 
 
@@ -149,14 +148,13 @@ def test_eval_takes_the_serve_names_of_the_options_and_the_old_ones() -> None:
     assert eval_options("--budget", "0.3", "--gap", "0.01")[1] == {"byte_budget": 0.3, "quality_gap": 0.01}
     names = {option.name for option in eval_command.EVAL_OPTIONS}
     # Set by the replay: the links from the chain, the fixed thresholds per tier (given or tuned), the budget
-    # policy's fill caps per family (tuned on train), its byte priors and gain curves per family (measured on train).
+    # policy's fill caps per family (tuned on train) and its byte priors per family (measured on train).
     assert names == {o.name for c in POLICY_CONFIGS for o in c.options()} - {
         "links",
         "threshold",
         "family_thresholds",
         "family_fill_caps",
         "family_byte_priors",
-        "family_gain_curves",
     }
     with pytest.raises(ValueError, match="not options of an evaluated policy: links"):
         EvalRequest(traces=Path("t"), chain=("a", "b"), options={"links": 3})
@@ -173,7 +171,6 @@ def test_eval_takes_the_serve_names_of_the_options_and_the_old_ones() -> None:
         LocalConfig(),
         BudgetConfig(byte_budget=0.35, links=3, fill_cap=0.7, window=99),
         BudgetConfig(byte_budget=0.35, links=2, family_fill_caps=(("mmlu", 0.5), ("medmcqa", 0.45))),
-        BudgetConfig(byte_budget=0.35, links=1, family_gain_curves=(("mmlu", GainCurve((0.1, 1.5), (1.2, 0.25))),)),
         QualityConfig(quality_gap=0.03, links=1, window=98, explore=0.1, cold_rate=0.4, probe_seed=5),
     ],
 )

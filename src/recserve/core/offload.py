@@ -28,15 +28,11 @@ class OffloadPolicy(Protocol):
         is_last: bool,
         lower: Sequence[float] = (),
         byte_price: float | None = None,
-        size: int = 0,
-        answer_size: int = 0,
     ) -> Verdict:
         """Record `confidence` and say whether to forward; `is_last` tiers must never forward.
 
         `lower` holds the confidences of the tiers below, first tier first (what they saw before forwarding);
-        `byte_price` the first tier's price of bytes for this request (its `Verdict.byte_price`), if it set one;
-        `size` the bytes of the request as this tier would forward it (the request and this tier's hop), and
-        `answer_size` the bytes of this tier's answer.
+        `byte_price` the first tier's price of bytes for this request (its `Verdict.byte_price`), if it set one.
         """
 
     def threshold(self, family: str) -> float | None:

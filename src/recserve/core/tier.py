@@ -802,25 +802,23 @@ class Tier:
         score = self._score_choice(generation, list(request.options)) if choice else self._score_generation(generation)
         lower = tuple(hop.confidence for hop in request.hops)
         first = request.hops[0] if request.hops else None
-        hop = pb.Hop(
-            tier=self.name,
-            confidence=score.value,
-            engine_seconds=engine_seconds,
-            answer=generation.text[: self.limits.max_answer_chars],
-            inference_joules=self._inference_joules(generation, engine_seconds),
-        )
         verdict = self.policy.decide(
             family,
             score.value,
             is_last=self._answers_whatever(request),
             lower=lower,
             byte_price=first.byte_price if first is not None and first.HasField("byte_price") else None,
-            size=request.ByteSize() + hop.ByteSize(),
-            answer_size=len(hop.answer.encode()),
         )
         self.metrics.observe_decision(family, score.value, verdict.threshold, engine_seconds)
-        hop.threshold = verdict.threshold
-        hop.decision = pb.DECISION_FORWARDED if verdict.forward and self.links else pb.DECISION_ANSWERED
+        hop = pb.Hop(
+            tier=self.name,
+            confidence=score.value,
+            threshold=verdict.threshold,
+            engine_seconds=engine_seconds,
+            answer=generation.text[: self.limits.max_answer_chars],
+            decision=pb.DECISION_FORWARDED if verdict.forward and self.links else pb.DECISION_ANSWERED,
+            inference_joules=self._inference_joules(generation, engine_seconds),
+        )
         if verdict.byte_price is not None:
             hop.byte_price = verdict.byte_price
         self.metrics.count_energy("inference", hop.inference_joules)

@@ -41,11 +41,7 @@ from recserve.evaluation.replay import (
     fixed_threshold_grid,
     tune_fixed_thresholds,
 )
-from recserve.evaluation.splits import (
-    calibrate_family_byte_priors,
-    calibrate_family_gain_curves,
-    tune_family_fill_caps,
-)
+from recserve.evaluation.splits import calibrate_family_byte_priors, tune_family_fill_caps
 from recserve.evaluation.sweep import DEFAULT_BETAS
 from recserve.policies import BudgetConfig, QualityConfig, RecServeConfig
 from recserve.policies.budget import LINK_SPLITS, FamilyPriors
@@ -160,7 +156,6 @@ def budget_config(
         family_budgets=tuple((family_budgets or {}).items()),
         family_fill_caps=caps,
         family_byte_priors=priors,
-        family_gain_curves=calibrate_family_gain_curves(train_table, budget),
         link_split=split,
     )
 

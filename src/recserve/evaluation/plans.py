@@ -12,11 +12,7 @@ from typing import Any
 from recserve.client.tally import Summary, summaries, summarise
 from recserve.core.offload import OffloadPolicy
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
-from recserve.evaluation.splits import (
-    calibrate_family_byte_priors,
-    calibrate_family_gain_curves,
-    tune_family_fill_caps,
-)
+from recserve.evaluation.splits import calibrate_family_byte_priors, tune_family_fill_caps
 from recserve.policies import (
     POLICY_ALIASES,
     POLICY_NAMES,
@@ -110,16 +106,10 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
             # What cloud-only serving costs each family, measured on the train split, so that the first tier
             # holds the bytes from the first request.
             budget_config = replace(budget_config, family_byte_priors=await calibrate_family_byte_priors(replay, train))
-        train_table = await replay.depth_table(train) if train else None
-        if train_table is not None:
-            # Where a byte buys most, per family: the first tier ranks its requests by expected gain per byte.
-            budget_config = replace(
-                budget_config, family_gain_curves=calibrate_family_gain_curves(train_table, budget_config.byte_budget)
-            )
-        if train_table is not None and tiers > 2 and "fill_cap" not in request.options:
+        if train and tiers > 2 and "fill_cap" not in request.options:
             # The split between links, per family, chosen on the train split for this budget (the policy holds
             # the bytes online); without a train split, or with a fill cap given, that fill cap.
-            caps = tune_family_fill_caps(train_table, budget_config.byte_budget)
+            caps = tune_family_fill_caps(await replay.depth_table(train), budget_config.byte_budget)
             budget_config = replace(budget_config, family_fill_caps=caps)
         return chain_plan(budget_config, tiers)
     if config is not FixedConfig:

@@ -15,12 +15,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from recserve.core.calibration import fit_logistic, logit
 from recserve.core.traces import TraceQuery
 from recserve.evaluation.replay import DepthTable, TraceReplay
-from recserve.policies.budget import FamilyGainCurves, FamilyPriors
+from recserve.policies.budget import FamilyPriors
 from recserve.policies.simple import ForwardAllPolicy
-from recserve.policies.spending import ByteLedger, GainCurve, split_budget
+from recserve.policies.spending import ByteLedger, split_budget
 
 
 def rate_depths(
@@ -135,57 +134,3 @@ async def calibrate_family_byte_priors(replay: TraceReplay, queries: Sequence[Tr
     keeper = _LedgerKeeper(tiers - 1, max(1, len(queries)))
     await replay.run_offline(queries, [keeper, *(ForwardAllPolicy() for _ in range(tiers - 1))])
     return tuple((family, ledger.prior()) for family, ledger in sorted(keeper.ledgers.items()))
-
-
-# Most models' confidences are recorded to limited precision (small ties); gpt-4o-mini's are exactly 1.0 on 27-73%
-# of a benchmark's queries. Set after a run over 24 chains lost most where such ties were broken by cost
-# (docs/evaluation.md, "Ranked by expected gain per byte").
-MAX_TIED_SHARE = 0.05
-
-
-def fit_gain_curve(table: DepthTable, rows: npt.NDArray[np.int64]) -> GainCurve:
-    """Whether the first tier's answer, and the last tier's, is right over `rows`, each a ridge logistic curve in the
-    logit of the first tier's confidence."""
-    design = np.column_stack([np.ones(len(rows)), logit(table.confidence[rows, 0])])
-    own, last = (fit_logistic(design, table.correct[rows, tier]) for tier in (0, -1))
-    return GainCurve((float(own[0]), float(own[1])), (float(last[0]), float(last[1])))
-
-
-def first_link_accuracy(
-    table: DepthTable, rows: npt.NDArray[np.int64], worth: npt.NDArray[np.float64], budget: float
-) -> float:
-    """The accuracy over `rows` when the first tier forwards the requests of most `worth` until their cloud-only
-    bytes reach `budget` of the rows' (a forwarded request answered by the last tier: a static stand-in that
-    compares rankings, not what the chain spends)."""
-    cost = table.cloud_only_bytes[rows].astype(np.float64)
-    order = np.argsort(-worth, kind="stable")
-    taken = int(np.searchsorted(np.cumsum(cost[order]), budget * cost.sum(), side="right"))
-    forwarded = np.zeros(len(rows), dtype=bool)
-    forwarded[order[:taken]] = True
-    return float(np.where(forwarded, table.correct[rows, -1], table.correct[rows, 0]).mean())
-
-
-def calibrate_family_gain_curves(table: DepthTable, budget: float, repeats: int = 3, seed: int = 0) -> FamilyGainCurves:
-    """The budget policy's gain curve per family (`fit_gain_curve`), fitted on a labelled calibration set (the train
-    split's depth table), for the families where ranking by expected gain per byte beats ranking by confidence at
-    `budget` on that set: by 2-fold cross-validation (`repeats` random halvings), each half ranked with the curve
-    fitted on the other and scored by `first_link_accuracy`."""
-    rng = np.random.default_rng(seed)
-    curves = []
-    for family in np.unique(table.benchmarks):
-        rows = np.flatnonzero(table.benchmarks == family)
-        _, counts = np.unique(table.confidence[rows, 0], return_counts=True)
-        if counts.max() > MAX_TIED_SHARE * len(rows):
-            continue  # a large tie: the controller's tie rule ranks it better online than costs that would break it
-        advantage = 0.0
-        for _ in range(repeats):
-            half = rng.random(len(rows)) < 0.5
-            for fit_rows, score_rows in ((rows[half], rows[~half]), (rows[~half], rows[half])):
-                curve = fit_gain_curve(table, fit_rows)
-                gain = np.array([curve.gain(c) for c in table.confidence[score_rows, 0]])
-                by_gain = first_link_accuracy(table, score_rows, gain / table.cloud_only_bytes[score_rows], budget)
-                by_confidence = first_link_accuracy(table, score_rows, -table.confidence[score_rows, 0], budget)
-                advantage += by_gain - by_confidence
-        if advantage > 0:
-            curves.append((str(family), fit_gain_curve(table, rows)))
-    return tuple(curves)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from recserve.policies.simple import (
     parse_family_thresholds,
     parse_family_values,
 )
-from recserve.policies.spending import ByteLedger, BytePrior, GainCurve, WindowMean, split_budget
+from recserve.policies.spending import ByteLedger, BytePrior, WindowMean, split_budget
 
 # The links above the first forward at least this share: without a byte prior, the first tier needs some requests to
 # cross every link to know what cloud-only serving costs, and these are the ones the tiers above doubt most.
@@ -54,18 +53,6 @@ def parse_family_priors(text: str) -> FamilyPriors:
 
 def format_family_priors(priors: FamilyPriors) -> str:
     return format_family_values(priors, str)
-
-
-FamilyGainCurves = tuple[tuple[str, GainCurve], ...]
-
-
-def parse_family_gain_curves(text: str) -> FamilyGainCurves:
-    """ "mmlu=0.2:1.1:1.3:0.4,medmcqa=..." -> ((family, GainCurve), ...); raises ValueError saying what is wrong."""
-    return parse_family_values(text, GainCurve.parse, "family gain curves", "mmlu=0.2:1.1:1.3:0.4,medmcqa=...")
-
-
-def format_family_gain_curves(curves: FamilyGainCurves) -> str:
-    return format_family_values(curves, str)
 
 
 def _split(value: str) -> str | None:
@@ -110,17 +97,6 @@ class BudgetConfig(SplitTargetConfig):
         "first, then the framing's, e.g. mmlu=31:45:60:118",
         parse=parse_family_priors,
         text=format_family_priors,
-        in_eval=False,
-    )
-    # Measured on the same calibration set (evaluation.splits.calibrate_family_gain_curves). With one, a family's first
-    # tier forwards the requests of most expected gain per byte rather than its least confident ones: at one
-    # confidence a short prompt costs less to forward than a long one.
-    family_gain_curves: tuple[tuple[str, GainCurve], ...] = option(
-        (),
-        "per-family forward gain curves measured on a calibration set: the first tier's P(own answer right), then "
-        "P(last tier right), each intercept:slope in the logit of its confidence, e.g. mmlu=0.2:1.1:1.3:0.4",
-        parse=parse_family_gain_curves,
-        text=format_family_gain_curves,
         in_eval=False,
     )
     link_split: str = option(
@@ -200,7 +176,6 @@ class BudgetPolicy:
         self.rates = split_budget(config.byte_budget, config.links, config.fill_cap)
         self._budgets = dict(config.family_budgets)
         self._priors = dict(config.family_byte_priors)
-        self._gain_curves = dict(config.family_gain_curves) if config.link_split == "fill" else {}
         caps = dict(config.family_fill_caps)
         self._family_rates = {
             family: split_budget(self.budget_for(family), config.links, caps.get(family, config.fill_cap))
@@ -253,8 +228,6 @@ class BudgetPolicy:
         is_last: bool,
         lower: Sequence[float] = (),
         byte_price: float | None = None,
-        size: int = 0,
-        answer_size: int = 0,
     ) -> Verdict:
         state = self._family(family)
         depth = len(lower)
@@ -265,27 +238,14 @@ class BudgetPolicy:
         if pricing:
             # Keep some requests whatever the rate, so that this tier's own answers are measured too.
             target = min(target, 1.0 - self.config.explore)
-        curve = self._gain_curves.get(family) if depth == 0 and not is_last else None
-        if curve is None:
-            forward, state.threshold = state.controller.decide(confidence, target, hold_rate=not state.holding_bytes)
-        else:
-            # Ranked by what forwarding is expected to gain per byte it costs (the request's cloud-only bytes stand
-            # in for the bytes of its forward, which grow with them): the least worth forwarding rank highest, as
-            # the most confident do.
-            cost = max(state.ledger.cloud_only_estimate(size, (answer_size,)), 1.0)
-            forward, _ = state.controller.decide(
-                -curve.gain(confidence) / cost, target, hold_rate=not state.holding_bytes
-            )
-            state.threshold = None
+        forward, state.threshold = state.controller.decide(confidence, target, hold_rate=not state.holding_bytes)
         probe_rate = None
         if pricing and not forward and self._random.random() < self.config.explore:
             # The gain of forwarding is measured where this tier keeps too, not only extrapolated to it (and
             # measured at all when the split's rate forwards next to nothing).
             forward, probe_rate = True, self.config.explore
         price = self._price(state) if depth == 0 and not is_last and self.config.link_split == "price" else None
-        # A rank by gain per byte has no confidence threshold: NaN says so in the hop and the threshold gauge.
-        threshold = math.nan if state.threshold is None else state.threshold
-        return Verdict(forward and not is_last, threshold, probe_rate, price)
+        return Verdict(forward and not is_last, state.threshold, probe_rate, price)
 
     def _learned_rate(self, state: _FamilyBudget, depth: int, byte_price: float | None) -> float | None:
         """A tier above the first, under the price split: the share of its recent confidences whose expected gain
@@ -341,14 +301,7 @@ class BudgetPolicy:
                 state.controller.clear_error()
             state.controller.correct(self.budget_for(family) * reference - cost)
         if spent and state.ledger.ready:
-            # Ranked by gain per byte, the forwards are the cheaper requests: what the rate buys is their bytes
-            # against the mean request's, not against their own cloud-only bytes.
-            reference = (
-                state.ledger.mean_estimate
-                if family in self._gain_curves and state.ledger.mean_estimate > 0
-                else state.ledger.cloud_only_estimate(size, answer_sizes)
-            )
-            state.forward_costs.add(sum(spent) / reference)
+            state.forward_costs.add(sum(spent) / state.ledger.cloud_only_estimate(size, answer_sizes))
 
     def controller(self, family: str) -> ControlledQuantile:
         """The controller that holds `family`'s rate (at the first tier, its bytes once the ledger is ready)."""

@@ -147,8 +147,6 @@ class QualityPolicy:
         is_last: bool,
         lower: Sequence[float] = (),
         byte_price: float | None = None,
-        size: int = 0,
-        answer_size: int = 0,
     ) -> Verdict:
         state = self._state(family)
         state.window.add(confidence)

@@ -64,8 +64,6 @@ class RecServePolicy(_Stateless):
         is_last: bool,
         lower: Sequence[float] = (),
         byte_price: float | None = None,
-        size: int = 0,
-        answer_size: int = 0,
     ) -> Verdict:
         window = self._windows.get(family)
         if window is None:
@@ -156,8 +154,6 @@ class FixedThresholdPolicy(_Stateless):
         is_last: bool,
         lower: Sequence[float] = (),
         byte_price: float | None = None,
-        size: int = 0,
-        answer_size: int = 0,
     ) -> Verdict:
         threshold = self._per_family.get(family, self._threshold)
         return Verdict(not is_last and confidence < threshold, threshold)
@@ -186,8 +182,6 @@ class ForwardAllPolicy(_Stateless):
         is_last: bool,
         lower: Sequence[float] = (),
         byte_price: float | None = None,
-        size: int = 0,
-        answer_size: int = 0,
     ) -> Verdict:
         return Verdict(not is_last, math.inf)
 
@@ -215,8 +209,6 @@ class LocalOnlyPolicy(_Stateless):
         is_last: bool,
         lower: Sequence[float] = (),
         byte_price: float | None = None,
-        size: int = 0,
-        answer_size: int = 0,
     ) -> Verdict:
         return Verdict(False, -math.inf)
 

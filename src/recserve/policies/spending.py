@@ -7,7 +7,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from recserve.core.calibration import logit
 from recserve.core.threshold import SlidingWindow
 
 
@@ -86,46 +85,6 @@ class BytePrior:
                 f"'31:45:60:118' for three tiers; got {text!r}"
             )
         return cls(tuple(values[:-1]), values[-1])
-
-
-@dataclass(frozen=True)
-class GainCurve:
-    """What forwarding a family's request from the first tier is expected to gain, measured on a calibration set:
-    P(its own answer right) and P(the last tier's answer right), each a logistic curve in the logit of the first
-    tier's confidence (`intercept:slope` for each)."""
-
-    own: tuple[float, float]
-    last: tuple[float, float]
-
-    def __post_init__(self) -> None:
-        if not all(math.isfinite(value) for value in (*self.own, *self.last)):
-            raise ValueError("a gain curve needs four finite numbers")
-
-    def __str__(self) -> str:
-        return ":".join(repr(value) for value in (*self.own, *self.last))  # exact: live tiers match offline
-
-    @classmethod
-    def parse(cls, text: str) -> GainCurve:
-        """ "0.2:1.1:1.3:0.4" -> the own answer's intercept and slope, then the last tier's."""
-        try:
-            values = [float(part) for part in text.split(":")]
-        except ValueError:
-            values = []
-        if len(values) != 4:
-            raise ValueError(
-                "a gain curve is the first tier's own answer's intercept and slope, then the last tier's, in the "
-                f"logit of its confidence, e.g. '0.2:1.1:1.3:0.4'; got {text!r}"
-            )
-        return cls((values[0], values[1]), (values[2], values[3]))
-
-    def gain(self, confidence: float) -> float:
-        """P(last tier right) - P(own answer right) at `confidence`."""
-        x = float(logit(confidence))
-
-        def right(curve: tuple[float, float]) -> float:
-            return 1.0 / (1.0 + math.exp(-(curve[0] + curve[1] * x)))
-
-        return right(self.last) - right(self.own)
 
 
 class ByteLedger:
@@ -208,11 +167,6 @@ class ByteLedger:
             count * (answers[tier] if tier < len(answers) else self._answers[tier].mean)
             for tier, count in enumerate(self._multiplicity)
         )
-
-    @property
-    def mean_estimate(self) -> float:
-        """The mean estimate of cloud-only bytes per booked request (0 before the first booking)."""
-        return self._booked_estimate / self._booked if self._booked else 0.0
 
     def cloud_only_estimate(self, size: int, answers: Sequence[int] = ()) -> float:
         """Cloud-only bytes of a request of `size` whose first tiers' answers (lowest first) had `answers` bytes."""
