@@ -445,6 +445,15 @@ def test_budget_config_reaches_the_rates_and_the_window() -> None:
     assert (wide.threshold("quiz") or 1.0) < 0.1
 
 
+def test_a_family_budget_of_zero_forwards_nothing_of_that_family() -> None:
+    """An operator may keep a family on the device (and the chain study gives the policy a benchmark's budget of 0
+    where a rival forwarded none of it): with a prior or without, nothing of it crosses a link."""
+    for priors in [(), (("quiz", BytePrior((0.0, 0.0, 0.0), 400.0)),)]:
+        config = BudgetConfig(byte_budget=0.4, family_budgets=(("quiz", 0.0),), family_byte_priors=priors)
+        device, edge = config.build(), config.build()
+        assert serve_two_links(device, edge, 500) == (0.0, 0.0)
+
+
 def test_the_early_requests_error_enters_the_controller_once_when_the_first_bytes_are_booked() -> None:
     """Until the ledger can estimate cloud-only bytes the first tier holds its rate; at the first booking the
     early requests' byte error replaces that rate error instead of being added to it."""

@@ -28,6 +28,7 @@ from recserve.evaluation.chain_study import (
     margin_covariance,
     meets_goal,
     pass_probability,
+    spendable,
     study_chain,
     summary_lines,
     verdict,
@@ -163,6 +164,12 @@ def test_the_goal_compares_at_the_bytes_each_rival_spent() -> None:
     assert _equal_bytes_margin(matched) == pytest.approx(-0.003)
     overspent = replace(row, at_rival_bytes={"casserve": at(0.80, 0.43), "recserve": at(0.785, 0.381)})
     assert not meets_goal(overspent)
+
+
+def test_a_rival_that_spent_nothing_on_a_benchmark_gives_the_policy_nothing_to_spend_there() -> None:
+    """A floor would make the policy spend more than the rival on that benchmark and fail the comparison on bytes."""
+    assert spendable(0.0) == 0.0
+    assert (spendable(0.004), spendable(0.37), spendable(1.02)) == (0.004, 0.37, 1.0)
 
 
 def _normal_below(z: float) -> float:
