@@ -163,7 +163,7 @@ def budget_config(
 def spendable(share: float) -> float:
     """A rival's bytes as a budget the policy takes, within [0, 1]. A benchmark on which the rival forwarded nothing
     gets a budget of 0, not a floor: given more, the policy would spend more than the rival and fail the comparison
-    on bytes (with a floor of 0.01, 2 chains per budget did)."""
+    on bytes."""
     return min(1.0, max(0.0, share))
 
 
