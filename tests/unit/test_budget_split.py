@@ -78,6 +78,19 @@ def test_a_family_that_cannot_tell_the_splits_apart_takes_the_chains_choice() ->
     assert alone["other"] == pytest.approx(budget)  # on its own, the first of equals
 
 
+def test_a_family_the_traffic_does_not_carry_does_not_lean_the_served_ones() -> None:
+    budget = 0.4
+    flat = three_tier_table(300, middle_as_good_as_top=False, seed=1)
+    flat = replace(flat, correct=np.repeat(flat.correct[:, :1], 3, axis=1))
+    table = chain_table(flat)
+    # "quiz0" is in the calibration set only: the flat family, alone in the traffic, keeps its own choice.
+    served = dict(tune_family_fill_caps(table, budget, served={"other"}))
+    assert served["other"] == pytest.approx(budget)
+    assert served["quiz0"] == pytest.approx(2 * budget)  # still chosen, for a family that does come
+    # Served families the set lacks leave the mean to the set's own.
+    assert dict(tune_family_fill_caps(table, budget, served={"unseen"}))["other"] == pytest.approx(2 * budget)
+
+
 def test_a_family_with_a_clear_split_of_its_own_keeps_it() -> None:
     budget = 0.4
     # The middle tier knows no more than the device on this family: forward straight through to the cloud. The

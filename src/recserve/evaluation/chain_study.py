@@ -20,7 +20,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,11 +145,12 @@ def budget_config(
     budget: float,
     family_budgets: dict[str, float] | None = None,
     split: str = "fill",
+    served: Collection[str] | None = None,
 ) -> BudgetConfig:
     """The budget policy for `budget` (and `family_budgets`), with its fill caps per benchmark chosen on the train split
-    and its byte `priors` measured there (as `recserve eval` does; under the price split, the caps set the rates until
-    the tiers have calibrated)."""
-    caps = tune_family_fill_caps(train_table, budget, family_budgets=family_budgets)
+    for traffic of the `served` benchmarks and its byte `priors` measured there (as `recserve eval` does; under the
+    price split, the caps set the rates until the tiers have calibrated)."""
+    caps = tune_family_fill_caps(train_table, budget, family_budgets=family_budgets, served=served)
     return BudgetConfig(
         links=train_table.confidence.shape[1] - 1,
         byte_budget=budget,
@@ -183,6 +184,7 @@ async def study_chain(
     table, train_table = await replay.depth_table(test), await replay.depth_table(train)
     priors = await calibrate_family_byte_priors(replay, train)
     cloud_only = cloud_only_by_benchmark(table)
+    served = set(cloud_only)  # the benchmarks the test stream carries (the train split has one more)
     orders = [replay.queries("test", seed) for seed in SHORT_ORDERS]
     shuffled = orders[0]
     row_of = {q.key: row for row, q in enumerate(test)}
@@ -201,7 +203,7 @@ async def study_chain(
     betas = [row.recserve_beta for row in earlier.budgets] if reuse_rivals and earlier is not None else None
     for rival, rival_answers in await _rival_rows(replay, table, train_table, betas):
         budget = rival.budget
-        config = budget_config(train_table, priors, budget, split=split)
+        config = budget_config(train_table, priors, budget, split=split, served=served)
         policy, policy_answers = await answered(config, test)
         matched, pairs = {}, []
         for name in RIVALS:
@@ -209,14 +211,14 @@ async def study_chain(
             if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
                 matched[name], ours = policy, policy_answers  # already as accurate at no more bytes: nothing to match
             else:
-                config_at = budget_config(train_table, priors, spendable(theirs.bytes), split=split)
+                config_at = budget_config(train_table, priors, spendable(theirs.bytes), split=split, served=served)
                 matched[name], ours = await answered(config_at, test)
             pairs.append((ours, rival_answers[name]))
         per_benchmark = {}
         for name in RIVALS:
             theirs = getattr(rival, name)
             spent = {benchmark: spendable(share) for benchmark, (_, share) in theirs.by_benchmark.items()}
-            config_spent = budget_config(train_table, priors, spendable(theirs.bytes), spent, split)
+            config_spent = budget_config(train_table, priors, spendable(theirs.bytes), spent, split, served)
             per_benchmark[name] = await run(config_spent, test)
         budgets.append(
             BudgetRow(

@@ -107,9 +107,11 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
             # holds the bytes from the first request.
             budget_config = replace(budget_config, family_byte_priors=await calibrate_family_byte_priors(replay, train))
         if train and tiers > 2 and "fill_cap" not in request.options:
-            # The split between links, per family, chosen on the train split for this budget (the policy holds
-            # the bytes online); without a train split, or with a fill cap given, that fill cap.
-            caps = tune_family_fill_caps(await replay.depth_table(train), budget_config.byte_budget)
+            # The split between links, per family, chosen on the train split for this budget and the families the
+            # evaluated split carries (the policy holds the bytes online); without a train split, or with a fill
+            # cap given, that fill cap.
+            served = {query.benchmark for query in replay.queries(request.split)}
+            caps = tune_family_fill_caps(await replay.depth_table(train), budget_config.byte_budget, served=served)
             budget_config = replace(budget_config, family_fill_caps=caps)
         return chain_plan(budget_config, tiers)
     if config is not FixedConfig:
