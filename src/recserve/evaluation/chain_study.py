@@ -603,9 +603,9 @@ def write_report(studies: Sequence[ChainStudy], out: Path) -> Path:
         "and the framing's) is measured there; the policy then holds the bytes online. Its other constants, and "
         "the quality policy's, were chosen on three chains (docs/evaluation.md), but for the budget controller's "
         "gain, chosen on the train split of 24 chains here, the quality policy's cold rate, on the train split "
-        "of the first 16 chains here, and how far each benchmark's choice of fill cap leans on the chain's other "
-        "benchmarks, chosen on the test splits of the other three-tier chains (leave one chain out: 1 for 59 of the "
-        "84, 2 for 25; every chain runs at 1). Nothing else is chosen on a test split. "
+        "of the first 16 chains here, and how far each benchmark's choice of fill cap leans on the mean of the "
+        "chain's benchmarks that the test split carries, chosen on the test splits of the other three-tier chains "
+        "(leave one chain out: 1 for each of the 84). Nothing else is chosen on a test split. "
         "With `--reuse-quality`, the quality policy's rows come from an earlier report of the same traces and "
         "quality policy.",
         "",
