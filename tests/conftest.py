@@ -89,6 +89,12 @@ def write_trace_folder(
     return write_traces(folder, queries, rows)
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of an env file (services/*/tier.env, `recserve calibrate`'s): NAME=VALUE lines, # comments."""
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
 @pytest.fixture(scope="session")
 def trace_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_trace_folder(tmp_path_factory.mktemp("traces"))

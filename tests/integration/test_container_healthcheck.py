@@ -17,6 +17,7 @@ import pytest
 
 from recserve.server.processes import free_port
 from recserve.tools.certs import make_certificates
+from tests.conftest import read_env_file
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +35,12 @@ def exec_form(dockerfile: Path, instruction: str) -> list[str]:
     return command
 
 
-def env_file(path: Path) -> dict[str, str]:
-    lines = (line.strip() for line in path.read_text().splitlines())
-    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
-
-
 def tls_container_environment(tier: str, certs: Path, traces: Path, *, mutual: bool) -> dict[str, str]:
     """A container of `tier` (its tier.env) set to TLS as the README says: its certificate instead of plaintext,
     the CA of its callers under mTLS, the CA of the next tier and its client certificate for that link."""
     ca, cert, key = str(certs / "recserve-dev-ca.pem"), str(certs / f"{tier}.pem"), str(certs / f"{tier}.key")
     env = {name: value for name, value in os.environ.items() if not name.startswith("RECSERVE_")}
-    env |= env_file(SERVICES / tier / "tier.env")
+    env |= read_env_file(SERVICES / tier / "tier.env")
     env |= {"RECSERVE_PLAINTEXT": "false", "RECSERVE_TLS_CERT": cert, "RECSERVE_TLS_KEY": key}
     if mutual:
         env["RECSERVE_TLS_CLIENT_CA"] = ca

@@ -30,11 +30,12 @@ import openai
 import pytest
 import yaml
 
+from recserve.cli import main
 from recserve.server.processes import free_ports
 from recserve.server.settings import parse_candidates
 from recserve.v1 import tier_pb2 as pb
 from recserve.v1 import tier_pb2_grpc as pb_grpc
-from tests.conftest import wait_serving
+from tests.conftest import read_env_file, wait_serving, write_trace_folder
 
 # Integration too: rendering needs kubectl and validating the k8s extra (kubernetes-validate), which
 # `make test-unit` does not install.
@@ -134,9 +135,14 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and selector.items() <= labels.items()
 
 
-def config_of(docs: list[Manifest], workload: Manifest) -> dict[str, str]:
+def config_map_of(workload: Manifest) -> str:
     (ref,) = workload["spec"]["template"]["spec"]["containers"][0]["envFrom"]
-    data: dict[str, str] = by_kind(docs, "ConfigMap")[ref["configMapRef"]["name"]]["data"]
+    name: str = ref["configMapRef"]["name"]
+    return name
+
+
+def config_of(docs: list[Manifest], workload: Manifest) -> dict[str, str]:
+    data: dict[str, str] = by_kind(docs, "ConfigMap")[config_map_of(workload)]["data"]
     return data
 
 
@@ -424,6 +430,38 @@ def test_the_service_monitor_scrapes_every_tier_and_gateway_service() -> None:
             assert endpoint["path"] == "/metrics"
             pod_port = ports[endpoint["port"]]["targetPort"]
             assert pod_port == ("http" if tier_of(service) == GATEWAY else "metrics")
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_calibrated_settings_merge_into_each_tiers_config_map(name: str, tmp_path: Path) -> None:
+    """README, "A policy calibrated for a deployment": an overlay merges `recserve calibrate`'s files into the tiers'
+    ConfigMaps; the tiers then read the calibrated policy, and keep the rest of their settings."""
+    traces = write_trace_folder(tmp_path / "calibration", splits=("train",))
+    assert main(["calibrate", "--traces", str(traces), "--chain", "small,medium,large", "--byte-budget", "0.3",
+                 "--out", str(tmp_path / "policy")]) == 0  # fmt: skip
+    base = render(K8S / "overlays" / name)
+    # A ConfigMap per tier (and per site: multi-tier runs two), merged into by its name without the content hash.
+    generators = [
+        {
+            "name": config_map_of(workload).rsplit("-", 1)[0],
+            "behavior": "merge",
+            "envs": [f"policy/{tier_of(workload)}.env"],
+        }
+        for workload in tier_workloads(base).values()
+    ]
+    # Kustomize takes a folder of resources by a relative path only.
+    kustomization = {
+        "resources": [os.path.relpath(K8S / "overlays" / name, tmp_path)],
+        "configMapGenerator": generators,
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    docs = render(tmp_path)
+    assert validate(docs).returncode == 0
+    for workload_name, workload in tier_workloads(docs).items():
+        config, before = config_of(docs, workload), config_of(base, tier_workloads(base)[workload_name])
+        assert config == before | read_env_file(tmp_path / "policy" / f"{tier_of(workload)}.env")
+        assert config["RECSERVE_POLICY"] == "budget"
+        assert "quiz=" in config["RECSERVE_FAMILY_FILL_CAPS"]
 
 
 # -- The pods, run for real with podman ------------------------------------------------------------------------

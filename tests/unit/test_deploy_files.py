@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from recserve.core.metrics import Metrics
 from recserve.gateway.settings import OPTIONS as GATEWAY_OPTIONS
 from recserve.server.settings import parse_candidates
+from tests.conftest import read_env_file
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -37,8 +38,7 @@ def with_defaults(text: str) -> str:
 
 
 def tier_env(tier: str) -> dict[str, str]:
-    lines = (ROOT / "services" / tier / "tier.env").read_text(encoding="utf-8").splitlines()
-    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+    return read_env_file(ROOT / "services" / tier / "tier.env")
 
 
 def dockerfile_env(tier: str) -> dict[str, str]:

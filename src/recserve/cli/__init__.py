@@ -1,5 +1,6 @@
 """The `recserve` command: serve a tier, ask a question, run the OpenAI-compatible HTTP gateway, evaluate on
-traces, judge progressive answers against cloud-direct ones, make tiny models, run the demo.
+traces, calibrate a policy for a deployment, judge progressive answers against cloud-direct ones, make tiny models,
+run the demo.
 
 The top layer: may import every package; none imports it.
 """
@@ -19,8 +20,8 @@ from google.protobuf.json_format import MessageToDict
 
 from recserve.core.engine import EngineError
 from recserve.core.untrusted import escape_controls
+from recserve.evaluation import calibrate, progressive_judge
 from recserve.evaluation import command as eval_command
-from recserve.evaluation import progressive_judge
 from recserve.gateway import settings as gateway_settings
 from recserve.server import settings as tier_settings
 from recserve.server.health import add_health_command, check_health
@@ -94,6 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluation = commands.add_parser("eval", help="replay a trace set: accuracy and bytes of an offloading policy")
     eval_command.add_arguments(evaluation)
 
+    calibration = commands.add_parser(
+        "calibrate",
+        help="choose a policy's split, priors or thresholds on labelled queries of a chain, and write each tier's "
+        "settings",
+    )
+    calibrate.add_arguments(calibration)
+
     judge = commands.add_parser(
         "progressive-judge",
         help="progressive against cloud-direct answers over the long-form questions, judged pairwise by an LLM "
@@ -126,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     if args.command == "eval":
         return eval_command.run(args)
+    if args.command == "calibrate":
+        return calibrate.run(args)
     if args.command == "progressive-judge":
         return progressive_judge.run(args)
     if args.command == "serve":

@@ -34,6 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the policy every tier runs, or {ORACLE} (an offline bound); aliases {aliases}",
     )  # fmt: skip
     parser.add_argument("--thresholds", default="", help="fixed: one per forwarding tier; default: tuned on train")
+    add_policy_options(parser)
+    parser.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="serve queries in a seeded order")
+    parser.add_argument("--live", action="store_true", help="through real tier processes over gRPC on loopback")
+    parser.add_argument("--json", default=None, metavar="FILE|-", help="write the figures as JSON")
+    parser.add_argument("--sweep", action="store_true", help="the accuracy-versus-bytes frontier instead")
+    parser.add_argument("--plot", type=Path, default=None, help="with --sweep: write the frontier as a PNG")
+    parser.add_argument("--betas", default=",".join(map(str, DEFAULT_BETAS)), help="with --sweep: the β values")
+
+
+def add_policy_options(parser: argparse.ArgumentParser) -> None:
+    """A flag per policy option `recserve eval` takes (`given_options` reads them back)."""
     for option in EVAL_OPTIONS:
         # Left out unless given, so that the policy's configuration supplies its defaults.
         parser.add_argument(
@@ -41,12 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=argparse.SUPPRESS,
             help=f"{option.help} (default {option.format(option.default)}){FLAG_NOTES.get(option.name, '')}",
         )  # fmt: skip
-    parser.add_argument("--shuffle", type=int, default=None, metavar="SEED", help="serve queries in a seeded order")
-    parser.add_argument("--live", action="store_true", help="through real tier processes over gRPC on loopback")
-    parser.add_argument("--json", default=None, metavar="FILE|-", help="write the figures as JSON")
-    parser.add_argument("--sweep", action="store_true", help="the accuracy-versus-bytes frontier instead")
-    parser.add_argument("--plot", type=Path, default=None, help="with --sweep: write the frontier as a PNG")
-    parser.add_argument("--betas", default=",".join(map(str, DEFAULT_BETAS)), help="with --sweep: the β values")
 
 
 def run(args: argparse.Namespace) -> int:

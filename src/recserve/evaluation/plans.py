@@ -32,20 +32,25 @@ EVAL_OPTIONS = tuple(option for option in policy_options() if option.in_eval)
 
 @dataclass(frozen=True)
 class PolicyPlan:
-    """A policy per tier, as offline policy objects and as the `recserve serve` flags of each tier."""
+    """A policy per tier: its configuration, as offline policy objects and as the `recserve serve` flags of each
+    tier."""
 
+    configs: list[PolicyConfig]
     offline: list[OffloadPolicy]
-    flags: list[list[str]]
-    feedback: bool = False  # whether runs send each request's verdict back as Feedback, for policies that learn
 
     @classmethod
     def of(cls, configs: Sequence[PolicyConfig]) -> PolicyPlan:
         """Both forms from one configuration per tier, first tier first."""
-        return cls(
-            [config.build() for config in configs],
-            [config.serve_flags() for config in configs],
-            any(config.learns_from_feedback for config in configs),
-        )
+        return cls(list(configs), [config.build() for config in configs])
+
+    @property
+    def flags(self) -> list[list[str]]:
+        return [config.serve_flags() for config in self.configs]
+
+    @property
+    def feedback(self) -> bool:
+        """Whether runs send each request's verdict back as Feedback, for policies that learn from it."""
+        return any(config.learns_from_feedback for config in self.configs)
 
 
 def chain_plan(config: PolicyConfig, tiers: int) -> PolicyPlan:
