@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE
-from recserve.evaluation.plans import chain_plan
+from recserve.evaluation.calibrate import calibrate
+from recserve.evaluation.plans import EvalRequest, PolicyPlan, chain_plan
 from recserve.evaluation.replay import TraceReplay
 from recserve.policies.budget import BudgetConfig, BudgetPolicy
 from recserve.policies.quality import QualityConfig, QualityPolicy
 from recserve.policies.simple import RecServeConfig
-from tests.conftest import write_trace_folder
+from tests.conftest import read_env_file, write_trace_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.processes]
 
@@ -102,3 +103,30 @@ def test_budget_policy_with_fill_caps_chosen_on_train_live_equals_offline(tmp_pa
     offline = eval_json(folder, "small,medium,large", tmp_path / "offline.json", *policy)
     live = eval_json(folder, "small,medium,large", tmp_path / "live.json", *policy, "--live")
     assert live == offline
+
+
+def test_tiers_set_up_by_calibrate_files_alone_serve_as_the_offline_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`recserve calibrate`'s files are the tiers' only policy settings (RECSERVE_* variables, no policy flag): the
+    live tiers take the same decisions as the offline replay of the configuration it chose on train."""
+    folder = write_trace_folder(tmp_path / "traces", n_per_family=40, seed=5, splits=("train", "test"))
+    chain = ("small", "medium", "large")
+    out = tmp_path / "calibrated"
+    command = [sys.executable, "-m", "recserve", "calibrate", "--traces", str(folder), "--chain", ",".join(chain),
+               "--byte-budget", "0.35", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    request = EvalRequest(traces=folder, chain=chain, split="train", policy="budget", options={"byte_budget": 0.35})
+    configs, _ = asyncio.run(calibrate(request))
+    assert isinstance(configs[0], BudgetConfig)
+    assert configs[0].family_fill_caps  # a split chosen on train is in the files
+    # The budget policy runs alike on every tier (each finds its link from the hops), so the tiers may share them.
+    (settings,) = {frozenset(read_env_file(out / f"{tier}.env").items()) for tier in ("device", "edge", "cloud")}
+    for name, value in settings:
+        monkeypatch.setenv(name, value)  # the tier processes inherit them
+    replay = TraceReplay.load(folder, chain)
+    queries = replay.queries("test")
+    offline = asyncio.run(replay.run_offline(queries, PolicyPlan.of(configs).offline))
+    assert replay.run_live(queries, [[], [], []], tmp_path) == offline
+    assert {outcome.depth for outcome in offline} == {0, 1, 2}
