@@ -75,6 +75,7 @@ def test_casserve_thresholds_are_tuned_per_tier_and_printed_without_out(
         (["--chain", "small"], "at least two models"),
         (["--chain", "small,nosuch"], "nosuch not in trace folder"),
         (["--chain", "small,large", "--byte-budget", "1.5"], "byte_budget must be within [0, 1]"),
+        (["--chain", "small,large", "--policy", "recserve", "--byte-budget", "0.3"], "recserve policy takes no --byte"),
     ],
 )
 def test_bad_input_is_refused_with_what_to_change(

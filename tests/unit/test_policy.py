@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recserve.cli import main
 from recserve.core.offload import Verdict
 from recserve.evaluation import command as eval_command
-from recserve.evaluation.plans import EvalRequest
+from recserve.evaluation.plans import EvalRequest, check_options_taken
 from recserve.policies import (
     POLICY_CONFIGS,
     BudgetConfig,
@@ -160,6 +161,15 @@ def test_eval_takes_the_serve_names_of_the_options_and_the_old_ones() -> None:
         EvalRequest(traces=Path("t"), chain=("a", "b"), options={"links": 3})
     with pytest.raises(ValueError, match=re.escape("budget policy: byte_budget must be within [0, 1], got 2.0")):
         EvalRequest(traces=Path("t"), chain=("a", "b"), policy="budget", options={"byte_budget": 2.0})
+
+
+def test_eval_refuses_an_option_the_policy_would_ignore(capsys: pytest.CaptureFixture[str]) -> None:
+    for policy, option, value in (("recserve", "--byte-budget", "0.3"), ("cloud-only", "--beta", "0.3"),
+                                  ("oracle", "--window", "7")):  # fmt: skip
+        assert main(["eval", "--traces", "t", "--chain", "a,b", "--policy", policy, option, value]) == 2
+        assert f"the {policy} policy takes no {option}" in capsys.readouterr().err
+    # Fixed thresholds are tuned on train for a byte share: given, or what recserve at --beta spends there.
+    check_options_taken("casserve", {"byte_budget": 0.3, "beta": 0.2})
 
 
 @pytest.mark.parametrize(

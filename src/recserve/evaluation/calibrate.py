@@ -17,7 +17,7 @@ from pathlib import Path
 
 from recserve.client.trace_client import tier_names
 from recserve.evaluation.command import add_policy_options, given_options
-from recserve.evaluation.plans import EvalRequest, plan_for
+from recserve.evaluation.plans import EvalRequest, check_options_taken, plan_for
 from recserve.evaluation.replay import TraceReplay
 from recserve.policies import POLICY_ALIASES, POLICY_NAMES, PolicyConfig
 from recserve.server.settings import ENV_PREFIX, Option
@@ -44,9 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     chain = tuple(model.strip() for model in args.chain.split(",") if model.strip())
+    options = given_options(args)
     try:
+        check_options_taken(args.policy, options)
         request = EvalRequest(
-            traces=args.traces, chain=chain, split=CALIBRATION_SPLIT, policy=args.policy, options=given_options(args)
+            traces=args.traces, chain=chain, split=CALIBRATION_SPLIT, policy=args.policy, options=options
         )
         configs, calibration = asyncio.run(calibrate(request))
     except (ValueError, FileNotFoundError) as exc:

@@ -12,7 +12,14 @@ from typing import Any
 
 from recserve.client.tally import format_table, summary_columns
 from recserve.client.trace_client import tier_names
-from recserve.evaluation.plans import EVAL_OPTIONS, EVAL_POLICY_NAMES, ORACLE, EvalRequest, evaluate
+from recserve.evaluation.plans import (
+    EVAL_OPTIONS,
+    EVAL_POLICY_NAMES,
+    ORACLE,
+    EvalRequest,
+    check_options_taken,
+    evaluate,
+)
 from recserve.evaluation.sweep import DEFAULT_BETAS, SweepRequest, plot, sweep
 from recserve.policies import POLICY_ALIASES, RecServeConfig
 
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.sweep:
             return _sweep(args, chain, options.get("window", RecServeConfig().window))
+        check_options_taken(args.policy, options)
         thresholds = tuple(float(t) for t in args.thresholds.split(",") if t.strip())
         request = EvalRequest(
             traces=args.traces, chain=chain, split=args.split, policy=args.policy, options=options,

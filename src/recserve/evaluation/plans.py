@@ -53,6 +53,19 @@ class PolicyPlan:
         return any(config.learns_from_feedback for config in self.configs)
 
 
+def check_options_taken(policy: str, options: Mapping[str, Any]) -> None:
+    """Refuse options given on a command line that `policy` would ignore, saying which, rather than run without them.
+    Fixed thresholds take `byte_budget` and `beta` as the target their tuning on train meets."""
+    taken: set[str] = set()
+    if policy != ORACLE:
+        config = config_type(policy)
+        taken = {spec.name for spec in config.options()} | ({"byte_budget", "beta"} if config is FixedConfig else set())
+    ignored = sorted(set(options) - taken)
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+        raise ValueError(f"the {policy} policy takes no {flags}; drop it, or choose a policy that does")
+
+
 def chain_plan(config: PolicyConfig, tiers: int) -> PolicyPlan:
     """`config` on every tier of a chain of `tiers` (a target split over the chain's links)."""
     return PolicyPlan.of([config.for_chain(tiers)] * tiers)
