@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from recserve.cli import main
-from recserve.evaluation.plans import EvalRequest, plan_for
-from recserve.evaluation.replay import TraceReplay, tune_fixed_thresholds
-from recserve.policies import BudgetConfig, FixedConfig, PolicyConfig
+from recserve.evaluation.plans import EvalRequest, plan_for, recserve_train_bytes
+from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
+from recserve.policies import BudgetConfig, FixedConfig, PolicyConfig, RecServeConfig
 from recserve.server import settings as tier_settings
 from tests.conftest import read_env_file, write_trace_folder
 
@@ -69,13 +69,31 @@ def test_casserve_thresholds_are_tuned_per_tier_and_printed_without_out(
     assert "RECSERVE_FAMILY_THRESHOLDS=\n" in cloud  # the last tier never forwards
 
 
+def test_recserve_beta_for_a_byte_budget_is_chosen_on_the_calibration_set(
+    calibration_set: Path, tmp_path: Path
+) -> None:
+    chain = ("small", "large")
+    assert main(["calibrate", "--traces", str(calibration_set), "--chain", ",".join(chain), "--policy", "recserve",
+                 "--byte-budget", "0.4", "--out", str(tmp_path)]) == 0  # fmt: skip
+    policy = served_policy(tmp_path / "device.env", "device", calibration_set)
+    assert isinstance(policy, RecServeConfig)
+    # The largest β of the grid whose bytes on the calibration set stay within the budget.
+    replay = TraceReplay.load(calibration_set, chain)
+    train = replay.queries("train")
+    spent = asyncio.run(
+        recserve_train_bytes(replay, train, cloud_only_by_benchmark(asyncio.run(replay.depth_table(train))))
+    )
+    assert spent[policy.beta] <= 0.4 < spent[round(policy.beta + 0.05, 2)]
+    assert policy.beta != RecServeConfig().beta  # chosen, not the default
+
+
 @pytest.mark.parametrize(
     ("arguments", "complaint"),
     [
         (["--chain", "small"], "at least two models"),
         (["--chain", "small,nosuch"], "nosuch not in trace folder"),
         (["--chain", "small,large", "--byte-budget", "1.5"], "byte_budget must be within [0, 1]"),
-        (["--chain", "small,large", "--policy", "recserve", "--byte-budget", "0.3"], "recserve policy takes no --byte"),
+        (["--chain", "small,large", "--policy", "cloud-only", "--byte-budget", "0.3"], "takes no --byte-budget"),
     ],
 )
 def test_bad_input_is_refused_with_what_to_change(

@@ -35,9 +35,8 @@ from recserve.evaluation.chain_study import (
     write_report,
 )
 from recserve.evaluation.chains import every_chain, models_by_train_accuracy
-from recserve.evaluation.plans import EvalRequest, evaluate
+from recserve.evaluation.plans import DEFAULT_BETAS, EvalRequest, evaluate
 from recserve.evaluation.report import every_chain_section
-from recserve.evaluation.sweep import DEFAULT_BETAS
 from tests.conftest import write_trace_folder
 
 CHAIN = ("small", "large")
@@ -86,6 +85,13 @@ async def test_the_study_agrees_with_recserve_eval(folder: Path, study: ChainStu
         )
         assert row.casserve.accuracy == pytest.approx(casserve["overall"].accuracy)
         assert row.casserve.by_benchmark["quiz"][0] == pytest.approx(casserve["quiz"].accuracy)
+        # `recserve eval --policy recserve --byte-budget B` chooses its β on train as the study does.
+        recserve = await evaluate(
+            EvalRequest(traces=folder, chain=CHAIN, policy="recserve", options={"byte_budget": row.budget})
+        )
+        assert (row.recserve.accuracy, row.recserve.bytes) == pytest.approx(
+            (recserve["overall"].accuracy, recserve["overall"].bytes_vs_cloud_only)
+        )
     cloud = await evaluate(EvalRequest(traces=folder, chain=CHAIN, policy="cloud-only"))
     assert study.cloud_only.accuracy == pytest.approx(cloud["overall"].accuracy)
     assert study.cloud_only.bytes == pytest.approx(1.0)

@@ -164,12 +164,16 @@ def test_eval_takes_the_serve_names_of_the_options_and_the_old_ones() -> None:
 
 
 def test_eval_refuses_an_option_the_policy_would_ignore(capsys: pytest.CaptureFixture[str]) -> None:
-    for policy, option, value in (("recserve", "--byte-budget", "0.3"), ("cloud-only", "--beta", "0.3"),
+    for policy, option, value in (("quality", "--byte-budget", "0.3"), ("cloud-only", "--beta", "0.3"),
                                   ("oracle", "--window", "7")):  # fmt: skip
         assert main(["eval", "--traces", "t", "--chain", "a,b", "--policy", policy, option, value]) == 2
         assert f"the {policy} policy takes no {option}" in capsys.readouterr().err
-    # Fixed thresholds are tuned on train for a byte share: given, or what recserve at --beta spends there.
+    # Fixed thresholds are tuned on train for a byte share: given, or what recserve at --beta spends there; RecServe's
+    # β is given, or chosen on train for a byte share, not both.
     check_options_taken("casserve", {"byte_budget": 0.3, "beta": 0.2})
+    check_options_taken("recserve", {"byte_budget": 0.3})
+    with pytest.raises(ValueError, match="takes --beta, or a --byte-budget that chooses its β on train, not both"):
+        check_options_taken("recserve", {"byte_budget": 0.3, "beta": 0.2})
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from recserve.client.tally import summaries
 from recserve.client.trace_client import Outcome
 from recserve.core.traces import TraceQuery, TraceSet
 from recserve.evaluation.chains import every_chain, models_by_train_accuracy
-from recserve.evaluation.plans import chain_plan
+from recserve.evaluation.plans import beta_for_budget, chain_plan, recserve_train_bytes
 from recserve.evaluation.replay import (
     DepthTable,
     TraceReplay,
@@ -42,7 +42,6 @@ from recserve.evaluation.replay import (
     tune_fixed_thresholds,
 )
 from recserve.evaluation.splits import calibrate_family_byte_priors, tune_family_fill_caps
-from recserve.evaluation.sweep import DEFAULT_BETAS
 from recserve.policies import BudgetConfig, QualityConfig, RecServeConfig
 from recserve.policies.budget import LINK_SPLITS, FamilyPriors
 
@@ -269,11 +268,10 @@ async def _rival_rows(
     tiers = len(replay.chain)
     test, train = replay.queries("test"), replay.queries("train")
     cloud_only = cloud_only_by_benchmark(table)
-    train_bytes = {}
-    train_cloud_only = cloud_only_by_benchmark(train_table)
-    for beta in DEFAULT_BETAS if betas is None else ():
-        outcomes = await replay.run_offline(train, chain_plan(RecServeConfig(beta=beta), tiers).offline)
-        train_bytes[beta] = point(outcomes, train_cloud_only).bytes
+    # The search replays the train split once per β: skipped where an earlier study's choice is given.
+    train_bytes = (
+        await recserve_train_bytes(replay, train, cloud_only_by_benchmark(train_table)) if betas is None else {}
+    )
     grid = fixed_threshold_grid(table, np.ones(len(test), dtype=bool), 21)
     rows = []
     for index, budget in enumerate(BUDGETS):
@@ -282,10 +280,7 @@ async def _rival_rows(
         for benchmark, thresholds in tuned.items():
             mask = table.benchmarks == benchmark
             depths[mask] = table.fixed_threshold_depths(np.array(thresholds))[mask]
-        if betas is None:
-            beta = max((b for b in DEFAULT_BETAS if train_bytes[b] <= budget + 1e-12), default=0.0)
-        else:
-            beta = betas[index]
+        beta = beta_for_budget(train_bytes, budget) if betas is None else betas[index]
         best = max((g for g in grid if g[2] <= budget + 1e-12), key=lambda g: (g[1], -g[2]))
         outcomes = await replay.run_offline(test, chain_plan(RecServeConfig(beta=beta), tiers).offline)
         casserve = table.outcomes(depths.astype(np.int64))

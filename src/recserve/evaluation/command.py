@@ -13,6 +13,7 @@ from typing import Any
 from recserve.client.tally import format_table, summary_columns
 from recserve.client.trace_client import tier_names
 from recserve.evaluation.plans import (
+    DEFAULT_BETAS,
     EVAL_OPTIONS,
     EVAL_POLICY_NAMES,
     ORACLE,
@@ -20,14 +21,15 @@ from recserve.evaluation.plans import (
     check_options_taken,
     evaluate,
 )
-from recserve.evaluation.sweep import DEFAULT_BETAS, SweepRequest, plot, sweep
+from recserve.evaluation.sweep import SweepRequest, plot, sweep
 from recserve.policies import POLICY_ALIASES, RecServeConfig
 
 # The flags these options had before `recserve eval` took the names `recserve serve` gives them.
 FLAG_ALIASES = {"byte_budget": ("--budget",), "quality_gap": ("--gap",)}
 FLAG_NOTES = {
     "byte_budget": "; fixed without --thresholds: the byte share its thresholds are tuned for on the train split "
-    "(default: what recserve at --beta spends there)",
+    "(default: what recserve at --beta spends there); recserve, instead of --beta: the largest β whose bytes on the "
+    "train split stay within it",
 }
 
 

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from recserve.client.tally import Summary, summaries, summarise
 from recserve.core.offload import OffloadPolicy
+from recserve.core.traces import TraceQuery
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
 from recserve.evaluation.splits import calibrate_family_byte_priors, tune_family_fill_caps
 from recserve.policies import (
@@ -28,6 +31,8 @@ ORACLE = "oracle"  # the cheapest tier whose recorded answer is right: an offlin
 EVAL_POLICY_NAMES = (*POLICY_NAMES, ORACLE)
 # The policy options `recserve eval` takes: not those it sets itself from the chain (links) or per tier (thresholds).
 EVAL_OPTIONS = tuple(option for option in policy_options() if option.in_eval)
+# The β values RecServe is swept over, and chosen among on the train split to meet a byte budget.
+DEFAULT_BETAS = tuple(round(float(b), 2) for b in np.linspace(0.0, 1.0, 21))
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,25 @@ class PolicyPlan:
         return any(config.learns_from_feedback for config in self.configs)
 
 
+# Options that are no setting of a policy but the target its tuning on the train split meets.
+BUDGET_TARGETS: dict[type[PolicyConfig], set[str]] = {
+    FixedConfig: {"byte_budget", "beta"},
+    RecServeConfig: {"byte_budget"},
+}
+
+
 def check_options_taken(policy: str, options: Mapping[str, Any]) -> None:
     """Refuse options given on a command line that `policy` would ignore, saying which, rather than run without them.
-    Fixed thresholds take `byte_budget` and `beta` as the target their tuning on train meets."""
+    Some take a byte budget (or a β) as the target of what is chosen for them on the train split: fixed thresholds,
+    and RecServe's β."""
     taken: set[str] = set()
     if policy != ORACLE:
         config = config_type(policy)
-        taken = {spec.name for spec in config.options()} | ({"byte_budget", "beta"} if config is FixedConfig else set())
+        taken = {spec.name for spec in config.options()} | BUDGET_TARGETS.get(config, set())
+        if config is RecServeConfig and {"beta", "byte_budget"} <= set(options):
+            raise ValueError(
+                "the recserve policy takes --beta, or a --byte-budget that chooses its β on train, not both"
+            )
     ignored = sorted(set(options) - taken)
     if ignored:
         flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
@@ -132,6 +149,14 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
             caps = tune_family_fill_caps(await replay.depth_table(train), budget_config.byte_budget, served=served)
             budget_config = replace(budget_config, family_fill_caps=caps)
         return chain_plan(budget_config, tiers)
+    if config is RecServeConfig and "byte_budget" in request.options:
+        train = replay.queries("train")
+        if not train:
+            raise ValueError("RecServe's β for a byte budget is chosen on the train split; this trace set has none")
+        cloud_only = cloud_only_by_benchmark(await replay.depth_table(train))
+        beta = beta_for_budget(await recserve_train_bytes(replay, train, cloud_only), request.options["byte_budget"])
+        options = {name: value for name, value in request.options.items() if name != "byte_budget"}
+        return chain_plan(RecServeConfig.from_values(options | {"beta": beta}), tiers)
     if config is not FixedConfig:
         return chain_plan(config.from_values(request.options), tiers)
     if request.thresholds:
@@ -150,6 +175,24 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
         outcomes = await replay.run_offline(train, recserve.offline)
         budget = summarise(outcomes, tiers, int(train_table.cloud_only_bytes.sum())).bytes_vs_cloud_only
     return fixed_plan(tiers, per_family=tune_fixed_thresholds(train_table, budget))
+
+
+async def recserve_train_bytes(
+    replay: TraceReplay, train: Sequence[TraceQuery], cloud_only: Mapping[str, int]
+) -> dict[float, float]:
+    """RecServe's bytes on the train split at each β of DEFAULT_BETAS, as a share of its cloud-only bytes (per
+    benchmark: `cloud_only`)."""
+    tiers = len(replay.chain)
+    spent = {}
+    for beta in DEFAULT_BETAS:
+        outcomes = await replay.run_offline(train, chain_plan(RecServeConfig(beta=beta), tiers).offline)
+        spent[beta] = summaries(outcomes, tiers, cloud_only)["overall"].bytes_vs_cloud_only
+    return spent
+
+
+def beta_for_budget(train_bytes: Mapping[float, float], budget: float) -> float:
+    """The largest β whose bytes on the train split stay within `budget` (0 where none does)."""
+    return max((beta for beta, spent in train_bytes.items() if spent <= budget + 1e-12), default=0.0)
 
 
 async def evaluate(request: EvalRequest, log_dir: Path | None = None) -> dict[str, Summary]:

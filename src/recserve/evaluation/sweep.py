@@ -28,7 +28,7 @@ from recserve.evaluation.frontier import (
     ThresholdPoint,
     pareto,
 )
-from recserve.evaluation.plans import chain_plan
+from recserve.evaluation.plans import DEFAULT_BETAS, chain_plan
 from recserve.evaluation.replay import (
     DepthTable,
     TraceReplay,
@@ -38,8 +38,6 @@ from recserve.evaluation.replay import (
 )
 from recserve.evaluation.targets import with_targets
 from recserve.policies import RecServeConfig
-
-DEFAULT_BETAS = tuple(round(b, 2) for b in np.linspace(0.0, 1.0, 21))
 
 
 @dataclass(frozen=True)
