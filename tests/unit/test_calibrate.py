@@ -12,6 +12,7 @@ import pytest
 from recserve.cli import main
 from recserve.evaluation.plans import EvalRequest, plan_for, recserve_train_bytes
 from recserve.evaluation.replay import TraceReplay, cloud_only_by_benchmark, tune_fixed_thresholds
+from recserve.evaluation.splits import tune_family_fill_caps
 from recserve.policies import BudgetConfig, FixedConfig, PolicyConfig, RecServeConfig
 from recserve.server import settings as tier_settings
 from tests.conftest import read_env_file, write_trace_folder
@@ -69,6 +70,18 @@ def test_casserve_thresholds_are_tuned_per_tier_and_printed_without_out(
     assert "RECSERVE_FAMILY_THRESHOLDS=\n" in cloud  # the last tier never forwards
 
 
+def test_the_split_is_chosen_for_the_families_the_deployment_serves(calibration_set: Path, tmp_path: Path) -> None:
+    assert main(["calibrate", "--traces", str(calibration_set), "--chain", ",".join(CHAIN), "--byte-budget", "0.3",
+                 "--families", "quiz", "--out", str(tmp_path)]) == 0  # fmt: skip
+    policy = served_policy(tmp_path / "device.env", "device", calibration_set)
+    assert isinstance(policy, BudgetConfig)
+    replay = TraceReplay.load(calibration_set, CHAIN)
+    table = asyncio.run(replay.depth_table(replay.queries("train")))
+    assert policy.family_fill_caps == tune_family_fill_caps(table, 0.3, served={"quiz"})
+    # Here the chat family's curve leans the quiz family's cap when both are served.
+    assert policy.family_fill_caps != tune_family_fill_caps(table, 0.3)
+
+
 def test_recserve_beta_for_a_byte_budget_is_chosen_on_the_calibration_set(
     calibration_set: Path, tmp_path: Path
 ) -> None:
@@ -94,6 +107,7 @@ def test_recserve_beta_for_a_byte_budget_is_chosen_on_the_calibration_set(
         (["--chain", "small,nosuch"], "nosuch not in trace folder"),
         (["--chain", "small,large", "--byte-budget", "1.5"], "byte_budget must be within [0, 1]"),
         (["--chain", "small,large", "--policy", "cloud-only", "--byte-budget", "0.3"], "takes no --byte-budget"),
+        (["--chain", "small,large", "--families", "quiz,mmlu"], "no calibration queries of mmlu; the 'train' split"),
     ],
 )
 def test_bad_input_is_refused_with_what_to_change(

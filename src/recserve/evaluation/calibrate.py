@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_policy_options(parser)
     parser.add_argument(
+        "--families", default="",
+        help="budget: the task families the deployment serves, which the split between links is chosen for, e.g. "
+        "mmlu,triviaqa (default: every family of the calibration set)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=None,
         help="write TIER.env per tier (device, edge, cloud, ...) into this folder; default: print them",
     )  # fmt: skip
@@ -48,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     options = given_options(args)
     try:
         check_options_taken(args.policy, options)
+        served = tuple(family.strip() for family in args.families.split(",") if family.strip())
         request = EvalRequest(
-            traces=args.traces, chain=chain, split=CALIBRATION_SPLIT, policy=args.policy, options=options
+            traces=args.traces, chain=chain, split=CALIBRATION_SPLIT, policy=args.policy, options=options, served=served
         )
         configs, calibration = asyncio.run(calibrate(request))
     except (ValueError, FileNotFoundError) as exc:
@@ -82,6 +88,12 @@ async def calibrate(request: EvalRequest) -> tuple[list[PolicyConfig], str]:
             "(docs/traces.md, column split)"
         )
     families = Counter(query.benchmark for query in queries)
+    unknown = sorted(set(request.served) - set(families))
+    if unknown:
+        raise ValueError(
+            f"no calibration queries of {', '.join(unknown)}; the {request.split!r} split of {request.traces} has "
+            f"{', '.join(sorted(families))}"
+        )
     held = ", ".join(f"{family} {count}" for family, count in sorted(families.items()))
     return (await plan_for(request, replay)).configs, f"{len(queries)} labelled queries ({held})"
 

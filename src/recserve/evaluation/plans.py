@@ -114,6 +114,9 @@ class EvalRequest:
     thresholds: tuple[float, ...] = ()  # fixed: one per forwarding tier
     shuffle: int | None = None
     live: bool = False
+    # The task families the traffic carries, which the budget policy's split is chosen for (`tune_family_fill_caps`);
+    # empty: those of the evaluated split.
+    served: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.policy not in (*EVAL_POLICY_NAMES, *POLICY_ALIASES):
@@ -143,9 +146,9 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
             budget_config = replace(budget_config, family_byte_priors=await calibrate_family_byte_priors(replay, train))
         if train and tiers > 2 and "fill_cap" not in request.options:
             # The split between links, per family, chosen on the train split for this budget and the families the
-            # evaluated split carries (the policy holds the bytes online); without a train split, or with a fill
-            # cap given, that fill cap.
-            served = {query.benchmark for query in replay.queries(request.split)}
+            # traffic carries (the policy holds the bytes online); without a train split, or with a fill cap given,
+            # that fill cap.
+            served = set(request.served) or {query.benchmark for query in replay.queries(request.split)}
             caps = tune_family_fill_caps(await replay.depth_table(train), budget_config.byte_budget, served=served)
             budget_config = replace(budget_config, family_fill_caps=caps)
         return chain_plan(budget_config, tiers)
