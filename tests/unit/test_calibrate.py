@@ -108,6 +108,7 @@ def test_recserve_beta_for_a_byte_budget_is_chosen_on_the_calibration_set(
         (["--chain", "small,large", "--byte-budget", "1.5"], "byte_budget must be within [0, 1]"),
         (["--chain", "small,large", "--policy", "cloud-only", "--byte-budget", "0.3"], "takes no --byte-budget"),
         (["--chain", "small,large", "--families", "quiz,mmlu"], "no calibration queries of mmlu; the 'train' split"),
+        (["--chain", "small,large", "--policy", "fixed", "--families", "quiz"], "the fixed policy has none"),
     ],
 )
 def test_bad_input_is_refused_with_what_to_change(

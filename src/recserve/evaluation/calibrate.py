@@ -20,7 +20,7 @@ from recserve.client.trace_client import tier_names
 from recserve.evaluation.command import add_policy_options, given_options
 from recserve.evaluation.plans import EvalRequest, check_options_taken, plan_for
 from recserve.evaluation.replay import TraceReplay
-from recserve.policies import POLICY_ALIASES, POLICY_NAMES, PolicyConfig
+from recserve.policies import POLICY_ALIASES, POLICY_NAMES, BudgetConfig, PolicyConfig, config_type
 from recserve.server.settings import ENV_PREFIX, Option
 
 # The labelled queries a calibration chooses on: the trace format's train split (docs/traces.md).
@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_options_taken(args.policy, options)
         served = tuple(family.strip() for family in args.families.split(",") if family.strip())
+        if served and config_type(args.policy) is not BudgetConfig:
+            raise ValueError(f"--families chooses the budget policy's split; the {args.policy} policy has none")
         request = EvalRequest(
             traces=args.traces, chain=chain, split=CALIBRATION_SPLIT, policy=args.policy, options=options, served=served
         )
