@@ -3,9 +3,9 @@ each tier's settings for a deployment.
 
 The budget policy's split between links (a fill cap per family, for chains of three or more tiers) and its byte
 priors, CasServe's thresholds, and RecServe's β where a byte budget is given instead, are chosen on labelled queries
-of the chain's own traffic. `recserve eval` and the
-chain study choose them on a trace set's train split; this command makes the same choice (`plans.plan_for`) and
-writes it as the RECSERVE_* variables of each tier, so that live tiers run exactly the policy that was evaluated.
+of the chain's own traffic. `recserve eval` and the chain study choose them on a trace set's train split; this
+command makes the same choice (`plans.plan_for`) and writes it as the RECSERVE_* variables of each tier, so that live
+tiers run exactly the policy that was evaluated.
 """
 
 from __future__ import annotations

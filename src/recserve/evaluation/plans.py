@@ -158,8 +158,7 @@ async def plan_for(request: EvalRequest, replay: TraceReplay) -> PolicyPlan:
             raise ValueError("RecServe's β for a byte budget is chosen on the train split; this trace set has none")
         cloud_only = cloud_only_by_benchmark(await replay.depth_table(train))
         beta = beta_for_budget(await recserve_train_bytes(replay, train, cloud_only), request.options["byte_budget"])
-        options = {name: value for name, value in request.options.items() if name != "byte_budget"}
-        return chain_plan(RecServeConfig.from_values(options | {"beta": beta}), tiers)
+        return chain_plan(RecServeConfig.from_values({**request.options, "beta": beta}), tiers)
     if config is not FixedConfig:
         return chain_plan(config.from_values(request.options), tiers)
     if request.thresholds:
