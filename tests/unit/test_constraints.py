@@ -26,8 +26,8 @@ def locked_versions() -> dict[str, Version]:
     for number, line in enumerate((ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
-        name, separator, version = line.partition("==")
-        assert separator and version, f"constraints.txt line {number}: {line!r} is not NAME==VERSION"
+        name, _, version = line.partition("==")
+        assert version, f"constraints.txt line {number}: {line!r} is not NAME==VERSION"
         versions[canonicalize_name(name)] = Version(version)
     return versions
 
