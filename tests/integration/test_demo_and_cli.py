@@ -41,7 +41,8 @@ def test_replay_demo_prints_the_summary_and_stops_its_tiers() -> None:
     # The quick start shows this run's tables as printed: one client sends the questions in order, so they do not
     # vary between runs, and a change to the policy or the framing shows here until the README is brought up to date.
     readme = README.read_text()
-    sample = readme[readme.index(" benchmark     n") : readme.index("\n```", readme.index(" benchmark     n"))]
+    start = readme.index(" benchmark     n")
+    sample = readme[start : readme.index("\n```", start)]
     assert sample in out, "README's demo sample differs from what `make demo` prints now: paste the new tables in"
 
 
