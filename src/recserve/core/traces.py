@@ -11,7 +11,7 @@ import gzip
 import io
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,16 +137,25 @@ def _parse_int(text: str) -> int:
 
 
 def write_subset(
-    source: str | Path, destination: str | Path, models: Iterable[str], splits: dict[str, str] | None = None
+    source: str | Path,
+    destination: str | Path,
+    models: Iterable[str],
+    splits: dict[str, str] | None = None,
+    resplit: Callable[[str, str, int], str | None] | None = None,
 ) -> int:
     """Copy the rows of `models` (and, per benchmark, only `splits[benchmark]` when given) into a new
-    trace folder in the same schema; values are copied unchanged. Returns the number of queries kept."""
+    trace folder in the same schema; values are copied unchanged but for the split, which `resplit`
+    (benchmark, split, qid → the new split, or None to drop the query) assigns afresh when given.
+    Returns the number of queries kept."""
     source, destination = Path(source), Path(destination)
     wanted = set(models)
     destination.mkdir(parents=True, exist_ok=True)
 
-    def keep(benchmark: str, split: str) -> bool:
-        return splits is None or splits.get(benchmark, split) == split
+    def split_of(record: dict[str, str]) -> str | None:
+        benchmark, split = record["benchmark"], record["split"]
+        if splits is not None and splits.get(benchmark, split) != split:
+            return None
+        return resplit(benchmark, split, int(record["qid"])) if resplit is not None else split
 
     kept = 0
     with (
@@ -155,8 +164,8 @@ def write_subset(
     ):
         for line in src:
             record = json.loads(line)
-            if keep(record["benchmark"], record["split"]):
-                dst.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if split := split_of(record):
+                dst.write(json.dumps({**record, "split": split}, ensure_ascii=False) + "\n")
                 kept += 1
     with (
         gzip.open(source / ANSWERS_FILE, "rt", encoding="utf-8", newline="") as src,
@@ -166,8 +175,8 @@ def write_subset(
         writer = csv.DictWriter(dst, fieldnames=list(reader.fieldnames or []))
         writer.writeheader()
         for row in reader:
-            if row["model"] in wanted and keep(row["benchmark"], row["split"]):
-                writer.writerow(row)
+            if row["model"] in wanted and (split := split_of(row)):
+                writer.writerow({**row, "split": split})
     return kept
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import math
@@ -34,6 +35,7 @@ from recserve.client.trace_client import Outcome
 from recserve.core.traces import TraceQuery, TraceSet
 from recserve.evaluation.chains import every_chain, models_by_train_accuracy
 from recserve.evaluation.plans import beta_for_budget, chain_plan, recserve_train_bytes
+from recserve.evaluation.provenance import probe, record
 from recserve.evaluation.replay import (
     DepthTable,
     TraceReplay,
@@ -305,6 +307,12 @@ def _study(
     study = asyncio.run(study_chain(traces, chain, earlier, split, reuse_rivals))
     print(f"{' → '.join(chain)}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return study
+
+
+async def study_figures(traces: Path, chain: Sequence[str], split: str = "fill") -> dict[str, Any]:
+    """Every figure of one chain's study, as results/chains.json records them (what the provenance probe
+    fingerprints)."""
+    return asdict(await study_chain(traces, chain, split=split))
 
 
 def load_studies(path: Path, with_quality: bool = True) -> dict[tuple[str, ...], ChainStudy]:
@@ -661,6 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # What is done so far, should a long run be stopped (load_studies reads it back).
             partial.write_text(json.dumps([asdict(s) for s in done.values()]) + "\n")
     print(write_report([done[c] for c in chains], args.out))
+    record(args.out, "chains", asyncio.run(probe(functools.partial(study_figures, split=args.link_split))))
     partial.unlink()  # only once the report is written: a report that fails leaves the studies behind
     return 0
 

@@ -7,30 +7,48 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from recserve.client.tally import Summary
 from recserve.evaluation.chain_study import load_studies, summary_lines
 from recserve.evaluation.chains import DEFAULT_CHAINS
 from recserve.evaluation.frontier import ChainFrontier, Point, accuracy_at, bytes_to_reach, format_share
 from recserve.evaluation.plans import EvalRequest, evaluate
+from recserve.evaluation.provenance import probe, record
 from recserve.evaluation.sweep import SweepRequest, plot, sweep
 from recserve.evaluation.targets import plot_tracking, target_lines
 
 POLICIES = ("device-only", "recserve", "casserve", "cloud-only", "oracle")
+DEFAULT_BETA = 0.3  # RecServe's default
+
+
+async def chain_figures(
+    traces: Path, chain: Sequence[str], beta: float = DEFAULT_BETA
+) -> tuple[dict[str, dict[str, Summary]], ChainFrontier]:
+    """One chain's figures: every policy at `beta` (summaries by policy and benchmark), and the frontiers."""
+    results = {
+        policy: await evaluate(EvalRequest(traces=traces, chain=tuple(chain), policy=policy, options={"beta": beta}))
+        for policy in POLICIES
+    }
+    return results, await sweep(SweepRequest(traces, tuple(chain), targets=True))
+
+
+async def chain_figures_json(traces: Path, chain: Sequence[str], beta: float = DEFAULT_BETA) -> dict[str, Any]:
+    """`chain_figures` as JSON (what the provenance probe fingerprints)."""
+    results, frontier = await chain_figures(traces, chain, beta)
+    summaries = {policy: {b: asdict(s) for b, s in by_benchmark.items()} for policy, by_benchmark in results.items()}
+    return {"policies": summaries, "frontier": frontier.to_json()}
 
 
 async def chain_section(traces: Path, chain: Sequence[str], out: Path, beta: float) -> str:
     name = " → ".join(chain)
     slug = "_".join(chain).replace(".", "")
-    results: dict[str, dict[str, Summary]] = {}
-    for policy in POLICIES:
-        results[policy] = await evaluate(
-            EvalRequest(traces=traces, chain=tuple(chain), policy=policy, options={"beta": beta})
-        )
-    frontier = await sweep(SweepRequest(traces, tuple(chain), targets=True))
+    results, frontier = await chain_figures(traces, chain, beta)
     (out / "results").mkdir(parents=True, exist_ok=True)
     plot(frontier, out / "results" / f"{slug}.png")
     (out / "results" / f"{slug}.json").write_text(json.dumps(frontier.to_json(), indent=1) + "\n")
@@ -142,6 +160,7 @@ requests and responses.
 """
     path = out / "results.md"
     path.write_text(header + "\n".join(sections))
+    record(out, "results", await probe(functools.partial(chain_figures_json, beta=beta)))
     return path
 
 
@@ -149,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--traces", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("docs"))
-    parser.add_argument("--beta", type=float, default=0.3)
+    parser.add_argument("--beta", type=float, default=DEFAULT_BETA)
     parser.add_argument("--chain", action="append", default=None, help="comma-separated; repeat for several chains")
     args = parser.parse_args(argv)
     chains = [c.split(",") for c in args.chain] if args.chain else DEFAULT_CHAINS
