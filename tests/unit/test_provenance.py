@@ -23,19 +23,24 @@ from recserve.evaluation.provenance import (
     write_probe_traces,
 )
 from recserve.evaluation.report import chain_figures_json
+from recserve.evaluation.spending_bound import bound_figures
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 REGENERATE = {
     "chains": "make chains TRACES=DIR (docs/chains.md, results/chains.json), then make results, which summarises it",
     "results": "make results TRACES=DIR (docs/results.md and its plots)",
+    "spending-bound": "make spending-bound TRACES=DIR (results/spending_bound.json, quoted in docs/evaluation.md)",
 }
 
 
-@pytest.mark.parametrize(("report", "figures_of"), [("chains", study_figures), ("results", chain_figures_json)])
+@pytest.mark.parametrize(
+    ("report", "figures_of"),
+    [("chains", study_figures), ("results", chain_figures_json), ("spending-bound", bound_figures)],
+)
 def test_the_committed_reports_are_what_the_code_computes(
     report: str, figures_of: Callable[[Path, tuple[str, ...]], Awaitable[Any]]
 ) -> None:
-    committed = recorded(DOCS).get(report)
+    committed = recorded(RESULTS).get(report)
     assert committed is not None, f"docs/results/provenance.json records no {report!r}: run {REGENERATE[report]}"
     assert asyncio.run(probe(figures_of)) == committed, (
         f"the code no longer computes the figures the committed {report!r} report was made with (the probe on the "

@@ -669,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # What is done so far, should a long run be stopped (load_studies reads it back).
             partial.write_text(json.dumps([asdict(s) for s in done.values()]) + "\n")
     print(write_report([done[c] for c in chains], args.out))
-    record(args.out, "chains", asyncio.run(probe(functools.partial(study_figures, split=args.link_split))))
+    record(args.out / "results", "chains", asyncio.run(probe(functools.partial(study_figures, split=args.link_split))))
     partial.unlink()  # only once the report is written: a report that fails leaves the studies behind
     return 0
 

@@ -1,11 +1,11 @@
 """Whether the committed reports are still what the code computes.
 
-docs/results.md and docs/chains.md come from the full trace set, which takes an hour and more to replay and which a
-fresh clone does not have. So each report generator also replays a probe, a small trace set cut from the bundled
-demo trace, through the same code, and records a fingerprint of the figures beside its report
-(docs/results/provenance.json). A test replays the probe again: when a change to a policy, a rival's tuning or the
-replay moves any figure of the probe, the fingerprint no longer matches, and the test says which report to
-regenerate. A change that moves no figure (a refactor) keeps the fingerprint.
+docs/results.md, docs/chains.md and docs/results/spending_bound.json come from the full trace set, which takes an
+hour and more to replay and which a fresh clone does not have. So each report generator also replays a probe, a
+small trace set cut from the bundled demo trace, through the same code, and records a fingerprint of the figures
+beside its report (docs/results/provenance.json). A test replays the probe again: when a change to a policy, a
+rival's tuning or the replay moves any figure of the probe, the fingerprint no longer matches, and the test says
+which report to regenerate. A change that moves no figure (a refactor) keeps the fingerprint.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, write_subset
 
-PROVENANCE_FILE = Path("results") / "provenance.json"
+PROVENANCE_FILE = "provenance.json"  # in the folder of the reports' figures (docs/results)
 # The probe: the first PROBE_QUERIES test queries of each benchmark of the bundled trace, even qids as the train split
 # and odd ones as the test split, so that what is tuned on train is tuned; 150 test queries a benchmark give the
-# every-chain study's short streams of 500 requests. About 20 s to study, 30 s to sweep.
+# every-chain study's short streams of 500 requests. About 20 s to study, 30 s to sweep, 5 s to bound.
 PROBE_QUERIES = 300
 PROBE_CHAIN = BUNDLED_CHAIN
 # Figures are rounded to this many significant digits before they are fingerprinted, so that float noise in the last
@@ -62,14 +62,15 @@ async def probe(figures_of: Callable[[Path, tuple[str, ...]], Awaitable[Any]]) -
         return fingerprint(await figures_of(write_probe_traces(Path(folder)), PROBE_CHAIN))
 
 
-def recorded(out: Path) -> dict[str, str]:
-    """The fingerprints recorded beside the reports in `out` (docs), by report; empty when none was."""
-    path = out / PROVENANCE_FILE
+def recorded(results: Path) -> dict[str, str]:
+    """The fingerprints recorded in `results` (docs/results), by report; empty when none was."""
+    path = results / PROVENANCE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def record(out: Path, report: str, value: str) -> None:
-    """Record `report`'s fingerprint beside the reports in `out`, keeping the other reports'."""
-    path = out / PROVENANCE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**recorded(out), report: value}, indent=1, sort_keys=True) + "\n")
+def record(results: Path, report: str, value: str) -> None:
+    """Record `report`'s fingerprint in `results` (docs/results), keeping the other reports'."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / PROVENANCE_FILE).write_text(
+        json.dumps({**recorded(results), report: value}, indent=1, sort_keys=True) + "\n"
+    )

@@ -160,7 +160,7 @@ requests and responses.
 """
     path = out / "results.md"
     path.write_text(header + "\n".join(sections))
-    record(out, "results", await probe(functools.partial(chain_figures_json, beta=beta)))
+    record(out / "results", "results", await probe(functools.partial(chain_figures_json, beta=beta)))
     return path
 
 

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,8 +46,10 @@ from recserve.evaluation.chain_study import (
     load_studies,
     meets_goal,
     spendable,
+    study_chain,
     verdict,
 )
+from recserve.evaluation.provenance import probe, record
 from recserve.evaluation.replay import DepthTable, TraceReplay, cloud_only_by_benchmark
 from recserve.evaluation.splits import split_at_budget, tune_family_fill_caps
 from recserve.policies.spending import split_budget
@@ -272,6 +275,12 @@ async def bound_chain(traces: Path, study: ChainStudy) -> ChainBound:
     return ChainBound(study.chain, tuple(bound_rows))
 
 
+async def bound_figures(traces: Path, chain: Sequence[str]) -> dict[str, Any]:
+    """One chain's bound, its rivals studied afresh, as results/spending_bound.json records it (what the provenance
+    probe fingerprints)."""
+    return asdict(await bound_chain(traces, await study_chain(traces, chain)))
+
+
 def _bound_one(traces: Path, study: ChainStudy) -> ChainBound:
     result = asyncio.run(bound_chain(traces, study))
     print(" → ".join(study.chain), file=sys.stderr, flush=True)
@@ -333,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps([asdict(b) for b in bounds], indent=1) + "\n")
     print("\n".join(summary_lines(studies, bounds)))
+    record(args.out.parent, "spending-bound", asyncio.run(probe(bound_figures)))
     return 0
 
 
