@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from recserve.core.traces import BUNDLED_TRACE, TraceSet
+from recserve.core.traces import BUNDLED_CHAIN, BUNDLED_TRACE, TraceSet
 from recserve.evaluation.chain_study import study_figures
 from recserve.evaluation.provenance import (
-    PROBE_CHAIN,
     PROBE_QUERIES,
     fingerprint,
     probe,
@@ -57,8 +56,8 @@ def test_the_fingerprint_ignores_float_noise_but_not_a_moved_figure() -> None:
 
 def test_the_probe_is_the_bundled_trace_split_in_two_with_its_recorded_answers(tmp_path: Path) -> None:
     probe_set = TraceSet.load(write_probe_traces(tmp_path))
-    bundled = TraceSet.load(BUNDLED_TRACE, PROBE_CHAIN)
-    assert probe_set.models == PROBE_CHAIN
+    bundled = TraceSet.load(BUNDLED_TRACE, BUNDLED_CHAIN)
+    assert probe_set.models == BUNDLED_CHAIN
     benchmarks = {q.benchmark for q in bundled.queries if q.split == "test"}
     for benchmark in benchmarks:
         for split, parity in (("train", 0), ("test", 1)):
