@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
+from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from recserve.core.traces import TraceSet
+from recserve.evaluation import chain_study
 from recserve.evaluation.chain_study import (
     BUDGETS,
     SHORT_ORDERS,
@@ -36,6 +39,7 @@ from recserve.evaluation.chain_study import (
 )
 from recserve.evaluation.chains import every_chain, models_by_train_accuracy
 from recserve.evaluation.plans import DEFAULT_BETAS, EvalRequest, evaluate
+from recserve.evaluation.provenance import recorded
 from recserve.evaluation.report import every_chain_section
 from tests.conftest import write_trace_folder
 
@@ -244,7 +248,28 @@ async def test_a_study_reusing_an_earlier_ones_rivals_and_quality_rows_comes_out
     assert await study_chain(folder, CHAIN, study, reuse_rivals=True) == study
 
 
-def test_a_resumed_run_keeps_the_chains_a_stopped_one_finished(folder: Path, study: ChainStudy, tmp_path: Path) -> None:
+async def test_a_study_reusing_an_earlier_ones_budget_rows_studies_the_quality_policy_again(
+    folder: Path, study: ChainStudy
+) -> None:
+    # The earlier study's budget rows are taken as they are (one, marked), the quality policy's rows studied afresh.
+    marked = replace(study.budgets[0], recserve_beta=0.123)
+    reused = await study_chain(folder, CHAIN, replace(study, budgets=(marked,), gaps=()), reuse_budgets=True)
+    assert reused == replace(study, budgets=(marked,))
+
+
+def test_reusing_both_an_earlier_reports_budget_and_quality_rows_is_refused(folder: Path, tmp_path: Path) -> None:
+    report = str(tmp_path / "chains.json")
+    with pytest.raises(SystemExit):
+        main(["--traces", str(folder), "--reuse-quality", report, "--reuse-budgets", report])
+
+
+def test_a_resumed_run_keeps_the_chains_a_stopped_one_finished_and_records_its_probe(
+    folder: Path, study: ChainStudy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def probed(figures_of: functools.partial[Awaitable[object]]) -> str:
+        return f"probe of {figures_of.func.__name__}"  # the real probe is tested in test_provenance.py
+
+    monkeypatch.setattr(chain_study, "probe", probed)
     marked = replace(study, cloud_only=Point(0.123, 1.0, study.cloud_only.by_benchmark))
     write_report([marked], tmp_path)  # as a stopped run leaves its partial file: the chains done, in order
     (tmp_path / "results" / "chains.json").rename(tmp_path / "results" / "chains.partial.json")
@@ -253,3 +278,4 @@ def test_a_resumed_run_keeps_the_chains_a_stopped_one_finished(folder: Path, stu
     assert list(studies) == every_chain(models_by_train_accuracy(TraceSet.load(folder)), (2,))[:2]
     assert [s.cloud_only.accuracy == 0.123 for s in studies.values()] == [s.chain == CHAIN for s in studies.values()]
     assert not (tmp_path / "results" / "chains.partial.json").exists()
+    assert recorded(tmp_path / "results") == {"chains": "probe of study_figures"}

@@ -175,10 +175,13 @@ async def study_chain(
     earlier: ChainStudy | None = None,
     split: str = "fill",
     reuse_rivals: bool = False,
+    reuse_budgets: bool = False,
 ) -> ChainStudy:
     """The study of one chain, the budget policy with `split`; the quality policy's rows are taken from `earlier` when
     it has them, a study of the same chain on the same traces, since they depend on neither the budget policy nor the
-    rivals, and with `reuse_rivals` so is RecServe's β per budget (the rivals do not depend on the budget policy)."""
+    rivals, and with `reuse_rivals` so is RecServe's β per budget (the rivals do not depend on the budget policy).
+    With `reuse_budgets`, the other way round: the budget rows (the budget policy's and the rivals') are taken from
+    `earlier`, and the quality policy's studied again."""
     replay = TraceReplay.load(traces, chain)
     tiers = len(chain)
     test, train = replay.queries("test"), replay.queries("train")
@@ -200,9 +203,10 @@ async def study_chain(
     async def run(config: BudgetConfig | QualityConfig | RecServeConfig, queries: Sequence[TraceQuery]) -> Point:
         return (await answered(config, queries))[0]
 
-    budgets = []
+    budgets = list(earlier.budgets) if reuse_budgets and earlier is not None else []
     betas = [row.recserve_beta for row in earlier.budgets] if reuse_rivals and earlier is not None else None
-    for rival, rival_answers in await _rival_rows(replay, table, train_table, betas):
+    rivals = [] if budgets else await _rival_rows(replay, table, train_table, betas)
+    for rival, rival_answers in rivals:
         budget = rival.budget
         config = budget_config(train_table, priors, budget, split=split, served=served)
         policy, policy_answers = await answered(config, test)
@@ -301,10 +305,15 @@ async def _rival_rows(
 
 
 def _study(
-    traces: Path, chain: tuple[str, ...], earlier: ChainStudy | None, split: str, reuse_rivals: bool
+    traces: Path,
+    chain: tuple[str, ...],
+    earlier: ChainStudy | None,
+    split: str,
+    reuse_rivals: bool,
+    reuse_budgets: bool,
 ) -> ChainStudy:
     started = time.monotonic()
-    study = asyncio.run(study_chain(traces, chain, earlier, split, reuse_rivals))
+    study = asyncio.run(study_chain(traces, chain, earlier, split, reuse_rivals, reuse_budgets))
     print(f"{' → '.join(chain)}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return study
 
@@ -610,7 +619,8 @@ def write_report(studies: Sequence[ChainStudy], out: Path) -> Path:
         "chain's benchmarks that the test split carries, chosen on the test splits of the other three-tier chains "
         "(leave one chain out: 1 for each of the 84). Nothing else is chosen on a test split. "
         "With `--reuse-quality`, the quality policy's rows come from an earlier report of the same traces and "
-        "quality policy.",
+        "quality policy; with `--reuse-budgets`, the budget rows (the budget policy's and the rivals') come from an "
+        "earlier report of the same traces, budget policy and rivals.",
         "",
     ]
     path = out / "chains.md"
@@ -638,6 +648,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --reuse-quality, take RecServe's β per budget from that report too (chosen on train there)",
     )
     parser.add_argument(
+        "--reuse-budgets",
+        type=Path,
+        default=None,
+        help="an earlier results/chains.json of the same traces, budget policy and rivals: take the budget rows "
+        "from it (they do not depend on the quality policy) and study the quality policy's again",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the chains a stopped run of the same settings left in OUT/results/chains.partial.json",
@@ -648,9 +665,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reuse_rivals and not args.reuse_quality:
         parser.error("--reuse-rivals takes the rivals from the report given to --reuse-quality")
+    if args.reuse_quality and args.reuse_budgets:
+        parser.error("--reuse-quality and --reuse-budgets each study again what the other reuses: give one")
     models = models_by_train_accuracy(TraceSet.load(args.traces))
     chains = every_chain(models, [int(s) for s in args.sizes.split(",")])[: args.limit]
-    earlier = load_studies(args.reuse_quality) if args.reuse_quality else {}
+    if args.reuse_budgets:
+        earlier = load_studies(args.reuse_budgets, with_quality=False)
+    else:
+        earlier = load_studies(args.reuse_quality) if args.reuse_quality else {}
     partial = args.out / "results" / "chains.partial.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
     done = load_studies(partial) if args.resume and partial.exists() else {}
@@ -663,6 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             [earlier.get(c) for c in remaining],
             itertools.repeat(args.link_split),
             itertools.repeat(args.reuse_rivals),
+            itertools.repeat(args.reuse_budgets is not None),
         )
         for study in studied:
             done[study.chain] = study
