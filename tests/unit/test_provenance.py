@@ -1,5 +1,5 @@
-"""The committed reports (docs/results.md, docs/chains.md) are what the code computes today, judged by the probe each
-report generator fingerprints beside them."""
+"""The committed reports (docs/results.md, docs/chains.md, docs/results/spending_bound.json) are what the code
+computes today, judged by the probe each report generator fingerprints beside them."""
 
 from __future__ import annotations
 

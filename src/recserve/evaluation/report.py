@@ -22,9 +22,10 @@ from recserve.evaluation.plans import EvalRequest, evaluate
 from recserve.evaluation.provenance import probe, record
 from recserve.evaluation.sweep import SweepRequest, plot, sweep
 from recserve.evaluation.targets import plot_tracking, target_lines
+from recserve.policies import RecServeConfig
 
 POLICIES = ("device-only", "recserve", "casserve", "cloud-only", "oracle")
-DEFAULT_BETA = 0.3  # RecServe's default
+DEFAULT_BETA = RecServeConfig().beta  # RecServe's default, from its configuration
 
 
 async def chain_figures(
