@@ -257,10 +257,13 @@ async def test_a_study_reusing_an_earlier_ones_budget_rows_studies_the_quality_p
     assert reused == replace(study, budgets=(marked,))
 
 
-def test_reusing_both_an_earlier_reports_budget_and_quality_rows_is_refused(folder: Path, tmp_path: Path) -> None:
+def test_reusing_both_an_earlier_reports_budget_and_quality_rows_is_refused(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report = str(tmp_path / "chains.json")
     with pytest.raises(SystemExit):
         main(["--traces", str(folder), "--reuse-quality", report, "--reuse-budgets", report])
+    assert "--reuse-quality and --reuse-budgets each study again what the other reuses" in capsys.readouterr().err
 
 
 def test_a_resumed_run_keeps_the_chains_a_stopped_one_finished_and_records_its_probe(
