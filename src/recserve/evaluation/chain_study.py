@@ -325,7 +325,8 @@ async def study_figures(traces: Path, chain: Sequence[str], split: str = "fill")
 
 
 def load_studies(path: Path, with_quality: bool = True) -> dict[tuple[str, ...], ChainStudy]:
-    """The studies of an earlier report (results/chains.json), by chain; without the quality rows unless asked."""
+    """The studies of an earlier report (results/chains.json), by chain; with their quality rows unless `with_quality`
+    is false."""
     studies = {}
     for entry in json.loads(path.read_text()):
         rows = tuple(
