@@ -184,9 +184,8 @@ async def study_chain(
     `earlier`, and the quality policy's studied again."""
     replay = TraceReplay.load(traces, chain)
     tiers = len(chain)
-    test, train = replay.queries("test"), replay.queries("train")
-    table, train_table = await replay.depth_table(test), await replay.depth_table(train)
-    priors = await calibrate_family_byte_priors(replay, train)
+    test = replay.queries("test")
+    table = await replay.depth_table(test)
     cloud_only = cloud_only_by_benchmark(table)
     served = set(cloud_only)  # the benchmarks the test stream carries (the train split has one more)
     orders = [replay.queries("test", seed) for seed in SHORT_ORDERS]
@@ -203,45 +202,57 @@ async def study_chain(
     async def run(config: BudgetConfig | QualityConfig | RecServeConfig, queries: Sequence[TraceQuery]) -> Point:
         return (await answered(config, queries))[0]
 
-    budgets = list(earlier.budgets) if reuse_budgets and earlier is not None else []
-    betas = [row.recserve_beta for row in earlier.budgets] if reuse_rivals and earlier is not None else None
-    rivals = [] if budgets else await _rival_rows(replay, table, train_table, betas)
-    for rival, rival_answers in rivals:
-        budget = rival.budget
-        config = budget_config(train_table, priors, budget, split=split, served=served)
-        policy, policy_answers = await answered(config, test)
-        matched, pairs = {}, []
-        for name in RIVALS:
-            theirs: Point = getattr(rival, name)
-            if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
-                matched[name], ours = policy, policy_answers  # already as accurate at no more bytes: nothing to match
-            else:
-                config_at = budget_config(train_table, priors, spendable(theirs.bytes), split=split, served=served)
-                matched[name], ours = await answered(config_at, test)
-            pairs.append((ours, rival_answers[name]))
-        per_benchmark = {}
-        for name in RIVALS:
-            theirs = getattr(rival, name)
-            spent = {benchmark: spendable(share) for benchmark, (_, share) in theirs.by_benchmark.items()}
-            config_spent = budget_config(train_table, priors, spendable(theirs.bytes), spent, split, served)
-            per_benchmark[name] = await run(config_spent, test)
-        budgets.append(
-            BudgetRow(
-                budget=budget,
-                policy=policy,
-                casserve=rival.casserve,
-                recserve=rival.recserve,
-                recserve_beta=rival.recserve_beta,
-                hindsight=rival.hindsight,
-                short_bytes={
-                    n: tuple([(await run(config, order[:n])).bytes for order in orders]) for n in SHORT_STREAMS
-                },
-                fill_caps=config.family_fill_caps,
-                at_rival_bytes=matched,
-                at_rival_family_bytes=per_benchmark,
-                margin_covariance=margin_covariance(pairs),
+    async def study_budgets() -> list[BudgetRow]:
+        """The budget policy's rows, and the rivals', at each budget: the only part that needs the train split."""
+        train = replay.queries("train")
+        train_table = await replay.depth_table(train)
+        priors = await calibrate_family_byte_priors(replay, train)
+        betas = [row.recserve_beta for row in earlier.budgets] if reuse_rivals and earlier is not None else None
+        budgets = []
+        for rival, rival_answers in await _rival_rows(replay, table, train_table, betas):
+            budget = rival.budget
+            config = budget_config(train_table, priors, budget, split=split, served=served)
+            policy, policy_answers = await answered(config, test)
+            matched, pairs = {}, []
+            for name in RIVALS:
+                theirs: Point = getattr(rival, name)
+                if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
+                    matched[name], ours = (
+                        policy,
+                        policy_answers,
+                    )  # already as accurate at no more bytes: nothing to match
+                else:
+                    config_at = budget_config(train_table, priors, spendable(theirs.bytes), split=split, served=served)
+                    matched[name], ours = await answered(config_at, test)
+                pairs.append((ours, rival_answers[name]))
+            per_benchmark = {}
+            for name in RIVALS:
+                theirs = getattr(rival, name)
+                spent = {benchmark: spendable(share) for benchmark, (_, share) in theirs.by_benchmark.items()}
+                config_spent = budget_config(train_table, priors, spendable(theirs.bytes), spent, split, served)
+                per_benchmark[name] = await run(config_spent, test)
+            budgets.append(
+                BudgetRow(
+                    budget=budget,
+                    policy=policy,
+                    casserve=rival.casserve,
+                    recserve=rival.recserve,
+                    recserve_beta=rival.recserve_beta,
+                    hindsight=rival.hindsight,
+                    short_bytes={
+                        n: tuple([(await run(config, order[:n])).bytes for order in orders]) for n in SHORT_STREAMS
+                    },
+                    fill_caps=config.family_fill_caps,
+                    at_rival_bytes=matched,
+                    at_rival_family_bytes=per_benchmark,
+                    margin_covariance=margin_covariance(pairs),
+                )
             )
-        )
+        return budgets
+
+    budgets = list(earlier.budgets) if reuse_budgets and earlier is not None else []
+    if not budgets:
+        budgets = await study_budgets()
     full = table_point(table, np.full(len(test), tiers - 1), cloud_only)
     if earlier is not None and earlier.gaps:
         return ChainStudy(tuple(chain), full, tuple(budgets), earlier.gaps)
