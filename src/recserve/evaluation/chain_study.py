@@ -217,10 +217,8 @@ async def study_chain(
             for name in RIVALS:
                 theirs: Point = getattr(rival, name)
                 if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
-                    matched[name], ours = (
-                        policy,
-                        policy_answers,
-                    )  # already as accurate at no more bytes: nothing to match
+                    # Already as accurate at no more bytes: nothing to match.
+                    matched[name], ours = policy, policy_answers
                 else:
                     config_at = budget_config(train_table, priors, spendable(theirs.bytes), split=split, served=served)
                     matched[name], ours = await answered(config_at, test)
