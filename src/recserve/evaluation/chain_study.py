@@ -213,7 +213,7 @@ async def study_chain(
             budget = rival.budget
             config = budget_config(train_table, priors, budget, split=split, served=served)
             policy, policy_answers = await answered(config, test)
-            matched, pairs = {}, []
+            matched, pairs, per_benchmark = {}, [], {}
             for name in RIVALS:
                 theirs: Point = getattr(rival, name)
                 if policy.bytes <= theirs.bytes + TIE and policy.accuracy > theirs.accuracy - TIE:
@@ -223,9 +223,6 @@ async def study_chain(
                     config_at = budget_config(train_table, priors, spendable(theirs.bytes), split=split, served=served)
                     matched[name], ours = await answered(config_at, test)
                 pairs.append((ours, rival_answers[name]))
-            per_benchmark = {}
-            for name in RIVALS:
-                theirs = getattr(rival, name)
                 spent = {benchmark: spendable(share) for benchmark, (_, share) in theirs.by_benchmark.items()}
                 config_spent = budget_config(train_table, priors, spendable(theirs.bytes), spent, split, served)
                 per_benchmark[name] = await run(config_spent, test)
